@@ -1,0 +1,146 @@
+"""Compare precond's Shampoo, EShampoo and SOAP with the public reference implementations.
+
+The references are not part of precond: put their sources in the git-ignored folder ``.peers/``
+(``.peers/optimizers`` = facebookresearch/optimizers, ``.peers/SOAP`` = nikhilvyas/SOAP), then run
+
+    python scripts/compare_references.py
+
+Every case runs both optimizers in float64 on the same parameters and the same fixed sequence of random
+gradients for 30 steps and prints the relative difference of the parameters,
+``max_p ‖W_ours - W_ref‖ / ‖W_ref‖``, and of the displacement, ``max_p ‖ΔW_ours - ΔW_ref‖ / ‖ΔW_ref‖``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+import precond
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(7,), (6, 5), (3, 4, 5), (4, 3, 2, 2), (40, 12)]  # (40, 12): a dim longer than the block size
+STEPS = 30
+
+
+def make_params(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
+
+
+def make_grads(seed: int = 1) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES] for _ in range(STEPS)]
+
+
+def run(make_optimizer, init: list[torch.Tensor], grads) -> list[torch.Tensor]:
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = make_optimizer(params)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def differences(ours, ref, init) -> tuple[float, float]:
+    rel = max(float((a - b).norm() / b.norm()) for a, b in zip(ours, ref))
+    disp = max(float((a - b).norm() / (b - c).norm()) for a, b, c in zip(ours, ref, init))
+    return rel, disp
+
+
+def shampoo_cases():
+    sys.path.insert(0, str(ROOT / ".peers" / "optimizers"))
+    import distributed_shampoo as ds
+
+    f64 = dict(factor_matrix_dtype=torch.float64)
+    root_inv = ds.RootInvShampooPreconditionerConfig(inv_factor_matrix_dtype=torch.float64, **f64)
+    eigen = ds.EigenvalueCorrectedShampooPreconditionerConfig(
+        factor_matrix_eigenvectors_dtype=torch.float64, corrected_eigenvalues_dtype=torch.float64, **f64)
+    graftings = {
+        None: None,
+        "sgd": ds.SGDPreconditionerConfig(),
+        "adagrad": ds.AdaGradPreconditionerConfig(epsilon=1e-10),
+        "rmsprop": ds.RMSpropPreconditionerConfig(beta2=0.99, epsilon=1e-10),
+        "adam": ds.AdamPreconditionerConfig(beta2=0.999, epsilon=1e-10),
+    }
+    # lr = 2**-7 is exact in float32: Distributed Shampoo keeps lr in a float32 tensor.
+    common = dict(lr=2.0**-7, epsilon=1e-12, weight_decay=1e-2, max_preconditioner_dim=16)
+    cases = []
+    for betas in [(0.9, 1.0), (0.9, 0.999)]:
+        for grafting, config in graftings.items():
+            for freq, start in [(1, -1), (3, 5)]:
+                if grafting is None and start != -1:
+                    continue
+                hp = dict(common, betas=betas, precondition_frequency=freq, start_preconditioning_step=start)
+                name = f"Shampoo betas={betas} grafting={grafting} F={freq} start={start}"
+                ours = lambda ps, hp=hp, grafting=grafting: precond.Shampoo(
+                    ps, grafting=grafting, precondition_1d=True, **hp)
+                ref = lambda ps, hp=hp, config=config: ds.DistributedShampoo(
+                    ps, grafting_config=config, preconditioner_config=root_inv, **hp)
+                cases.append((name, ours, ref))
+    # With epsilon = 1e-12 and rank-deficient early factors, directions where both the first moment and
+    # the corrected eigenvalues are zero up to round-off get round-off / epsilon in either implementation;
+    # epsilon = 1e-8 shows the agreement without that amplification.
+    for epsilon in [1e-12, 1e-8]:
+        for grafting in [None, "adam"]:
+            for freq in [1, 4]:
+                hp = dict(common, epsilon=epsilon, betas=(0.9, 0.999), precondition_frequency=freq,
+                          start_preconditioning_step=-1)
+                name = f"EShampoo epsilon={epsilon} grafting={grafting} F={freq}"
+                ours = lambda ps, hp=hp, grafting=grafting: precond.EShampoo(
+                    ps, grafting=grafting, precondition_1d=True, **hp)
+                ref = lambda ps, hp=hp, config=graftings[grafting]: ds.DistributedShampoo(
+                    ps, grafting_config=config, preconditioner_config=eigen, **hp)
+                cases.append((name, ours, ref))
+    return cases
+
+
+def load_reference_soap(float64_internals: bool):
+    """The reference SOAP module; ``float64_internals`` swaps its hard-coded float32 casts for float64
+    so that the comparison measures the algorithm, not float32 rounding."""
+    source = (ROOT / ".peers" / "SOAP" / "soap.py").read_text()
+    if float64_internals:
+        source = (source.replace("m.data.float()", "m.data.double()").replace("o.data.float()", "o.data.double()")
+                  .replace("!= torch.float:", "!= torch.float64:"))
+    module = types.ModuleType("reference_soap")
+    exec(compile(source, "reference_soap.py", "exec"), module.__dict__)
+    return module.SOAP
+
+
+def soap_cases():
+    cases = []
+    for internals in [True, False]:
+        Ref = load_reference_soap(internals)
+        for options in [dict(), dict(precondition_1d=True, merge_dims=True, max_precond_dim=16),
+                        dict(normalize_grads=True, shampoo_beta=0.9, precondition_frequency=3)]:
+            hp = dict(dict(lr=3e-3, weight_decay=0.01, precondition_frequency=10), **options)
+            name = f"SOAP {options or 'defaults'} ref-internals={'float64' if internals else 'float32'}"
+            cases.append((name, lambda ps, hp=hp: precond.SOAP(ps, **hp), lambda ps, hp=hp, Ref=Ref: Ref(ps, **hp)))
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["shampoo", "soap"], default=None)
+    args = parser.parse_args()
+    # Both references create some scalars and buffers with the default dtype (Distributed Shampoo's bias
+    # corrections, the reference SOAP's factors): float64 there too, or they round to float32.
+    torch.set_default_dtype(torch.float64)
+    init, grads = make_params(), make_grads()
+    cases = []
+    if args.only in (None, "shampoo"):
+        cases += shampoo_cases()
+    if args.only in (None, "soap"):
+        cases += soap_cases()
+    print(f"| case | max rel. diff of W | max rel. diff of ΔW |\n|---|---|---|")
+    for name, ours, ref in cases:
+        rel, disp = differences(run(ours, init, grads), run(ref, init, grads), init)
+        print(f"| {name} | {rel:.2e} | {disp:.2e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

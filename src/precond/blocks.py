@@ -1,0 +1,98 @@
+"""How a parameter is cut into the blocks that Kronecker preconditioners see.
+
+A parameter is first viewed with some adjacent dims merged (conv weights ``[out, in, kh, kw]`` usually
+become ``[out, in·kh·kw]``), then every dim longer than ``max_dim`` is either split into chunks of at most
+``max_dim`` (Distributed Shampoo's blocking) or kept whole and left un-preconditioned (the reference
+SOAP's behaviour). Blocks are views into the parameter, so updating a block updates the parameter.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+
+__all__ = ["merge_dims", "BlockLayout", "MERGE_RULES", "LARGE_DIM_RULES"]
+
+MERGE_RULES = ("none", "leading", "trailing")
+LARGE_DIM_RULES = ("split", "identity")
+
+
+def merge_dims(shape: tuple[int, ...], max_dim: int | float, rule: str) -> tuple[int, ...]:
+    """Merge adjacent dims while their product stays ``<= max_dim``.
+
+    ``rule``:
+      - ``"none"``: keep the shape (a 0-d tensor becomes ``(1,)``).
+      - ``"leading"``: scan from the first dim (the reference SOAP's ``merge_dims``).
+      - ``"trailing"``: drop dims of size 1, then scan from the last dim (Distributed Shampoo's
+        ``merge_small_dims``), e.g. ``(32, 3, 64, 64)`` with 8192 gives ``(96, 4096)``.
+    """
+    shape = tuple(int(s) for s in shape) or (1,)
+    if rule == "none" or 0 in shape:
+        return shape
+    if rule == "leading":
+        merged: list[int] = []
+        current = 1
+        for size in shape:
+            if current * size > max_dim:
+                if current > 1:
+                    merged.append(current)
+                    current = size
+                else:
+                    merged.append(size)
+                    current = 1
+            else:
+                current *= size
+        if current > 1 or not merged:
+            merged.append(current)
+        return tuple(merged)
+    if rule == "trailing":
+        dims = [s for s in reversed(shape) if s != 1] or [1]
+        merged = [dims[0]]
+        for size in dims[1:]:
+            if merged[-1] * size <= max_dim:
+                merged[-1] *= size
+            else:
+                merged.append(size)
+        return tuple(reversed(merged))
+    raise ValueError(f"merge rule must be one of {MERGE_RULES}, got {rule!r}")
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The blocks of one parameter: its merged view and, per block, slices and preconditioned dims."""
+
+    param_shape: tuple[int, ...]
+    view_shape: tuple[int, ...]
+    slices: tuple[tuple[slice, ...], ...]
+    block_shapes: tuple[tuple[int, ...], ...]
+    max_dim: int | float
+
+    @classmethod
+    def build(cls, shape: tuple[int, ...], max_dim: int | float, merge: str, large_dims: str) -> "BlockLayout":
+        if large_dims not in LARGE_DIM_RULES:
+            raise ValueError(f"large-dim rule must be one of {LARGE_DIM_RULES}, got {large_dims!r}")
+        view = merge_dims(tuple(shape), max_dim, merge)
+        if large_dims == "split" and not math.isinf(max_dim):
+            step = int(max_dim)
+            per_dim = [[slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)] for n in view]
+        else:
+            per_dim = [[slice(0, n)] for n in view]
+        slices = tuple(itertools.product(*per_dim))
+        block_shapes = tuple(tuple(s.stop - s.start for s in sl) for sl in slices)
+        return cls(tuple(shape), view, slices, block_shapes, max_dim)
+
+    def blocks(self, tensor: Tensor) -> list[Tensor]:
+        """Views of ``tensor`` (which must be contiguous and of ``param_shape``), one per block."""
+        view = tensor.view(self.view_shape)
+        return [view[sl] for sl in self.slices]
+
+    def preconditioned_dims(self, block_index: int, precondition_1d: bool) -> tuple[bool, ...]:
+        """Which dims of a block get a Kronecker factor: those of length ``<= max_dim``. A parameter that is
+        1-D (or 0-D) to begin with gets none unless ``precondition_1d``; a matrix merged into one dim does."""
+        shape = self.block_shapes[block_index]
+        if len(self.param_shape) <= 1 and not precondition_1d:
+            return tuple(False for _ in shape)
+        return tuple(n <= self.max_dim for n in shape)

@@ -1,0 +1,247 @@
+r"""Shampoo with Distributed Shampoo's argument names, defaults and order of operations.
+
+Shared with :class:`~precond.eshampoo.EShampoo` through :class:`ShampooFamily`: blocking, the factor
+statistics, the first moment, grafting and the start/refresh schedule. The two differ only in what they
+compute from the factors and how they apply it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .blocks import BlockLayout
+from .engine import BlockEngine, state_dtype
+from .grafting import GRAFTING_KINDS, Diagonal, graft
+from .kronecker import factor_stats, init_factors, mode_product, update_factors
+from .linalg import LinAlgFailure, inverse_root, inverse_root_newton
+from .validation import (check_betas, check_choice, check_int, check_lr, check_max_dim, check_nonneg,
+                         check_positive)
+
+__all__ = ["Shampoo", "ShampooFamily"]
+
+_GRAFTING_BETA2 = {"adam": 0.999, "rmsprop": 0.99, "adagrad": 1.0, "sgd": 1.0}
+
+
+class ShampooFamily(BlockEngine):
+    """What Shampoo and EShampoo share; see :class:`Shampoo` for the arguments."""
+
+    # Whether a block with no Kronecker factor (a 1-D parameter by default) follows a diagonal method.
+    # Shampoo: yes (its identity "preconditioner" would be plain momentum SGD). EShampoo: no, its
+    # eigenvalue correction in the identity basis already is Adam.
+    diagonal_for_unfactored = True
+
+    def __init__(self, params: Iterable[Any], *, lr: float, betas: tuple[float, float], epsilon: float,
+                 weight_decay: float, max_preconditioner_dim: int | float, precondition_frequency: int,
+                 start_preconditioning_step: int, use_bias_correction: bool, use_decoupled_weight_decay: bool,
+                 grafting: str | None, grafting_beta2: float | None, grafting_epsilon: float,
+                 precondition_1d: bool, merge_dims: bool, large_dim_policy: str, extra: dict[str, Any]) -> None:
+        check_lr(lr)
+        check_betas(betas, beta2_may_be_one=True)
+        check_positive("epsilon", epsilon)
+        check_nonneg("weight_decay", weight_decay)
+        check_max_dim("max_preconditioner_dim", max_preconditioner_dim)
+        check_int("precondition_frequency", precondition_frequency, 1)
+        if start_preconditioning_step != -1:
+            check_int("start_preconditioning_step", start_preconditioning_step, 1)
+        check_choice("grafting", grafting, (None, *GRAFTING_KINDS))
+        if grafting_beta2 is None:
+            grafting_beta2 = _GRAFTING_BETA2.get(grafting, 0.999)
+        if grafting in ("adam", "rmsprop"):
+            check_betas((0.0, grafting_beta2), name="grafting_beta2 (as betas)")
+        check_positive("grafting_epsilon", grafting_epsilon)
+        check_choice("large_dim_policy", large_dim_policy, ("split", "identity"))
+        defaults = dict(lr=lr, betas=tuple(betas), epsilon=epsilon, weight_decay=weight_decay,
+                        max_preconditioner_dim=max_preconditioner_dim,
+                        precondition_frequency=precondition_frequency,
+                        start_preconditioning_step=(precondition_frequency if start_preconditioning_step == -1
+                                                    else start_preconditioning_step),
+                        use_bias_correction=use_bias_correction,
+                        use_decoupled_weight_decay=use_decoupled_weight_decay, grafting=grafting,
+                        grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
+                        precondition_1d=precondition_1d, merge_dims=merge_dims,
+                        large_dim_policy=large_dim_policy, **extra)
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------------- engine hooks
+    def _weight_decay_mode(self, group: dict[str, Any]) -> str:
+        return "decoupled" if group["use_decoupled_weight_decay"] else "l2"
+
+    def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
+        return BlockLayout.build(tuple(param.shape), group["max_preconditioner_dim"],
+                                 "trailing" if group["merge_dims"] else "none", group["large_dim_policy"])
+
+    def _diagonal(self, group: dict[str, Any], has_factors: bool) -> Diagonal | None:
+        """The grafted method; for a block with no Kronecker factor it is also the method itself
+        (Adam with ``betas[1]`` when no grafting is set, AdaGrad when ``betas[1] == 1``)."""
+        if group["grafting"] is not None:
+            return Diagonal(group["grafting"], group["grafting_beta2"], group["grafting_epsilon"])
+        if has_factors or not self.diagonal_for_unfactored:
+            return None
+        beta2 = group["betas"][1]
+        return Diagonal("adagrad" if beta2 == 1.0 else "adam", beta2, group["grafting_epsilon"])
+
+    def _init_block(self, block: Tensor, layout: BlockLayout, index: int, group: dict[str, Any]) -> dict[str, Any]:
+        dtype = state_dtype(block)
+        dims = layout.block_shapes[index]
+        preconditioned = layout.preconditioned_dims(index, group["precondition_1d"])
+        diagonal = self._diagonal(group, any(preconditioned))
+        state: dict[str, Any] = {
+            "step": 0,
+            "factors": init_factors(dims, preconditioned, dtype, block.device),
+            "factor_stats": factor_stats(preconditioned, dims),
+            "diagonal": diagonal.init(block, dtype) if diagonal is not None else None,
+        }
+        if group["betas"][0] > 0.0:
+            state["momentum"] = torch.zeros(dims, dtype=dtype, device=block.device)
+        state.update(self._init_preconditioner(state["factors"], dims, dtype, block.device, group))
+        return state
+
+    def _direction(self, state: dict[str, Any], grad: Tensor, param: Tensor, group: dict[str, Any]) -> Tensor:
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        t = state["step"]
+        update_factors(state["factors"], grad, beta2, 1.0 if beta2 == 1.0 else 1.0 - beta2)
+        has_factors = any(f is not None for f in state["factors"])
+        diagonal = self._diagonal(group, has_factors)
+        if diagonal is not None:
+            diagonal.update(state["diagonal"], grad)
+        bias2 = 1.0 - beta2**t if group["use_bias_correction"] and beta2 < 1.0 else 1.0
+        start, freq = group["start_preconditioning_step"], group["precondition_frequency"]
+        if has_factors and ((t % freq == 0 and t > start) or t == start):
+            self._refresh(state, bias2, group)
+        self._update_preconditioner(state, grad, bias2, group)
+
+        if beta1 > 0.0:
+            state["momentum"].lerp_(grad, 1.0 - beta1)
+            m_hat = state["momentum"] / (1.0 - beta1**t) if group["use_bias_correction"] else state["momentum"]
+        else:
+            m_hat = grad
+        if not has_factors and self.diagonal_for_unfactored:
+            return diagonal.apply(state["diagonal"], m_hat, t)
+        if t < start and group["grafting"] is not None:
+            return diagonal.apply(state["diagonal"], m_hat, t)
+        direction = self._precondition(state, m_hat, bias2, group)
+        if group["grafting"] is not None:
+            direction = graft(direction, diagonal.apply(state["diagonal"], m_hat, t))
+        return direction
+
+    # ------------------------------------------------------------ what a family member supplies
+    def _init_preconditioner(self, factors: list[Tensor | None], dims: tuple[int, ...], dtype: torch.dtype,
+                             device: torch.device, group: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _refresh(self, state: dict[str, Any], bias2: float, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _update_preconditioner(self, state: dict[str, Any], grad: Tensor, bias2: float, group: dict[str, Any]) -> None:
+        """Per-step statistics beyond the factors (EShampoo's corrected eigenvalues); none by default."""
+
+    def _precondition(self, state: dict[str, Any], m_hat: Tensor, bias2: float, group: dict[str, Any]) -> Tensor:
+        raise NotImplementedError
+
+
+class Shampoo(ShampooFamily):
+    r"""Shampoo (Gupta et al. 2018) as in Distributed Shampoo (Shi et al. 2023, arXiv:2309.06497).
+
+    Per block ``G`` of order ``k`` (after merging small dims and splitting dims longer than
+    ``max_preconditioner_dim``), at step ``t``:
+
+    .. math::
+        L_i &\leftarrow \beta_2 L_i + (1-\beta_2)\, G_{(i)} G_{(i)}^\top
+              \quad(\beta_2 = 1:\ L_i \mathrel{+}= G_{(i)} G_{(i)}^\top) \\
+        R_i &\leftarrow (\hat L_i + \epsilon I)^{-1/(2k)}
+              \quad\text{every } F \text{ steps from } t_0,\ \hat L_i = L_i/(1-\beta_2^t) \\
+        M &\leftarrow \beta_1 M + (1-\beta_1) G,\quad \hat M = M / (1-\beta_1^t) \\
+        P &= \hat M \times_1 R_1 \cdots \times_k R_k,\qquad
+        P \leftarrow \frac{\lVert D(\hat M) \rVert_F}{\lVert P \rVert_F} P \ \text{(grafting)} \\
+        W &\leftarrow W - \text{lr}\,(P + \text{wd}\, W)
+
+    where ``D`` is the grafted method's direction (SGD, AdaGrad, RMSprop or Adam on ``\hat M``). Before
+    ``start_preconditioning_step`` (``t0``; ``-1`` means ``precondition_frequency``) ``P = D`` when
+    grafting is set. With the same hyper-parameters this reproduces ``DistributedShampoo`` with its
+    default root-inverse configuration (set ``precondition_1d=True`` for its treatment of 1-D tensors).
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: learning rate (default 1e-2).
+        betas: ``(beta1, beta2)``; ``beta1`` for the first moment (0 disables it), ``beta2`` for the
+            factors (1.0 = AdaGrad-style sum). Default (0.9, 1.0).
+        epsilon: added to the factors before the inverse root (default 1e-12).
+        weight_decay: weight decay coefficient (default 0).
+        max_preconditioner_dim: longest factor; longer dims are split into blocks (default 1024).
+        precondition_frequency: recompute the roots every this many steps (default 1).
+        start_preconditioning_step: first step that uses the roots; -1 = ``precondition_frequency``.
+        use_bias_correction: bias-correct the first moment and (``beta2 < 1``) the factors (default True).
+        use_decoupled_weight_decay: AdamW-style decay (default) or L2 added to the gradient.
+        grafting: ``"adam"``, ``"adagrad"``, ``"rmsprop"``, ``"sgd"`` or ``None`` (default).
+        grafting_beta2: second-moment decay of the grafted method (default 0.999 Adam, 0.99 RMSprop).
+        grafting_epsilon: epsilon of the grafted method (default 1e-10).
+        inverse_exponent_override: exponent ``p`` in ``(L+εI)^{-p}`` instead of ``1/(2k)``: a float for
+            every order, or ``{order: exponent}``.
+        root_method: ``"eigh"`` (default) or ``"newton"`` (coupled Newton; needs ``1/p`` integral).
+        precondition_1d: give 1-D parameters a full factor instead of the diagonal method (default False).
+        merge_dims: merge adjacent small dims as Distributed Shampoo does (default True).
+        large_dim_policy: ``"split"`` dims longer than ``max_preconditioner_dim`` into blocks (default) or
+            leave them un-preconditioned (``"identity"``).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-2, betas: tuple[float, float] = (0.9, 1.0),
+                 epsilon: float = 1e-12, weight_decay: float = 0.0, max_preconditioner_dim: int | float = 1024,
+                 precondition_frequency: int = 1, start_preconditioning_step: int = -1,
+                 use_bias_correction: bool = True, use_decoupled_weight_decay: bool = True,
+                 grafting: str | None = None, grafting_beta2: float | None = None,
+                 grafting_epsilon: float = 1e-10, inverse_exponent_override: float | dict[int, float] | None = None,
+                 root_method: str = "eigh", precondition_1d: bool = False, merge_dims: bool = True,
+                 large_dim_policy: str = "split") -> None:
+        check_choice("root_method", root_method, ("eigh", "newton"))
+        if isinstance(inverse_exponent_override, dict):
+            for order, exponent in inverse_exponent_override.items():
+                check_positive(f"inverse_exponent_override[{order}]", exponent)
+        elif inverse_exponent_override is not None:
+            check_positive("inverse_exponent_override", inverse_exponent_override)
+        super().__init__(params, lr=lr, betas=betas, epsilon=epsilon, weight_decay=weight_decay,
+                         max_preconditioner_dim=max_preconditioner_dim,
+                         precondition_frequency=precondition_frequency,
+                         start_preconditioning_step=start_preconditioning_step,
+                         use_bias_correction=use_bias_correction,
+                         use_decoupled_weight_decay=use_decoupled_weight_decay, grafting=grafting,
+                         grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
+                         precondition_1d=precondition_1d, merge_dims=merge_dims,
+                         large_dim_policy=large_dim_policy,
+                         extra=dict(inverse_exponent_override=inverse_exponent_override, root_method=root_method))
+
+    @staticmethod
+    def _exponent(order: int, group: dict[str, Any]) -> float:
+        override = group["inverse_exponent_override"]
+        if isinstance(override, dict):
+            return override.get(order, 1.0 / (2 * order))
+        return override if override is not None else 1.0 / (2 * order)
+
+    def _init_preconditioner(self, factors, dims, dtype, device, group):
+        # Identity roots: before the first refresh Shampoo's direction is the first moment itself.
+        return {"roots": [torch.eye(f.shape[0], dtype=dtype, device=device) if f is not None else None
+                          for f in factors]}
+
+    def _refresh(self, state: dict[str, Any], bias2: float, group: dict[str, Any]) -> None:
+        exponent = self._exponent(len(state["factors"]), group)
+        for i, factor in enumerate(state["factors"]):
+            if factor is None:
+                continue
+            counters = state["factor_stats"][i]
+            try:
+                if group["root_method"] == "newton":
+                    root = inverse_root_newton(factor / bias2, round(1.0 / exponent), group["epsilon"])
+                else:
+                    root = inverse_root(factor / bias2, exponent, group["epsilon"])
+            except LinAlgFailure:
+                counters["failures"] += 1  # keep the last good root
+                continue
+            state["roots"][i] = root
+            counters["refreshes"] += 1
+
+    def _precondition(self, state, m_hat, bias2, group):
+        return mode_product(m_hat, state["roots"])

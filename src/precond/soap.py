@@ -1,0 +1,162 @@
+"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner, with the reference SOAP's arguments."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .blocks import BlockLayout
+from .engine import BlockEngine, state_dtype
+from .kronecker import factor_stats, init_factors, mode_product, update_factors
+from .refresh import REFRESH_METHODS, EigenbasisRefresh
+from .validation import (check_betas, check_choice, check_in, check_int, check_lr, check_max_dim, check_nonneg,
+                         check_positive)
+
+__all__ = ["SOAP"]
+
+
+class SOAP(BlockEngine):
+    r"""SOAP (Vyas et al. 2024, arXiv:2409.11321): Adam run in the slowly changing eigenbasis of
+    Shampoo's factors.
+
+    Per parameter ``G`` (dims longer than ``max_precond_dim`` get no factor), in the reference
+    implementation's order:
+
+    .. math::
+        \text{first step: } & L_i \leftarrow (1-\beta_s) G_{(i)}G_{(i)}^\top,\ Q_i = \operatorname{eigvecs}(L_i)
+            \text{ (descending); no update} \\
+        G' &= G \times_1 Q_1^\top \cdots \times_k Q_k^\top \\
+        M &\leftarrow \beta_1 M + (1-\beta_1) G' \quad\text{(kept in the eigenbasis)} \\
+        V &\leftarrow \beta_2 V + (1-\beta_2) G'^{\odot 2} \\
+        N &= \Big[\frac{M}{\sqrt V + \epsilon}\Big] \times_1 Q_1 \cdots \times_k Q_k
+             \quad(\text{optionally } N \leftarrow N/\operatorname{rms}(N)) \\
+        W &\leftarrow W - \text{lr}\,\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t} N,\qquad
+        W \leftarrow W - \text{lr}\cdot\text{wd}\cdot W \\
+        L_i &\leftarrow \beta_s L_i + (1-\beta_s) G_{(i)}G_{(i)}^\top \\
+        \text{every } F:\ & Q_i \leftarrow \operatorname{qr}(L_i\, Q_i[:, \pi]),\ \pi = \operatorname{argsort}
+            \downarrow \operatorname{diag}(Q_i^\top L_i Q_i),\ V \text{ permuted by } \pi;\ M \text{ re-projected}
+
+    ``β_s`` is ``shampoo_beta`` (``-1`` → ``betas[1]``). The refresh every ``F`` steps is the reference's
+    power-QR step by default; ``refresh_method``/``refresh_tolerance``/``max_qr_iterations`` select the
+    adaptive criterion of "Purifying Shampoo" (see :class:`~precond.refresh.EigenbasisRefresh`).
+
+    Args:
+        lr: learning rate (default 3e-3). betas: Adam's (default (0.95, 0.95)).
+        shampoo_beta: decay of the factors; -1 uses ``betas[1]``.
+        eps: Adam's epsilon (default 1e-8). weight_decay: decoupled, applied after the step (default 0.01).
+        precondition_frequency: steps between eigenbasis refreshes (default 10).
+        max_precond_dim: longest dim that gets a factor (default 10000).
+        merge_dims: merge small adjacent dims before preconditioning (default False).
+        precondition_1d: give 1-D parameters a factor (default False: plain Adam).
+        normalize_grads: divide the update by its RMS (default False).
+        correct_bias: Adam's bias correction (default True).
+        large_dim_policy: ``"identity"`` (default, the reference) or ``"split"`` into blocks.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
+                 shampoo_beta: float = -1, eps: float = 1e-8, weight_decay: float = 0.01,
+                 precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
+                 precondition_1d: bool = False, normalize_grads: bool = False, correct_bias: bool = True,
+                 refresh_method: str = "power_qr", refresh_tolerance: float = 0.0, max_qr_iterations: int = 1,
+                 large_dim_policy: str = "identity") -> None:
+        check_lr(lr)
+        check_betas(betas)
+        if shampoo_beta != -1:
+            check_in("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
+        check_positive("eps", eps)
+        check_nonneg("weight_decay", weight_decay)
+        check_int("precondition_frequency", precondition_frequency, 1)
+        check_max_dim("max_precond_dim", max_precond_dim)
+        check_choice("refresh_method", refresh_method, REFRESH_METHODS)
+        check_in("refresh_tolerance", refresh_tolerance, 0.0, 1.0)
+        check_int("max_qr_iterations", max_qr_iterations, 1)
+        check_choice("large_dim_policy", large_dim_policy, ("split", "identity"))
+        defaults = dict(lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
+                        precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
+                        merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads,
+                        correct_bias=correct_bias, refresh_method=refresh_method,
+                        refresh_tolerance=refresh_tolerance, max_qr_iterations=max_qr_iterations,
+                        large_dim_policy=large_dim_policy)
+        super().__init__(params, defaults)
+
+    def _weight_decay_mode(self, group: dict[str, Any]) -> str:
+        return "decoupled_after"
+
+    def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
+        return BlockLayout.build(tuple(param.shape), group["max_precond_dim"],
+                                 "leading" if group["merge_dims"] else "none", group["large_dim_policy"])
+
+    @staticmethod
+    def _policy(group: dict[str, Any]) -> EigenbasisRefresh:
+        return EigenbasisRefresh(group["refresh_method"], group["refresh_tolerance"], group["max_qr_iterations"],
+                                 descending=True)
+
+    def _init_block(self, block: Tensor, layout: BlockLayout, index: int, group: dict[str, Any]) -> dict[str, Any]:
+        dtype = state_dtype(block)
+        dims = layout.block_shapes[index]
+        preconditioned = layout.preconditioned_dims(index, group["precondition_1d"])
+        return {
+            "step": 0,
+            "factors": init_factors(dims, preconditioned, dtype, block.device),
+            "bases": [None] * len(dims),
+            "initialized": False,
+            "factor_stats": factor_stats(preconditioned, dims),
+            "exp_avg": torch.zeros(dims, dtype=dtype, device=block.device),
+            "exp_avg_sq": torch.zeros(dims, dtype=dtype, device=block.device),
+        }
+
+    def _direction(self, state: dict[str, Any], grad: Tensor, param: Tensor, group: dict[str, Any]) -> Tensor | None:
+        beta1, beta2 = group["betas"]
+        shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
+        policy = self._policy(group)
+        if not state["initialized"]:
+            # The first gradient only builds the statistics: the projection never uses the gradient it
+            # projects (the reference's rule).
+            update_factors(state["factors"], grad, shampoo_beta, 1.0 - shampoo_beta)
+            for i, factor in enumerate(state["factors"]):
+                if factor is not None:
+                    eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+                    basis = policy.initial(factor + 1e-30 * eye, state["factor_stats"][i])
+                    state["bases"][i] = basis if basis is not None else eye
+            state["initialized"] = True
+            return None
+
+        bases = state["bases"]
+        projected = mode_product(grad, bases)
+        state["step"] += 1
+        t = state["step"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(projected, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).add_(projected.square(), alpha=1.0 - beta2)
+        direction = mode_product(exp_avg / (exp_avg_sq.sqrt() + group["eps"]), bases, transpose=True)
+        if group["normalize_grads"]:
+            direction = direction / (1e-30 + direction.square().mean().sqrt())
+        if group["correct_bias"]:
+            direction = direction * (math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
+
+        update_factors(state["factors"], grad, shampoo_beta, 1.0 - shampoo_beta)
+        if t % group["precondition_frequency"] == 0:
+            self._refresh(state, policy)
+        return direction
+
+    @staticmethod
+    def _refresh(state: dict[str, Any], policy: EigenbasisRefresh) -> None:
+        """New bases for every factor; the first moment follows into the new basis, the second moment's
+        entries are permuted with the columns (the reference's approximation)."""
+        bases = state["bases"]
+        moment = mode_product(state["exp_avg"], bases, transpose=True)
+        changed = False
+        for i, factor in enumerate(state["factors"]):
+            if factor is None:
+                continue
+            new, order = policy.refresh(factor, bases[i], state["factor_stats"][i])
+            if order is not None:
+                state["exp_avg_sq"] = state["exp_avg_sq"].index_select(i, order)
+            changed = changed or new is not bases[i]
+            bases[i] = new
+        if changed:
+            state["exp_avg"] = mode_product(moment, bases)

@@ -1,0 +1,67 @@
+"""Argument checks shared by the public optimizers: each error names the argument."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["check_lr", "check_in", "check_betas", "check_nonneg", "check_positive", "check_int", "check_choice",
+           "check_max_dim"]
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a number)")
+    if math.isnan(value):
+        raise ValueError(f"Invalid {name}: nan")
+    return float(value)
+
+
+def check_lr(lr: Any) -> None:
+    # A tensor lr (as torch allows) is accepted as long as it holds one non-negative value.
+    value = float(lr.item()) if hasattr(lr, "item") else _number("lr", lr)
+    if not value >= 0.0:
+        raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
+
+
+def check_in(name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    v = _number(name, value)
+    ok_low = v > low if low_open else v >= low
+    ok_high = v < high if high_open else v <= high
+    if not (ok_low and ok_high):
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"Invalid {name}: {value} (must be in {lo}{low}, {high}{hi})")
+
+
+def check_betas(betas: Any, name: str = "betas", beta2_may_be_one: bool = False) -> None:
+    if not isinstance(betas, Sequence) or len(betas) != 2:
+        raise ValueError(f"Invalid {name}: {betas!r} (must be a pair (beta1, beta2))")
+    check_in(f"{name}[0]", betas[0], 0.0, 1.0, high_open=True)
+    check_in(f"{name}[1]", betas[1], 0.0, 1.0, high_open=not beta2_may_be_one)
+
+
+def check_nonneg(name: str, value: Any) -> None:
+    if not _number(name, value) >= 0.0:
+        raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
+
+
+def check_positive(name: str, value: Any) -> None:
+    if not _number(name, value) > 0.0:
+        raise ValueError(f"Invalid {name}: {value} (must be > 0)")
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= {minimum})")
+
+
+def check_max_dim(name: str, value: Any) -> None:
+    if isinstance(value, float) and math.isinf(value) and value > 0:
+        return
+    check_int(name, value, 1)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (must be one of {tuple(choices)})")
