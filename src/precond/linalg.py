@@ -90,7 +90,7 @@ def qr_algorithm(A: Tensor, Q: Tensor, max_iterations: int, tolerance: float) ->
     B = Q.T @ A @ Q
     iterations = 0
     while iterations < max_iterations and off_diagonal_ratio(B) > tolerance:
-        Qi, Ri = torch.linalg.qr(B)
+        Qi, Ri = _qr(B)
         B = Ri @ Qi
         Q = Q @ Qi
         iterations += 1
@@ -99,6 +99,13 @@ def qr_algorithm(A: Tensor, Q: Tensor, max_iterations: int, tolerance: float) ->
     if not torch.isfinite(Q).all():
         raise LinAlgFailure("QR iteration produced non-finite values")
     return estimates, Q, iterations
+
+
+def _qr(X: Tensor) -> tuple[Tensor, Tensor]:
+    try:
+        return torch.linalg.qr(X)
+    except RuntimeError as err:
+        raise LinAlgFailure(f"QR failed: {err}") from err
 
 
 def power_qr_step(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,7 +117,7 @@ def power_qr_step(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
     """
     estimates = torch.diagonal(Q.T @ A @ Q)
     order = torch.argsort(estimates, descending=True)
-    Q_new, _ = torch.linalg.qr(A @ Q[:, order])
+    Q_new, _ = _qr(A @ Q[:, order])
     if not torch.isfinite(Q_new).all():
         raise LinAlgFailure("power-QR step produced non-finite values")
     return Q_new, order

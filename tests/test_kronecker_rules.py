@@ -1,0 +1,181 @@
+"""Shampoo, EShampoo and SOAP against the plain float64 references in ``references.py``.
+
+Several steps, on 1-D, 2-D, 3-D and 4-D tensors and on a dim longer than the block size. Shapes for the
+eigenbasis methods keep every factor's repeated eigenvalues out (each factor dim ≤ the product of the
+others, or one null direction), since a degenerate eigenspace has no unique basis to compare.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import precond
+from references import adamw, eshampoo, shampoo, soap, split_blocks
+
+STEPS = 12
+
+
+def gradients(shape, steps=STEPS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(steps)]
+
+
+def run_library(opt_factory, W0, grads):
+    p = torch.nn.Parameter(W0.clone())
+    opt = opt_factory([p])
+    out = []
+    for G in grads:
+        p.grad = G.clone()
+        opt.step()
+        out.append(p.detach().clone())
+    return out, opt
+
+
+def run_blocked_reference(reference, W0, grads, block, **kw):
+    """Apply a one-block reference to each block of ``W0`` independently."""
+    W = [W0.clone() for _ in grads]
+    for sl in split_blocks(tuple(W0.shape), block):
+        traj = reference(W0[sl], [G[sl] for G in grads], **kw)
+        for t, w in enumerate(traj):
+            W[t][sl] = w
+    return W
+
+
+def assert_trajectories_close(ours, ref, tol):
+    for t, (a, b) in enumerate(zip(ours, ref)):
+        rel = float((a - b).norm() / b.norm())
+        assert rel < tol, f"step {t + 1}: relative difference {rel:.3e} >= {tol}"
+
+
+SHAMPOO_SHAPES = [(7,), (6, 4), (3, 4, 5), (2, 3, 2, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAMPOO_SHAPES)
+@pytest.mark.parametrize("grafting", [None, "sgd", "adagrad", "rmsprop", "adam"])
+def test_shampoo_matches_reference(shape, grafting):
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = gradients(shape)
+    hp = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-3, wd=0.01, freq=2, start=3)
+    beta2 = 0.99 if grafting == "rmsprop" else 0.999
+    ours, _ = run_library(lambda ps: precond.Shampoo(
+        ps, lr=hp["lr"], betas=hp["betas"], epsilon=hp["eps"], weight_decay=hp["wd"], precondition_frequency=2,
+        start_preconditioning_step=3, grafting=grafting, precondition_1d=True, merge_dims=False), W0, grads)
+    ref = shampoo(W0, grads, grafting=grafting, graft_beta2=beta2, **hp)
+    assert_trajectories_close(ours, ref, 1e-9)
+
+
+def test_shampoo_blocks_a_dim_longer_than_max_preconditioner_dim():
+    shape = (20, 6)  # 20 > 8: blocks of rows 0-7, 8-15, 16-19
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grads = gradients(shape)
+    ours, opt = run_library(lambda ps: precond.Shampoo(
+        ps, lr=0.05, betas=(0.9, 1.0), epsilon=1e-3, max_preconditioner_dim=8, grafting="adam"), W0, grads)
+    ref = run_blocked_reference(shampoo, W0, grads, 8, lr=0.05, betas=(0.9, 1.0), eps=1e-3, wd=0.0,
+                                grafting="adam")
+    assert_trajectories_close(ours, ref, 1e-9)
+    assert len(opt.state[opt.param_groups[0]["params"][0]]["blocks"]) == 3
+
+
+def test_shampoo_l2_weight_decay_and_no_bias_correction():
+    shape = (5, 3)
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = gradients(shape)
+    ours, _ = run_library(lambda ps: precond.Shampoo(
+        ps, lr=0.02, betas=(0.5, 0.9), epsilon=1e-3, weight_decay=0.1, use_decoupled_weight_decay=False,
+        use_bias_correction=False, merge_dims=False), W0, grads)
+    ref = shampoo(W0, grads, lr=0.02, betas=(0.5, 0.9), eps=1e-3, wd=0.1, decoupled=False, bias_correction=False)
+    assert_trajectories_close(ours, ref, 1e-9)
+
+
+def test_shampoo_inverse_exponent_override_and_newton_root():
+    shape = (4, 6)
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    grads = gradients(shape)
+    ref = shampoo(W0, grads, lr=0.05, betas=(0.9, 0.999), eps=1e-2, wd=0.0, exponent=0.5)
+    ours, _ = run_library(lambda ps: precond.Shampoo(
+        ps, lr=0.05, betas=(0.9, 0.999), epsilon=1e-2, inverse_exponent_override=0.5, merge_dims=False),
+        W0, grads)
+    assert_trajectories_close(ours, ref, 1e-9)
+    newton, _ = run_library(lambda ps: precond.Shampoo(
+        ps, lr=0.05, betas=(0.9, 0.999), epsilon=1e-2, inverse_exponent_override={2: 0.5}, root_method="newton",
+        merge_dims=False), W0, grads)
+    assert_trajectories_close(newton, ref, 1e-5)  # Newton stops at a 1e-6 residual
+
+
+def test_shampoo_one_dimensional_parameters_default_to_the_diagonal_method():
+    W0 = torch.randn(9, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    grads = gradients((9,))
+    ours, opt = run_library(lambda ps: precond.Shampoo(ps, lr=0.01, betas=(0.9, 0.999), weight_decay=0.1), W0, grads)
+    ref = adamw(W0, grads, lr=0.01, betas=(0.9, 0.999), eps=1e-10, wd=0.1)
+    assert_trajectories_close(ours, ref, 1e-12)
+    assert opt.preconditioner_stats()["factors"] == []
+
+
+ESHAMPOO_SHAPES = [(7,), (5, 6), (3, 4, 5), (2, 3, 2, 2)]
+
+
+@pytest.mark.parametrize("shape", ESHAMPOO_SHAPES)
+@pytest.mark.parametrize("grafting", [None, "adam"])
+def test_eshampoo_matches_reference(shape, grafting):
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    grads = gradients(shape)
+    ours, _ = run_library(lambda ps: precond.EShampoo(
+        ps, lr=0.01, betas=(0.9, 0.95), epsilon=1e-8, weight_decay=0.01, precondition_frequency=3,
+        grafting=grafting, merge_dims=False), W0, grads)
+    ref = eshampoo(W0, grads, lr=0.01, betas=(0.9, 0.95), eps=1e-8, wd=0.01, freq=3, grafting=grafting)
+    assert_trajectories_close(ours, ref, 1e-9)
+
+
+def test_eshampoo_blocks_a_dim_longer_than_max_preconditioner_dim():
+    shape = (16, 8)
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    grads = gradients(shape)
+    ours, _ = run_library(lambda ps: precond.EShampoo(
+        ps, lr=0.01, betas=(0.9, 0.95), epsilon=1e-8, precondition_frequency=2, max_preconditioner_dim=8), W0, grads)
+    ref = run_blocked_reference(eshampoo, W0, grads, 8, lr=0.01, betas=(0.9, 0.95), eps=1e-8, wd=0.0, freq=2)
+    assert_trajectories_close(ours, ref, 1e-9)
+
+
+SOAP_SHAPES = [(7,), (5, 6), (3, 4, 5), (2, 3, 2, 2)]
+
+
+@pytest.mark.parametrize("shape", SOAP_SHAPES)
+def test_soap_matches_reference(shape):
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    grads = gradients(shape, steps=15)
+    ours, _ = run_library(lambda ps: precond.SOAP(ps, lr=0.01, precondition_frequency=4), W0, grads)
+    ref = soap(W0, grads, lr=0.01, betas=(0.95, 0.95), eps=1e-8, wd=0.01, freq=4)
+    assert_trajectories_close(ours, ref, 1e-9)
+
+
+def test_soap_options_match_reference():
+    shape = (6, 5)
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    grads = gradients(shape, steps=15)
+    kw = dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.0, precondition_frequency=3, shampoo_beta=0.8,
+              normalize_grads=True, correct_bias=True)
+    ours, _ = run_library(lambda ps: precond.SOAP(ps, **kw), W0, grads)
+    ref = soap(W0, grads, lr=0.01, betas=(0.9, 0.99), eps=1e-8, wd=0.0, freq=3, shampoo_beta=0.8, normalize=True)
+    assert_trajectories_close(ours, ref, 1e-9)
+
+
+def test_soap_leaves_a_dim_longer_than_max_precond_dim_unpreconditioned():
+    shape = (20, 6)  # dim 0 (20 > 8) gets no factor, dim 1 does
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    grads = gradients(shape, steps=15)
+    ours, opt = run_library(lambda ps: precond.SOAP(ps, lr=0.01, precondition_frequency=4, max_precond_dim=8),
+                            W0, grads)
+    ref = soap(W0, grads, lr=0.01, betas=(0.95, 0.95), eps=1e-8, wd=0.01, freq=4, max_dim=8)
+    assert_trajectories_close(ours, ref, 1e-9)
+    assert [f["dim"] for f in opt.preconditioner_stats()["factors"]] == [6]
+
+
+def test_soap_split_policy_blocks_long_dims():
+    shape = (16, 8)
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    grads = gradients(shape, steps=15)
+    ours, _ = run_library(lambda ps: precond.SOAP(ps, lr=0.01, precondition_frequency=4, max_precond_dim=8,
+                                                  large_dim_policy="split"), W0, grads)
+    ref = run_blocked_reference(soap, W0, grads, 8, lr=0.01, betas=(0.95, 0.95), eps=1e-8, wd=0.01, freq=4)
+    assert_trajectories_close(ours, ref, 1e-9)

@@ -1,0 +1,295 @@
+"""The torch.optim.Optimizer contract and the reliability rules, for every precond optimizer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import precond
+
+FACTORIES = {
+    "Shampoo": lambda ps, **kw: precond.Shampoo(ps, **{"lr": 0.01, "grafting": "adam",
+                                                       "max_preconditioner_dim": 8, **kw}),
+    "EShampoo": lambda ps, **kw: precond.EShampoo(ps, **{"lr": 0.01, "precondition_frequency": 2,
+                                                         "max_preconditioner_dim": 8, **kw}),
+    "SOAP": lambda ps, **kw: precond.SOAP(ps, **{"lr": 0.01, "precondition_frequency": 2, **kw}),
+}
+NAMES = list(FACTORIES)
+
+
+def model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)).to(dtype)
+
+
+TEACHER = torch.randn(6, 3, generator=torch.Generator().manual_seed(123))
+
+
+def batch(seed=0, dtype=torch.float32):
+    """Inputs and the targets of a fixed teacher, so that the loss can go down."""
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(seed))
+    return x.to(dtype), torch.tanh(x @ TEACHER).to(dtype)
+
+
+def train(net, opt, steps, seed=0, scheduler=None):
+    losses = []
+    for i in range(steps):
+        x, y = batch(seed + i, next(net.parameters()).dtype)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def params_of(net):
+    return [p.detach().clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_lowers_the_loss(name):
+    net = model()
+    losses = train(net, FACTORIES[name](net.parameters()), 40)
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_closure_is_evaluated_and_its_loss_returned(name):
+    net = model()
+    opt = FACTORIES[name](net.parameters())
+    x, y = batch()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        loss = opt.step(closure)
+    assert len(calls) == 3 and isinstance(loss, torch.Tensor) and loss.requires_grad
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scheduler_that_sets_lr_to_zero_freezes_the_parameters(name):
+    net = model()
+    opt = FACTORIES[name](net.parameters(), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 if step < 4 else 0.0)
+    train(net, opt, 4, scheduler=sched)
+    assert opt.param_groups[0]["lr"] == 0.0
+    frozen = params_of(net)
+    train(net, opt, 3, seed=10, scheduler=sched)
+    for a, b in zip(frozen, params_of(net)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scheduler_lr_is_read_at_every_step(name):
+    """Halving lr through a scheduler gives the same trajectory as editing param_groups by hand."""
+    net_a, net_b = model(), model()
+    opt_a, opt_b = FACTORIES[name](net_a.parameters()), FACTORIES[name](net_b.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt_a, step_size=1, gamma=0.5)
+    for i in range(5):
+        for net, opt in ((net_a, opt_a), (net_b, opt_b)):
+            x, y = batch(i)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+        sched.step()
+        opt_b.param_groups[0]["lr"] *= 0.5
+    for a, b in zip(params_of(net_a), params_of(net_b)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert opt_a.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_grad_set_to_none_skips_and_zeros_step(name):
+    net = model()
+    opt = FACTORIES[name](net.parameters())
+    train(net, opt, 3)
+    before = params_of(net)
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in net.parameters())
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params_of(net)))
+    x, y = batch(7)
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in net.parameters())
+    opt.step()  # a zero gradient is a valid gradient: the step runs
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_param_groups_keep_their_own_hyper_parameters(name):
+    net, reference = model(), model()
+    first, second = list(net[0].parameters()), list(net[2].parameters())
+    opt = FACTORIES[name]([{"params": first}, {"params": second, "lr": 0.0}])
+    assert opt.param_groups[1]["lr"] == 0.0 and opt.param_groups[0]["lr"] == 0.01
+    ref_opt = FACTORIES[name](list(reference[0].parameters()))
+    frozen = [p.detach().clone() for p in second]
+    for i in range(4):
+        x, y = batch(i)
+        for n, o in ((net, opt), (reference, ref_opt)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(n(x), y).backward()
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(frozen, second))
+    for a, b in zip(first, reference[0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameters_without_grad_are_skipped(name):
+    net = model()
+    net[2].weight.requires_grad_(False)
+    opt = FACTORIES[name](net.parameters())
+    before = net[2].weight.detach().clone()
+    train(net, opt, 3)
+    assert torch.equal(before, net[2].weight) and len(opt.state[net[2].weight]) == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sparse_gradients_raise(name):
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = FACTORIES[name](emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["Shampoo", "EShampoo", "SOAP"])
+def test_a_block_with_non_finite_gradient_is_skipped_and_counted(name):
+    p = torch.nn.Parameter(torch.randn(16, 5))
+    blocking = {"max_precond_dim": 8, "large_dim_policy": "split"} if name == "SOAP" else {"max_preconditioner_dim": 8}
+    opt = FACTORIES[name]([p], **blocking)
+    for seed in range(3):
+        p.grad = torch.randn(16, 5, generator=torch.Generator().manual_seed(seed))
+        opt.step()
+    state_before = copy.deepcopy(opt.state[p]["blocks"])
+    before = p.detach().clone()
+    p.grad = torch.randn(16, 5)
+    p.grad[2, 3] = float("nan")     # block 0 (rows 0-7)
+    p.grad[12, 0] = float("inf")    # block 1 (rows 8-15)
+    opt.step()
+    assert torch.equal(p.detach(), before)
+    assert opt.preconditioner_stats()["nonfinite_skipped_blocks"] == 2
+    for saved, now in zip(state_before, opt.state[p]["blocks"]):
+        assert saved["step"] == now["step"]
+        for key, value in saved.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, now[key]), key
+    p.grad = torch.randn(16, 5)
+    p.grad[12, 0] = float("nan")    # only block 1: block 0 moves on
+    opt.step()
+    assert not torch.equal(p.detach()[:8], before[:8]) and torch.equal(p.detach()[8:], before[8:])
+    assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_failed_decompositions_are_counted_and_training_goes_on(name, monkeypatch):
+    net = model()
+    opt = FACTORIES[name](net.parameters())
+    train(net, opt, 3)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated LAPACK failure")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    monkeypatch.setattr(torch.linalg, "qr", broken)
+    losses = train(net, opt, 6, seed=3)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    stats = opt.preconditioner_stats()["factors"]
+    assert stats and sum(f["failures"] for f in stats) > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_parameters_keep_float32_state(name):
+    net = model(dtype=torch.bfloat16)
+    opt = FACTORIES[name](net.parameters())
+    losses = train(net, opt, 30)
+    assert all(p.dtype == torch.bfloat16 for p in net.parameters())
+    tensors = [v for s in opt.state.values() for b in s["blocks"] for v in _tensors(b)]
+    assert tensors and all(t.dtype == torch.float32 for t in tensors)
+    assert losses[-1] < losses[0]
+    # and they stay float32 across a state_dict round trip
+    opt2 = FACTORIES[name](net.parameters())
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert all(t.dtype == torch.float32 for s in opt2.state.values() for b in s["blocks"] for t in _tensors(b))
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip_continues_bit_identically(name):
+    net = model()
+    opt = FACTORIES[name](net.parameters())
+    train(net, opt, 5)
+    saved_model, saved_opt = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    train(net, opt, 5, seed=100)
+    resumed = model(seed=1)
+    resumed.load_state_dict(saved_model)
+    opt2 = FACTORIES[name](resumed.parameters())
+    opt2.load_state_dict(saved_opt)
+    train(resumed, opt2, 5, seed=100)
+    for a, b in zip(params_of(net), params_of(resumed)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loading_a_state_of_other_shapes_raises(name):
+    net = model()
+    opt = FACTORIES[name](net.parameters())
+    train(net, opt, 3)
+    other = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    other_opt = FACTORIES[name](other.parameters())
+    with pytest.raises(ValueError, match="shape|length"):
+        other_opt.load_state_dict(opt.state_dict())
+
+
+INVALID = [
+    (precond.Shampoo, dict(lr=-1.0), "lr"),
+    (precond.Shampoo, dict(betas=(1.0, 0.9)), r"betas\[0\]"),
+    (precond.Shampoo, dict(betas=(0.9, 1.5)), r"betas\[1\]"),
+    (precond.Shampoo, dict(epsilon=0.0), "epsilon"),
+    (precond.Shampoo, dict(weight_decay=-0.1), "weight_decay"),
+    (precond.Shampoo, dict(max_preconditioner_dim=0), "max_preconditioner_dim"),
+    (precond.Shampoo, dict(precondition_frequency=0), "precondition_frequency"),
+    (precond.Shampoo, dict(start_preconditioning_step=0), "start_preconditioning_step"),
+    (precond.Shampoo, dict(grafting="adamw"), "grafting"),
+    (precond.Shampoo, dict(grafting_epsilon=0.0), "grafting_epsilon"),
+    (precond.Shampoo, dict(root_method="cholesky"), "root_method"),
+    (precond.Shampoo, dict(inverse_exponent_override=-0.5), "inverse_exponent_override"),
+    (precond.Shampoo, dict(large_dim_policy="drop"), "large_dim_policy"),
+    (precond.EShampoo, dict(refresh_method="svd"), "refresh_method"),
+    (precond.EShampoo, dict(refresh_tolerance=1.5), "refresh_tolerance"),
+    (precond.EShampoo, dict(max_qr_iterations=0), "max_qr_iterations"),
+    (precond.SOAP, dict(betas=(0.9,)), "betas"),
+    (precond.SOAP, dict(eps=-1e-8), "eps"),
+    (precond.SOAP, dict(shampoo_beta=1.0), "shampoo_beta"),
+    (precond.SOAP, dict(precondition_frequency=2.5), "precondition_frequency"),
+    (precond.SOAP, dict(max_precond_dim=-3), "max_precond_dim"),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, argument", INVALID, ids=[f"{c.__name__}-{a}" for c, _, a in INVALID])
+def test_invalid_hyper_parameters_name_the_argument(cls, kwargs, argument):
+    with pytest.raises(ValueError, match=f"Invalid {argument}"):
+        cls([torch.nn.Parameter(torch.randn(3, 3))], **kwargs)

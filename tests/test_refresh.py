@@ -1,0 +1,95 @@
+"""The eigenbasis refresh policy: fixed, adaptive (τ), eigh / QR / power-QR, and its counters."""
+
+import pytest
+import torch
+
+import precond
+from precond.refresh import EigenbasisRefresh
+
+
+def counters():
+    return {"dim": 0, "refreshes": 0, "skipped": 0, "qr_iterations": 0, "failures": 0}
+
+
+def spd(n, seed):
+    X = torch.randn(n, 3 * n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return X @ X.T
+
+
+def test_adaptive_policy_skips_when_the_basis_still_fits_and_recomputes_when_it_does_not():
+    A = spd(6, 0)
+    _, V = torch.linalg.eigh(A)
+    c = counters()
+    policy = EigenbasisRefresh("eigh", tolerance=0.01)
+    Q, _ = policy.refresh(A, V, c)
+    assert Q is V and c["skipped"] == 1 and c["refreshes"] == 0
+    Q, _ = policy.refresh(A, torch.eye(6, dtype=torch.float64), c)   # identity is far from the eigenbasis
+    assert c["refreshes"] == 1
+    torch.testing.assert_close(Q.T @ A @ Q, torch.diag(torch.linalg.eigvalsh(A)), rtol=0, atol=1e-9)
+
+
+def test_qr_refresh_counts_iterations_and_stops_at_tolerance():
+    A = spd(6, 1)
+    c = counters()
+    Q, _ = EigenbasisRefresh("qr", tolerance=1e-3, max_iterations=200).refresh(A, torch.eye(6, dtype=torch.float64), c)
+    assert 0 < c["qr_iterations"] <= 200 and c["refreshes"] == 1
+    B = Q.T @ A @ Q
+    off = torch.sqrt(B.square().sum() - torch.diagonal(B).square().sum()) / B.norm()
+    assert float(off) <= 1e-3 * 1.01
+
+
+def test_power_qr_refresh_returns_the_order_it_sorted_by():
+    A = spd(5, 2)
+    c = counters()
+    Q0 = torch.eye(5, dtype=torch.float64)
+    Q, order = EigenbasisRefresh("power_qr", descending=True).refresh(A, Q0, c)
+    assert torch.equal(order, torch.argsort(torch.diagonal(A), descending=True))
+    torch.testing.assert_close(Q.T @ Q, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def train_counts(opt_factory, steps=24):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    opt = opt_factory([p])
+    for i in range(steps):
+        p.grad = torch.randn(6, 5, generator=torch.Generator().manual_seed(i)) + 0.1 * p.detach()
+        opt.step()
+    return opt.preconditioner_stats()["factors"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda tau: (lambda ps: precond.EShampoo(ps, precondition_frequency=2, merge_dims=False, refresh_tolerance=tau)),
+    lambda tau: (lambda ps: precond.SOAP(ps, precondition_frequency=2, refresh_tolerance=tau)),
+], ids=["EShampoo", "SOAP"])
+def test_tolerance_sets_how_often_each_factor_recomputes(make):
+    always = train_counts(make(0.0))
+    never = train_counts(make(1.0))
+    some = train_counts(make(0.1))
+    for a, n, s in zip(always, never, some):
+        opportunities = a["refreshes"] + a["skipped"]
+        assert a["skipped"] == 0 and opportunities >= 11
+        assert n["skipped"] >= opportunities - 1          # tau = 1: every check passes (SOAP's first eigh aside)
+        assert 0 < s["refreshes"] < a["refreshes"] and s["skipped"] > 0
+        assert n["failures"] == a["failures"] == s["failures"] == 0
+
+
+def test_eshampoo_qr_refresh_converges_to_the_factor_eigenbasis():
+    """Many QR iterations at a tight tolerance leave each factor's basis diagonalising that factor.
+    (Trajectories are not compared: EShampoo's first steps are sign-like, ``G'/|G'|``, so round-off
+    residuals off the diagonal of ``G'`` are amplified to O(1) in either method.)"""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, 6, dtype=torch.float64))
+    opt = precond.EShampoo([p], lr=0.01, betas=(0.9, 0.999), epsilon=1e-8, precondition_frequency=1,
+                           merge_dims=False, refresh_method="qr", max_qr_iterations=5000, refresh_tolerance=1e-10)
+    for i in range(8):
+        p.grad = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+        opt.step()
+    block = opt.state[p]["blocks"][0]
+    bias2 = 1 - 0.999**8
+    for factor, Q, stats in zip(block["factors"], block["bases"], block["factor_stats"]):
+        A = factor / bias2 + 1e-8 * torch.eye(factor.shape[0], dtype=torch.float64)
+        B = Q.T @ A @ Q
+        off = torch.sqrt(B.square().sum() - torch.diagonal(B).square().sum()) / B.norm()
+        assert float(off) < 1e-6  # the in-loop iterate drifts from QᵀAQ by round-off
+        torch.testing.assert_close(torch.diagonal(B), torch.linalg.eigvalsh(A), rtol=1e-8, atol=1e-12)
+        assert stats["refreshes"] == 8 and stats["qr_iterations"] > 8
