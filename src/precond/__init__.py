@@ -1,10 +1,16 @@
 """precond: matrix-preconditioned optimizers for PyTorch on one engine."""
 
+from .adamw import AdamW
+from .asgo import ASGO
 from .engine import BlockEngine
 from .eshampoo import EShampoo
+from .muon import Muon
 from .refresh import EigenbasisRefresh
+from .routing import param_groups
 from .shampoo import Shampoo
 from .soap import SOAP
+from .sophia import Sophia
 
-__all__ = ["BlockEngine", "EShampoo", "EigenbasisRefresh", "SOAP", "Shampoo"]
+__all__ = ["ASGO", "AdamW", "BlockEngine", "EShampoo", "EigenbasisRefresh", "Muon", "SOAP", "Shampoo", "Sophia",
+           "param_groups"]
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ from torch import Tensor
 
 __all__ = ["merge_dims", "BlockLayout", "MERGE_RULES", "LARGE_DIM_RULES"]
 
-MERGE_RULES = ("none", "leading", "trailing")
+MERGE_RULES = ("none", "leading", "trailing", "matrix")
 LARGE_DIM_RULES = ("split", "identity")
 
 
@@ -26,12 +26,15 @@ def merge_dims(shape: tuple[int, ...], max_dim: int | float, rule: str) -> tuple
     ``rule``:
       - ``"none"``: keep the shape (a 0-d tensor becomes ``(1,)``).
       - ``"leading"``: scan from the first dim (the reference SOAP's ``merge_dims``).
+      - ``"matrix"``: ``(shape[0], prod(shape[1:]))`` for tensors of 3 or more dims.
       - ``"trailing"``: drop dims of size 1, then scan from the last dim (Distributed Shampoo's
         ``merge_small_dims``), e.g. ``(32, 3, 64, 64)`` with 8192 gives ``(96, 4096)``.
     """
     shape = tuple(int(s) for s in shape) or (1,)
     if rule == "none" or 0 in shape:
         return shape
+    if rule == "matrix":  # (fan_out, fan_in · kernel…): how Muon and ASGO see a weight
+        return shape if len(shape) <= 2 else (shape[0], math.prod(shape[1:]))
     if rule == "leading":
         merged: list[int] = []
         current = 1

@@ -132,7 +132,7 @@ def newton_schulz(
 ) -> Tensor:
     r"""Approximate ``U Vᵀ`` of ``G = U S Vᵀ`` with the quintic Newton–Schulz iteration (Muon).
 
-    ``X = G / (‖G‖_F + eps)`` (transposed when it has more rows than columns), then ``steps`` times
+    ``X = G / max(‖G‖_F, eps)`` (transposed when it has more rows than columns), then ``steps`` times
     ``A = X Xᵀ; X ← aX + (bA + cA²) X``. Works on the last two dims, so a stack of matrices is one call.
     """
     a, b, c = coefficients
@@ -140,10 +140,13 @@ def newton_schulz(
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
-    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)
+    X = X / torch.linalg.matrix_norm(X, keepdim=True).clamp(min=eps)
+    # addmm/baddbmm fuse the scalings as torch.optim.Muon does, so the bf16 rounding matches it.
+    fused = torch.addmm if X.dim() == 2 else torch.baddbmm
     for _ in range(steps):
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+        B = fused(A, A, A, beta=b, alpha=c)
+        X = fused(X, B, X, beta=a)
     if transposed:
         X = X.mT
     return X.to(G.dtype)

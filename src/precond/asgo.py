@@ -1,0 +1,93 @@
+"""ASGO: one-sided Shampoo with a full-matrix preconditioner on one side of each weight matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .engine import state_dtype
+from .linalg import LinAlgFailure, inverse_root, inverse_sqrt_newton_schulz
+from .matrix import MatrixOptimizer
+from .validation import check_betas, check_choice, check_int, check_lr, check_nonneg, check_positive
+
+__all__ = ["ASGO"]
+
+
+class ASGO(MatrixOptimizer):
+    r"""ASGO (An et al. 2025, arXiv:2503.20762): Adaptive Structured Gradient Optimization.
+
+    For a weight viewed as an ``m × n`` matrix, one full-matrix preconditioner on one side, by default
+    the smaller (left if ``m ≤ n``):
+
+    .. math::
+        V &\leftarrow \beta_2 V + (1-\beta_2)\, G G^\top \quad(\beta_2 = 1:\ V \mathrel{+}= GG^\top,
+            \text{ the analysed form}) \\
+        M &\leftarrow \beta_1 M + (1-\beta_1) G \\
+        P &= (V + \epsilon I)^{-1/2} M \quad\text{(right side: } M (V + \epsilon I)^{-1/2},\ V \text{ from } G^\top G) \\
+        W &\leftarrow W - \text{lr}\,(P + \text{wd}\,W)
+
+    the inverse root recomputed every ``precondition_frequency`` steps by ``"eigh"`` or the coupled
+    ``"newton_schulz"`` iteration (``ns_steps`` matmul steps). With ``β₁ = β₂ = 0`` the update is
+    ``(GGᵀ)^{-1/2} G``, the polar factor of ``G`` that Muon approximates.
+
+    Defaults are the practical variant the authors used for GPT-2 pre-training (lr 1e-2, weight decay
+    0.1, momentum 0.9, ``β₂`` 0.8, damping 1e-10). Parameters that are not matrices (and groups with
+    ``"matrix": False``) run AdamW as in :class:`~precond.Muon`. The paper's head-wise variant for
+    query/key matrices and the diagonal-other-side DASGO are not implemented.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.8),
+                 epsilon: float = 1e-10, weight_decay: float = 0.1, precondition_frequency: int = 1,
+                 side: str = "auto", root_method: str = "eigh", ns_steps: int = 10,
+                 adamw_lr: float = 3e-4, adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
+                 adamw_weight_decay: float = 0.1) -> None:
+        check_lr(lr)
+        check_betas(betas, beta2_may_be_one=True)
+        check_positive("epsilon", epsilon)
+        check_nonneg("weight_decay", weight_decay)
+        check_int("precondition_frequency", precondition_frequency, 1)
+        check_choice("side", side, ("auto", "left", "right"))
+        check_choice("root_method", root_method, ("eigh", "newton_schulz"))
+        check_int("ns_steps", ns_steps, 1)
+        defaults = dict(lr=lr, betas=tuple(betas), epsilon=epsilon, weight_decay=weight_decay,
+                        precondition_frequency=precondition_frequency, side=side, root_method=root_method,
+                        ns_steps=ns_steps)
+        super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+                         adamw_weight_decay=adamw_weight_decay)
+
+    @staticmethod
+    def _left(shape: tuple[int, ...], side: str) -> bool:
+        return shape[0] <= shape[1] if side == "auto" else side == "left"
+
+    def _init_matrix(self, block: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        dtype = state_dtype(block)
+        n = block.shape[0] if self._left(tuple(block.shape), group["side"]) else block.shape[1]
+        return {"step": 0, "momentum": torch.zeros(block.shape, dtype=dtype, device=block.device),
+                "V": torch.zeros(n, n, dtype=dtype, device=block.device),
+                "root": torch.eye(n, dtype=dtype, device=block.device),
+                "factor_stats": [{"dim": n, "refreshes": 0, "skipped": 0, "qr_iterations": 0, "failures": 0}]}
+
+    def _matrix_direction(self, state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> Tensor:
+        beta1, beta2 = group["betas"]
+        left = self._left(tuple(grad.shape), group["side"])
+        state["step"] += 1
+        outer = grad @ grad.T if left else grad.T @ grad
+        if beta2 == 1.0:
+            state["V"].add_(outer)
+        else:
+            state["V"].mul_(beta2).add_(outer, alpha=1.0 - beta2)
+        state["momentum"].mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        if (state["step"] - 1) % group["precondition_frequency"] == 0:
+            counters = state["factor_stats"][0]
+            try:
+                if group["root_method"] == "eigh":
+                    state["root"] = inverse_root(state["V"], 0.5, group["epsilon"])
+                else:
+                    state["root"] = inverse_sqrt_newton_schulz(state["V"], group["epsilon"], group["ns_steps"])
+                counters["refreshes"] += 1
+            except LinAlgFailure:
+                counters["failures"] += 1
+        return state["root"] @ state["momentum"] if left else state["momentum"] @ state["root"]

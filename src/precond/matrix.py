@@ -1,0 +1,90 @@
+"""Shared by the matrix optimizers (Muon, ASGO): route each parameter to the matrix rule or to AdamW.
+
+A parameter takes the matrix rule when its group says ``"matrix": True`` (``"use_muon"`` is accepted as
+an alias), or, in groups that say nothing, when it has two or more dims. Weights of three or more dims
+are treated as ``(fan_out, fan_in · kernel)`` matrices. Everything else (biases, norms, and whatever a
+group marks ``"matrix": False``: embeddings and the output head, see :func:`precond.param_groups`) runs
+AdamW. Hyper-parameters a group sets apply to all of its parameters; those it leaves out come from the
+constructor (the matrix rule's arguments, or ``adamw_*`` for the AdamW half). Routing happens once, in
+the constructor, by splitting each group in two, so an LR scheduler sees and scales both halves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+
+from .adamw import adam_direction, init_adam_state
+from .blocks import BlockLayout
+from .engine import BlockEngine
+from .validation import check_betas, check_lr, check_nonneg, check_positive
+
+__all__ = ["MatrixOptimizer", "split_groups"]
+
+
+def _is_matrix(group: dict[str, Any], p: Tensor) -> bool:
+    for key in ("matrix", "use_muon"):
+        if key in group:
+            return bool(group[key])
+    return p.dim() >= 2
+
+
+def split_groups(params: Iterable[Any], adamw: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each group becomes a matrix group and an AdamW group (empty halves dropped); the AdamW half
+    takes ``adamw`` (its ``lr`` and ``weight_decay``) unless the group set them itself."""
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    out = []
+    for group in groups:
+        members = list(group["params"]) if not isinstance(group["params"], Tensor) else [group["params"]]
+        names = group.get("param_names")
+        rest = {k: v for k, v in group.items() if k not in ("params", "param_names", "use_muon")}
+        for want in (True, False):
+            chosen = [i for i, p in enumerate(members) if _is_matrix(group, p) == want]
+            if not chosen:
+                continue
+            half = dict(rest, params=[members[i] for i in chosen], matrix=want)
+            if names is not None:
+                half["param_names"] = [names[i] for i in chosen]
+            if not want:  # what the group sets applies to all its parameters; the rest is adamw_*
+                for k, v in adamw.items():
+                    half.setdefault(k, v)
+            out.append(half)
+    return out
+
+
+class MatrixOptimizer(BlockEngine):
+    """Base of Muon and ASGO: the routing, the matrix view and the AdamW half."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, adamw_lr: float,
+                 adamw_betas: tuple[float, float], adamw_eps: float, adamw_weight_decay: float) -> None:
+        check_lr(adamw_lr)
+        check_betas(adamw_betas, name="adamw_betas")
+        check_positive("adamw_eps", adamw_eps)
+        check_nonneg("adamw_weight_decay", adamw_weight_decay)
+        adamw = dict(lr=adamw_lr, weight_decay=adamw_weight_decay)
+        defaults = dict(defaults, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps)
+        super().__init__(split_groups(params, adamw), defaults)
+
+    def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
+        merge = "matrix" if group["matrix"] else "none"
+        return BlockLayout.build(tuple(param.shape), math.inf, merge, "identity")
+
+    def _init_block(self, block, layout, index, group):
+        if group["matrix"] and block.dim() == 2:
+            return self._init_matrix(block, group)
+        return init_adam_state(block)
+
+    def _direction(self, state, grad, param, group):
+        if group["matrix"] and grad.dim() == 2:
+            return self._matrix_direction(state, grad, group)
+        return adam_direction(state, grad, group["adamw_betas"], group["adamw_eps"])
+
+    def _init_matrix(self, block: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _matrix_direction(self, state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> Tensor:
+        raise NotImplementedError

@@ -1,0 +1,84 @@
+"""Muon on the engine, with torch.optim.Muon's arguments and automatic routing of non-matrix parameters."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .engine import state_dtype
+from .linalg import newton_schulz
+from .matrix import MatrixOptimizer
+from .validation import check_choice, check_in, check_int, check_lr, check_nonneg, check_positive
+
+__all__ = ["Muon"]
+
+_NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def adjusted_lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
+    """torch.optim.Muon's lr adjustment: ``"original"`` (None) ``√max(1, rows/cols)``;
+    ``"match_rms_adamw"`` ``0.2·√max(rows, cols)`` (Moonlight, Liu et al. 2025)."""
+    if adjust_lr_fn in (None, "original"):
+        return math.sqrt(max(1.0, rows / cols))
+    return 0.2 * math.sqrt(max(rows, cols))
+
+
+class Muon(MatrixOptimizer):
+    r"""Muon (Jordan et al. 2024): momentum orthogonalised by a Newton–Schulz iteration.
+
+    For a weight viewed as a matrix ``G`` (``fan_out × fan_in·kernel`` for 3-D/4-D weights):
+
+    .. math::
+        B &\leftarrow \mu B + (1-\mu) G,\qquad U = (1-\mu) G + \mu B \ \text{(Nesterov) or } B \\
+        O &= \operatorname{NS}_{a,b,c}^{(n)}\big(U / \max(\lVert U\rVert_F, \epsilon)\big) \approx
+             \operatorname{polar}(U) \\
+        W &\leftarrow W(1 - \text{lr}\cdot\text{wd}) - \text{lr}\cdot r(\text{shape})\, O
+
+    with the quintic step ``A = XXᵀ; X ← aX + (bA + cA²)X`` (on the wide orientation) and ``r`` from
+    ``adjust_lr_fn``. Follows ``torch.optim.Muon`` argument for argument on 2-D parameters.
+
+    Beyond torch: parameters that should not be orthogonalised (1-D ones, and those in a group with
+    ``"matrix": False``, e.g. embeddings and the output head from :func:`precond.param_groups`) run AdamW
+    with ``adamw_lr`` (default: ``lr``), ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``; torch's Muon
+    refuses them. ``ns_dtype`` selects the Newton–Schulz precision ("bfloat16" as torch, or "float32").
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None,
+                 ns_dtype: str = "bfloat16", adamw_lr: float | None = None,
+                 adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
+                 adamw_weight_decay: float | None = None) -> None:
+        check_lr(lr)
+        check_nonneg("weight_decay", weight_decay)
+        check_in("momentum", momentum, 0.0, 1.0, high_open=True)
+        if not (isinstance(ns_coefficients, (tuple, list)) and len(ns_coefficients) == 3):
+            raise ValueError(f"Invalid ns_coefficients: {ns_coefficients!r} (must be three numbers a, b, c)")
+        check_positive("eps", eps)
+        check_int("ns_steps", ns_steps, 1)
+        if ns_steps >= 100:
+            raise ValueError(f"Invalid ns_steps: {ns_steps} (must be < 100)")
+        check_choice("adjust_lr_fn", adjust_lr_fn, (None, "original", "match_rms_adamw"))
+        check_choice("ns_dtype", ns_dtype, tuple(_NS_DTYPES))
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
+                        adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)
+        super().__init__(params, defaults, adamw_lr=lr if adamw_lr is None else adamw_lr, adamw_betas=adamw_betas,
+                         adamw_eps=adamw_eps,
+                         adamw_weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay)
+
+    def _init_matrix(self, block: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        return {"momentum_buffer": torch.zeros(block.shape, dtype=state_dtype(block), device=block.device)}
+
+    def _matrix_direction(self, state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> Tensor:
+        momentum = group["momentum"]
+        buf = state["momentum_buffer"]
+        buf.lerp_(grad, 1.0 - momentum)
+        update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+        ortho = newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                              _NS_DTYPES[group["ns_dtype"]])
+        return ortho * adjusted_lr_ratio(group["adjust_lr_fn"], *grad.shape)

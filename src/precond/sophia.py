@@ -1,0 +1,116 @@
+"""Sophia: a clipped, diagonal-curvature-preconditioned momentum method."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .blocks import BlockLayout
+from .engine import BlockEngine, state_dtype
+from .validation import check_betas, check_choice, check_int, check_lr, check_nonneg, check_positive
+
+__all__ = ["Sophia"]
+
+
+class Sophia(BlockEngine):
+    r"""Sophia (Liu et al. 2023, arXiv:2305.14342): second-order clipped stochastic optimization.
+
+    .. math::
+        M &\leftarrow \beta_1 M + (1-\beta_1) G \\
+        H &\leftarrow \beta_2 H + (1-\beta_2)\,\hat h \quad\text{every } k \text{ steps (see below)} \\
+        W &\leftarrow W - \text{lr}\cdot\text{wd}\cdot W, \qquad
+        W \leftarrow W - \text{lr}\cdot\operatorname{clip}\!\big(M / \max(\rho H, \epsilon),\ 1\big)
+
+    with ``clip`` elementwise to ``[-1, 1]`` and ``ρ`` the paper's ``γ``. The curvature estimate ``ĥ``:
+
+    - ``estimator="gnb"`` (Sophia-G, Gauss–Newton–Bartlett): after a backward pass on the loss computed
+      with labels *sampled from the model's own predictions*, ``ĥ = B · ĝ ⊙ ĝ`` with ``ĝ`` the gradient
+      of that mean loss over a batch of ``B`` examples;
+    - ``estimator="hutchinson"`` (Sophia-H): after ``loss.backward(create_graph=True)``,
+      ``ĥ = u ⊙ (∇²L u)`` with ``u`` a Rademacher vector.
+
+    In a training loop, every ``update_period`` steps::
+
+        loss.backward(); opt.step(); opt.zero_grad()
+        if opt.hessian_update_due():
+            logits = model(x)
+            sampled = torch.distributions.Categorical(logits=logits).sample()
+            F.cross_entropy(logits.flatten(0, -2), sampled.flatten()).backward()
+            opt.update_hessian(batch_size=x.shape[0]); opt.zero_grad()
+
+    Defaults: the paper's ``β = (0.965, 0.99)``, ``ρ = 0.01``, ``k = 10``; ``lr`` 1e-4, ``weight_decay``
+    0.1 and ``eps`` 1e-15 as in the authors' code.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
+                 rho: float = 0.01, weight_decay: float = 0.1, eps: float = 1e-15, estimator: str = "gnb",
+                 update_period: int = 10) -> None:
+        check_lr(lr)
+        check_betas(betas)
+        check_positive("rho", rho)
+        check_nonneg("weight_decay", weight_decay)
+        check_positive("eps", eps)
+        check_choice("estimator", estimator, ("gnb", "hutchinson"))
+        check_int("update_period", update_period, 1)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
+                                      estimator=estimator, update_period=update_period))
+
+    def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
+        return BlockLayout.build(tuple(param.shape), math.inf, "none", "identity")
+
+    def _init_block(self, block, layout, index, group):
+        dtype = state_dtype(block)
+        return {"step": 0, "exp_avg": torch.zeros(block.shape, dtype=dtype, device=block.device),
+                "hessian": torch.zeros(block.shape, dtype=dtype, device=block.device), "hessian_updates": 0}
+
+    def _direction(self, state, grad, param, group):
+        beta1 = group["betas"][0]
+        state["step"] += 1
+        state["exp_avg"].mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        denom = torch.clamp(group["rho"] * state["hessian"], min=group["eps"])
+        return torch.clamp(state["exp_avg"] / denom, -1.0, 1.0)
+
+    def hessian_update_due(self) -> bool:
+        """True right after every ``update_period``-th step (counted on the first parameter that has
+        stepped, so it survives a ``state_dict`` round trip): time to call :meth:`update_hessian`."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                blocks = self.state.get(p, {}).get("blocks")
+                if blocks:
+                    step = blocks[0]["step"]
+                    return step > 0 and step % group["update_period"] == 0
+        return False
+
+    def update_hessian(self, batch_size: int | None = None) -> None:
+        """Fold the current gradients into the curvature EMA ``H``.
+
+        ``gnb``: the gradients must come from a loss on sampled labels; ``batch_size`` is ``B`` in
+        ``ĥ = B·ĝ²`` (required). ``hutchinson``: the gradients must carry a graph
+        (``backward(create_graph=True)``); a Hessian-vector product is taken through them.
+        """
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["estimator"] == "gnb":
+                if batch_size is None:
+                    raise ValueError("Invalid batch_size: None (Sophia-G's estimator B·ĝ² needs the batch size)")
+                check_int("batch_size", batch_size, 1)
+                estimates = [batch_size * p.grad.detach() * p.grad.detach() for p in params]
+            else:
+                if any(p.grad.grad_fn is None for p in params):
+                    raise RuntimeError("Sophia-H needs gradients with a graph: call loss.backward(create_graph=True)")
+                probes = [torch.randint_like(p, 2) * 2 - 1 for p in params]
+                hvps = torch.autograd.grad([p.grad for p in params], params, grad_outputs=probes)
+                estimates = [u * hv for u, hv in zip(probes, hvps)]
+            beta2 = group["betas"][1]
+            for p, h in zip(params, estimates):
+                if not torch.isfinite(h).all():
+                    continue  # a non-finite estimate never reaches the state
+                block = self._param_state(p, group)["blocks"][0]
+                block["hessian"].mul_(beta2).add_(h.detach().to(block["hessian"].dtype), alpha=1.0 - beta2)
+                block["hessian_updates"] += 1

@@ -1,0 +1,288 @@
+"""Muon, ASGO, Sophia and AdamW: against torch's optimizers and plain references; routing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import precond
+from references import adamw as adamw_reference
+from references import numpy_power
+
+
+def fixed_gradients(shapes, steps, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=g, dtype=dtype) for s in shapes] for _ in range(steps)]
+
+
+def run(make, init, grads):
+    params = [nn.Parameter(x.clone()) for x in init]
+    opt = make(params)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in params], opt
+
+
+def max_rel(a, b):
+    return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------- Muon
+MUON_SHAPES = [(8, 16), (32, 12), (24, 24)]
+
+
+@pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.float64, 1e-12)])
+def test_muon_follows_torch_muon(adjust_lr_fn, dtype, tol):
+    init = [torch.randn(s, dtype=dtype, generator=torch.Generator().manual_seed(0)) for s in MUON_SHAPES]
+    grads = fixed_gradients(MUON_SHAPES, 20, dtype)
+    kw = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust_lr_fn)
+    ours, _ = run(lambda ps: precond.Muon(ps, **kw), init, grads)
+    ref, _ = run(lambda ps: torch.optim.Muon(ps, **kw), init, grads)
+    assert max_rel(ours, ref) <= tol
+
+
+def newton_schulz_reference(G, steps=5, a=3.4445, b=-4.7750, c=2.0315, eps=1e-7):
+    X = G.clone()
+    if X.shape[0] > X.shape[1]:
+        X = X.T
+    X = X / max(float(X.norm()), eps)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if G.shape[0] > G.shape[1] else X
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (4, 3, 3, 3)])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_float32_matches_a_plain_reference_including_conv_weights(shape, nesterov):
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grads = [g[0] for g in fixed_gradients([shape], 8, torch.float64)]
+    ours, _ = run(lambda ps: precond.Muon(ps, lr=0.02, weight_decay=0.05, momentum=0.9, nesterov=nesterov,
+                                          ns_dtype="float64"), [W0], [[g] for g in grads])
+    W, B = W0.reshape(shape[0], -1).clone(), torch.zeros(shape[0], math.prod(shape[1:]), dtype=torch.float64)
+    for G in grads:
+        G = G.reshape(shape[0], -1)
+        B = 0.9 * B + 0.1 * G
+        U = 0.1 * G + 0.9 * B if nesterov else B
+        W = W * (1 - 0.02 * 0.05) - 0.02 * math.sqrt(max(1, W.shape[0] / W.shape[1])) * newton_schulz_reference(U)
+    torch.testing.assert_close(ours[0].reshape(shape[0], -1), W, rtol=1e-12, atol=1e-12)
+
+
+def test_muon_routes_non_matrix_parameters_to_adamw():
+    W0, b0 = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    grads = fixed_gradients([(6, 4), (6,)], 10, torch.float64)
+    (W, b), opt = run(lambda ps: precond.Muon(ps, lr=0.02, adamw_lr=3e-3, adamw_betas=(0.9, 0.95),
+                                              adamw_weight_decay=0.01), [W0, b0], grads)
+    assert [g["matrix"] for g in opt.param_groups] == [True, False]
+    ref = adamw_reference(b0, [g[1] for g in grads], lr=3e-3, betas=(0.9, 0.95), eps=1e-8, wd=0.01)
+    torch.testing.assert_close(b, ref[-1], rtol=1e-12, atol=1e-12)
+
+
+def test_explicit_adamw_group_keeps_its_own_hyper_parameters():
+    emb = nn.Parameter(torch.randn(10, 4))
+    opt = precond.Muon([{"params": [emb], "matrix": False, "lr": 5e-3}, {"params": [nn.Parameter(torch.randn(4, 4))]}],
+                       lr=0.02, adamw_lr=1e-3)
+    assert [(g["matrix"], g["lr"]) for g in opt.param_groups] == [(False, 5e-3), (True, 0.02)]
+
+
+# ----------------------------------------------------------------------------------------- ASGO
+def asgo_reference(W0, grads, *, lr, betas, eps, wd, left):
+    W = W0.clone()
+    n = W.shape[0] if left else W.shape[1]
+    V, M = torch.zeros(n, n, dtype=W.dtype), torch.zeros_like(W)
+    for G in grads:
+        V = betas[1] * V + (1 - betas[1]) * (G @ G.T if left else G.T @ G)
+        M = betas[0] * M + (1 - betas[0]) * G
+        R = numpy_power(V + eps * torch.eye(n, dtype=W.dtype), -0.5)
+        W = W - lr * ((R @ M if left else M @ R) + wd * W)
+    return W
+
+
+@pytest.mark.parametrize("shape, side, left", [((5, 8), "auto", True), ((8, 5), "auto", False), ((5, 8), "right", False)])
+def test_asgo_matches_reference(shape, side, left):
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = fixed_gradients([shape], 10, torch.float64)
+    (W,), _ = run(lambda ps: precond.ASGO(ps, lr=0.01, betas=(0.9, 0.95), epsilon=1e-4, weight_decay=0.1, side=side),
+                  [W0], grads)
+    ref = asgo_reference(W0, [g[0] for g in grads], lr=0.01, betas=(0.9, 0.95), eps=1e-4, wd=0.1, left=left)
+    torch.testing.assert_close(W, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_asgo_newton_schulz_root_agrees_with_eigh():
+    W0 = torch.randn(6, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    grads = fixed_gradients([(6, 9)], 8, torch.float64)
+    kw = dict(lr=0.01, betas=(0.9, 0.95), epsilon=1e-2, weight_decay=0.0)
+    (eigh,), _ = run(lambda ps: precond.ASGO(ps, **kw), [W0], grads)
+    (ns,), _ = run(lambda ps: precond.ASGO(ps, root_method="newton_schulz", ns_steps=60, **kw), [W0], grads)
+    assert float((ns - eigh).norm() / (eigh - W0).norm()) < 1e-6
+
+
+def test_asgo_without_momentum_is_the_polar_step_muon_approximates():
+    W0 = torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    G = torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    (W,), _ = run(lambda ps: precond.ASGO(ps, lr=0.1, betas=(0.0, 0.0), epsilon=1e-14, weight_decay=0.0), [W0], [[G]])
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    torch.testing.assert_close(W, W0 - 0.1 * U @ Vh, rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------- Sophia
+def test_sophia_gnb_estimate_and_clipped_step_match_the_formula():
+    W0 = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    p = nn.Parameter(W0.clone())
+    opt = precond.Sophia([p], lr=0.1, betas=(0.9, 0.8), rho=0.5, weight_decay=0.01, update_period=2)
+    g1, g2, gs = (torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in (8, 9, 10))
+    # reference state
+    M, H, W = torch.zeros_like(W0), torch.zeros_like(W0), W0.clone()
+    for step, g in enumerate((g1, g2), start=1):
+        p.grad = g.clone()
+        opt.step()
+        M = 0.9 * M + 0.1 * g
+        W = W - 0.1 * 0.01 * W
+        W = W - 0.1 * torch.clamp(M / torch.clamp(0.5 * H, min=1e-15), -1, 1)
+        assert opt.hessian_update_due() == (step == 2)
+    p.grad = gs.clone()
+    opt.update_hessian(batch_size=16)
+    H = 0.8 * H + 0.2 * 16 * gs * gs
+    p.grad = g1.clone()
+    opt.step()
+    M = 0.9 * M + 0.1 * g1
+    W = W - 0.1 * 0.01 * W
+    W = W - 0.1 * torch.clamp(M / torch.clamp(0.5 * H, min=1e-15), -1, 1)
+    torch.testing.assert_close(p.detach(), W, rtol=1e-12, atol=1e-12)
+
+
+def test_sophia_hutchinson_estimates_a_diagonal_hessian_exactly():
+    diag = torch.tensor([1.0, 4.0, 9.0, 0.5], dtype=torch.float64)
+    p = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    opt = precond.Sophia([p], estimator="hutchinson", betas=(0.9, 0.5))
+    loss = 0.5 * (diag * p * p).sum()
+    loss.backward(create_graph=True)
+    opt.update_hessian()
+    # u ⊙ (A u) = diag(A) for any Rademacher u when A is diagonal
+    torch.testing.assert_close(opt.state[p]["blocks"][0]["hessian"], 0.5 * diag, rtol=1e-12, atol=0)
+
+
+def test_sophia_gnb_needs_the_batch_size_and_hutchinson_a_graph():
+    p = nn.Parameter(torch.randn(3))
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="batch_size"):
+        precond.Sophia([p]).update_hessian()
+    with pytest.raises(RuntimeError, match="create_graph"):
+        precond.Sophia([p], estimator="hutchinson").update_hessian()
+
+
+def test_sophia_lowers_a_language_model_loss_with_sampled_label_curvature():
+    torch.manual_seed(0)
+    vocab, dim = 12, 16
+    model = nn.Sequential(nn.Embedding(vocab, dim), nn.Linear(dim, vocab))
+    opt = precond.Sophia(model.parameters(), lr=3e-3, rho=0.05, update_period=2)
+    data = torch.randint(0, vocab, (64,))
+    targets = (data * 5 + 3) % vocab
+    losses = []
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(data), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+        if opt.hessian_update_due():
+            logits = model(data)
+            sampled = torch.distributions.Categorical(logits=logits).sample()
+            nn.functional.cross_entropy(logits, sampled).backward()
+            opt.update_hessian(batch_size=data.shape[0])
+            opt.zero_grad()
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# ---------------------------------------------------------------------------------------- AdamW
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-13)])
+def test_adamw_is_torch_adamw(dtype, tol):
+    shapes = [(7,), (5, 6), (3, 4, 5)]
+    init = [torch.randn(s, dtype=dtype, generator=torch.Generator().manual_seed(11)) for s in shapes]
+    grads = fixed_gradients(shapes, 30, dtype)
+    kw = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1)
+    ours, _ = run(lambda ps: precond.AdamW(ps, **kw), init, grads)
+    ref, _ = run(lambda ps: torch.optim.AdamW(ps, foreach=False, **kw), init, grads)
+    assert max_rel(ours, ref) <= tol
+    plain = [adamw_reference(x, [g[i] for g in grads], lr=1e-2, betas=(0.8, 0.99), eps=1e-8, wd=0.1)[-1]
+             for i, x in enumerate(init)]
+    assert max_rel(ours, plain) <= tol
+
+
+# -------------------------------------------------------------------------------------- routing
+class TinyLM(nn.Module):
+    def __init__(self, vocab=50, dim=16, tie=False):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList([nn.ModuleDict({
+            "ln": nn.LayerNorm(dim), "attn": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim, bias=False),
+            "conv": nn.Conv1d(dim, dim, 3)}) for _ in range(2)])
+        self.norm = nn.RMSNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        if tie:
+            self.lm_head.weight = self.wte.weight
+
+
+def test_param_groups_route_a_transformer():
+    groups = precond.param_groups(TinyLM(), matrix_options={"lr": 0.02})
+    by_kind = {g["matrix"]: set(g["param_names"]) for g in groups}
+    assert by_kind[True] == {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn", "proj", "conv")}
+    assert {"wte.weight", "lm_head.weight", "norm.weight", "blocks.0.ln.weight", "blocks.0.ln.bias",
+            "blocks.1.attn.bias", "blocks.1.conv.bias"} <= by_kind[False]
+    assert groups[0]["lr"] == 0.02
+
+
+def test_param_groups_tied_head_and_overrides():
+    groups = precond.param_groups(TinyLM(tie=True), head=None, matrix_patterns=[r"^wte\."],
+                                  other_patterns=[r"blocks\.1\.proj"])
+    by_kind = {g["matrix"]: g["param_names"] for g in groups}
+    assert "wte.weight" in by_kind[True] and "lm_head.weight" not in by_kind[True] + by_kind[False]
+    assert "blocks.1.proj.weight" in by_kind[False]
+    total = sum(len(g["params"]) for g in groups)
+    assert total == len(list(TinyLM(tie=True).parameters()))
+
+
+def test_muon_trains_a_routed_transformer_and_checkpoints():
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = precond.Muon(precond.param_groups(model), lr=0.02, adamw_lr=3e-3)
+    assert sorted(g["matrix"] for g in opt.param_groups) == [False, True]
+    x = torch.randint(0, 50, (8, 6))
+    for _ in range(3):
+        h = model.wte(x)
+        for blk in model.blocks:
+            h = h + blk["proj"](blk["attn"](blk["ln"](h))[..., :16])
+            h = h + blk["conv"](h.transpose(1, 2)).transpose(1, 2).mean(1, keepdim=True)
+        loss = nn.functional.cross_entropy(model.lm_head(model.norm(h)).flatten(0, 1), x.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    state = opt.state_dict()
+    opt2 = precond.Muon(precond.param_groups(model), lr=0.02, adamw_lr=3e-3)
+    opt2.load_state_dict(state)
+    conv = model.blocks[0]["conv"].weight
+    assert opt2.state[conv]["blocks"][0]["momentum_buffer"].shape == (16, 48)
+
+
+@pytest.mark.parametrize("make, argument", [
+    (lambda ps: precond.Muon(ps, momentum=1.0), "momentum"),
+    (lambda ps: precond.Muon(ps, ns_steps=0), "ns_steps"),
+    (lambda ps: precond.Muon(ps, ns_coefficients=(1.0, 2.0)), "ns_coefficients"),
+    (lambda ps: precond.Muon(ps, adjust_lr_fn="sqrt"), "adjust_lr_fn"),
+    (lambda ps: precond.Muon(ps, adamw_betas=(0.9, 1.0)), r"adamw_betas\[1\]"),
+    (lambda ps: precond.ASGO(ps, side="top"), "side"),
+    (lambda ps: precond.ASGO(ps, epsilon=0), "epsilon"),
+    (lambda ps: precond.Sophia(ps, rho=0), "rho"),
+    (lambda ps: precond.Sophia(ps, estimator="fisher"), "estimator"),
+    (lambda ps: precond.AdamW(ps, eps=0), "eps"),
+    (lambda ps: precond.AdamW(ps, lr=float("nan")), "lr"),
+])
+def test_invalid_arguments_name_the_argument(make, argument):
+    with pytest.raises(ValueError, match=f"Invalid {argument}"):
+        make([nn.Parameter(torch.randn(3, 3))])
