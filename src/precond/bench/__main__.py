@@ -1,0 +1,86 @@
+"""``python -m precond.bench`` / ``precond bench``: run a benchmark preset and print its table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from .optimizers import DEFAULT_OPTIMIZERS, SPECS
+from .protocol import BenchConfig, run_benchmark
+from .report import write_report
+from .workloads import PRESETS
+
+
+class Progress:
+    """One tqdm bar over every planned training step of the benchmark."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, unit="step", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+    def run(self, description: str):
+        self.bar.set_description(description)
+
+        def tick(step: int, loss: float):
+            self.bar.update(1)
+            if step % 10 == 0:
+                self.bar.set_postfix(loss=f"{loss:.3f}")
+        return tick
+
+    def skip(self, steps: int):
+        self.bar.update(steps)
+
+    def close(self):
+        self.bar.close()
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="precond bench", description=__doc__)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="workload size and budget (default cpu: small LM, a few minutes on 2 cores)")
+    p.add_argument("--optimizers", nargs="+", default=DEFAULT_OPTIMIZERS, choices=sorted(SPECS))
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--name", default=None, help="folder under --runs-dir (default: the preset's name)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--data-dir", default=os.environ.get("PRECOND_DATA", "data"))
+    for key in ("steps", "sweep_steps", "eval_every", "seeds", "lr_points"):
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the preset's {key}")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    logging.basicConfig(level=logging.WARNING)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = dict(PRESETS[args.preset])
+    for key in ("steps", "sweep_steps", "eval_every", "seeds", "lr_points"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    config = BenchConfig(preset=preset, optimizers=list(dict.fromkeys(args.optimizers)), device=args.device,
+                         name=args.name or args.preset, runs_dir=args.runs_dir, data_dir=args.data_dir)
+    started = time.time()
+    result = run_benchmark(config, lambda total: Progress(total, not args.quiet))
+    out_dir = Path(args.runs_dir) / config.name
+    table = write_report(result, out_dir, plots=not args.no_plots)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(f"\n{json.dumps(result['workload'])}\ndevice: {device}, torch {torch.__version__}, "
+          f"{time.time() - started:.0f} s\n")
+    print(table)
+    print(f"\nreport: {out_dir / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

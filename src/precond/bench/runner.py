@@ -1,0 +1,101 @@
+"""One training run: an optimizer at one learning rate and seed, with its curve and costs."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .optimizers import OptimizerSpec
+from .workloads import Workload
+
+__all__ = ["train_run", "state_bytes"]
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in optimizer state tensors."""
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            return v.numel() * v.element_size()
+        if isinstance(v, dict):
+            return sum(walk(x) for x in v.values())
+        if isinstance(v, (list, tuple)):
+            return sum(walk(x) for x in v)
+        return 0
+    return sum(walk(s) for s in optimizer.state.values())
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, steps: int, eval_every: int,
+              device: str, adamw_lr: float, progress=None) -> dict[str, Any]:
+    """Train, evaluating every ``eval_every`` steps; stops early (``diverged``) on a non-finite loss.
+
+    Wall-clock counts forward, backward and optimizer work (Sophia's curvature pass included), not the
+    evaluations; ``optimizer_seconds`` is the ``step()`` (and ``update_hessian``) part of it.
+    """
+    model = workload.model(seed)
+    optimizer = spec.build(model, lr, adamw_lr)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
+        "cpu", enabled=False)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad(), autocast:
+        curve = [(0, 0.0, workload.validation_loss(model))]
+    train_seconds = optimizer_seconds = 0.0
+    diverged = False
+    last_loss = math.nan
+    for step in range(1, steps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        batch = workload.batch(step, seed)
+        with autocast:
+            loss = workload.loss(model, batch)
+        loss.backward()
+        _sync(device)
+        t1 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if spec.needs_hessian and optimizer.hessian_update_due():
+            with autocast:
+                logits, _ = workload.logits_and_targets(model, batch)
+            sampled = torch.distributions.Categorical(logits=logits.float().detach()).sample()
+            F.cross_entropy(logits.float(), sampled).backward()
+            optimizer.update_hessian(batch_size=logits.shape[0])
+            optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        t2 = time.perf_counter()
+        train_seconds += t2 - t0
+        optimizer_seconds += t2 - t1
+        last_loss = float(loss.detach())
+        if not math.isfinite(last_loss):
+            diverged = True
+            break
+        if step % eval_every == 0 or step == steps:
+            with torch.no_grad(), autocast:
+                val = workload.validation_loss(model)
+            curve.append((step, train_seconds, val))
+            if not math.isfinite(val):
+                diverged = True
+                break
+        if progress is not None:
+            progress(step, last_loss)
+    stats = optimizer.preconditioner_stats() if hasattr(optimizer, "preconditioner_stats") else {"factors": []}
+    return {
+        "optimizer": spec.name, "lr": lr, "seed": seed, "steps": steps, "diverged": diverged,
+        "curve": curve, "final_val_loss": curve[-1][2] if not diverged else math.inf,
+        "final_train_loss": last_loss, "train_seconds": train_seconds, "optimizer_seconds": optimizer_seconds,
+        "optimizer_share": optimizer_seconds / train_seconds if train_seconds else 0.0,
+        "state_bytes": state_bytes(optimizer),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
+        "refreshes": sum(f["refreshes"] for f in stats["factors"]),
+        "skipped_refreshes": sum(f["skipped"] for f in stats["factors"]),
+        "failures": sum(f["failures"] for f in stats["factors"]),
+        "nonfinite_skips": stats.get("nonfinite_skipped_blocks", 0),
+    }

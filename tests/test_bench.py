@@ -1,0 +1,145 @@
+"""The benchmark harness on a tiny configuration: data loading and splitting, metrics, resume."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from precond.bench import data
+from precond.bench.__main__ import main as bench_main
+from precond.bench.optimizers import SPECS
+from precond.bench.protocol import BenchConfig, lr_grid, mean_curve, run_benchmark, steps_to_target, summarize
+from precond.bench.report import markdown_table
+from precond.bench.runner import state_bytes
+from precond.bench.workloads import PRESETS, Digits, LanguageModel, make_workload
+
+CORPUS = {f"library/mod{i}.rst.txt": (f"Module {i}\n=========\n\nThe quick brown fox {i} jumps over the lazy dog. "
+                                       * 40).encode() for i in range(40)}
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    """A prepared data folder built from synthetic documents (the real corpus needs Debian's package)."""
+    train, val = data.split_documents(CORPUS)
+    (tmp_path / "pydocs").mkdir()
+    (tmp_path / "pydocs" / "train.bin").write_bytes(train)
+    (tmp_path / "pydocs" / "val.bin").write_bytes(val)
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([rng.integers(0, 17, (1797, 64)), rng.integers(0, 10, (1797, 1))], axis=1)
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / "digits.csv.gz").write_bytes(
+        gzip.compress("\n".join(",".join(str(v) for v in r) for r in rows).encode()))
+    return tmp_path
+
+
+def test_documents_are_split_whole_and_stably():
+    train, val = data.split_documents(CORPUS)
+    names_in_val = [n for n, d in CORPUS.items() if d in val]
+    assert 0 < len(names_in_val) < len(CORPUS)
+    for name, doc in CORPUS.items():
+        assert (doc in val) != (doc in train), name  # each document on exactly one side
+    assert data.split_documents(dict(reversed(list(CORPUS.items())))) == (train, val)
+    assert len(train) + len(val) == sum(len(d) for d in CORPUS.values()) + len(CORPUS) - 2
+
+
+def test_language_model_batches_are_next_byte_pairs(data_dir):
+    wl = LanguageModel(data_dir, batch_size=3, eval_batches=2)
+    x, y = wl.batch(step=5, seed=1)
+    assert x.shape == y.shape == (3, wl.config.context) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    x2, _ = wl.batch(step=5, seed=1)
+    assert torch.equal(x, x2)                               # batches are a function of (step, seed)
+    loss = wl.validation_loss(wl.model(0))
+    assert abs(loss - math.log(256)) < 0.5                 # an untrained byte model is near uniform
+
+
+def test_digits_workload_reads_the_csv(data_dir):
+    wl = Digits(data_dir)
+    assert wl.train_x.shape == (1500, 64) and wl.val_x.shape == (297, 64)
+    assert float(wl.train_x.max()) <= 1.0
+    assert wl.validation_loss(wl.model(0)) > 0
+
+
+def test_missing_corpus_without_apt_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="python3.11-doc"):
+        data.prepare_corpus(tmp_path)
+
+
+def test_metrics():
+    assert lr_grid(1e-3, 3, 3.0) == pytest.approx([1e-3 / 3, 1e-3, 3e-3])
+    assert lr_grid(1.0, 2, 4.0) == pytest.approx([0.5, 2.0])
+    curve = [(0, 0.0, 5.0), (10, 1.0, 3.0), (20, 2.0, 2.0)]
+    assert steps_to_target(curve, 3.0) == (10, 1.0)
+    assert steps_to_target(curve, 1.0) is None
+    runs = [{"curve": [(0, 0.0, 4.0), (5, 1.0, 2.0)]}, {"curve": [(0, 0.0, 6.0), (5, 3.0, 4.0), (9, 4.0, 1.0)]}]
+    assert mean_curve(runs) == [(0, 0.0, 5.0), (5, 2.0, 3.0)]
+    p = torch.nn.Parameter(torch.zeros(3, 4))
+    opt = torch.optim.Adam([p])
+    p.grad = torch.ones(3, 4)
+    opt.step()
+    assert state_bytes(opt) == 2 * 12 * 4 + 4  # exp_avg, exp_avg_sq (float32) and a float32 step
+
+
+def fake_run(name, final, curve, diverged=False):
+    return {"optimizer": name, "final_val_loss": final, "curve": curve, "diverged": diverged, "train_seconds": 4.0,
+            "optimizer_share": 0.5, "state_bytes": 2**20, "peak_memory_bytes": None, "refreshes": 3,
+            "skipped_refreshes": 0, "failures": 0}
+
+
+def test_summary_uses_adamw_as_target_and_reports_ratios():
+    results = {
+        "AdamW": {"best_lr": 1e-3, "full": [fake_run("AdamW", 2.0, [(0, 0, 5), (10, 1.0, 3), (20, 2.0, 2.0)]),
+                                            fake_run("AdamW", 2.2, [(0, 0, 5), (10, 1.0, 3), (20, 2.0, 2.2)])]},
+        "SOAP": {"best_lr": 3e-3, "full": [fake_run("SOAP", 1.5, [(0, 0, 5), (10, 1.5, 2.0), (20, 3.0, 1.5)]),
+                                           fake_run("SOAP", 1.7, [(0, 0, 5), (10, 1.5, 2.2), (20, 3.0, 1.7)])]},
+    }
+    s = summarize(results)
+    assert s["AdamW"]["target"] == pytest.approx(2.1)
+    assert s["AdamW"]["steps_to_target"] == 20 and s["SOAP"]["steps_to_target"] == 10
+    assert s["SOAP"]["steps_ratio"] == pytest.approx(0.5) and s["SOAP"]["seconds_ratio"] == pytest.approx(0.75)
+    assert s["SOAP"]["final_val_spread"] == pytest.approx(0.1)
+    table = markdown_table(s)
+    assert "| SOAP | 0.003 | 1.6000 ± 0.1000 | 10 | 0.50 |" in table
+
+
+def test_tiny_benchmark_runs_writes_outputs_and_resumes(data_dir, tmp_path):
+    runs = tmp_path / "runs"
+    argv = ["--preset", "tiny", "--optimizers", "AdamW", "Muon", "--data-dir", str(data_dir),
+            "--runs-dir", str(runs), "--name", "t", "--quiet"]
+    assert bench_main(argv) == 0
+    out = runs / "t"
+    files = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(files) == 2 * (PRESETS["tiny"]["lr_points"] + PRESETS["tiny"]["seeds"])
+    assert (out / "report.md").exists() and (out / "val_loss_vs_steps.png").exists()
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert set(summary) == {"AdamW", "Muon"} and summary["AdamW"]["steps_ratio"] == 1.0
+    # resume: a second invocation trains nothing; its saved runs are reused unchanged
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    assert bench_main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == stamp
+    # a different configuration under the same name is refused
+    with pytest.raises(ValueError, match="another configuration"):
+        bench_main(argv + ["--steps", "9"])
+
+
+def test_every_benchmark_optimizer_trains_the_tiny_model(data_dir):
+    wl = make_workload(PRESETS["tiny"], data_dir, "cpu")
+    from precond.bench.runner import train_run
+    for name, spec in SPECS.items():
+        run = train_run(wl, spec, spec.center_lr, seed=0, steps=4, eval_every=2, device="cpu", adamw_lr=3e-3)
+        assert not run["diverged"], name
+        assert [p[0] for p in run["curve"]] == [0, 2, 4], name
+        assert run["optimizer_seconds"] <= run["train_seconds"]
+
+
+def test_run_benchmark_with_one_optimizer_one_seed_one_rate(data_dir, tmp_path):
+    preset = dict(PRESETS["tiny"], steps=2, sweep_steps=2, eval_every=1, seeds=1, lr_points=1)
+    config = BenchConfig(preset=preset, optimizers=["AdamW"], runs_dir=str(tmp_path), data_dir=str(data_dir))
+    result = run_benchmark(config)
+    assert result["summary"]["AdamW"]["seeds"] == 1
