@@ -18,13 +18,19 @@ from .workloads import PRESETS
 
 
 class Progress:
-    """One tqdm bar over every planned training step of the benchmark."""
+    """One tqdm bar over every planned training step of the benchmark (or, quiet, a line per run)."""
 
     def __init__(self, total: int, enabled: bool):
-        from tqdm import tqdm
-        self.bar = tqdm(total=total, unit="step", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+        try:
+            from tqdm import tqdm
+        except ImportError:  # the bench extra is missing: a line per run instead of a bar
+            enabled = False
+        self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr) if enabled else None
 
     def run(self, description: str):
+        if self.bar is None:
+            print(description, file=sys.stderr, flush=True)
+            return None
         self.bar.set_description(description)
 
         def tick(step: int, loss: float):
@@ -34,10 +40,12 @@ class Progress:
         return tick
 
     def skip(self, steps: int):
-        self.bar.update(steps)
+        if self.bar is not None:
+            self.bar.update(steps)
 
     def close(self):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -35,7 +35,12 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
 
 
 def plot_curves(summary: dict[str, dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
-    import matplotlib
+    """PNG plots of validation loss against steps and against wall-clock; none if matplotlib is missing
+    (re-render elsewhere from the saved runs)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -149,7 +149,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(workload="lm", gpt=dict(context=64, width=64, depth=2, heads=4), batch_size=16,
                 steps=300, sweep_steps=100, eval_every=25, seeds=2, lr_points=3),
     "gpu": dict(workload="lm", gpt=dict(context=256, width=512, depth=6, heads=8), batch_size=64,
-                steps=1500, sweep_steps=300, eval_every=100, seeds=2, lr_points=3),
+                steps=1000, sweep_steps=200, eval_every=100, seeds=2, lr_points=3),
     "digits": dict(workload="digits", batch_size=64, steps=300, sweep_steps=100, eval_every=25, seeds=2,
                    lr_points=3),
     "tiny": dict(workload="lm", gpt=dict(context=16, width=16, depth=1, heads=2), batch_size=4,
