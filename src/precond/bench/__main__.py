@@ -61,6 +61,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the preset's {key}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: report the finished runs found under --runs-dir/--name")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -79,12 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     config = BenchConfig(preset=preset, optimizers=list(dict.fromkeys(args.optimizers)), device=args.device,
                          name=args.name or args.preset, runs_dir=args.runs_dir, data_dir=args.data_dir)
     started = time.time()
-    result = run_benchmark(config, lambda total: Progress(total, not args.quiet))
+    result = run_benchmark(config, None if args.report_only else lambda total: Progress(total, not args.quiet),
+                           train=not args.report_only)
     out_dir = Path(args.runs_dir) / config.name
     table = write_report(result, out_dir, plots=not args.no_plots)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    print(f"\n{json.dumps(result['workload'])}\ndevice: {device}, torch {torch.__version__}, "
-          f"{time.time() - started:.0f} s\n")
+    if args.report_only:
+        print(f"\n{json.dumps(result['workload'])}\nreport of the saved runs (device: {args.device})\n")
+    else:
+        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+        print(f"\n{json.dumps(result['workload'])}\ndevice: {device}, torch {torch.__version__}, "
+              f"{time.time() - started:.0f} s\n")
     print(table)
     print(f"\nreport: {out_dir / 'report.md'}")
     return 0

@@ -69,7 +69,8 @@ def _run_path(root: Path, phase: str, name: str, lr: float, seed: int) -> Path:
     return root / "runs" / f"{phase}-{name}-lr{lr:.4g}-seed{seed}.json"
 
 
-def run_benchmark(config: BenchConfig, progress_factory=None) -> dict[str, Any]:
+def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True) -> dict[str, Any]:
+    """Run (or, with ``train=False``, only collect) every planned run; see the module docstring."""
     root = Path(config.runs_dir) / config.name
     root.mkdir(parents=True, exist_ok=True)
     identity_file = root / "config.json"
@@ -96,6 +97,8 @@ def run_benchmark(config: BenchConfig, progress_factory=None) -> dict[str, Any]:
     for phase, name, lr, seed, steps in plan:
         entry = results.setdefault(name, {"sweep": [], "full": []})
         if phase == "full":
+            if not train and not entry["sweep"]:
+                continue
             finite = [r for r in entry["sweep"] if not r["diverged"]]
             lr = min(finite, key=lambda r: r["final_val_loss"])["lr"] if finite else SPECS[name].center_lr
             entry["best_lr"] = lr
@@ -106,6 +109,8 @@ def run_benchmark(config: BenchConfig, progress_factory=None) -> dict[str, Any]:
             run = json.loads(path.read_text())
             if progress:
                 progress.skip(steps)
+        elif not train:
+            continue
         else:
             if workload is None:
                 workload = make_workload(preset, Path(config.data_dir), config.device)
@@ -121,6 +126,9 @@ def run_benchmark(config: BenchConfig, progress_factory=None) -> dict[str, Any]:
         entry[phase].append(run)
     if progress:
         progress.close()
+    results = {name: entry for name, entry in results.items() if entry["full"]}
+    if not results:
+        raise ValueError(f"no finished full runs under {root}")
     summary = summarize(results)
     return {"config": asdict(config), "workload": json.loads(workload_file.read_text()), "results": results,
             "summary": summary}
