@@ -288,6 +288,7 @@ INVALID = [
     (precond.Shampoo, dict(root_method="cholesky"), "root_method"),
     (precond.Shampoo, dict(inverse_exponent_override=-0.5), "inverse_exponent_override"),
     (precond.Shampoo, dict(large_dim_policy="drop"), "large_dim_policy"),
+    (precond.Shampoo, dict(root_method="newton", inverse_exponent_override=0.3), "inverse_exponent_override"),
     (precond.EShampoo, dict(refresh_method="svd"), "refresh_method"),
     (precond.EShampoo, dict(refresh_tolerance=1.5), "refresh_tolerance"),
     (precond.EShampoo, dict(max_qr_iterations=0), "max_qr_iterations"),

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .kronecker import mode_product
 from .refresh import REFRESH_METHODS, EigenbasisRefresh
-from .shampoo import ShampooFamily
+from .shampoo import ShampooFamily, shared_arguments
 from .validation import check_choice, check_in, check_int
 
 __all__ = ["EShampoo"]
@@ -60,15 +60,7 @@ class EShampoo(ShampooFamily):
         check_choice("refresh_method", refresh_method, REFRESH_METHODS)
         check_in("refresh_tolerance", refresh_tolerance, 0.0, 1.0)
         check_int("max_qr_iterations", max_qr_iterations, 1)
-        super().__init__(params, lr=lr, betas=betas, epsilon=epsilon, weight_decay=weight_decay,
-                         max_preconditioner_dim=max_preconditioner_dim,
-                         precondition_frequency=precondition_frequency,
-                         start_preconditioning_step=start_preconditioning_step,
-                         use_bias_correction=use_bias_correction,
-                         use_decoupled_weight_decay=use_decoupled_weight_decay, grafting=grafting,
-                         grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
-                         precondition_1d=precondition_1d, merge_dims=merge_dims,
-                         large_dim_policy=large_dim_policy,
+        super().__init__(params, **shared_arguments(locals()),
                          extra=dict(refresh_method=refresh_method, refresh_tolerance=refresh_tolerance,
                                     max_qr_iterations=max_qr_iterations))
 

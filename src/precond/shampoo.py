@@ -25,6 +25,16 @@ __all__ = ["Shampoo", "ShampooFamily"]
 
 _GRAFTING_BETA2 = {"adam": 0.999, "rmsprop": 0.99, "adagrad": 1.0, "sgd": 1.0}
 
+# The constructor arguments Shampoo and EShampoo share (Distributed Shampoo's names).
+SHARED_ARGUMENTS = ("lr", "betas", "epsilon", "weight_decay", "max_preconditioner_dim", "precondition_frequency",
+                    "start_preconditioning_step", "use_bias_correction", "use_decoupled_weight_decay", "grafting",
+                    "grafting_beta2", "grafting_epsilon", "precondition_1d", "merge_dims", "large_dim_policy")
+
+
+def shared_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`SHARED_ARGUMENTS` out of a constructor's ``locals()``."""
+    return {name: arguments[name] for name in SHARED_ARGUMENTS}
+
 
 class ShampooFamily(BlockEngine):
     """What Shampoo and EShampoo share; see :class:`Shampoo` for the arguments."""
@@ -203,15 +213,13 @@ class Shampoo(ShampooFamily):
                 check_positive(f"inverse_exponent_override[{order}]", exponent)
         elif inverse_exponent_override is not None:
             check_positive("inverse_exponent_override", inverse_exponent_override)
-        super().__init__(params, lr=lr, betas=betas, epsilon=epsilon, weight_decay=weight_decay,
-                         max_preconditioner_dim=max_preconditioner_dim,
-                         precondition_frequency=precondition_frequency,
-                         start_preconditioning_step=start_preconditioning_step,
-                         use_bias_correction=use_bias_correction,
-                         use_decoupled_weight_decay=use_decoupled_weight_decay, grafting=grafting,
-                         grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
-                         precondition_1d=precondition_1d, merge_dims=merge_dims,
-                         large_dim_policy=large_dim_policy,
+        if root_method == "newton" and inverse_exponent_override is not None:
+            exponents = (inverse_exponent_override.values() if isinstance(inverse_exponent_override, dict)
+                         else [inverse_exponent_override])
+            if any(abs(1.0 / e - round(1.0 / e)) > 1e-9 for e in exponents):
+                raise ValueError(f"Invalid inverse_exponent_override: {inverse_exponent_override} "
+                                 "(root_method='newton' needs exponents 1/p with p an integer)")
+        super().__init__(params, **shared_arguments(locals()),
                          extra=dict(inverse_exponent_override=inverse_exponent_override, root_method=root_method))
 
     @staticmethod
