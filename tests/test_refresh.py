@@ -93,3 +93,25 @@ def test_eshampoo_qr_refresh_converges_to_the_factor_eigenbasis():
         assert float(off) < 1e-6  # the in-loop iterate drifts from QᵀAQ by round-off
         torch.testing.assert_close(torch.diagonal(B), torch.linalg.eigvalsh(A), rtol=1e-8, atol=1e-12)
         assert stats["refreshes"] == 8 and stats["qr_iterations"] > 8
+
+
+def test_eshampoo_power_qr_refresh_permutes_the_corrected_eigenvalues_with_the_columns():
+    opt = precond.EShampoo([torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))], refresh_method="power_qr",
+                           merge_dims=False)
+    A = torch.diag(torch.tensor([1.0, 5.0, 3.0, 2.0], dtype=torch.float64))
+    eigenvalues = torch.arange(12, dtype=torch.float64).reshape(4, 3)
+    state = {"factors": [A, None], "bases": [torch.eye(4, dtype=torch.float64), None],
+             "eigenvalues": eigenvalues.clone(), "factor_stats": [counters(), None]}
+    opt._refresh(state, 1.0, opt.param_groups[0])
+    order = torch.tensor([1, 2, 3, 0])  # columns sorted by decreasing diag(QᵀAQ)
+    assert torch.equal(state["eigenvalues"], eigenvalues[order])
+    torch.testing.assert_close(state["bases"][0].abs(), torch.eye(4, dtype=torch.float64)[:, order], rtol=0, atol=1e-6)
+
+
+def test_a_tensor_learning_rate_is_accepted():
+    p = torch.nn.Parameter(torch.ones(3, 3))
+    opt = precond.SOAP([p], lr=torch.tensor(0.01))
+    for _ in range(2):
+        p.grad = torch.ones(3, 3)
+        opt.step()
+    assert torch.isfinite(p).all() and not torch.equal(p.detach(), torch.ones(3, 3))

@@ -8,6 +8,7 @@ SOAP's behaviour). Blocks are views into the parameter, so updating a block upda
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ class BlockLayout:
     max_dim: int | float
 
     @classmethod
+    @functools.lru_cache(maxsize=4096)  # a pure function of hashable arguments, asked for at every step
     def build(cls, shape: tuple[int, ...], max_dim: int | float, merge: str, large_dims: str) -> "BlockLayout":
         if large_dims not in LARGE_DIM_RULES:
             raise ValueError(f"large-dim rule must be one of {LARGE_DIM_RULES}, got {large_dims!r}")

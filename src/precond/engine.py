@@ -96,7 +96,7 @@ class BlockEngine(torch.optim.Optimizer):
         grad = p.grad.detach().contiguous()
         all_finite = bool(torch.isfinite(grad).all())
         mode = self._weight_decay_mode(group)
-        lr, wd = group["lr"], group["weight_decay"]
+        lr, wd = float(group["lr"]), group["weight_decay"]  # torch allows a tensor lr
         for block_state, w, g in zip(state["blocks"], layout.blocks(work), layout.blocks(grad)):
             if not all_finite and not bool(torch.isfinite(g).all()):
                 # A non-finite gradient must never reach the statistics: skip the block, count it.

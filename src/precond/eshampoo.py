@@ -84,7 +84,9 @@ class EShampoo(ShampooFamily):
                 continue
             n = factor.shape[0]
             ridge = factor / bias2 + group["epsilon"] * torch.eye(n, dtype=factor.dtype, device=factor.device)
-            state["bases"][i], _ = policy.refresh(ridge, state["bases"][i], state["factor_stats"][i])
+            state["bases"][i], order = policy.refresh(ridge, state["bases"][i], state["factor_stats"][i])
+            if order is not None:  # power-QR re-sorted the columns: the eigenvalues follow them
+                state["eigenvalues"] = state["eigenvalues"].index_select(i, order)
 
     def _update_preconditioner(self, state: dict[str, Any], grad: Tensor, bias2: float, group: dict[str, Any]) -> None:
         beta2 = group["betas"][1]
