@@ -143,3 +143,14 @@ def test_run_benchmark_with_one_optimizer_one_seed_one_rate(data_dir, tmp_path):
     config = BenchConfig(preset=preset, optimizers=["AdamW"], runs_dir=str(tmp_path), data_dir=str(data_dir))
     result = run_benchmark(config)
     assert result["summary"]["AdamW"]["seeds"] == 1
+
+
+def test_model_size_flags_reach_the_workload(data_dir, tmp_path):
+    argv = ["--preset", "tiny", "--optimizers", "AdamW", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path),
+            "--name", "w", "--quiet", "--no-plots", "--width", "24", "--depth", "2", "--batch-size", "2",
+            "--seeds", "1", "--lr-points", "1"]
+    assert bench_main(argv) == 0
+    described = json.loads((tmp_path / "w" / "workload.json").read_text())
+    assert (described["width"], described["depth"], described["batch_size"]) == (24, 2, 2)
+    with pytest.raises(SystemExit):
+        bench_main(["--preset", "digits", "--width", "8", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path)])

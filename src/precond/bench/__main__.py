@@ -59,6 +59,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=os.environ.get("PRECOND_DATA", "data"))
     for key in ("steps", "sweep_steps", "eval_every", "seeds", "lr_points"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the preset's {key}")
+    for key in ("width", "depth", "heads", "context"):
+        p.add_argument(f"--{key}", type=int, default=None, help=f"override the language model's {key}")
+    p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--report-only", action="store_true",
@@ -75,9 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = dict(PRESETS[args.preset])
-    for key in ("steps", "sweep_steps", "eval_every", "seeds", "lr_points"):
+    for key in ("steps", "sweep_steps", "eval_every", "seeds", "lr_points", "batch_size"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
+    model_overrides = {k: getattr(args, k) for k in ("width", "depth", "heads", "context") if getattr(args, k)}
+    if model_overrides:
+        if "gpt" not in preset:
+            raise SystemExit(f"--{next(iter(model_overrides))} applies to language-model presets, not {args.preset}")
+        preset["gpt"] = {**preset["gpt"], **model_overrides}
     config = BenchConfig(preset=preset, optimizers=list(dict.fromkeys(args.optimizers)), device=args.device,
                          name=args.name or args.preset, runs_dir=args.runs_dir, data_dir=args.data_dir)
     started = time.time()

@@ -13,10 +13,13 @@ def _fmt(value, spec: str, missing: str = "—") -> str:
     return missing if value is None else format(value, spec)
 
 
-def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
+UNITS = {"lm": "nats per byte", "digits": "nats per image"}
+
+
+def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byte") -> str:
     target = next(iter(summary.values()))["target"]
     lines = [
-        f"Target: AdamW's final validation loss, {target:.4f} nats/byte. Ratios are relative to AdamW "
+        f"Target: AdamW's final validation loss, {target:.4f} {unit}. Ratios are relative to AdamW "
         "(< 1 is faster). Final loss: mean ± half-range over seeds.",
         "",
         "| optimizer | best lr | final val loss | steps to target | × AdamW | time to target (s) | × AdamW "
@@ -34,7 +37,8 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(summary: dict[str, dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
+def plot_curves(summary: dict[str, dict[str, Any]], out_dir: Path, title: str,
+                unit: str = "nats per byte") -> list[Path]:
     """PNG plots of validation loss against steps and against wall-clock; none if matplotlib is missing
     (re-render elsewhere from the saved runs)."""
     try:
@@ -53,7 +57,7 @@ def plot_curves(summary: dict[str, dict[str, Any]], out_dir: Path, title: str) -
                 ax.plot([p[index] for p in curve], [p[2] for p in curve], label=name, marker=".")
         ax.axhline(next(iter(summary.values()))["target"], color="grey", linestyle=":", label="AdamW final")
         ax.set_xlabel(label)
-        ax.set_ylabel("validation loss (nats per byte)")
+        ax.set_ylabel(f"validation loss ({unit})")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -67,13 +71,15 @@ def plot_curves(summary: dict[str, dict[str, Any]], out_dir: Path, title: str) -
 
 def write_report(result: dict[str, Any], out_dir: Path, plots: bool = True) -> str:
     out_dir = Path(out_dir)
-    table = markdown_table(result["summary"])
     w = result["workload"]
+    unit = UNITS.get(w["workload"], "nats")
+    table = markdown_table(result["summary"], unit)
     header = (f"# Benchmark `{result['config']['name']}`\n\nWorkload: {json.dumps(w)}\n\n"
               f"Device: {result['config']['device']}. Preset: {json.dumps(result['config']['preset'])}\n\n")
     text = header + table + "\n"
     if plots:
-        for p in plot_curves(result["summary"], out_dir, f"{w['workload']} ({w.get('parameters', '?')} parameters)"):
+        title = f"{w['workload']} ({w.get('parameters', '?'):,} parameters)"
+        for p in plot_curves(result["summary"], out_dir, title, unit):
             text += f"\n![{p.stem}]({p.name})\n"
     (out_dir / "report.md").write_text(text)
     compact = {k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in result["summary"].items()}
