@@ -11,16 +11,7 @@ from __future__ import annotations
 import torch
 
 import precond
-
-
-def run(make, init, grads):
-    params = [torch.nn.Parameter(x.clone()) for x in init]
-    opt = make(params)
-    for step in grads:
-        for p, g in zip(params, step):
-            p.grad = g.clone()
-        opt.step()
-    return [p.detach() for p in params]
+from compare_references import run  # same loop: fixed gradients fed to an optimizer (scripts/ is on sys.path)
 
 
 def case(shapes, steps, dtype, ours, theirs):

@@ -59,5 +59,5 @@ class AdamW(BlockEngine):
     def _init_block(self, block, layout, index, group):
         return init_adam_state(block)
 
-    def _direction(self, state, grad, param, group):
+    def _direction(self, state, grad, group):
         return adam_direction(state, grad, group["betas"], group["eps"])

@@ -8,7 +8,7 @@ search direction:
 
 - ``_layout(param, group)``: the :class:`~precond.blocks.BlockLayout` of a parameter;
 - ``_init_block(block, layout, index, group)``: the state of one block (a dict of tensors and counters);
-- ``_direction(state, grad, param_block, group)``: the search direction ``P`` of one block, or ``None``
+- ``_direction(state, grad, group)``: the search direction ``P`` of one block, or ``None``
   when the method makes no update this step (SOAP's first step).
 
 The engine then applies ``W ← W - lr·P`` with the weight-decay rule of the group.
@@ -55,19 +55,22 @@ class BlockEngine(torch.optim.Optimizer):
     def _init_block(self, block: Tensor, layout: BlockLayout, index: int, group: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _direction(self, state: dict[str, Any], grad: Tensor, param: Tensor, group: dict[str, Any]) -> Tensor | None:
+    def _direction(self, state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> Tensor | None:
         raise NotImplementedError
 
     def _weight_decay_mode(self, group: dict[str, Any]) -> str:
         return "decoupled"
 
     # ------------------------------------------------------------------------------- the step
+    def _fresh_blocks(self, p: Tensor, group: dict[str, Any]) -> list[dict[str, Any]]:
+        """The initial state of each block of ``p``."""
+        layout = self._layout(p, group)
+        return [self._init_block(b, layout, i, group) for i, b in enumerate(layout.blocks(p.detach().contiguous()))]
+
     def _param_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
         if "blocks" not in state:
-            layout = self._layout(p, group)
-            blocks = layout.blocks(p.detach().contiguous())
-            state["blocks"] = [self._init_block(b, layout, i, group) for i, b in enumerate(blocks)]
+            state["blocks"] = self._fresh_blocks(p, group)
             state["nonfinite_skips"] = 0
         return state
 
@@ -107,7 +110,7 @@ class BlockEngine(torch.optim.Optimizer):
             w_state = w.to(dtype)
             if mode == "l2" and wd != 0.0:
                 g = g + wd * w_state
-            direction = self._direction(block_state, g, w_state, group)
+            direction = self._direction(block_state, g, group)
             if direction is None:
                 continue
             if mode == "decoupled" and wd != 0.0:
@@ -153,10 +156,8 @@ class BlockEngine(torch.optim.Optimizer):
             if not isinstance(index, int) or not 0 <= index < len(params):
                 raise ValueError(f"state_dict has state for parameter {index!r}, but the optimizer has {len(params)}")
             p, group = params[index], groups[index]
-            layout = self._layout(p, group)
-            blocks = layout.blocks(p.detach().contiguous())
-            expected = {"blocks": [self._init_block(b, layout, i, group) for i, b in enumerate(blocks)]}
-            _check_same_structure(value.get("blocks"), expected["blocks"], f"state[{index}]['blocks']", tuple(p.shape))
+            _check_same_structure(value.get("blocks"), self._fresh_blocks(p, group), f"state[{index}]['blocks']",
+                                  tuple(p.shape))
         super().load_state_dict(state_dict)
         for index, value in saved.items():
             self.state[params[index]] = _copy_to(value, params[index].device)

@@ -78,7 +78,7 @@ class MatrixOptimizer(BlockEngine):
             return self._init_matrix(block, group)
         return init_adam_state(block)
 
-    def _direction(self, state, grad, param, group):
+    def _direction(self, state, grad, group):
         if group["matrix"] and grad.dim() == 2:
             return self._matrix_direction(state, grad, group)
         return adam_direction(state, grad, group["adamw_betas"], group["adamw_eps"])

@@ -110,7 +110,7 @@ class ShampooFamily(BlockEngine):
         state.update(self._init_preconditioner(state["factors"], dims, dtype, block.device, group))
         return state
 
-    def _direction(self, state: dict[str, Any], grad: Tensor, param: Tensor, group: dict[str, Any]) -> Tensor:
+    def _direction(self, state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> Tensor:
         beta1, beta2 = group["betas"]
         state["step"] += 1
         t = state["step"]

@@ -109,7 +109,7 @@ class SOAP(BlockEngine):
             "exp_avg_sq": torch.zeros(dims, dtype=dtype, device=block.device),
         }
 
-    def _direction(self, state: dict[str, Any], grad: Tensor, param: Tensor, group: dict[str, Any]) -> Tensor | None:
+    def _direction(self, state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> Tensor | None:
         beta1, beta2 = group["betas"]
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
         policy = self._policy(group)

@@ -67,7 +67,7 @@ class Sophia(BlockEngine):
         return {"step": 0, "exp_avg": torch.zeros(block.shape, dtype=dtype, device=block.device),
                 "hessian": torch.zeros(block.shape, dtype=dtype, device=block.device), "hessian_updates": 0}
 
-    def _direction(self, state, grad, param, group):
+    def _direction(self, state, grad, group):
         beta1 = group["betas"][0]
         state["step"] += 1
         state["exp_avg"].mul_(beta1).add_(grad, alpha=1.0 - beta1)
