@@ -154,3 +154,23 @@ def test_model_size_flags_reach_the_workload(data_dir, tmp_path):
     assert (described["width"], described["depth"], described["batch_size"]) == (24, 2, 2)
     with pytest.raises(SystemExit):
         bench_main(["--preset", "digits", "--width", "8", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path)])
+
+
+def test_a_diverged_run_stops_and_reports_the_steps_it_ran(data_dir):
+    from precond.bench.runner import train_run
+    wl = make_workload(PRESETS["tiny"], data_dir, "cpu")
+    calls = []
+    real_loss = wl.loss
+
+    def loss_turning_nan(model, batch):  # training losses only: the first call is step 1
+        calls.append(1)
+        value = real_loss(model, batch)
+        return value * float("nan") if len(calls) >= 5 else value
+
+    wl.loss = loss_turning_nan
+    wl.validation_loss = lambda model: 1.0
+    ticks = []
+    run = train_run(wl, SPECS["AdamW"], 1e-3, seed=0, steps=40, eval_every=2, device="cpu", adamw_lr=3e-3,
+                    progress=lambda step, loss: ticks.append(step))
+    assert run["diverged"] and run["final_val_loss"] == math.inf
+    assert run["steps_done"] == len(ticks) == 5

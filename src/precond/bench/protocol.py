@@ -121,8 +121,8 @@ def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True
             run["phase"] = phase
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(run, indent=1))
-            if progress and run["diverged"]:
-                progress.skip(steps - len(run["curve"]))
+            if progress:  # a diverged run stops early: its remaining steps leave the bar
+                progress.skip(steps - run["steps_done"])
         entry[phase].append(run)
     if progress:
         progress.close()

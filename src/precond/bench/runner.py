@@ -51,6 +51,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
     train_seconds = optimizer_seconds = 0.0
     diverged = False
     last_loss = math.nan
+    steps_done = 0
     for step in range(1, steps + 1):
         _sync(device)
         t0 = time.perf_counter()
@@ -74,6 +75,9 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         train_seconds += t2 - t0
         optimizer_seconds += t2 - t1
         last_loss = float(loss.detach())
+        steps_done = step
+        if progress is not None:
+            progress(step, last_loss)
         if not math.isfinite(last_loss):
             diverged = True
             break
@@ -84,11 +88,10 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
             if not math.isfinite(val):
                 diverged = True
                 break
-        if progress is not None:
-            progress(step, last_loss)
     stats = optimizer.preconditioner_stats() if hasattr(optimizer, "preconditioner_stats") else {"factors": []}
     return {
-        "optimizer": spec.name, "lr": lr, "seed": seed, "steps": steps, "diverged": diverged,
+        "optimizer": spec.name, "lr": lr, "seed": seed, "steps": steps, "steps_done": steps_done,
+        "diverged": diverged,
         "curve": curve, "final_val_loss": curve[-1][2] if not diverged else math.inf,
         "final_train_loss": last_loss, "train_seconds": train_seconds, "optimizer_seconds": optimizer_seconds,
         "optimizer_share": optimizer_seconds / train_seconds if train_seconds else 0.0,
