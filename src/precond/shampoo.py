@@ -130,9 +130,8 @@ class ShampooFamily(BlockEngine):
             m_hat = state["momentum"] / (1.0 - beta1**t) if group["use_bias_correction"] else state["momentum"]
         else:
             m_hat = grad
-        if not has_factors and self.diagonal_for_unfactored:
-            return diagonal.apply(state["diagonal"], m_hat, t)
-        if t < start and group["grafting"] is not None:
+        unfactored = not has_factors and self.diagonal_for_unfactored
+        if unfactored or (t < start and group["grafting"] is not None):  # the diagonal method alone
             return diagonal.apply(state["diagonal"], m_hat, t)
         direction = self._precondition(state, m_hat, bias2, group)
         if group["grafting"] is not None:
