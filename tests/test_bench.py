@@ -111,7 +111,7 @@ def test_summary_uses_adamw_as_target_and_reports_ratios():
 def test_tiny_benchmark_runs_writes_outputs_and_resumes(data_dir, tmp_path):
     runs = tmp_path / "runs"
     argv = ["--preset", "tiny", "--optimizers", "AdamW", "Muon", "--data-dir", str(data_dir),
-            "--runs-dir", str(runs), "--name", "t", "--quiet"]
+            "--runs-dir", str(runs), "--name", "t", "--quiet", "--edge-points", "0"]
     assert bench_main(argv) == 0
     out = runs / "t"
     files = sorted(p.name for p in (out / "runs").iterdir())
@@ -174,3 +174,89 @@ def test_a_diverged_run_stops_and_reports_the_steps_it_ran(data_dir):
                     progress=lambda step, loss: ticks.append(step))
     assert run["diverged"] and run["final_val_loss"] == math.inf
     assert run["steps_done"] == len(ticks) == 5
+
+
+class FakeTraining:
+    """Stands in for ``train_run``: loss is a parabola in log(lr) around ``best_lr``; every step costs one
+    second of a fake clock that the protocol reads."""
+
+    def __init__(self, monkeypatch, best_lr: float, diverge_above: float = math.inf):
+        from precond.bench import protocol
+        self.best_lr, self.diverge_above = best_lr, diverge_above
+        self.clock = 0.0
+        self.calls: list[tuple[str, float, int]] = []
+        monkeypatch.setattr(protocol, "train_run", self)
+        monkeypatch.setattr(protocol.time, "perf_counter", lambda: self.clock)
+        monkeypatch.setattr(protocol, "make_workload", lambda *a: type("W", (), {"describe": lambda s: {}})())
+
+    def __call__(self, workload, spec, lr, seed, steps, eval_every, device, adamw_lr, progress=None):
+        self.calls.append((spec.name, lr, seed))
+        self.clock += steps
+        diverged = lr > self.diverge_above
+        loss = math.inf if diverged else 1.0 + math.log(lr / self.best_lr) ** 2 + 0.01 * seed
+        return {"optimizer": spec.name, "lr": lr, "seed": seed, "steps": steps, "steps_done": steps,
+                "diverged": diverged, "curve": [(0, 0.0, 5.0), (steps, float(steps), loss)], "final_val_loss": loss,
+                "final_train_loss": loss, "train_seconds": float(steps), "optimizer_seconds": 0.5 * steps,
+                "optimizer_share": 0.5, "state_bytes": 0, "peak_memory_bytes": None, "refreshes": 0,
+                "skipped_refreshes": 0, "failures": 0, "nonfinite_skips": 0}
+
+
+def fake_config(tmp_path, optimizers, **kw):
+    preset = dict(PRESETS["tiny"], steps=6, sweep_steps=3, lr_points=3, seeds=2)
+    return BenchConfig(preset=preset, optimizers=optimizers, runs_dir=str(tmp_path), data_dir=str(tmp_path), **kw)
+
+
+def test_sweep_grows_past_the_edge_while_the_best_rate_sits_on_it(tmp_path, monkeypatch):
+    center = SPECS["AdamW"].center_lr
+    fake = FakeTraining(monkeypatch, best_lr=center / 9)  # two grid steps below the centre
+    result = run_benchmark(fake_config(tmp_path, ["AdamW"]))
+    swept = sorted(r["lr"] for r in result["results"]["AdamW"]["sweep"])
+    # c/3 wins the grid, so c/9 is tried; c/9 wins, so c/27 is tried (and loses)
+    assert swept == pytest.approx([center / 27, center / 9, center / 3, center, center * 3])
+    assert result["results"]["AdamW"]["best_lr"] == pytest.approx(center / 9)
+    assert [c[1] for c in fake.calls if c[0] == "AdamW"][-2:] == [pytest.approx(center / 9)] * 2  # the full runs
+
+    fake.calls.clear()  # a best rate inside the grid adds no rate
+    FakeTraining(monkeypatch, best_lr=center)
+    inside = run_benchmark(fake_config(tmp_path / "inside", ["AdamW"]))
+    assert len(inside["results"]["AdamW"]["sweep"]) == 3 and inside["results"]["AdamW"]["best_lr"] == center
+
+    # the growth stops after edge_points rates, even if the best rate is still on the edge
+    FakeTraining(monkeypatch, best_lr=center / 1000)
+    capped = run_benchmark(fake_config(tmp_path / "capped", ["AdamW"], edge_points=1))
+    assert min(r["lr"] for r in capped["results"]["AdamW"]["sweep"]) == pytest.approx(center / 9)
+
+
+def test_a_sweep_that_diverges_everywhere_tries_a_lower_rate(tmp_path, monkeypatch):
+    center = SPECS["SOAP"].center_lr
+    FakeTraining(monkeypatch, best_lr=center / 10, diverge_above=center / 5)
+    result = run_benchmark(fake_config(tmp_path, ["AdamW", "SOAP"]))
+    soap = result["results"]["SOAP"]
+    assert sum(r["diverged"] for r in soap["sweep"]) == 3
+    assert soap["best_lr"] == pytest.approx(center / 9) and not soap["full"][0]["diverged"]
+
+
+def test_time_limit_starts_no_run_that_would_end_past_it_and_a_rerun_goes_on(tmp_path, monkeypatch):
+    fake = FakeTraining(monkeypatch, best_lr=SPECS["AdamW"].center_lr)
+    # AdamW: 3 sweeps × 3 s + 2 full × 6 s = 21 s; SOAP's sweeps end at 30 s; its full runs (6.6 s estimated) don't fit
+    first = run_benchmark(fake_config(tmp_path, ["AdamW", "SOAP"], edge_points=0, time_limit=34))
+    assert set(first["summary"]) == {"AdamW"}
+    assert first["unfinished"] == [f"full SOAP lr={SPECS['SOAP'].center_lr:.4g} seed={s}" for s in (0, 1)]
+    assert fake.clock == 30
+    fake.calls.clear()
+    second = run_benchmark(fake_config(tmp_path, ["AdamW", "SOAP"], edge_points=0))
+    assert fake.calls == [("SOAP", SPECS["SOAP"].center_lr, 0), ("SOAP", SPECS["SOAP"].center_lr, 1)]
+    assert set(second["summary"]) == {"AdamW", "SOAP"} and not second["unfinished"]
+
+
+def test_a_matrix_optimizer_run_made_at_another_adamw_rate_is_retrained(tmp_path, monkeypatch):
+    fake = FakeTraining(monkeypatch, best_lr=SPECS["AdamW"].center_lr)
+    run_benchmark(fake_config(tmp_path, ["AdamW", "Muon"], edge_points=0))
+    stale = next((tmp_path / "cpu-lm" / "runs").glob("full-Muon-*-seed1.json"))
+    run = json.loads(stale.read_text())
+    assert run["adamw_lr"] == SPECS["AdamW"].center_lr
+    stale.write_text(json.dumps(dict(run, adamw_lr=1.0)))
+    fake.calls.clear()
+    run_benchmark(fake_config(tmp_path, ["AdamW", "Muon"], edge_points=0))
+    assert fake.calls == [("Muon", run["lr"], 1)]
+    assert json.loads(stale.read_text())["adamw_lr"] == SPECS["AdamW"].center_lr

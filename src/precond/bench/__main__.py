@@ -39,6 +39,11 @@ class Progress:
                 self.bar.set_postfix(loss=f"{loss:.3f}")
         return tick
 
+    def grow(self, steps: int):
+        if self.bar is not None:
+            self.bar.total += steps
+            self.bar.refresh()
+
     def skip(self, steps: int):
         if self.bar is not None:
             self.bar.update(steps)
@@ -62,6 +67,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for key in ("width", "depth", "heads", "context"):
         p.add_argument(f"--{key}", type=int, default=None, help=f"override the language model's {key}")
     p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
+    p.add_argument("--edge-points", type=int, default=2,
+                   help="extra sweep rates beyond the grid's edge while the best rate sits on it (default 2)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="start no run that would end past this many seconds (estimated); rerun to go on")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--report-only", action="store_true",
@@ -87,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--{next(iter(model_overrides))} applies to language-model presets, not {args.preset}")
         preset["gpt"] = {**preset["gpt"], **model_overrides}
     config = BenchConfig(preset=preset, optimizers=list(dict.fromkeys(args.optimizers)), device=args.device,
-                         name=args.name or args.preset, runs_dir=args.runs_dir, data_dir=args.data_dir)
+                         name=args.name or args.preset, runs_dir=args.runs_dir, data_dir=args.data_dir,
+                         edge_points=args.edge_points, time_limit=args.time_limit)
     started = time.time()
     result = run_benchmark(config, None if args.report_only else lambda total: Progress(total, not args.quiet),
                            train=not args.report_only)
@@ -100,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{json.dumps(result['workload'])}\ndevice: {device}, torch {torch.__version__}, "
               f"{time.time() - started:.0f} s\n")
     print(table)
+    if result["unfinished"]:
+        print(f"\n{len(result['unfinished'])} runs not made (--time-limit or --report-only; rerun to go on): "
+              + "; ".join(result["unfinished"]))
     print(f"\nreport: {out_dir / 'report.md'}")
     return 0
 

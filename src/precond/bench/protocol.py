@@ -1,20 +1,25 @@
 """The fair protocol: per optimizer a short learning-rate sweep, then the best rate on several seeds.
 
 1. Sweep: each optimizer at ``lr_points`` rates on a log grid (factor 3) around its centre, seed 0,
-   ``sweep_steps`` steps; the rate with the lowest final validation loss wins (diverged runs lose).
+   ``sweep_steps`` steps; the rate with the lowest final validation loss wins (diverged runs lose). While
+   the winner sits on the grid's edge the grid grows by one rate beyond it, ``edge_points`` times at most,
+   so that no optimizer is judged at a rate its own grid cut short.
 2. Full runs: the winning rate for ``steps`` steps on seeds ``0..seeds-1``.
 3. Target: AdamW's final validation loss (mean over seeds). Steps- and time-to-target are read off each
    optimizer's seed-averaged validation curve: the first evaluation at or below the target.
 
 Every run is written to ``<runs_dir>/<name>/runs/*.json`` as soon as it ends; a rerun with the same
-configuration reuses them, so an interrupted sweep resumes where it stopped.
+configuration reuses them, so an interrupted sweep resumes where it stopped. With ``time_limit`` a run
+whose duration, estimated from the optimizer's finished runs, would end past the limit is not started:
+rerun to go on (what a job with a wall-clock limit needs).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +41,8 @@ class BenchConfig:
     runs_dir: str = "runs"
     data_dir: str = "data"
     lr_factor: float = 3.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    edge_points: int = 2  # extra sweep rates beyond the grid's edge while the best rate sits on it
+    time_limit: float | None = None  # seconds: a run that would end later is not started
 
     def identity(self) -> dict[str, Any]:
         """What must match for saved runs to be reused (the optimizer list may grow)."""
@@ -69,6 +75,71 @@ def _run_path(root: Path, phase: str, name: str, lr: float, seed: int) -> Path:
     return root / "runs" / f"{phase}-{name}-lr{lr:.4g}-seed{seed}.json"
 
 
+class _Runs:
+    """Loads a saved run or trains it, within an optional time limit."""
+
+    def __init__(self, config: BenchConfig, root: Path, progress, train: bool):
+        self.config, self.root, self.progress, self.train = config, root, progress, train
+        self.workload = None  # built on the first run that must be trained: a finished benchmark re-reports anywhere
+        self.started = time.perf_counter()
+        self.seconds_per_step: dict[str, float] = {}
+        self.unfinished: list[str] = []
+
+    def get(self, phase: str, name: str, lr: float, seed: int, steps: int, adamw_lr: float) -> dict | None:
+        """The run, or ``None`` when it is not saved and may not (or, in time, cannot) be trained."""
+        spec = SPECS[name]
+        path = _run_path(self.root, phase, name, lr, seed)
+        if path.exists():
+            run = json.loads(path.read_text())
+            # a matrix optimizer's routed parameters ran at AdamW's rate: a run made at another one is stale
+            if not (spec.uses_adamw_lr and run.get("adamw_lr", adamw_lr) != adamw_lr):
+                self._note_speed(run)
+                if self.progress:
+                    self.progress.skip(steps)
+                return run
+        limit = self.config.time_limit
+        estimate = self.seconds_per_step.get(name, 0.0) * steps * 1.1
+        if not self.train or (limit is not None and time.perf_counter() - self.started + estimate > limit):
+            self.unfinished.append(f"{phase} {name} lr={lr:.4g} seed={seed}")
+            if self.progress:
+                self.progress.skip(steps)
+            return None
+        if self.workload is None:
+            self.workload = make_workload(self.config.preset, Path(self.config.data_dir), self.config.device)
+            (self.root / "workload.json").write_text(json.dumps(self.workload.describe(), indent=1))
+        tick = self.progress.run(f"{phase} {name} lr={lr:.3g} seed={seed}") if self.progress else None
+        run = train_run(self.workload, spec, lr, seed, steps, self.config.preset["eval_every"], self.config.device,
+                        adamw_lr, tick)
+        run.update(phase=phase, adamw_lr=adamw_lr)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(run, indent=1))
+        self._note_speed(run)
+        if self.progress:  # a diverged run stops early: its remaining steps leave the bar
+            self.progress.skip(steps - run["steps_done"])
+        return run
+
+    def _note_speed(self, run: dict) -> None:
+        if run.get("steps_done", run["steps"]) > 0:
+            self.seconds_per_step[run["optimizer"]] = run["train_seconds"] / run.get("steps_done", run["steps"])
+
+
+def _best(sweep: list[dict[str, Any]]) -> dict[str, Any] | None:
+    finite = [r for r in sweep if not r["diverged"]]
+    return min(finite, key=lambda r: r["final_val_loss"]) if finite else None
+
+
+def _next_edge_lr(sweep: list[dict[str, Any]], factor: float) -> float | None:
+    """The rate one grid step beyond the sweep's edge when its best rate sits on that edge (or when every
+    rate diverged: one step below the smallest); ``None`` when the best is inside the grid."""
+    rates = sorted(r["lr"] for r in sweep)
+    best = _best(sweep)
+    if best is None or (best["lr"] == rates[0] and len(rates) > 1):
+        return rates[0] / factor
+    if best["lr"] == rates[-1] and len(rates) > 1:
+        return rates[-1] * factor
+    return None
+
+
 def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True) -> dict[str, Any]:
     """Run (or, with ``train=False``, only collect) every planned run; see the module docstring."""
     root = Path(config.runs_dir) / config.name
@@ -81,57 +152,48 @@ def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True
                              f"or remove the folder (saved: {saved})")
     identity_file.write_text(json.dumps(config.identity(), indent=1))
     preset = config.preset
-    workload = None  # built on the first run that must be trained: a finished benchmark re-reports anywhere
-    workload_file = root / "workload.json"
     order = sorted(config.optimizers, key=lambda n: n != "AdamW")  # AdamW first: its lr serves the routed params
-    plan = []
-    for name in order:
-        plan += [("sweep", name, lr, 0, preset["sweep_steps"])
-                 for lr in lr_grid(SPECS[name].center_lr, preset["lr_points"], config.lr_factor)]
-        plan += [("full", name, None, seed, preset["steps"]) for seed in range(preset["seeds"])]
-    total = sum(p[4] for p in plan)
+    total = len(order) * (preset["lr_points"] * preset["sweep_steps"] + preset["seeds"] * preset["steps"])
     progress = progress_factory(total) if progress_factory else None
+    runs = _Runs(config, root, progress, train)
 
     results: dict[str, dict[str, Any]] = {}
     adamw_lr = SPECS["AdamW"].center_lr
-    for phase, name, lr, seed, steps in plan:
+    for name in order:
         entry = results.setdefault(name, {"sweep": [], "full": []})
-        if phase == "full":
-            if not train and not entry["sweep"]:
-                continue
-            finite = [r for r in entry["sweep"] if not r["diverged"]]
-            lr = min(finite, key=lambda r: r["final_val_loss"])["lr"] if finite else SPECS[name].center_lr
-            entry["best_lr"] = lr
-            if name == "AdamW":
-                adamw_lr = lr
-        path = _run_path(root, phase, name, lr, seed)
-        if path.exists():
-            run = json.loads(path.read_text())
+        grid = lr_grid(SPECS[name].center_lr, preset["lr_points"], config.lr_factor)
+        entry["sweep"] = [runs.get("sweep", name, lr, 0, preset["sweep_steps"], adamw_lr) for lr in grid]
+        for _ in range(config.edge_points):
+            if None in entry["sweep"]:
+                break
+            lr = _next_edge_lr(entry["sweep"], config.lr_factor)
+            if lr is None:
+                break
             if progress:
-                progress.skip(steps)
-        elif not train:
+                progress.grow(preset["sweep_steps"])
+            entry["sweep"].append(runs.get("sweep", name, lr, 0, preset["sweep_steps"], adamw_lr))
+        if None in entry["sweep"]:  # an unfinished sweep decides nothing
+            entry["sweep"] = [r for r in entry["sweep"] if r is not None]
+            if progress:
+                progress.skip(preset["seeds"] * preset["steps"])
+            if name == "AdamW":  # nor can the optimizers that route parameters to AdamW's rate run
+                break
             continue
-        else:
-            if workload is None:
-                workload = make_workload(preset, Path(config.data_dir), config.device)
-                workload_file.write_text(json.dumps(workload.describe(), indent=1))
-            tick = progress.run(f"{phase} {name} lr={lr:.3g} seed={seed}") if progress else None
-            run = train_run(workload, SPECS[name], lr, seed, steps, preset["eval_every"], config.device,
-                            adamw_lr, tick)
-            run["phase"] = phase
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(run, indent=1))
-            if progress:  # a diverged run stops early: its remaining steps leave the bar
-                progress.skip(steps - run["steps_done"])
-        entry[phase].append(run)
+        best = _best(entry["sweep"])
+        entry["best_lr"] = best["lr"] if best else SPECS[name].center_lr
+        if name == "AdamW":
+            adamw_lr = entry["best_lr"]
+        full = [runs.get("full", name, entry["best_lr"], seed, preset["steps"], adamw_lr)
+                for seed in range(preset["seeds"])]
+        entry["full"] = [r for r in full if r is not None]
     if progress:
         progress.close()
-    results = {name: entry for name, entry in results.items() if entry["full"]}
+    results = {name: entry for name, entry in results.items() if len(entry["full"]) == preset["seeds"]}
     if not results:
-        raise ValueError(f"no finished full runs under {root}")
+        raise ValueError(f"no optimizer has all its full runs under {root}; missing: {runs.unfinished}")
     summary = summarize(results)
-    return {"config": asdict(config), "workload": json.loads(workload_file.read_text()), "results": results,
-            "summary": summary}
+    return {"config": asdict(config), "workload": json.loads((root / "workload.json").read_text()),
+            "results": results, "summary": summary, "unfinished": runs.unfinished}
 
 
 def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

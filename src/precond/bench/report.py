@@ -77,6 +77,9 @@ def write_report(result: dict[str, Any], out_dir: Path, plots: bool = True) -> s
     header = (f"# Benchmark `{result['config']['name']}`\n\nWorkload: {json.dumps(w)}\n\n"
               f"Device: {result['config']['device']}. Preset: {json.dumps(result['config']['preset'])}\n\n")
     text = header + table + "\n"
+    if result.get("unfinished"):
+        text += ("\nNot run yet (a time limit, or a report of saved runs only): "
+                 + "; ".join(result["unfinished"]) + "\n")
     if plots:
         title = f"{w['workload']} ({w.get('parameters', '?'):,} parameters)"
         for p in plot_curves(result["summary"], out_dir, title, unit):
