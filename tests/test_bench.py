@@ -106,6 +106,11 @@ def test_summary_uses_adamw_as_target_and_reports_ratios():
     assert s["SOAP"]["final_val_spread"] == pytest.approx(0.1)
     table = markdown_table(s)
     assert "| SOAP | 0.003 | 1.6000 ± 0.1000 | 10 | 0.50 |" in table
+    # a best rate on the edge of the swept rates is marked
+    results["SOAP"]["sweep"] = [{"lr": lr} for lr in (1e-3, 3e-3)]
+    results["AdamW"]["sweep"] = [{"lr": lr} for lr in (3e-4, 1e-3, 3e-3)]
+    table = markdown_table(summarize(results))
+    assert "| SOAP | 0.003 † |" in table and "| AdamW | 0.001 |" in table
 
 
 def test_tiny_benchmark_runs_writes_outputs_and_resumes(data_dir, tmp_path):

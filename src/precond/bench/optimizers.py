@@ -6,7 +6,7 @@ statistics move fast: at 10 steps the root goes stale and the CPU LM ends 0.5 na
 steps) by 10 Newton–Schulz iterations, the authors' practical solver (CPU LM after 100 steps: 2.7065
 against 2.7014 nats/byte with an exact eigh root, at a fraction of eigh's GPU cost). Matrix methods
 (Muon, ASGO) get the hidden matrices through :func:`precond.param_groups`; the embedding, head, norms
-and biases run AdamW at AdamW's own sweep centre.
+and biases run AdamW at AdamW's best swept rate.
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         curve = mean_curve(runs) if runs else []
         hit = steps_to_target(curve, target) if curve else None
         out[name] = {
-            "best_lr": entry.get("best_lr"), "target": target,
+            "best_lr": entry.get("best_lr"), "target": target, "swept_lrs": sorted(r["lr"] for r in entry.get("sweep", [])),
             "final_val_mean": float(np.mean(losses)),
             "final_val_spread": float((max(losses) - min(losses)) / 2) if len(losses) > 1 else 0.0,
             "seeds": len(losses), "diverged_seeds": sum(r["diverged"] for r in entry["full"]),

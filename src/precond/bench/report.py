@@ -16,11 +16,17 @@ def _fmt(value, spec: str, missing: str = "—") -> str:
 UNITS = {"lm": "nats per byte", "digits": "nats per image"}
 
 
+def _edge_mark(row: dict[str, Any]) -> str:
+    rates = row.get("swept_lrs") or []
+    return " †" if len(rates) > 1 and row["best_lr"] in (rates[0], rates[-1]) else ""
+
+
 def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byte") -> str:
     target = next(iter(summary.values()))["target"]
     lines = [
         f"Target: AdamW's final validation loss, {target:.4f} {unit}. Ratios are relative to AdamW "
-        "(< 1 is faster). Final loss: mean ± half-range over seeds.",
+        "(< 1 is faster). Final loss: mean ± half-range over seeds. † the best rate is the edge of the swept "
+        "rates (the sweep stopped growing): a rate beyond it may be better.",
         "",
         "| optimizer | best lr | final val loss | steps to target | × AdamW | time to target (s) | × AdamW "
         "| optimizer share of step | state MB | peak GPU MB | refreshes / failures |",
@@ -29,7 +35,7 @@ def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byt
     for name, row in sorted(summary.items(), key=lambda kv: kv[1]["final_val_mean"]):
         diverged = f" ({row['diverged_seeds']} diverged)" if row["diverged_seeds"] else ""
         lines.append(
-            f"| {name} | {_fmt(row['best_lr'], '.3g')} | {row['final_val_mean']:.4f} ± {row['final_val_spread']:.4f}"
+            f"| {name} | {_fmt(row['best_lr'], '.3g')}{_edge_mark(row)} | {row['final_val_mean']:.4f} ± {row['final_val_spread']:.4f}"
             f"{diverged} | {_fmt(row['steps_to_target'], 'd', 'not reached')} | {_fmt(row['steps_ratio'], '.2f')} "
             f"| {_fmt(row['seconds_to_target'], '.1f', 'not reached')} | {_fmt(row['seconds_ratio'], '.2f')} "
             f"| {row['optimizer_share']:.0%} | {row['state_mb']:.2f} | {_fmt(row['peak_memory_mb'], '.0f')} "
