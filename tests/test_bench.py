@@ -150,6 +150,14 @@ def test_run_benchmark_with_one_optimizer_one_seed_one_rate(data_dir, tmp_path):
     assert result["summary"]["AdamW"]["seeds"] == 1
 
 
+def test_time_limit_flag_reaches_the_protocol(data_dir, tmp_path):
+    argv = ["--preset", "tiny", "--optimizers", "AdamW", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path),
+            "--quiet", "--no-plots", "--time-limit", "0"]
+    with pytest.raises(ValueError, match="missing: .*sweep AdamW"):  # no time at all: nothing may start
+        bench_main(argv)
+    assert not (tmp_path / "tiny" / "runs").exists()
+
+
 def test_model_size_flags_reach_the_workload(data_dir, tmp_path):
     argv = ["--preset", "tiny", "--optimizers", "AdamW", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path),
             "--name", "w", "--quiet", "--no-plots", "--width", "24", "--depth", "2", "--batch-size", "2",
@@ -239,6 +247,11 @@ def test_a_sweep_that_diverges_everywhere_tries_a_lower_rate(tmp_path, monkeypat
     soap = result["results"]["SOAP"]
     assert sum(r["diverged"] for r in soap["sweep"]) == 3
     assert soap["best_lr"] == pytest.approx(center / 9) and not soap["full"][0]["diverged"]
+    # diverging at every rate the grown sweep reaches: the full runs use the smallest rate tried
+    FakeTraining(monkeypatch, best_lr=center / 100, diverge_above=center / 100)
+    hopeless = run_benchmark(fake_config(tmp_path / "hopeless", ["AdamW", "SOAP"]))
+    assert hopeless["results"]["SOAP"]["best_lr"] == pytest.approx(center / 27)
+    assert hopeless["summary"]["SOAP"]["diverged_seeds"] == 2
 
 
 def test_time_limit_starts_no_run_that_would_end_past_it_and_a_rerun_goes_on(tmp_path, monkeypatch):

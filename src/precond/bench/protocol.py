@@ -180,7 +180,8 @@ def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True
                 break
             continue
         best = _best(entry["sweep"])
-        entry["best_lr"] = best["lr"] if best else SPECS[name].center_lr
+        # every rate diverged: the full runs take the smallest, the likeliest to train (and show that it does not)
+        entry["best_lr"] = best["lr"] if best else min(r["lr"] for r in entry["sweep"])
         if name == "AdamW":
             adamw_lr = entry["best_lr"]
         full = [runs.get("full", name, entry["best_lr"], seed, preset["steps"], adamw_lr)
