@@ -50,8 +50,8 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
         uses_adamw_lr=True),
     OptimizerSpec("ASGO", 1e-2, lambda m, lr, adam_lr: precond.ASGO(
         precond.param_groups(m), lr=lr, weight_decay=0.0, precondition_frequency=1, root_method="newton_schulz",
-        ns_steps=10, adamw_lr=adam_lr,
-        adamw_weight_decay=0.0), uses_adamw_lr=True),
+        ns_steps=10, adamw_lr=adam_lr, adamw_weight_decay=0.0),
+        uses_adamw_lr=True),
     OptimizerSpec("Sophia", 1e-3, lambda m, lr, _: precond.Sophia(_params(m), lr=lr, rho=0.04, weight_decay=0.0),
                   needs_hessian=True),
 ]}

@@ -119,8 +119,9 @@ class _Runs:
         return run
 
     def _note_speed(self, run: dict) -> None:
-        if run.get("steps_done", run["steps"]) > 0:
-            self.seconds_per_step[run["optimizer"]] = run["train_seconds"] / run.get("steps_done", run["steps"])
+        steps = run.get("steps_done", run["steps"])
+        if steps > 0:
+            self.seconds_per_step[run["optimizer"]] = run["train_seconds"] / steps
 
 
 def _best(sweep: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -160,7 +161,7 @@ def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True
     results: dict[str, dict[str, Any]] = {}
     adamw_lr = SPECS["AdamW"].center_lr
     for name in order:
-        entry = results.setdefault(name, {"sweep": [], "full": []})
+        entry = results[name] = {"sweep": [], "full": []}
         grid = lr_grid(SPECS[name].center_lr, preset["lr_points"], config.lr_factor)
         entry["sweep"] = [runs.get("sweep", name, lr, 0, preset["sweep_steps"], adamw_lr) for lr in grid]
         for _ in range(config.edge_points):
