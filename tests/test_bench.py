@@ -229,8 +229,7 @@ def test_sweep_grows_past_the_edge_while_the_best_rate_sits_on_it(tmp_path, monk
     assert result["results"]["AdamW"]["best_lr"] == pytest.approx(center / 9)
     assert [c[1] for c in fake.calls if c[0] == "AdamW"][-2:] == [pytest.approx(center / 9)] * 2  # the full runs
 
-    fake.calls.clear()  # a best rate inside the grid adds no rate
-    FakeTraining(monkeypatch, best_lr=center)
+    FakeTraining(monkeypatch, best_lr=center)  # a best rate inside the grid adds no rate
     inside = run_benchmark(fake_config(tmp_path / "inside", ["AdamW"]))
     assert len(inside["results"]["AdamW"]["sweep"]) == 3 and inside["results"]["AdamW"]["best_lr"] == center
 
