@@ -14,7 +14,7 @@ from precond.bench import data
 from precond.bench.__main__ import main as bench_main
 from precond.bench.optimizers import SPECS
 from precond.bench.protocol import BenchConfig, lr_grid, mean_curve, run_benchmark, steps_to_target, summarize
-from precond.bench.report import markdown_table
+from precond.bench.report import curve_colours, markdown_table
 from precond.bench.runner import state_bytes
 from precond.bench.workloads import PRESETS, Digits, LanguageModel, make_workload
 
@@ -277,3 +277,11 @@ def test_a_matrix_optimizer_run_made_at_another_adamw_rate_is_retrained(tmp_path
     run_benchmark(fake_config(tmp_path, ["AdamW", "Muon"], edge_points=0))
     assert fake.calls == [("Muon", run["lr"], 1)]
     assert json.loads(stale.read_text())["adamw_lr"] == SPECS["AdamW"].center_lr
+
+
+def test_an_optimizer_keeps_its_plot_colour_in_any_subset():
+    everything = curve_colours(sorted(SPECS))
+    subset = curve_colours(["SOAP", "AdamW", "Muon"])
+    assert all(subset[name] == everything[name] for name in subset)
+    assert len(set(everything.values())) == len(everything)  # no two optimizers share a colour
+    assert curve_colours(["Custom"]) == {"Custom": None}

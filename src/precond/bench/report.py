@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown_table", "write_report", "plot_curves"]
+__all__ = ["markdown_table", "write_report", "plot_curves", "curve_colours"]
 
 
 def _fmt(value, spec: str, missing: str = "—") -> str:
@@ -43,6 +43,15 @@ def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byt
     return "\n".join(lines)
 
 
+def curve_colours(names) -> dict[str, str | None]:
+    """A matplotlib colour per optimizer name, fixed by its place among all known optimizers, so that an
+    optimizer has the same colour in every plot whichever subset the plot shows (unknown names: default)."""
+    from .optimizers import SPECS
+
+    known = sorted(SPECS)
+    return {name: f"C{known.index(name) % 10}" if name in known else None for name in names}
+
+
 def plot_curves(summary: dict[str, dict[str, Any]], out_dir: Path, title: str,
                 unit: str = "nats per byte") -> list[Path]:
     """PNG plots of validation loss against steps and against wall-clock; none if matplotlib is missing
@@ -54,13 +63,15 @@ def plot_curves(summary: dict[str, dict[str, Any]], out_dir: Path, title: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colour = curve_colours(summary)
     paths = []
     for axis, index, label in (("steps", 0, "step"), ("time", 1, "wall-clock seconds (training only)")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, row in sorted(summary.items()):
             curve = row["curve"][1:]  # skip the untrained point: it squashes the interesting range
             if curve:
-                ax.plot([p[index] for p in curve], [p[2] for p in curve], label=name, marker=".")
+                ax.plot([p[index] for p in curve], [p[2] for p in curve], label=name, marker=".",
+                        color=colour[name])
         ax.axhline(next(iter(summary.values()))["target"], color="grey", linestyle=":", label="AdamW final")
         ax.set_xlabel(label)
         ax.set_ylabel(f"validation loss ({unit})")
