@@ -35,9 +35,10 @@ def test_blocks_partition_the_parameter(shape, max_dim, rule, large):
 @given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple), seed=st.integers(0, 10_000),
        mask=st.lists(st.booleans(), min_size=4, max_size=4))
 def test_projection_round_trip_is_identity(shape, seed, mask):
+    """On a bucket of 3 blocks, each with its own bases."""
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(shape, generator=g, dtype=torch.float64)
-    bases = [torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0] if use else None
+    X = torch.randn((3, *shape), generator=g, dtype=torch.float64)
+    bases = [torch.linalg.qr(torch.randn(3, n, n, generator=g, dtype=torch.float64))[0] if use else None
              for n, use in zip(shape, mask)]
     Y = mode_product(X, bases)
     assert Y.shape == X.shape

@@ -8,7 +8,18 @@ from precond.refresh import EigenbasisRefresh
 
 
 def counters():
-    return {"dim": 0, "refreshes": 0, "skipped": 0, "qr_iterations": 0, "failures": 0}
+    """A bucket of one block's counters: (dim, refreshes, skipped, qr_iterations, failures)."""
+    return torch.zeros(1, 5, dtype=torch.int64)
+
+
+REFRESHES, SKIPPED, QR_ITERATIONS, FAILURES = 1, 2, 3, 4
+ONE = torch.ones(1, dtype=torch.bool)
+
+
+def refresh(policy, A, Q, c):
+    """One matrix through the batched policy: ``(new Q, order, changed)`` for that matrix."""
+    Q_new, order, changed = policy.refresh(A.unsqueeze(0), Q.unsqueeze(0), c, ONE)
+    return Q_new[0], order[0], bool(changed[0])
 
 
 def spd(n, seed):
@@ -21,18 +32,18 @@ def test_adaptive_policy_skips_when_the_basis_still_fits_and_recomputes_when_it_
     _, V = torch.linalg.eigh(A)
     c = counters()
     policy = EigenbasisRefresh("eigh", tolerance=0.01)
-    Q, _ = policy.refresh(A, V, c)
-    assert Q is V and c["skipped"] == 1 and c["refreshes"] == 0
-    Q, _ = policy.refresh(A, torch.eye(6, dtype=torch.float64), c)   # identity is far from the eigenbasis
-    assert c["refreshes"] == 1
+    Q, _, changed = refresh(policy, A, V, c)
+    assert torch.equal(Q, V) and not changed and c[0, SKIPPED] == 1 and c[0, REFRESHES] == 0
+    Q, _, changed = refresh(policy, A, torch.eye(6, dtype=torch.float64), c)   # identity is far from the eigenbasis
+    assert changed and c[0, REFRESHES] == 1
     torch.testing.assert_close(Q.T @ A @ Q, torch.diag(torch.linalg.eigvalsh(A)), rtol=0, atol=1e-9)
 
 
 def test_qr_refresh_counts_iterations_and_stops_at_tolerance():
     A = spd(6, 1)
     c = counters()
-    Q, _ = EigenbasisRefresh("qr", tolerance=1e-3, max_iterations=200).refresh(A, torch.eye(6, dtype=torch.float64), c)
-    assert 0 < c["qr_iterations"] <= 200 and c["refreshes"] == 1
+    Q, _, _ = refresh(EigenbasisRefresh("qr", tolerance=1e-3, max_iterations=200), A, torch.eye(6, dtype=torch.float64), c)
+    assert 0 < c[0, QR_ITERATIONS] <= 200 and c[0, REFRESHES] == 1
     B = Q.T @ A @ Q
     off = torch.sqrt(B.square().sum() - torch.diagonal(B).square().sum()) / B.norm()
     assert float(off) <= 1e-3 * 1.01
@@ -42,7 +53,7 @@ def test_power_qr_refresh_returns_the_order_it_sorted_by():
     A = spd(5, 2)
     c = counters()
     Q0 = torch.eye(5, dtype=torch.float64)
-    Q, order = EigenbasisRefresh("power_qr", descending=True).refresh(A, Q0, c)
+    Q, order, _ = refresh(EigenbasisRefresh("power_qr", descending=True), A, Q0, c)
     assert torch.equal(order, torch.argsort(torch.diagonal(A), descending=True))
     torch.testing.assert_close(Q.T @ Q, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-12)
 
@@ -84,28 +95,34 @@ def test_eshampoo_qr_refresh_converges_to_the_factor_eigenbasis():
     for i in range(8):
         p.grad = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
         opt.step()
-    block = opt.state[p]["blocks"][0]
+    state = opt.state[p]
     bias2 = 1 - 0.999**8
-    for factor, Q, stats in zip(block["factors"], block["bases"], block["factor_stats"]):
+    for i in range(2):
+        factor, Q, stats = state[f"factor{i}"], state[f"basis{i}"], state[f"stats{i}"]
         A = factor / bias2 + 1e-8 * torch.eye(factor.shape[0], dtype=torch.float64)
         B = Q.T @ A @ Q
         off = torch.sqrt(B.square().sum() - torch.diagonal(B).square().sum()) / B.norm()
         assert float(off) < 1e-6  # the in-loop iterate drifts from QᵀAQ by round-off
         torch.testing.assert_close(torch.diagonal(B), torch.linalg.eigvalsh(A), rtol=1e-8, atol=1e-12)
-        assert stats["refreshes"] == 8 and stats["qr_iterations"] > 8
+        assert stats[REFRESHES] == 8 and stats[QR_ITERATIONS] > 8
 
 
 def test_eshampoo_power_qr_refresh_permutes_the_corrected_eigenvalues_with_the_columns():
-    opt = precond.EShampoo([torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))], refresh_method="power_qr",
-                           merge_dims=False)
-    A = torch.diag(torch.tensor([1.0, 5.0, 3.0, 2.0], dtype=torch.float64))
+    p = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
+    opt = precond.EShampoo([p], refresh_method="power_qr", merge_dims=False, precondition_1d=True,
+                           max_preconditioner_dim=3, large_dim_policy="identity")  # one factor, on dim 1
+    p.grad = torch.zeros(4, 3, dtype=torch.float64)
+    opt.step()  # builds the bucket
+    (bucket,) = opt._buckets
+    A = torch.diag(torch.tensor([1.0, 5.0, 3.0], dtype=torch.float64))
     eigenvalues = torch.arange(12, dtype=torch.float64).reshape(4, 3)
-    state = {"factors": [A, None], "bases": [torch.eye(4, dtype=torch.float64), None],
-             "eigenvalues": eigenvalues.clone(), "factor_stats": [counters(), None]}
-    opt._refresh(state, 1.0, opt.param_groups[0])
-    order = torch.tensor([1, 2, 3, 0])  # columns sorted by decreasing diag(QᵀAQ)
-    assert torch.equal(state["eigenvalues"], eigenvalues[order])
-    torch.testing.assert_close(state["bases"][0].abs(), torch.eye(4, dtype=torch.float64)[:, order], rtol=0, atol=1e-6)
+    bucket.state["factor1"].copy_(A)
+    bucket.state["eigenvalues"].copy_(eigenvalues)
+    opt._refresh(bucket, torch.ones(1, dtype=torch.float64), ONE, opt.param_groups[0])
+    order = torch.tensor([1, 2, 0])  # columns sorted by decreasing diag(QᵀAQ)
+    assert torch.equal(opt.state[p]["eigenvalues"], eigenvalues[:, order])
+    torch.testing.assert_close(opt.state[p]["basis1"].abs(), torch.eye(3, dtype=torch.float64)[:, order],
+                               rtol=0, atol=1e-6)
 
 
 def test_a_tensor_learning_rate_is_accepted():

@@ -10,27 +10,30 @@ import torch
 from torch import Tensor
 
 from .blocks import BlockLayout
-from .engine import BlockEngine, state_dtype
+from .engine import ADAM, BlockEngine, Bucket, bias_correction, commit_, per_block
 from .validation import check_betas, check_lr, check_nonneg, check_positive
 
-__all__ = ["AdamW", "init_adam_state", "adam_direction"]
+__all__ = ["AdamW", "adam_state", "adam_directions"]
 
 
-def init_adam_state(block: Tensor) -> dict[str, Any]:
-    dtype = state_dtype(block)
-    return {"step": 0, "exp_avg": torch.zeros(block.shape, dtype=dtype, device=block.device),
-            "exp_avg_sq": torch.zeros(block.shape, dtype=dtype, device=block.device)}
+def adam_state(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> dict[str, Tensor]:
+    return {"exp_avg": torch.zeros(shape, dtype=dtype, device=device),
+            "exp_avg_sq": torch.zeros(shape, dtype=dtype, device=device)}
 
 
-def adam_direction(state: dict[str, Any], grad: Tensor, betas: tuple[float, float], eps: float) -> Tensor:
-    r"""One Adam step's direction ``m̂ / (√v̂ + ε)``, in ``torch.optim.AdamW``'s arithmetic order."""
+def adam_directions(bucket: Bucket, grads: Tensor, ok: Tensor, betas: tuple[float, float], eps: float) -> Tensor:
+    r"""Adam's directions ``m̂ / (√v̂ + ε)`` for a stacked bucket, in ``torch.optim.AdamW``'s arithmetic order.
+
+    Used where torch's fused kernel cannot be (parameters in bf16/fp16 with float32 state).
+    """
     beta1, beta2 = betas
-    state["step"] += 1
-    t = state["step"]
-    state["exp_avg"].lerp_(grad, 1.0 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
-    return state["exp_avg"] / (1.0 - beta1**t) / denom
+    step, exp_avg, exp_avg_sq = bucket.state["step"], bucket.state["exp_avg"], bucket.state["exp_avg_sq"]
+    commit_(exp_avg, exp_avg.lerp(grads, 1.0 - beta1), ok)
+    commit_(exp_avg_sq, (exp_avg_sq * beta2).addcmul_(grads, grads, value=1.0 - beta2), ok)
+    bias1 = per_block(bias_correction(beta1, step, grads.dtype), grads)
+    bias2 = per_block(bias_correction(beta2, step, grads.dtype), grads)
+    denom = (exp_avg_sq.sqrt() / bias2.sqrt()).add_(eps)
+    return exp_avg / bias1 / denom
 
 
 class AdamW(BlockEngine):
@@ -42,7 +45,10 @@ class AdamW(BlockEngine):
         W &\leftarrow W - \text{lr}\,\frac{M/(1-\beta_1^t)}{\sqrt{V/(1-\beta_2^t)} + \epsilon}
 
     Args: ``lr`` (1e-3), ``betas`` ((0.9, 0.999)), ``eps`` (1e-8), ``weight_decay`` (1e-2), as torch's.
-    Unlike torch's, a non-finite gradient skips the parameter (counted) instead of poisoning its state.
+    The step is torch's fused AdamW kernel (``torch._fused_adamw_``) over each group's parameters; bf16/fp16
+    parameters keep float32 state and run the same rule in stacked float32 arithmetic. Unlike torch's, a
+    non-finite gradient never reaches the state: the group's step is skipped (as ``torch.amp.GradScaler``
+    does) and the offending parameters are counted in ``preconditioner_stats()``.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -56,8 +62,11 @@ class AdamW(BlockEngine):
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
         return BlockLayout.build(tuple(param.shape), math.inf, "none", "identity")
 
-    def _init_block(self, block, layout, index, group):
-        return init_adam_state(block)
+    def _block_kind(self, layout, index, group):
+        return ADAM
 
-    def _direction(self, state, grad, group):
-        return adam_direction(state, grad, group["betas"], group["eps"])
+    def _init_block(self, shape, kind, group, dtype, device):
+        return adam_state(shape, dtype, device)
+
+    def _directions(self, bucket, grads, ok, group):
+        return adam_directions(bucket, grads, ok, group["betas"], group["eps"])

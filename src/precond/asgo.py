@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .engine import state_dtype
-from .linalg import LinAlgFailure, inverse_root, inverse_sqrt_newton_schulz
+from .engine import Bucket, commit_
+from .kronecker import init_factor_state
+from .linalg import inverse_roots, inverse_sqrt_newton_schulz
+from .refresh import FAILURES, REFRESHES
 from .matrix import MatrixOptimizer
 from .validation import check_betas, check_choice, check_int, check_lr, check_nonneg, check_positive
 
@@ -58,36 +60,31 @@ class ASGO(MatrixOptimizer):
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
                          adamw_weight_decay=adamw_weight_decay)
 
-    @staticmethod
-    def _left(shape: tuple[int, ...], side: str) -> bool:
-        return shape[0] <= shape[1] if side == "auto" else side == "left"
+    def _matrix_kind(self, shape: tuple[int, ...], group: dict[str, Any]) -> str:
+        left = shape[0] <= shape[1] if group["side"] == "auto" else group["side"] == "left"
+        return "left" if left else "right"
 
-    def _init_matrix(self, block: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        dtype = state_dtype(block)
-        n = block.shape[0] if self._left(tuple(block.shape), group["side"]) else block.shape[1]
-        return {"step": 0, "momentum": torch.zeros(block.shape, dtype=dtype, device=block.device),
-                "V": torch.zeros(n, n, dtype=dtype, device=block.device),
-                "root": torch.eye(n, dtype=dtype, device=block.device),
-                "factor_stats": [{"dim": n, "refreshes": 0, "skipped": 0, "qr_iterations": 0, "failures": 0}]}
+    def _init_matrix(self, shape, kind, group, dtype, device):
+        n = shape[0] if kind == "left" else shape[1]
+        state = init_factor_state((n,), (True,), dtype, device, matrix="root")
+        state["momentum"] = torch.zeros(shape, dtype=dtype, device=device)
+        return state
 
-    def _matrix_direction(self, state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> Tensor:
+    def _matrix_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
         beta1, beta2 = group["betas"]
-        left = self._left(tuple(grad.shape), group["side"])
-        state["step"] += 1
-        outer = grad @ grad.T if left else grad.T @ grad
-        if beta2 == 1.0:
-            state["V"].add_(outer)
-        else:
-            state["V"].mul_(beta2).add_(outer, alpha=1.0 - beta2)
-        state["momentum"].mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        if (state["step"] - 1) % group["precondition_frequency"] == 0:
-            counters = state["factor_stats"][0]
-            try:
-                if group["root_method"] == "eigh":
-                    state["root"] = inverse_root(state["V"], 0.5, group["epsilon"])
-                else:
-                    state["root"] = inverse_sqrt_newton_schulz(state["V"], group["epsilon"], group["ns_steps"])
-                counters["refreshes"] += 1
-            except LinAlgFailure:
-                counters["failures"] += 1
-        return state["root"] @ state["momentum"] if left else state["momentum"] @ state["root"]
+        left = bucket.kind == "left"
+        state = bucket.state
+        V, root, momentum = state["factor0"], state["root0"], state["momentum"]
+        outer = grads @ grads.mT if left else grads.mT @ grads
+        commit_(V, V + outer if beta2 == 1.0 else torch.add(V * beta2, outer, alpha=1.0 - beta2), ok)
+        commit_(momentum, torch.add(momentum * beta1, grads, alpha=1.0 - beta1), ok)
+        if (bucket.calls - 1) % group["precondition_frequency"] == 0:
+            if group["root_method"] == "eigh":
+                new, good = inverse_roots(V, 0.5, group["epsilon"])
+            else:
+                new = inverse_sqrt_newton_schulz(V, group["epsilon"], group["ns_steps"])
+                good = torch.isfinite(new).flatten(1).all(1)
+            commit_(root, new, ok & good)  # a failed root keeps the last good one
+            state["stats0"][:, REFRESHES] += ok & good
+            state["stats0"][:, FAILURES] += ok & ~good
+        return root @ momentum if left else momentum @ root

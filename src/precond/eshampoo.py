@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .kronecker import mode_product
+from .engine import Bucket, commit_, per_block
+from .kronecker import factor_matrices, mode_product, permute_dim
 from .refresh import REFRESH_METHODS, EigenbasisRefresh
 from .shampoo import ShampooFamily, shared_arguments
 from .validation import check_choice, check_in, check_int
@@ -70,32 +71,38 @@ class EShampoo(ShampooFamily):
     def _policy(group: dict[str, Any]) -> EigenbasisRefresh:
         return EigenbasisRefresh(group["refresh_method"], group["refresh_tolerance"], group["max_qr_iterations"])
 
-    def _init_preconditioner(self, factors, dims, dtype, device, group):
-        # Identity bases: until the first refresh the method is Adam in the parameter's own basis.
-        return {
-            "bases": [torch.eye(f.shape[0], dtype=dtype, device=device) if f is not None else None for f in factors],
-            "eigenvalues": torch.zeros(dims, dtype=dtype, device=device),
-        }
+    _factor_matrix = "basis"  # identity bases: until the first refresh the method is Adam in the parameter's basis
 
-    def _refresh(self, state: dict[str, Any], bias2: float, group: dict[str, Any]) -> None:
+    def _init_preconditioner(self, shape, dtype, device):
+        return {"eigenvalues": torch.zeros(shape, dtype=dtype, device=device)}
+
+    def _refresh(self, bucket: Bucket, bias2: Tensor, ok: Tensor, group: dict[str, Any]) -> None:
         policy = self._policy(group)
-        for i, factor in enumerate(state["factors"]):
-            if factor is None:
+        eigenvalues = bucket.state["eigenvalues"]
+        for i, use in enumerate(bucket.kind):
+            if not use:
                 continue
-            n = factor.shape[0]
-            ridge = factor / bias2 + group["epsilon"] * torch.eye(n, dtype=factor.dtype, device=factor.device)
-            state["bases"][i], order = policy.refresh(ridge, state["bases"][i], state["factor_stats"][i])
-            if order is not None:  # power-QR re-sorted the columns: the eigenvalues follow them
-                state["eigenvalues"] = state["eigenvalues"].index_select(i, order)
+            factor, basis = bucket.state[f"factor{i}"], bucket.state[f"basis{i}"]
+            eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+            ridge = factor / per_block(bias2, factor) + group["epsilon"] * eye
+            new, order, _ = policy.refresh(ridge, basis, bucket.state[f"stats{i}"], ok)
+            basis.copy_(new)
+            if policy.method == "power_qr":  # power-QR re-sorted the columns: the eigenvalues follow them
+                eigenvalues.copy_(permute_dim(eigenvalues, 1 + i, order))
 
-    def _update_preconditioner(self, state: dict[str, Any], grad: Tensor, bias2: float, group: dict[str, Any]) -> None:
+    def _update_preconditioner(self, bucket, grads, bias2, ok, group):
         beta2 = group["betas"][1]
-        rotated = mode_product(grad, state["bases"])
-        if beta2 != 1.0:
-            state["eigenvalues"].mul_(beta2)
-        state["eigenvalues"].addcmul_(rotated, rotated, value=1.0 if beta2 == 1.0 else 1.0 - beta2)
+        rotated = mode_product(grads, factor_matrices(bucket, "basis"))
+        eigenvalues = bucket.state["eigenvalues"]
+        if beta2 == 1.0:
+            new = eigenvalues.addcmul(rotated, rotated)
+        else:
+            new = (eigenvalues * beta2).addcmul_(rotated, rotated, value=1.0 - beta2)
+        commit_(eigenvalues, new, ok)
 
-    def _precondition(self, state, m_hat, bias2, group):
-        rotated = mode_product(m_hat, state["bases"])
-        rotated = rotated / ((state["eigenvalues"] / bias2).sqrt() + group["epsilon"])
-        return mode_product(rotated, state["bases"], transpose=True)
+    def _precondition(self, bucket, m_hat, bias2, group):
+        bases = factor_matrices(bucket, "basis")
+        eigenvalues = bucket.state["eigenvalues"]
+        rotated = mode_product(m_hat, bases)
+        rotated = rotated / ((eigenvalues / per_block(bias2, eigenvalues)).sqrt() + group["epsilon"])
+        return mode_product(rotated, bases, transpose=True)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .engine import bias_correction, commit_, per_block
+
 __all__ = ["GRAFTING_KINDS", "Diagonal", "graft"]
 
 GRAFTING_KINDS = ("sgd", "adagrad", "rmsprop", "adam")
@@ -29,32 +31,36 @@ GRAFTING_KINDS = ("sgd", "adagrad", "rmsprop", "adam")
 
 @dataclass(frozen=True)
 class Diagonal:
-    """A diagonal preconditioner of one of :data:`GRAFTING_KINDS`."""
+    """A diagonal preconditioner of one of :data:`GRAFTING_KINDS`, on bucket stacks ``[B, …]``."""
 
     kind: str
     beta2: float
     epsilon: float
 
-    def init(self, block: Tensor, dtype: torch.dtype) -> Tensor | None:
-        if self.kind == "sgd":
-            return None
-        return torch.zeros(block.shape, dtype=dtype, device=block.device)
+    @property
+    def stateful(self) -> bool:
+        return self.kind != "sgd"
 
-    def update(self, v: Tensor | None, grad: Tensor) -> None:
+    def update_(self, v: Tensor | None, grad: Tensor, ok: Tensor) -> None:
+        """Fold ``grad`` into ``v`` for the blocks with ``ok``."""
         if self.kind == "sgd":
             return
         if self.kind == "adagrad":
-            v.addcmul_(grad, grad)
+            new = v.addcmul(grad, grad)
         else:
-            v.mul_(self.beta2).addcmul_(grad, grad, value=1.0 - self.beta2)
+            new = (v * self.beta2).addcmul_(grad, grad, value=1.0 - self.beta2)
+        commit_(v, new, ok)
 
-    def apply(self, v: Tensor | None, x: Tensor, step: int) -> Tensor:
+    def apply(self, v: Tensor | None, x: Tensor, step: Tensor) -> Tensor:
+        """The direction for ``x``; ``step`` holds each block's step count (Adam's bias correction)."""
         if self.kind == "sgd":
             return x
-        second = v / (1.0 - self.beta2**step) if self.kind == "adam" else v
+        second = v / per_block(bias_correction(self.beta2, step, v.dtype), v) if self.kind == "adam" else v
         return x / (second.sqrt() + self.epsilon)
 
 
 def graft(direction: Tensor, reference: Tensor) -> Tensor:
-    """``direction`` rescaled to the Frobenius norm of ``reference``."""
-    return direction * (torch.linalg.vector_norm(reference) / (torch.linalg.vector_norm(direction) + 1e-16))
+    """Each block of ``direction`` rescaled to the Frobenius norm of the same block of ``reference``."""
+    dims = tuple(range(1, direction.dim()))
+    return direction * (torch.linalg.vector_norm(reference, dim=dims, keepdim=True)
+                        / (torch.linalg.vector_norm(direction, dim=dims, keepdim=True) + 1e-16))

@@ -1,60 +1,86 @@
-r"""Kronecker factor statistics and mode-wise products: the arithmetic shared by Shampoo, EShampoo, SOAP.
+r"""Kronecker factor statistics and mode-wise products on bucket stacks (Shampoo, EShampoo, SOAP, ASGO).
 
-For a block ``G`` of order ``k``, factor ``i`` is ``G_(i) G_(i)ᵀ`` where ``G_(i)`` is the mode-``i``
-unfolding; it is the contraction of ``G`` with itself over every dim but ``i``. Dims without a factor
-(``None``) are passed through unchanged.
+A stack ``G`` of shape ``[B, n_1, …, n_k]`` holds ``B`` blocks of order ``k``. Factor ``i`` of a block is
+``G_(i) G_(i)ᵀ`` where ``G_(i)`` is the mode-``i`` unfolding: the contraction of the block with itself
+over every dim but ``i``. Dims without a factor (``None``) pass through unchanged. Everything is a
+batched matmul over the stack.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["init_factors", "update_factors", "mode_product", "factor_stats"]
+from .engine import Bucket, commit_
+
+__all__ = ["init_factor_state", "factor_outer", "update_factors_", "mode_product", "permute_dim", "factor_matrices",
+           "STATS_WIDTH"]
+
+STATS_WIDTH = 5  # per factor: dim, refreshes, skipped (adaptive criterion), qr_iterations, failures
 
 
-def init_factors(shape: Sequence[int], preconditioned: Sequence[bool], dtype: torch.dtype,
-                 device: torch.device) -> list[Tensor | None]:
-    """Zero factors, one ``n×n`` matrix per preconditioned dim of length ``n``; ``None`` elsewhere."""
-    return [torch.zeros(n, n, dtype=dtype, device=device) if use else None for n, use in zip(shape, preconditioned)]
+def init_factor_state(shape: Sequence[int], preconditioned: Sequence[bool], dtype: torch.dtype,
+                      device: torch.device | str, matrix: str | None = None) -> dict[str, Tensor]:
+    """One block's zero factors ``factor{i}`` and counters ``stats{i}`` for its preconditioned dims, and,
+    when ``matrix`` names it, a per-factor identity matrix (``"root"`` or ``"basis"``)."""
+    state: dict[str, Tensor] = {}
+    for i, (n, use) in enumerate(zip(shape, preconditioned)):
+        if not use:
+            continue
+        state[f"factor{i}"] = torch.zeros(n, n, dtype=dtype, device=device)
+        if matrix is not None:
+            state[f"{matrix}{i}"] = torch.eye(n, dtype=dtype, device=device)
+        stats = torch.zeros(STATS_WIDTH, dtype=torch.int64, device=device)
+        if stats.device.type != "meta":
+            stats[0] = n
+        state[f"stats{i}"] = stats
+    return state
 
 
-def update_factors(factors: list[Tensor | None], grad: Tensor, beta: float, weight: float) -> None:
-    """``F_i ← beta·F_i + weight·G_(i)G_(i)ᵀ`` in place (``beta = 1`` accumulates)."""
-    order = grad.dim()
-    for i, factor in enumerate(factors):
+def factor_outer(grads: Tensor, i: int) -> Tensor:
+    """``G_(i) G_(i)ᵀ`` for every block of the stack ``grads`` (``[B, n_i, n_i]``)."""
+    unfolded = grads.movedim(1 + i, 1).reshape(grads.shape[0], grads.shape[1 + i], -1)
+    return torch.bmm(unfolded, unfolded.mT)
+
+
+def update_factors_(state: dict[str, Tensor], grads: Tensor, beta: float, weight: float, ok: Tensor) -> None:
+    """``F_i ← beta·F_i + weight·G_(i)G_(i)ᵀ`` for every factor of the bucket, blocks with ``ok`` only."""
+    for i in range(grads.dim() - 1):
+        factor = state.get(f"factor{i}")
         if factor is None:
             continue
-        others = list(itertools.chain(range(i), range(i + 1, order)))
-        outer = torch.tensordot(grad, grad, dims=[others, others])
-        if beta != 1.0:
-            factor.mul_(beta)
-        factor.add_(outer, alpha=weight)
+        outer = factor_outer(grads, i)
+        new = torch.add(factor * beta, outer, alpha=weight) if beta != 1.0 else torch.add(factor, outer,
+                                                                                            alpha=weight)
+        commit_(factor, new, ok)
 
 
 def mode_product(x: Tensor, matrices: Sequence[Tensor | None], transpose: bool = False) -> Tensor:
-    r"""``x ×_1 M_1 ×_2 … ×_k M_k`` with ``(x ×_i M)`` contracting dim ``i`` of ``x`` with the rows of ``M``.
+    r"""``x ×_1 M_1 ×_2 … ×_k M_k`` per block, ``(x ×_i M)`` contracting dim ``i`` with the rows of ``M``.
 
-    ``transpose=True`` contracts with the columns instead. For an orthogonal basis ``Q`` this is the
-    projection ``Qᵀ G Q`` (``transpose=False``) and its inverse (``transpose=True``); for symmetric
-    inverse roots the two agree. Each contraction moves the handled dim to the end, so after ``k`` of them
-    the dims are back in order.
+    ``x`` is ``[B, n_1, …, n_k]`` and ``M_i`` is ``[B, n_i, n_i]`` or ``None``. ``transpose=True``
+    contracts with the columns instead. For an orthogonal basis ``Q`` this is the projection ``Qᵀ G Q``
+    (``transpose=False``) and its inverse (``transpose=True``). Each contraction moves the handled dim to
+    the end, so after ``k`` of them the dims are back in order.
     """
-    contract = [1] if transpose else [0]
+    batch = x.shape[0]
     for m in matrices:
-        if m is None:
-            x = x.permute(*range(1, x.dim()), 0)
-        else:
-            x = torch.tensordot(x, m, dims=[[0], contract])
+        x = x.movedim(1, -1)
+        if m is not None:
+            shape = x.shape
+            x = torch.bmm(x.reshape(batch, -1, shape[-1]), m.mT if transpose else m).view(shape)
     return x
 
 
-def factor_stats(preconditioned: Sequence[bool], dims: Sequence[int]) -> list[dict[str, int] | None]:
-    """Fresh per-factor counters (see :meth:`BlockEngine.preconditioner_stats`)."""
-    return [
-        {"dim": n, "refreshes": 0, "skipped": 0, "qr_iterations": 0, "failures": 0} if use else None
-        for n, use in zip(dims, preconditioned)
-    ]
+def permute_dim(x: Tensor, dim: int, order: Tensor) -> Tensor:
+    """``x`` with dim ``dim`` of each block permuted by that block's ``order[b]`` (``order``: ``[B, n]``)."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = order.shape
+    return x.gather(dim, order.view(shape).expand_as(x))
+
+
+def factor_matrices(bucket: Bucket, name: str) -> list[Tensor | None]:
+    """The stacks ``{name}{i}`` of a bucket (``"root"``, ``"basis"``), ``None`` for dims without a factor."""
+    return [bucket.state.get(f"{name}{i}") for i in range(len(bucket.shape))]

@@ -1,7 +1,9 @@
 """Pure linear-algebra functions shared by every preconditioner.
 
-Nothing here keeps state. Functions that can fail numerically raise :class:`LinAlgFailure`; the caller
-keeps its last good result and counts the failure (see ``preconditioners/kronecker.py``).
+Nothing here keeps state, and every function takes stacks of matrices (``[..., n, n]``), so that a bucket
+of same-shaped blocks is one batched call. Batched functions report failures as per-matrix masks; the
+single-matrix helpers raise :class:`LinAlgFailure`. Either way the caller keeps its last good result and
+counts the failure.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from torch import Tensor
 __all__ = [
     "LinAlgFailure",
     "symmetric_eigh",
+    "batched_eigh",
+    "inverse_roots",
     "inverse_root",
+    "permute_columns",
     "off_diagonal_ratio",
     "qr_algorithm",
     "power_qr_step",
@@ -49,56 +54,96 @@ def symmetric_eigh(A: Tensor) -> tuple[Tensor, Tensor]:
     return L.to(A.dtype), Q.to(A.dtype)
 
 
-def inverse_root(A: Tensor, exponent: float, epsilon: float) -> Tensor:
-    r"""``(A + εI)^{-exponent}`` of a symmetric PSD matrix through its eigen-decomposition.
+def batched_eigh(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Eigen-decompositions of a stack of symmetric matrices ``[B, n, n]``: ``(L, Q, ok)``.
+
+    One batched call; only if it raises, or returns non-finite values for some matrices, are those
+    retried one by one through :func:`symmetric_eigh` (float64 retry). ``ok[b]`` is False where even that
+    failed; there ``L`` and ``Q`` hold zeros and the identity, and the caller keeps its last good result.
+    Checking for failures reads one flag on the host.
+    """
+    try:
+        L, Q = torch.linalg.eigh(A)
+        ok = torch.isfinite(L).all(-1) & torch.isfinite(Q).flatten(-2).all(-1)
+        if bool(ok.all()):
+            return L, Q, ok
+    except RuntimeError:
+        L = torch.zeros(A.shape[:-1], dtype=A.dtype, device=A.device)
+        Q = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A).clone()
+        ok = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
+    for b in (~ok).nonzero().flatten().tolist():
+        try:
+            L[b], Q[b] = symmetric_eigh(A[b])
+            ok[b] = True
+        except LinAlgFailure:
+            L[b], Q[b] = 0.0, torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    return L, Q, ok
+
+
+def inverse_roots(A: Tensor, exponent: float, epsilon: float) -> tuple[Tensor, Tensor]:
+    r"""``(A_b + εI)^{-exponent}`` for a stack ``[B, n, n]`` of symmetric PSD matrices: ``(roots, ok)``.
 
     With ``A + εI = Q diag(λ) Qᵀ``: if rounding left ``λ_min < ε`` the spectrum is shifted to
     ``λ - λ_min + ε`` (so every eigenvalue is at least ε), then ``Q diag(λ^{-exponent}) Qᵀ``.
     This is the perturbation rule of Distributed Shampoo's default root-inverse configuration.
     """
     n = A.shape[-1]
-    L, Q = symmetric_eigh(A + epsilon * torch.eye(n, dtype=A.dtype, device=A.device))
-    lam_min = L.min()
-    if lam_min < epsilon:
-        L = L - lam_min + epsilon
-    root = (Q * L.pow(-exponent).unsqueeze(0)) @ Q.T
-    if not torch.isfinite(root).all():
-        raise LinAlgFailure("inverse root has non-finite entries")
-    return root
+    L, Q, ok = batched_eigh(A + epsilon * torch.eye(n, dtype=A.dtype, device=A.device))
+    lam_min = L.min(-1, keepdim=True).values
+    L = torch.where(lam_min < epsilon, L - lam_min + epsilon, L)
+    roots = (Q * L.pow(-exponent).unsqueeze(-2)) @ Q.mT
+    ok = ok & torch.isfinite(roots).flatten(-2).all(-1)
+    return roots, ok
+
+
+def inverse_root(A: Tensor, exponent: float, epsilon: float) -> Tensor:
+    """:func:`inverse_roots` of one matrix; raises :class:`LinAlgFailure` if it fails."""
+    roots, ok = inverse_roots(A.unsqueeze(0), exponent, epsilon)
+    if not bool(ok[0]):
+        raise LinAlgFailure("inverse root failed")
+    return roots[0]
 
 
 def off_diagonal_ratio(B: Tensor) -> Tensor:
-    r"""``‖B - diag(B)‖_F / ‖B‖_F``: how far ``B = QᵀAQ`` is from diagonal.
+    r"""``‖B - diag(B)‖_F / ‖B‖_F`` of each matrix in ``[..., n, n]``: how far ``B = QᵀAQ`` is from diagonal.
 
     ``‖A - Q diag(B) Qᵀ‖_F = ‖B - diag(B)‖_F`` and ``‖B‖_F = ‖A‖_F``, so this is the relative error of
     approximating ``A`` in the basis ``Q`` ("Purifying Shampoo", Eschenhagen et al. 2025).
     """
     total = torch.linalg.matrix_norm(B)
-    diag = torch.linalg.vector_norm(torch.diagonal(B))
+    diag = torch.linalg.vector_norm(torch.diagonal(B, dim1=-2, dim2=-1), dim=-1)
     off = torch.sqrt(torch.clamp(total.square() - diag.square(), min=0.0))
     return off / torch.clamp(total, min=torch.finfo(B.dtype).tiny)
 
 
-def qr_algorithm(A: Tensor, Q: Tensor, max_iterations: int, tolerance: float) -> tuple[Tensor, Tensor, int]:
-    r"""Warm-started QR algorithm for the eigenbasis of a symmetric ``A``.
+def permute_columns(Q: Tensor, order: Tensor) -> Tensor:
+    """``Q[..., :, order]`` for each matrix of a stack, ``order`` of shape ``[..., n]``."""
+    return Q.gather(-1, order.unsqueeze(-2).expand_as(Q))
+
+
+def qr_algorithm(A: Tensor, Q: Tensor, max_iterations: int, tolerance: float) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Warm-started QR algorithm for the eigenbases of symmetric matrices ``A`` (``[..., n, n]``).
 
     ``B = QᵀAQ``; while fewer than ``max_iterations`` steps were taken and
-    ``off_diagonal_ratio(B) > tolerance``: ``Q', R' = qr(B); B = R'Q'; Q = Q Q'``. The estimates
-    ``diag(B)`` are then sorted ascending (stable) and ``Q``'s columns permuted alike.
-    Returns ``(eigenvalue estimates, Q, iterations taken)``.
+    ``off_diagonal_ratio(B) > tolerance``: ``Q', R' = qr(B); B = R'Q'; Q = Q Q'``, each matrix of a stack
+    stopping on its own (the loop ends early once all have converged, a host read per iteration).
+    The estimates ``diag(B)`` are then sorted ascending (stable) and ``Q``'s columns permuted alike.
+    Returns ``(eigenvalue estimates, Q, iterations taken)``; raises :class:`LinAlgFailure` if a QR
+    raises (non-finite results are the caller's to check).
     """
-    B = Q.T @ A @ Q
-    iterations = 0
-    while iterations < max_iterations and off_diagonal_ratio(B) > tolerance:
+    B = Q.mT @ A @ Q
+    iterations = torch.zeros(A.shape[:-2], dtype=torch.int64, device=A.device)
+    for _ in range(max_iterations):
+        active = off_diagonal_ratio(B) > tolerance
+        if not bool(active.any()):
+            break
         Qi, Ri = _qr(B)
-        B = Ri @ Qi
-        Q = Q @ Qi
-        iterations += 1
-    estimates, order = torch.diagonal(B).sort(stable=True)
-    Q = Q[:, order]
-    if not torch.isfinite(Q).all():
-        raise LinAlgFailure("QR iteration produced non-finite values")
-    return estimates, Q, iterations
+        keep = active[..., None, None]
+        B = torch.where(keep, Ri @ Qi, B)
+        Q = torch.where(keep, Q @ Qi, Q)
+        iterations += active
+    estimates, order = torch.diagonal(B, dim1=-2, dim2=-1).sort(stable=True)
+    return estimates, permute_columns(Q, order), iterations
 
 
 def _qr(X: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,17 +154,15 @@ def _qr(X: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def power_qr_step(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
-    r"""SOAP's refresh: one power-iteration step followed by a QR orthonormalisation.
+    r"""SOAP's refresh: one power-iteration step followed by a QR orthonormalisation (``[..., n, n]``).
 
     The columns of ``Q`` are first sorted by their Rayleigh quotients ``diag(QᵀAQ)``, descending; then
     ``Q ← qr(A Q)``. Returns ``(new Q, order)`` so that the caller can permute per-column statistics
-    (SOAP's second moment) the same way.
+    (SOAP's second moment) the same way; raises :class:`LinAlgFailure` if the QR raises.
     """
-    estimates = torch.diagonal(Q.T @ A @ Q)
-    order = torch.argsort(estimates, descending=True)
-    Q_new, _ = _qr(A @ Q[:, order])
-    if not torch.isfinite(Q_new).all():
-        raise LinAlgFailure("power-QR step produced non-finite values")
+    estimates = torch.diagonal(Q.mT @ A @ Q, dim1=-2, dim2=-1)
+    order = torch.argsort(estimates, dim=-1, descending=True)
+    Q_new, _ = _qr(A @ permute_columns(Q, order))
     return Q_new, order
 
 
@@ -153,47 +196,46 @@ def newton_schulz(
 
 
 def inverse_sqrt_newton_schulz(A: Tensor, epsilon: float, iterations: int = 25) -> Tensor:
-    r"""``(A + εI)^{-1/2}`` by the coupled Newton–Schulz iteration (matmuls only).
+    r"""``(A + εI)^{-1/2}`` by the coupled Newton–Schulz iteration (matmuls only), for ``[..., n, n]``.
 
     Scale ``Y = (A + εI)/s`` with ``s = ‖A + εI‖_F``, ``Z = I``; repeat
     ``T = (3I - ZY)/2; Y ← YT; Z ← TZ``. ``Z → (Y₀)^{-1/2}``, so the result is ``Z / √s``.
+    Non-finite results are the caller's to check.
     """
     n = A.shape[-1]
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
     M = A + epsilon * eye
-    s = torch.linalg.matrix_norm(M)
+    s = torch.linalg.matrix_norm(M, keepdim=True)
     Y = M / s
-    Z = eye.clone()
+    Z = eye.expand_as(M).clone()
     for _ in range(iterations):
         T = 0.5 * (3.0 * eye - Z @ Y)
         Y = Y @ T
         Z = T @ Z
-    out = Z / torch.sqrt(s)
-    if not torch.isfinite(out).all():
-        raise LinAlgFailure("Newton-Schulz inverse square root produced non-finite values")
-    return out
+    return Z / torch.sqrt(s)
 
 
 def inverse_root_newton(A: Tensor, root: int, epsilon: float, max_iterations: int = 100,
                         tolerance: float = 1e-6) -> Tensor:
-    r"""``(A + εI)^{-1/root}`` by the coupled Newton iteration (Guo & Higham 2006), matmuls only.
+    r"""``(A + εI)^{-1/root}`` by the coupled Newton iteration (Guo & Higham 2006), for ``[..., n, n]``.
 
     With ``c = (2‖A‖_F / (root+1))^{1/root}``: ``X = I/c``, ``M = A/c^root``; repeat
-    ``T = ((root+1)I - M)/root; X ← XT; M ← T^root M`` until ``max|M - I| < tolerance``.
-    Raises :class:`LinAlgFailure` if it has not converged after ``max_iterations``.
+    ``T = ((root+1)I - M)/root; X ← XT; M ← T^root M`` until ``max|M - I| < tolerance`` for every matrix
+    (a host read per iteration). Raises :class:`LinAlgFailure` if that has not happened after
+    ``max_iterations``.
     """
     n = A.shape[-1]
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
     M = A + epsilon * eye
-    c = (2.0 * torch.linalg.matrix_norm(M) / (root + 1)) ** (1.0 / root)
+    c = (2.0 * torch.linalg.matrix_norm(M, keepdim=True) / (root + 1)) ** (1.0 / root)
     X = eye / c
     M = M / c**root
     for _ in range(max_iterations):
         T = ((root + 1) * eye - M) / root
         X = X @ T
         M = torch.linalg.matrix_power(T, root) @ M
-        if (M - eye).abs().max() < tolerance:
-            if not torch.isfinite(X).all():
+        if bool(((M - eye).abs().amax((-2, -1)) < tolerance).all()):
+            if not bool(torch.isfinite(X).all()):
                 break
             return X
     raise LinAlgFailure(f"coupled Newton did not converge in {max_iterations} iterations")

@@ -12,14 +12,15 @@ the constructor, by splitting each group in two, so an LR scheduler sees and sca
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from .adamw import adam_direction, init_adam_state
+from .adamw import adam_directions, adam_state
 from .blocks import BlockLayout
-from .engine import BlockEngine
+from .engine import ADAM, BlockEngine, Bucket
 from .validation import check_betas, check_lr, check_nonneg, check_positive
 
 __all__ = ["MatrixOptimizer", "split_groups"]
@@ -73,18 +74,32 @@ class MatrixOptimizer(BlockEngine):
         merge = "matrix" if group["matrix"] else "none"
         return BlockLayout.build(tuple(param.shape), math.inf, merge, "identity")
 
-    def _init_block(self, block, layout, index, group):
-        if group["matrix"] and block.dim() == 2:
-            return self._init_matrix(block, group)
-        return init_adam_state(block)
+    def _block_kind(self, layout: BlockLayout, index: int, group: dict[str, Any]) -> Hashable:
+        if group["matrix"] and len(layout.block_shapes[index]) == 2:
+            return self._matrix_kind(layout.block_shapes[index], group)
+        return ADAM
 
-    def _direction(self, state, grad, group):
-        if group["matrix"] and grad.dim() == 2:
-            return self._matrix_direction(state, grad, group)
-        return adam_direction(state, grad, group["adamw_betas"], group["adamw_eps"])
+    def _init_block(self, shape, kind, group, dtype, device):
+        if kind == ADAM:
+            return adam_state(shape, dtype, device)
+        return self._init_matrix(shape, kind, group, dtype, device)
 
-    def _init_matrix(self, block: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def _directions(self, bucket, grads, ok, group):
+        if bucket.kind == ADAM:
+            return adam_directions(bucket, grads, ok, group["adamw_betas"], group["adamw_eps"])
+        return self._matrix_directions(bucket, grads, ok, group)
+
+    def _adam_hyper(self, group: dict[str, Any]) -> tuple[float, float, float]:
+        beta1, beta2 = group["adamw_betas"]
+        return beta1, beta2, group["adamw_eps"]
+
+    # ------------------------------------------------------------------ what Muon / ASGO supply
+    def _matrix_kind(self, shape: tuple[int, ...], group: dict[str, Any]) -> Hashable:
+        return "matrix"
+
+    def _init_matrix(self, shape: tuple[int, ...], kind: Hashable, group: dict[str, Any], dtype: torch.dtype,
+                     device: torch.device | str) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def _matrix_direction(self, state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> Tensor:
+    def _matrix_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
         raise NotImplementedError

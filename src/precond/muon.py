@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .engine import state_dtype
+from .engine import Bucket, per_block
 from .linalg import newton_schulz
 from .matrix import MatrixOptimizer
 from .validation import check_choice, check_in, check_int, check_lr, check_nonneg, check_positive
@@ -71,14 +71,15 @@ class Muon(MatrixOptimizer):
                          adamw_eps=adamw_eps,
                          adamw_weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay)
 
-    def _init_matrix(self, block: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        return {"momentum_buffer": torch.zeros(block.shape, dtype=state_dtype(block), device=block.device)}
+    def _init_matrix(self, shape, kind, group, dtype, device):
+        return {"momentum_buffer": torch.zeros(shape, dtype=dtype, device=device)}
 
-    def _matrix_direction(self, state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> Tensor:
+    def _matrix_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
         momentum = group["momentum"]
-        buf = state["momentum_buffer"]
-        buf.lerp_(grad, 1.0 - momentum)
-        update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+        buf = bucket.state["momentum_buffer"]
+        # A weight of 0 leaves a block with a non-finite gradient exactly as it was.
+        buf.lerp_(grads, per_block(ok.to(buf.dtype) * (1.0 - momentum), buf))
+        update = grads.lerp(buf, momentum) if group["nesterov"] else buf
         ortho = newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
                               _NS_DTYPES[group["ns_dtype"]])
-        return ortho * adjusted_lr_ratio(group["adjust_lr_fn"], *grad.shape)
+        return ortho * adjusted_lr_ratio(group["adjust_lr_fn"], *bucket.shape)

@@ -24,16 +24,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .linalg import LinAlgFailure, off_diagonal_ratio, power_qr_step, qr_algorithm, symmetric_eigh
+from .linalg import LinAlgFailure, batched_eigh, off_diagonal_ratio, power_qr_step, qr_algorithm
 
 __all__ = ["EigenbasisRefresh", "REFRESH_METHODS"]
 
 REFRESH_METHODS = ("eigh", "qr", "power_qr")
 
+# Columns of a factor's ``stats`` counters (see precond.kronecker.STATS_WIDTH).
+REFRESHES, SKIPPED, QR_ITERATIONS, FAILURES = 1, 2, 3, 4
+
 
 @dataclass(frozen=True)
 class EigenbasisRefresh:
-    """Refresh policy. ``descending`` orders the basis by decreasing eigenvalue (SOAP's convention)."""
+    """Refresh policy. ``descending`` orders the basis by decreasing eigenvalue (SOAP's convention).
+
+    Works on a bucket: ``A`` and ``Q`` are stacks ``[B, n, n]``, ``stats`` the per-block counters
+    ``[B, 5]`` (updated in place), ``ok`` the blocks that take part this step.
+    """
 
     method: str = "eigh"
     tolerance: float = 0.0
@@ -48,38 +55,62 @@ class EigenbasisRefresh:
         if self.max_iterations < 1:
             raise ValueError(f"Invalid max_iterations: {self.max_iterations} (must be >= 1)")
 
-    def initial(self, A: Tensor, counters: dict[str, int]) -> Tensor | None:
-        """First basis of ``A`` by eigh (``None`` if even the float64 retry fails)."""
-        try:
-            _, Q = symmetric_eigh(A)
-        except LinAlgFailure:
-            counters["failures"] += 1
-            return None
-        counters["refreshes"] += 1
-        return torch.flip(Q, [1]) if self.descending else Q
+    def initial(self, A: Tensor, Q: Tensor, stats: Tensor, ok: Tensor) -> Tensor:
+        """First bases of ``A`` by eigh; a block whose eigh fails (or that is not ``ok``) keeps ``Q``."""
+        _, Q_new, good = batched_eigh(A)
+        if self.descending:
+            Q_new = torch.flip(Q_new, [-1])
+        stats[:, REFRESHES] += ok & good
+        stats[:, FAILURES] += ok & ~good
+        return torch.where((ok & good)[:, None, None], Q_new, Q)
 
-    def refresh(self, A: Tensor, Q: Tensor, counters: dict[str, int]) -> tuple[Tensor, Tensor | None]:
-        """Returns ``(basis, order)``: ``order`` is the column permutation of the old basis that the new
-        one follows (for permuting per-column statistics), or ``None``."""
+    def refresh(self, A: Tensor, Q: Tensor, stats: Tensor, ok: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns ``(bases, order, changed)``: ``order[b]`` is the column permutation of the old basis
+        that the new one follows (for permuting per-column statistics; the identity where none), and
+        ``changed[b]`` whether block ``b``'s basis was recomputed."""
+        n = A.shape[-1]
+        identity = torch.arange(n, device=A.device).expand(A.shape[0], n)
+        stale = ok
+        if self.tolerance > 0.0:
+            stale = ok & (off_diagonal_ratio(Q.mT @ A @ Q) > self.tolerance)
+            stats[:, SKIPPED] += ok & ~stale
+            # Only the factors that drifted are recomputed: one host read of the mask per refresh.
+            index = stale.nonzero().flatten()
+            if index.numel() == 0:
+                return Q, identity, stale
+            Q_sub, order_sub, good_sub = self._recompute(A[index], Q[index], stats, index)
+            good = torch.zeros_like(stale)
+            good[index] = good_sub
+            Q_new, order = Q.clone(), identity.clone()
+            Q_new[index], order[index] = Q_sub, order_sub
+        else:
+            Q_new, order, good = self._recompute(A, Q, stats, None)
+        changed = stale & good
+        stats[:, REFRESHES] += changed
+        stats[:, FAILURES] += stale & ~good
+        return (torch.where(changed[:, None, None], Q_new, Q), torch.where(changed[:, None], order, identity),
+                changed)
+
+    def _recompute(self, A: Tensor, Q: Tensor, stats: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """New bases for every matrix of ``A``: ``(Q, order, good)``."""
+        n = A.shape[-1]
+        order = torch.arange(n, device=A.device).expand(A.shape[0], n)
         try:
-            if self.tolerance > 0.0 and off_diagonal_ratio(Q.T @ A @ Q) <= self.tolerance:
-                counters["skipped"] += 1
-                return Q, None
             if self.method == "eigh":
-                _, Q_new = symmetric_eigh(A)
-                order = None
-                if self.descending:
-                    Q_new = torch.flip(Q_new, [1])
+                _, Q_new, good = batched_eigh(A)
             elif self.method == "qr":
                 _, Q_new, iterations = qr_algorithm(A, Q, self.max_iterations, self.tolerance)
-                counters["qr_iterations"] += iterations
-                order = None
-                if self.descending:  # qr_algorithm sorts ascending
-                    Q_new = torch.flip(Q_new, [1])
+                if index is None:
+                    stats[:, QR_ITERATIONS] += iterations
+                else:
+                    stats[index, QR_ITERATIONS] += iterations
+                good = torch.isfinite(Q_new).flatten(1).all(1)
             else:
                 Q_new, order = power_qr_step(A, Q)
+                good = torch.isfinite(Q_new).flatten(1).all(1)
+                return Q_new, order, good
         except LinAlgFailure:
-            counters["failures"] += 1
-            return Q, None
-        counters["refreshes"] += 1
-        return Q_new, order
+            return Q, order, torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
+        if self.descending:  # eigh and the QR algorithm sort ascending
+            Q_new = torch.flip(Q_new, [-1])
+        return Q_new, order, good

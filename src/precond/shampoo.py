@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 
 from .blocks import BlockLayout
-from .engine import BlockEngine, state_dtype
+from .engine import BlockEngine, Bucket, bias_correction, commit_, per_block
 from .grafting import GRAFTING_KINDS, Diagonal, graft
-from .kronecker import factor_stats, init_factors, mode_product, update_factors
-from .linalg import LinAlgFailure, inverse_root, inverse_root_newton
+from .kronecker import factor_matrices, init_factor_state, mode_product, update_factors_
+from .linalg import LinAlgFailure, inverse_root_newton, inverse_roots
+from .refresh import FAILURES, REFRESHES
 from .validation import (check_betas, check_choice, check_int, check_lr, check_max_dim, check_nonneg,
                          check_positive)
 
@@ -94,62 +95,67 @@ class ShampooFamily(BlockEngine):
         beta2 = group["betas"][1]
         return Diagonal("adagrad" if beta2 == 1.0 else "adam", beta2, group["grafting_epsilon"])
 
-    def _init_block(self, block: Tensor, layout: BlockLayout, index: int, group: dict[str, Any]) -> dict[str, Any]:
-        dtype = state_dtype(block)
-        dims = layout.block_shapes[index]
-        preconditioned = layout.preconditioned_dims(index, group["precondition_1d"])
-        diagonal = self._diagonal(group, any(preconditioned))
-        state: dict[str, Any] = {
-            "step": 0,
-            "factors": init_factors(dims, preconditioned, dtype, block.device),
-            "factor_stats": factor_stats(preconditioned, dims),
-            "diagonal": diagonal.init(block, dtype) if diagonal is not None else None,
-        }
+    def _block_kind(self, layout: BlockLayout, index: int, group: dict[str, Any]) -> tuple[bool, ...]:
+        return layout.preconditioned_dims(index, group["precondition_1d"])
+
+    def _init_block(self, shape, kind, group, dtype, device):
+        state = init_factor_state(shape, kind, dtype, device, matrix=self._factor_matrix)
+        diagonal = self._diagonal(group, any(kind))
+        if diagonal is not None and diagonal.stateful:
+            state["diagonal"] = torch.zeros(shape, dtype=dtype, device=device)
         if group["betas"][0] > 0.0:
-            state["momentum"] = torch.zeros(dims, dtype=dtype, device=block.device)
-        state.update(self._init_preconditioner(state["factors"], dims, dtype, block.device, group))
+            state["momentum"] = torch.zeros(shape, dtype=dtype, device=device)
+        state.update(self._init_preconditioner(shape, dtype, device))
         return state
 
-    def _direction(self, state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> Tensor:
+    def _directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
         beta1, beta2 = group["betas"]
-        state["step"] += 1
-        t = state["step"]
-        update_factors(state["factors"], grad, beta2, 1.0 if beta2 == 1.0 else 1.0 - beta2)
-        has_factors = any(f is not None for f in state["factors"])
+        state, step, t = bucket.state, bucket.state["step"], bucket.calls
+        update_factors_(state, grads, beta2, 1.0 if beta2 == 1.0 else 1.0 - beta2, ok)
+        has_factors = any(bucket.kind)
         diagonal = self._diagonal(group, has_factors)
         if diagonal is not None:
-            diagonal.update(state["diagonal"], grad)
-        bias2 = 1.0 - beta2**t if group["use_bias_correction"] and beta2 < 1.0 else 1.0
+            diagonal.update_(state.get("diagonal"), grads, ok)
+        bias2 = (bias_correction(beta2, step, grads.dtype) if group["use_bias_correction"] and beta2 < 1.0
+                 else torch.ones(len(bucket), dtype=grads.dtype, device=grads.device))
         start, freq = group["start_preconditioning_step"], group["precondition_frequency"]
         if has_factors and ((t % freq == 0 and t > start) or t == start):
-            self._refresh(state, bias2, group)
-        self._update_preconditioner(state, grad, bias2, group)
+            self._refresh(bucket, bias2, ok, group)
+        self._update_preconditioner(bucket, grads, bias2, ok, group)
 
         if beta1 > 0.0:
-            state["momentum"].lerp_(grad, 1.0 - beta1)
-            m_hat = state["momentum"] / (1.0 - beta1**t) if group["use_bias_correction"] else state["momentum"]
+            momentum = state["momentum"]
+            commit_(momentum, momentum.lerp(grads, 1.0 - beta1), ok)
+            m_hat = (momentum / per_block(bias_correction(beta1, step, momentum.dtype), momentum)
+                     if group["use_bias_correction"] else momentum)
         else:
-            m_hat = grad
+            m_hat = grads
         unfactored = not has_factors and self.diagonal_for_unfactored
         if unfactored or (t < start and group["grafting"] is not None):  # the diagonal method alone
-            return diagonal.apply(state["diagonal"], m_hat, t)
-        direction = self._precondition(state, m_hat, bias2, group)
+            return diagonal.apply(state.get("diagonal"), m_hat, step)
+        direction = self._precondition(bucket, m_hat, bias2, group)
         if group["grafting"] is not None:
-            direction = graft(direction, diagonal.apply(state["diagonal"], m_hat, t))
+            direction = graft(direction, diagonal.apply(state.get("diagonal"), m_hat, step))
         return direction
 
     # ------------------------------------------------------------ what a family member supplies
-    def _init_preconditioner(self, factors: list[Tensor | None], dims: tuple[int, ...], dtype: torch.dtype,
-                             device: torch.device, group: dict[str, Any]) -> dict[str, Any]:
+    _factor_matrix = "root"  # the per-factor matrix a member keeps next to each factor ("root" or "basis")
+
+    def _init_preconditioner(self, shape: tuple[int, ...], dtype: torch.dtype,
+                             device: torch.device | str) -> dict[str, Tensor]:
+        """Per-block state beyond the factors and their matrices; none by default."""
+        return {}
+
+    def _refresh(self, bucket: Bucket, bias2: Tensor, ok: Tensor, group: dict[str, Any]) -> None:
+        """Recompute what the factors feed (roots, bases) for the blocks with ``ok``; ``bias2`` is the
+        per-block bias correction ``[B]`` of the factors."""
         raise NotImplementedError
 
-    def _refresh(self, state: dict[str, Any], bias2: float, group: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def _update_preconditioner(self, state: dict[str, Any], grad: Tensor, bias2: float, group: dict[str, Any]) -> None:
+    def _update_preconditioner(self, bucket: Bucket, grads: Tensor, bias2: Tensor, ok: Tensor,
+                               group: dict[str, Any]) -> None:
         """Per-step statistics beyond the factors (EShampoo's corrected eigenvalues); none by default."""
 
-    def _precondition(self, state: dict[str, Any], m_hat: Tensor, bias2: float, group: dict[str, Any]) -> Tensor:
+    def _precondition(self, bucket: Bucket, m_hat: Tensor, bias2: Tensor, group: dict[str, Any]) -> Tensor:
         raise NotImplementedError
 
 
@@ -228,27 +234,24 @@ class Shampoo(ShampooFamily):
             return override.get(order, 1.0 / (2 * order))
         return override if override is not None else 1.0 / (2 * order)
 
-    def _init_preconditioner(self, factors, dims, dtype, device, group):
-        # Identity roots: before the first refresh Shampoo's direction is the first moment itself.
-        return {"roots": [torch.eye(f.shape[0], dtype=dtype, device=device) if f is not None else None
-                          for f in factors]}
-
-    def _refresh(self, state: dict[str, Any], bias2: float, group: dict[str, Any]) -> None:
-        exponent = self._exponent(len(state["factors"]), group)
-        for i, factor in enumerate(state["factors"]):
-            if factor is None:
+    def _refresh(self, bucket: Bucket, bias2: Tensor, ok: Tensor, group: dict[str, Any]) -> None:
+        exponent = self._exponent(len(bucket.shape), group)
+        for i, use in enumerate(bucket.kind):
+            if not use:
                 continue
-            counters = state["factor_stats"][i]
-            try:
-                if group["root_method"] == "newton":
-                    root = inverse_root_newton(factor / bias2, round(1.0 / exponent), group["epsilon"])
-                else:
-                    root = inverse_root(factor / bias2, exponent, group["epsilon"])
-            except LinAlgFailure:
-                counters["failures"] += 1  # keep the last good root
-                continue
-            state["roots"][i] = root
-            counters["refreshes"] += 1
+            factor, stats = bucket.state[f"factor{i}"], bucket.state[f"stats{i}"]
+            factor = factor / per_block(bias2, factor)
+            if group["root_method"] == "newton":
+                try:
+                    root = inverse_root_newton(factor, round(1.0 / exponent), group["epsilon"])
+                    good = torch.ones_like(ok)
+                except LinAlgFailure:
+                    root, good = factor, torch.zeros_like(ok)
+            else:
+                root, good = inverse_roots(factor, exponent, group["epsilon"])
+            commit_(bucket.state[f"root{i}"], root, ok & good)  # a failed root keeps the last good one
+            stats[:, REFRESHES] += ok & good
+            stats[:, FAILURES] += ok & ~good
 
-    def _precondition(self, state, m_hat, bias2, group):
-        return mode_product(m_hat, state["roots"])
+    def _precondition(self, bucket, m_hat, bias2, group):
+        return mode_product(m_hat, factor_matrices(bucket, "root"))

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from .blocks import BlockLayout
-from .engine import BlockEngine, state_dtype
-from .kronecker import factor_stats, init_factors, mode_product, update_factors
+from .engine import BlockEngine, Bucket, bias_correction, commit_, per_block
+from .kronecker import factor_matrices, init_factor_state, mode_product, permute_dim, update_factors_
 from .refresh import REFRESH_METHODS, EigenbasisRefresh
 from .validation import (check_betas, check_choice, check_in, check_int, check_lr, check_max_dim, check_nonneg,
                          check_positive)
@@ -95,68 +95,64 @@ class SOAP(BlockEngine):
         return EigenbasisRefresh(group["refresh_method"], group["refresh_tolerance"], group["max_qr_iterations"],
                                  descending=True)
 
-    def _init_block(self, block: Tensor, layout: BlockLayout, index: int, group: dict[str, Any]) -> dict[str, Any]:
-        dtype = state_dtype(block)
-        dims = layout.block_shapes[index]
-        preconditioned = layout.preconditioned_dims(index, group["precondition_1d"])
-        return {
-            "step": 0,
-            "factors": init_factors(dims, preconditioned, dtype, block.device),
-            "bases": [None] * len(dims),
-            "initialized": False,
-            "factor_stats": factor_stats(preconditioned, dims),
-            "exp_avg": torch.zeros(dims, dtype=dtype, device=block.device),
-            "exp_avg_sq": torch.zeros(dims, dtype=dtype, device=block.device),
-        }
+    def _block_kind(self, layout: BlockLayout, index: int, group: dict[str, Any]) -> tuple[bool, ...]:
+        return layout.preconditioned_dims(index, group["precondition_1d"])
 
-    def _direction(self, state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> Tensor | None:
+    def _init_block(self, shape, kind, group, dtype, device):
+        state = init_factor_state(shape, kind, dtype, device, matrix="basis")
+        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
+        return state
+
+    def _directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor | None:
         beta1, beta2 = group["betas"]
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
         policy = self._policy(group)
-        if not state["initialized"]:
+        state = bucket.state
+        if bucket.calls == 1:
             # The first gradient only builds the statistics: the projection never uses the gradient it
             # projects (the reference's rule).
-            update_factors(state["factors"], grad, shampoo_beta, 1.0 - shampoo_beta)
-            for i, factor in enumerate(state["factors"]):
-                if factor is not None:
-                    eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-                    basis = policy.initial(factor + 1e-30 * eye, state["factor_stats"][i])
-                    state["bases"][i] = basis if basis is not None else eye
-            state["initialized"] = True
+            update_factors_(state, grads, shampoo_beta, 1.0 - shampoo_beta, ok)
+            for i, use in enumerate(bucket.kind):
+                if use:
+                    factor, basis = state[f"factor{i}"], state[f"basis{i}"]
+                    eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+                    basis.copy_(policy.initial(factor + 1e-30 * eye, basis, state[f"stats{i}"], ok))
             return None
 
-        bases = state["bases"]
-        projected = mode_product(grad, bases)
-        state["step"] += 1
-        t = state["step"]
+        bases = factor_matrices(bucket, "basis")
+        projected = mode_product(grads, bases)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.mul_(beta1).add_(projected, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).add_(projected.square(), alpha=1.0 - beta2)
+        commit_(exp_avg, torch.add(exp_avg * beta1, projected, alpha=1.0 - beta1), ok)
+        commit_(exp_avg_sq, torch.add(exp_avg_sq * beta2, projected.square(), alpha=1.0 - beta2), ok)
         direction = mode_product(exp_avg / (exp_avg_sq.sqrt() + group["eps"]), bases, transpose=True)
         if group["normalize_grads"]:
-            direction = direction / (1e-30 + direction.square().mean().sqrt())
+            rms = direction.square().flatten(1).mean(1).sqrt()
+            direction = direction / per_block(1e-30 + rms, direction)
         if group["correct_bias"]:
-            direction = direction * (math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
+            t = state["step"] - 1  # the step count includes the first, statistics-only step
+            scale = bias_correction(beta2, t, direction.dtype).sqrt() / bias_correction(beta1, t, direction.dtype)
+            direction = direction * per_block(scale, direction)
 
-        update_factors(state["factors"], grad, shampoo_beta, 1.0 - shampoo_beta)
-        if t % group["precondition_frequency"] == 0:
-            self._refresh(state, policy)
+        update_factors_(state, grads, shampoo_beta, 1.0 - shampoo_beta, ok)
+        if (bucket.calls - 1) % group["precondition_frequency"] == 0:
+            self._refresh(bucket, policy, ok)
         return direction
 
     @staticmethod
-    def _refresh(state: dict[str, Any], policy: EigenbasisRefresh) -> None:
+    def _refresh(bucket: Bucket, policy: EigenbasisRefresh, ok: Tensor) -> None:
         """New bases for every factor; the first moment follows into the new basis, the second moment's
         entries are permuted with the columns (the reference's approximation)."""
-        bases = state["bases"]
-        moment = mode_product(state["exp_avg"], bases, transpose=True)
-        changed = False
-        for i, factor in enumerate(state["factors"]):
-            if factor is None:
+        state = bucket.state
+        moment = mode_product(state["exp_avg"], factor_matrices(bucket, "basis"), transpose=True)
+        changed = torch.zeros_like(ok)
+        for i, use in enumerate(bucket.kind):
+            if not use:
                 continue
-            new, order = policy.refresh(factor, bases[i], state["factor_stats"][i])
-            if order is not None:
-                state["exp_avg_sq"] = state["exp_avg_sq"].index_select(i, order)
-            changed = changed or new is not bases[i]
-            bases[i] = new
-        if changed:
-            state["exp_avg"] = mode_product(moment, bases)
+            basis = state[f"basis{i}"]
+            new, order, changed_i = policy.refresh(state[f"factor{i}"], basis, state[f"stats{i}"], ok)
+            if policy.method == "power_qr":
+                state["exp_avg_sq"].copy_(permute_dim(state["exp_avg_sq"], 1 + i, order))
+            basis.copy_(new)
+            changed |= changed_i
+        commit_(state["exp_avg"], mode_product(moment, factor_matrices(bucket, "basis")), changed)

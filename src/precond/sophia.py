@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .blocks import BlockLayout
-from .engine import BlockEngine, state_dtype
+from .engine import BlockEngine, commit_
 from .validation import check_betas, check_choice, check_int, check_lr, check_nonneg, check_positive
 
 __all__ = ["Sophia"]
@@ -62,27 +62,31 @@ class Sophia(BlockEngine):
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
         return BlockLayout.build(tuple(param.shape), math.inf, "none", "identity")
 
-    def _init_block(self, block, layout, index, group):
-        dtype = state_dtype(block)
-        return {"step": 0, "exp_avg": torch.zeros(block.shape, dtype=dtype, device=block.device),
-                "hessian": torch.zeros(block.shape, dtype=dtype, device=block.device), "hessian_updates": 0}
+    def _init_block(self, shape, kind, group, dtype, device):
+        return {"exp_avg": torch.zeros(shape, dtype=dtype, device=device),
+                "hessian": torch.zeros(shape, dtype=dtype, device=device),
+                "hessian_updates": torch.zeros((), dtype=torch.int64, device=device)}
 
-    def _direction(self, state, grad, group):
+    def _directions(self, bucket, grads, ok, group):
         beta1 = group["betas"][0]
-        state["step"] += 1
-        state["exp_avg"].mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        denom = torch.clamp(group["rho"] * state["hessian"], min=group["eps"])
-        return torch.clamp(state["exp_avg"] / denom, -1.0, 1.0)
+        exp_avg, hessian = bucket.state["exp_avg"], bucket.state["hessian"]
+        commit_(exp_avg, torch.add(exp_avg * beta1, grads, alpha=1.0 - beta1), ok)
+        denom = torch.clamp(group["rho"] * hessian, min=group["eps"])
+        return torch.clamp(exp_avg / denom, -1.0, 1.0)
 
     def hessian_update_due(self) -> bool:
-        """True right after every ``update_period``-th step (counted on the first parameter that has
-        stepped, so it survives a ``state_dict`` round trip): time to call :meth:`update_hessian`."""
-        for group in self.param_groups:
+        """True right after every ``update_period``-th step: time to call :meth:`update_hessian`.
+
+        Counted on the first parameter that has stepped (so it survives a ``state_dict`` round trip).
+        """
+        for bucket in self._buckets:
+            return bucket.calls > 0 and bucket.calls % bucket.group["update_period"] == 0
+        for group in self.param_groups:  # not planned yet (e.g. just loaded): read a saved step count
             for p in group["params"]:
-                blocks = self.state.get(p, {}).get("blocks")
-                if blocks:
-                    step = blocks[0]["step"]
-                    return step > 0 and step % group["update_period"] == 0
+                step = self.state.get(p, {}).get("step")
+                if step is not None:
+                    t = int(step)
+                    return t > 0 and t % group["update_period"] == 0
         return False
 
     def update_hessian(self, batch_size: int | None = None) -> None:
@@ -90,7 +94,8 @@ class Sophia(BlockEngine):
 
         ``gnb``: the gradients must come from a loss on sampled labels; ``batch_size`` is ``B`` in
         ``ĥ = B·ĝ²`` (required). ``hutchinson``: the gradients must carry a graph
-        (``backward(create_graph=True)``); a Hessian-vector product is taken through them.
+        (``backward(create_graph=True)``); a Hessian-vector product is taken through them. A parameter
+        whose estimate is not finite keeps its ``H``.
         """
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -107,10 +112,11 @@ class Sophia(BlockEngine):
                 probes = [torch.randint_like(p, 2) * 2 - 1 for p in params]
                 hvps = torch.autograd.grad([p.grad for p in params], params, grad_outputs=probes)
                 estimates = [u * hv for u, hv in zip(probes, hvps)]
+            self._plan()  # creates the state of parameters that have not stepped yet
             beta2 = group["betas"][1]
             for p, h in zip(params, estimates):
-                if not torch.isfinite(h).all():
-                    continue  # a non-finite estimate never reaches the state
-                block = self._param_state(p, group)["blocks"][0]
-                block["hessian"].mul_(beta2).add_(h.detach().to(block["hessian"].dtype), alpha=1.0 - beta2)
-                block["hessian_updates"] += 1
+                state = self.state[p]
+                hessian, h = state["hessian"], h.detach().to(state["hessian"].dtype)
+                finite = torch.isfinite(h).all()  # a non-finite estimate never reaches the state
+                hessian.copy_(torch.where(finite, torch.add(hessian * beta2, h, alpha=1.0 - beta2), hessian))
+                state["hessian_updates"].add_(finite)

@@ -1,0 +1,32 @@
+"""Small helpers for arithmetic on bucket stacks: tensors whose leading dim indexes blocks.
+
+Every state update in a bucket is guarded by a per-block mask ``ok`` (the block's gradient was finite).
+A masked update leaves the state of a block with ``ok = False`` bit-for-bit unchanged, without a host
+sync: the new value is computed for every block and committed with ``torch.where``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["per_block", "commit_", "bias_correction"]
+
+
+def per_block(values: Tensor, like: Tensor) -> Tensor:
+    """``values`` of shape ``[B]`` viewed as ``[B, 1, …, 1]`` to broadcast against ``like`` (``[B, …]``)."""
+    return values.view(values.shape + (1,) * (like.dim() - values.dim()))
+
+
+def commit_(target: Tensor, new: Tensor, ok: Tensor) -> None:
+    """``target[b] ← new[b]`` for the blocks with ``ok[b]``; the others keep their value exactly."""
+    target.copy_(torch.where(per_block(ok, target), new, target))
+
+
+def bias_correction(beta: float, step: Tensor, dtype: torch.dtype) -> Tensor:
+    """``1 - beta**t`` per block (``step`` holds ``t``, shape ``[B]``), in ``dtype``.
+
+    Computed on the device, so that a step never waits for the host; divide a stack ``x`` by
+    ``per_block(result, x)``.
+    """
+    return 1.0 - torch.pow(beta, step.to(dtype))

@@ -1,0 +1,356 @@
+"""The one engine every precond optimizer runs on.
+
+:class:`BlockEngine` is a ``torch.optim.Optimizer`` that owns what all methods share: param groups,
+closures, cutting parameters into blocks, bucketing blocks for batched arithmetic (see
+:mod:`~precond.engine.plan`), weight decay, the guard against non-finite gradients, statistics and
+``state_dict`` handling. A public optimizer subclasses it and supplies the hooks that say what its
+preconditioner keeps and how it turns a stack of gradients into a stack of search directions:
+
+- ``_layout(param, group)``: the :class:`~precond.blocks.BlockLayout` of a parameter;
+- ``_block_kind(layout, index, group)``: a hashable that separates blocks needing different arithmetic
+  (e.g. which dims get a Kronecker factor); :data:`~precond.engine.plan.ADAM` selects the fused AdamW path;
+- ``_init_block(shape, kind, group, dtype, device)``: the state of one block, a flat dict of tensors;
+- ``_directions(bucket, grads, ok, group)``: the directions ``P`` of a bucket (``[B, *shape]``), or
+  ``None`` when the method makes no update this step (SOAP's first step).
+
+A step runs in four phases: (a) gather the gradients into buckets and flag blocks with non-finite
+gradients, (b) compute the directions of the buckets this process owns, (c) exchange directions
+between processes (nothing to do in one process), (d) apply weight decay and ``W ← W - lr·P``.
+Nothing in a step that does not refresh a preconditioner waits for the device.
+
+Non-finite gradients: a block whose gradient holds NaN/Inf leaves its state (its step count included)
+and its parameter block unchanged, decided on the device by a per-block mask, and is counted; the first
+time a parameter is hit a warning is logged, later hits are only counted. A fused AdamW bucket (the
+parameters of one group, device and dtype) is skipped as a whole on such a step, as torch's fused kernel
+takes one skip flag per call (the behaviour of ``torch.amp.GradScaler``); the offending blocks are counted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..blocks import BlockLayout
+from .batched import per_block
+from .plan import ADAM, Bucket, block_prefix, build_buckets, fresh_block_state, state_dtype
+
+__all__ = ["BlockEngine", "WEIGHT_DECAY_MODES"]
+
+logger = logging.getLogger("precond")
+
+# "decoupled": W ← W - lr·(P + wd·W), the decay uses W before the step (AdamW, Distributed Shampoo).
+# "decoupled_after": W ← W - lr·P, then W ← W - lr·wd·W (the reference SOAP's order).
+# "l2": the gradient becomes G + wd·W before anything else sees it.
+WEIGHT_DECAY_MODES = ("decoupled", "decoupled_after", "l2")
+
+_STATS_KEY = re.compile(r"^(?:block(\d+)\.)?stats(\d+)$")
+STATS_FIELDS = ("dim", "refreshes", "skipped", "qr_iterations", "failures")
+
+
+class BlockEngine(torch.optim.Optimizer):
+    """Base class: see the module docstring. Not used directly."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        self._plan_key: tuple | None = None
+        self._buckets: list[Bucket] = []
+        self._warned: set[int] = set()
+        self._nonfinite_seen = 0
+        self._nonfinite_total: Tensor | None = None
+
+    # ----------------------------------------------------------------------------------- hooks
+    def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
+        raise NotImplementedError
+
+    def _block_kind(self, layout: BlockLayout, index: int, group: dict[str, Any]) -> Hashable:
+        return None
+
+    def _init_block(self, shape: tuple[int, ...], kind: Hashable, group: dict[str, Any], dtype: torch.dtype,
+                    device: torch.device | str) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor | None:
+        raise NotImplementedError
+
+    def _weight_decay_mode(self, group: dict[str, Any]) -> str:
+        return "decoupled"
+
+    def _adam_hyper(self, group: dict[str, Any]) -> tuple[float, float, float]:
+        """``(beta1, beta2, eps)`` of the blocks of kind :data:`ADAM` in ``group``."""
+        beta1, beta2 = group["betas"]
+        return beta1, beta2, group["eps"]
+
+    def _owns(self, bucket: Bucket) -> bool:
+        """Whether this process computes ``bucket``'s directions (always, in one process)."""
+        return True
+
+    def _exchange(self, buckets: list[Bucket], directions: dict[int, Tensor | None]) -> None:
+        """Make every process hold every bucket's direction (nothing to do in one process)."""
+
+    # ------------------------------------------------------------------------------ planning
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._plan_key = None
+
+    def _plan(self) -> list[Bucket]:
+        with_grad = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            with_grad.append(params)
+        key = tuple(tuple(map(id, params)) for params in with_grad)
+        if key != self._plan_key:
+            self._buckets = build_buckets(self, self.param_groups, with_grad)
+            self._plan_key = key
+        return self._buckets
+
+    # ------------------------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Performs one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets = self._plan()
+        contiguous: dict[Tensor, Tensor] = {}  # non-contiguous parameters are updated through a copy
+        gathered = [self._gather(bucket, contiguous) for bucket in buckets]                    # (a)
+        directions: dict[int, Tensor | None] = {}
+        for i, (bucket, (grads, ok)) in enumerate(zip(buckets, gathered)):                     # (b)
+            if not bucket.fused and self._owns(bucket):
+                bucket.calls += 1
+                bucket.state["step"].add_(ok.to(torch.float32))
+                directions[i] = self._directions(bucket, grads, ok, bucket.group)
+        self._exchange(buckets, directions)                                                    # (c)
+        for i, (bucket, (grads, ok)) in enumerate(zip(buckets, gathered)):                     # (d)
+            if bucket.fused:
+                self._fused_adam(bucket, grads, ok, contiguous)
+            elif directions.get(i) is not None:
+                self._apply(bucket, directions[i], ok, contiguous)
+        for p, work in contiguous.items():
+            p.data.copy_(work)
+        self._note_nonfinite(buckets, [ok for _, ok in gathered])
+        return loss
+
+    def _gather(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> tuple[Any, Tensor]:
+        """The bucket's gradients (a stack in the state dtype, non-finite blocks zeroed; a list for a fused
+        bucket) and the mask of blocks whose gradient is finite."""
+        if bucket.fused:
+            grads = [m.param.grad for m in bucket.members]
+            ok = torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
+            return grads, ok
+        grads = torch.stack([m.view(m.param.grad.contiguous()) for m in bucket.members]).to(bucket.dtype)
+        ok = torch.isfinite(grads).flatten(1).all(1) if grads.dim() > 1 else torch.isfinite(grads)
+        grads = torch.where(per_block(ok, grads), grads, 0.0)
+        group = bucket.group
+        if self._weight_decay_mode(group) == "l2" and group["weight_decay"] != 0.0:
+            grads = grads + group["weight_decay"] * self._param_stack(bucket, contiguous).to(bucket.dtype)
+        return grads, ok
+
+    def _param_blocks(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> list[Tensor]:
+        blocks = []
+        for m in bucket.members:
+            data = m.param.data
+            if not data.is_contiguous():
+                if m.param not in contiguous:
+                    contiguous[m.param] = data.contiguous()
+                data = contiguous[m.param]
+            blocks.append(m.view(data))
+        return blocks
+
+    def _param_stack(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> Tensor:
+        return torch.stack(self._param_blocks(bucket, contiguous))
+
+    def _apply(self, bucket: Bucket, direction: Tensor, ok: Tensor, contiguous: dict[Tensor, Tensor]) -> None:
+        """(d): weight decay and ``W ← W - lr·P`` on the blocks with ``ok``; the others stay as they are."""
+        group = bucket.group
+        lr, wd, mode = group["lr"], group["weight_decay"], self._weight_decay_mode(group)
+        blocks = self._param_blocks(bucket, contiguous)
+        if mode == "decoupled" and wd != 0.0:
+            direction = direction + wd * torch.stack(blocks).to(bucket.dtype)
+        direction = torch.where(per_block(ok, direction), direction, 0.0).to(blocks[0].dtype)
+        if isinstance(lr, Tensor):  # a tensor lr (as torch allows) is used without reading it on the host
+            direction = direction * lr.to(direction.device)
+            torch._foreach_sub_(blocks, direction.unbind(0))
+        else:
+            torch._foreach_add_(blocks, direction.unbind(0), alpha=-lr)
+        if mode == "decoupled_after" and wd != 0.0:
+            decay = torch.stack(blocks) * per_block(ok, direction).to(blocks[0].dtype)
+            if isinstance(lr, Tensor):
+                torch._foreach_sub_(blocks, (decay * (lr.to(decay.device) * wd)).unbind(0))
+            else:
+                torch._foreach_add_(blocks, decay.unbind(0), alpha=-lr * wd)
+
+    def _fused_adam(self, bucket: Bucket, grads: list[Tensor], ok: Tensor,
+                    contiguous: dict[Tensor, Tensor]) -> None:
+        """AdamW by torch's fused kernel; a non-finite gradient anywhere in the bucket skips the bucket."""
+        group = bucket.group
+        beta1, beta2, eps = self._adam_hyper(group)
+        found_inf = (~ok).any().to(torch.float32)
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            lr = lr.to(bucket.device)
+        params = self._param_blocks(bucket, contiguous)
+        torch._foreach_add_(bucket.state["step"], 1.0 - found_inf)  # the kernel reads the step, never advances it
+        torch._fused_adamw_(params, grads, bucket.state["exp_avg"], bucket.state["exp_avg_sq"], [],
+                            bucket.state["step"], lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=group["weight_decay"], eps=eps, amsgrad=False, maximize=False,
+                            grad_scale=None, found_inf=found_inf)
+        bucket.calls += 1
+
+    def _note_nonfinite(self, buckets: list[Bucket], oks: list[Tensor]) -> None:
+        """Count blocks with non-finite gradients on the device; warn once per parameter.
+
+        The per-step total is copied to the host without waiting; it is read once the copy has landed
+        (at a later step), and only then are the per-block counters looked at.
+        """
+        if not buckets:
+            return
+        for bucket, ok in zip(buckets, oks):
+            if bucket.fused:
+                torch._foreach_add_(bucket.state["nonfinite"], list((~ok).to(torch.int64).unbind(0)))
+            else:
+                bucket.state["nonfinite"].add_(~ok)
+        bad = torch.stack([(~ok).sum() for ok in oks]).sum()
+        if self._nonfinite_total is None:
+            self._nonfinite_total = torch.zeros((), dtype=torch.int64, device=bad.device)
+        self._nonfinite_total.add_(bad)
+        self._check_nonfinite_warnings(wait=False)
+
+    def _check_nonfinite_warnings(self, wait: bool) -> None:
+        total = self._nonfinite_total
+        if total is None:
+            return
+        if total.device.type == "cuda" and not wait:
+            pending = getattr(self, "_nonfinite_copy", None)
+            if pending is not None and pending[1].query():
+                seen = int(pending[0])
+                self._nonfinite_copy = None
+            else:
+                seen = self._nonfinite_seen
+                if pending is None:
+                    host = torch.empty((), dtype=torch.int64, pin_memory=True)
+                    host.copy_(total, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                    self._nonfinite_copy = (host, event)
+        else:
+            seen = int(total)
+        if seen > self._nonfinite_seen:
+            self._nonfinite_seen = seen
+            self._warn_new_nonfinite()
+
+    def _warn_new_nonfinite(self) -> None:
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if id(p) in self._warned:
+                    continue
+                count = sum(int(v) for k, v in self.state.get(p, {}).items() if k.endswith("nonfinite"))
+                if count:
+                    self._warned.add(id(p))
+                    logger.warning("%s: non-finite gradient in parameter %d of group %d (shape %s): its blocks "
+                                   "were skipped; further skips are only counted (preconditioner_stats())",
+                                   type(self).__name__, pi, gi, tuple(p.shape))
+
+    # -------------------------------------------------------------------------- statistics
+    def preconditioner_stats(self) -> dict[str, Any]:
+        """Per-factor counters and guard counts, for people to read and benchmarks to report.
+
+        Returns ``{"factors": [...], "nonfinite_skipped_blocks": int}``; each factor record holds
+        ``group, param, block, factor, dim`` and the counters ``refreshes`` (recomputed), ``skipped``
+        (kept by the adaptive criterion), ``qr_iterations`` and ``failures`` (kept the last good result).
+        Reading them waits for the device.
+        """
+        factors: list[dict[str, Any]] = []
+        skipped = 0
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                state = self.state.get(p, {})
+                for key, value in sorted(state.items(), key=lambda kv: _natural(kv[0])):
+                    if key.endswith("nonfinite"):
+                        skipped += int(value)
+                    match = _STATS_KEY.match(key)
+                    if match:
+                        block, factor = int(match.group(1) or 0), int(match.group(2))
+                        record = dict(zip(STATS_FIELDS, (int(v) for v in value.tolist())))
+                        factors.append({"group": gi, "param": pi, "block": block, "factor": factor, **record})
+        self._check_nonfinite_warnings(wait=True)
+        return {"factors": factors, "nonfinite_skipped_blocks": skipped}
+
+    # ---------------------------------------------------------------------------- state_dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state saved by :meth:`state_dict` (or by ``torch.distributed.checkpoint``).
+
+        Every saved tensor is checked against the shape and dtype this optimizer would create (computed
+        on the ``meta`` device, so no second state is built) before anything is changed; tensors keep
+        their saved dtype (the float32 state of a bf16 parameter stays float32) and are copied, so
+        continuing from a checkpoint is bit-identical to not stopping.
+        """
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, the optimizer {len(groups)}")
+        params = list(itertools.chain.from_iterable(g["params"] for g in groups))
+        saved_ids = list(itertools.chain.from_iterable(g["params"] for g in saved_groups))
+        if len(saved_ids) != len(params):
+            raise ValueError(f"state_dict has {len(saved_ids)} parameters, the optimizer has {len(params)}")
+        # The hyper-parameters that shape the state are the saved groups' (they replace the current ones).
+        group_of = [dict(g, **{k: v for k, v in s.items() if k != "params"})
+                    for g, s in zip(groups, saved_groups) for _ in g["params"]]
+        by_id = {saved: (p, group) for saved, p, group in zip(saved_ids, params, group_of)}
+        loaded = {}
+        for key, value in state_dict["state"].items():
+            if key not in by_id:
+                raise ValueError(f"state_dict has state for parameter {key!r}, which its param_groups do not list")
+            p, group = by_id[key]
+            self._check_saved_state(value, p, group, key)
+            loaded[p] = value
+        super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        for p, value in loaded.items():
+            self.state[p] = {k: v.detach().to(device=p.device, copy=True) if isinstance(v, Tensor) else v
+                             for k, v in value.items()}
+        self._plan_key = None
+        self._nonfinite_total = None
+        self._nonfinite_seen = 0
+
+    def _check_saved_state(self, saved: dict[str, Any], p: Tensor, group: dict[str, Any], key: Any) -> None:
+        expected = self._expected_state(p, group)
+        where = f"state[{key!r}] (parameter of shape {tuple(p.shape)})"
+        if not isinstance(saved, dict) or set(saved) != set(expected):
+            got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(f"{where}: saved keys {got} do not match expected {sorted(expected)}")
+        for name, want in expected.items():
+            got = saved[name]
+            if not isinstance(got, Tensor):
+                raise ValueError(f"{where}[{name!r}]: expected a tensor of shape {tuple(want.shape)}, "
+                                 f"got {type(got).__name__}")
+            if got.shape != want.shape:
+                raise ValueError(f"{where}[{name!r}]: saved shape {tuple(got.shape)} does not match expected "
+                                 f"{tuple(want.shape)}")
+            if got.dtype != want.dtype:
+                raise ValueError(f"{where}[{name!r}]: saved dtype {got.dtype} does not match expected {want.dtype}")
+
+    def _expected_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """The per-parameter state this optimizer creates for ``p``, as meta tensors."""
+        layout = self._layout(p, group)
+        n = len(layout.block_shapes)
+        expected = {}
+        for b, shape in enumerate(layout.block_shapes):
+            kind = self._block_kind(layout, b, group)
+            if kind == ADAM and p.dtype == state_dtype(p):
+                shape = tuple(p.shape)
+            fresh = fresh_block_state(self, shape, kind, group, state_dtype(p), "meta")
+            expected.update({block_prefix(b, n) + k: v for k, v in fresh.items()})
+        return expected
+
+
+def _natural(key: str) -> list[Any]:
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", key)]
+
