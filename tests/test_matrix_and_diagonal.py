@@ -286,3 +286,20 @@ def test_muon_trains_a_routed_transformer_and_checkpoints():
 def test_invalid_arguments_name_the_argument(make, argument):
     with pytest.raises(ValueError, match=f"Invalid {argument}"):
         make([nn.Parameter(torch.randn(3, 3))])
+
+
+@pytest.mark.parametrize("cls", [precond.Muon, precond.ASGO])
+def test_add_param_group_routes_the_new_parameters(cls):
+    first = nn.Linear(6, 5)
+    opt = cls([first.weight], lr=0.02, adamw_lr=0.01, adamw_weight_decay=0.0)
+    second = nn.Linear(5, 4)
+    opt.add_param_group({"params": list(second.parameters())})
+    assert [g["matrix"] for g in opt.param_groups] == [True, True, False]
+    assert opt.param_groups[2]["lr"] == 0.01 and opt.param_groups[2]["params"] == [second.bias]
+    for p in [first.weight, *second.parameters()]:
+        p.grad = torch.randn_like(p)
+    before = second.bias.detach().clone()
+    opt.step()
+    assert "exp_avg" in opt.state[second.bias] and "exp_avg" not in opt.state[second.weight]
+    # AdamW's first step moves every coordinate by lr (up to eps): the bias took the AdamW rule at adamw_lr
+    torch.testing.assert_close((before - second.bias.detach()).abs(), torch.full((4,), 0.01), rtol=1e-4, atol=0)

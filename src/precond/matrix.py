@@ -5,8 +5,9 @@ an alias), or, in groups that say nothing, when it has two or more dims. Weights
 are treated as ``(fan_out, fan_in · kernel)`` matrices. Everything else (biases, norms, and whatever a
 group marks ``"matrix": False``: embeddings and the output head, see :func:`precond.param_groups`) runs
 AdamW. Hyper-parameters a group sets apply to all of its parameters; those it leaves out come from the
-constructor (the matrix rule's arguments, or ``adamw_*`` for the AdamW half). Routing happens once, in
-the constructor, by splitting each group in two, so an LR scheduler sees and scales both halves.
+constructor (the matrix rule's arguments, or ``adamw_*`` for the AdamW half). Routing happens when a group
+is added (by the constructor or ``add_param_group``), by splitting it in two, so an LR scheduler sees and
+scales both halves.
 """
 
 from __future__ import annotations
@@ -68,7 +69,14 @@ class MatrixOptimizer(BlockEngine):
         check_nonneg("adamw_weight_decay", adamw_weight_decay)
         adamw = dict(lr=adamw_lr, weight_decay=adamw_weight_decay)
         defaults = dict(defaults, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps)
-        super().__init__(split_groups(params, adamw), defaults)
+        self._adamw_defaults = adamw
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a group, routed like the constructor's: its matrices and its other parameters become two
+        groups (the AdamW half taking ``adamw_lr``/``adamw_weight_decay`` unless the group sets them)."""
+        for half in split_groups([param_group], self._adamw_defaults):
+            super().add_param_group(half)
 
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
         merge = "matrix" if group["matrix"] else "none"
