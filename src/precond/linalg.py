@@ -172,6 +172,7 @@ def newton_schulz(
     coefficients: tuple[float, float, float],
     eps: float,
     dtype: torch.dtype = torch.bfloat16,
+    keep_dtype: bool = False,
 ) -> Tensor:
     r"""Approximate ``U Vᵀ`` of ``G = U S Vᵀ`` with the quintic Newton–Schulz iteration (Muon).
 
@@ -192,7 +193,7 @@ def newton_schulz(
         X = fused(X, B, X, beta=a)
     if transposed:
         X = X.mT
-    return X.to(G.dtype)
+    return X if keep_dtype else X.to(G.dtype)
 
 
 def inverse_sqrt_newton_schulz(A: Tensor, epsilon: float, iterations: int = 25) -> Tensor:

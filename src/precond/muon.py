@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .engine import Bucket, per_block
+from .engine import ADAM, Bucket, per_block
 from .linalg import newton_schulz
 from .matrix import MatrixOptimizer
 from .validation import check_choice, check_in, check_int, check_lr, check_nonneg, check_positive
@@ -80,6 +80,11 @@ class Muon(MatrixOptimizer):
         # A weight of 0 leaves a block with a non-finite gradient exactly as it was.
         buf.lerp_(grads, per_block(ok.to(buf.dtype) * (1.0 - momentum), buf))
         update = grads.lerp(buf, momentum) if group["nesterov"] else buf
-        ortho = newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                              _NS_DTYPES[group["ns_dtype"]])
-        return ortho * adjusted_lr_ratio(group["adjust_lr_fn"], *bucket.shape)
+        # Returned in the iteration's dtype, as torch.optim.Muon adds it; the shape's lr ratio is applied there.
+        return newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                             _NS_DTYPES[group["ns_dtype"]], keep_dtype=True)
+
+    def _direction_scale(self, bucket: Bucket, group: dict[str, Any]) -> float:
+        if bucket.kind == ADAM:
+            return 1.0
+        return adjusted_lr_ratio(group["adjust_lr_fn"], *bucket.shape)

@@ -86,6 +86,10 @@ class BlockEngine(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         return beta1, beta2, group["eps"]
 
+    def _direction_scale(self, bucket: Bucket, group: dict[str, Any]) -> float:
+        """A per-bucket factor on the learning rate (Muon's shape-dependent rate); 1 by default."""
+        return 1.0
+
     def _owns(self, bucket: Bucket) -> bool:
         """Whether this process computes ``bucket``'s directions (always, in one process)."""
         return True
@@ -147,9 +151,11 @@ class BlockEngine(torch.optim.Optimizer):
             grads = [m.param.grad for m in bucket.members]
             ok = torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
             return grads, ok
-        grads = torch.stack([m.view(m.param.grad.contiguous()) for m in bucket.members]).to(bucket.dtype)
-        ok = torch.isfinite(grads).flatten(1).all(1) if grads.dim() > 1 else torch.isfinite(grads)
-        grads = torch.where(per_block(ok, grads), grads, 0.0)
+        views = [m.view(m.param.grad.contiguous()) for m in bucket.members]
+        # The inf-norm reads each gradient once and is finite exactly when every entry is.
+        ok = torch.isfinite(torch.stack(torch._foreach_norm(views, float("inf"))))
+        grads = torch.stack(views).to(bucket.dtype)
+        grads.masked_fill_(per_block(~ok, grads), 0.0)
         group = bucket.group
         if self._weight_decay_mode(group) == "l2" and group["weight_decay"] != 0.0:
             grads = grads + group["weight_decay"] * self._param_stack(bucket, contiguous).to(bucket.dtype)
@@ -170,24 +176,34 @@ class BlockEngine(torch.optim.Optimizer):
         return torch.stack(self._param_blocks(bucket, contiguous))
 
     def _apply(self, bucket: Bucket, direction: Tensor, ok: Tensor, contiguous: dict[Tensor, Tensor]) -> None:
-        """(d): weight decay and ``W ← W - lr·P`` on the blocks with ``ok``; the others stay as they are."""
+        """(d): weight decay and ``W ← W - lr·s·P`` on the blocks with ``ok``; the others stay as they are.
+
+        ``s`` is the optimizer's per-bucket :meth:`_direction_scale`. Decoupled decay is applied as
+        ``W ← W·(1 - lr·wd)`` before (``"decoupled"``) or after (``"decoupled_after"``) the update.
+        """
         group = bucket.group
         lr, wd, mode = group["lr"], group["weight_decay"], self._weight_decay_mode(group)
         blocks = self._param_blocks(bucket, contiguous)
-        if mode == "decoupled" and wd != 0.0:
-            direction = direction + wd * torch.stack(blocks).to(bucket.dtype)
-        direction = torch.where(per_block(ok, direction), direction, 0.0).to(blocks[0].dtype)
-        if isinstance(lr, Tensor):  # a tensor lr (as torch allows) is used without reading it on the host
-            direction = direction * lr.to(direction.device)
-            torch._foreach_sub_(blocks, direction.unbind(0))
-        else:
-            torch._foreach_add_(blocks, direction.unbind(0), alpha=-lr)
-        if mode == "decoupled_after" and wd != 0.0:
-            decay = torch.stack(blocks) * per_block(ok, direction).to(blocks[0].dtype)
+        dtype = blocks[0].dtype
+        decay = wd != 0.0 and mode != "l2"
+        if decay:
             if isinstance(lr, Tensor):
-                torch._foreach_sub_(blocks, (decay * (lr.to(decay.device) * wd)).unbind(0))
+                factors = 1.0 - (lr.to(direction.device) * wd) * ok.to(dtype)
             else:
-                torch._foreach_add_(blocks, decay.unbind(0), alpha=-lr * wd)
+                factors = torch.full(ok.shape, 1.0 - lr * wd, dtype=dtype, device=ok.device).masked_fill_(~ok, 1.0)
+            factors = list(factors.unbind(0))
+        if decay and mode == "decoupled":
+            torch._foreach_mul_(blocks, factors)
+        direction = torch.where(per_block(ok, direction), direction, 0.0)
+        if dtype in (torch.bfloat16, torch.float16):  # low-precision parameters take a rounded update
+            direction = direction.to(dtype)
+        scale = self._direction_scale(bucket, group)
+        if isinstance(lr, Tensor):  # a tensor lr (as torch allows) is used without reading it on the host
+            torch._foreach_sub_(blocks, (direction * (lr.to(direction.device) * scale)).unbind(0))
+        else:
+            torch._foreach_add_(blocks, direction.unbind(0), alpha=-lr * scale)
+        if decay and mode == "decoupled_after":
+            torch._foreach_mul_(blocks, factors)
 
     def _fused_adam(self, bucket: Bucket, grads: list[Tensor], ok: Tensor,
                     contiguous: dict[Tensor, Tensor]) -> None:
@@ -199,11 +215,13 @@ class BlockEngine(torch.optim.Optimizer):
         if isinstance(lr, Tensor):
             lr = lr.to(bucket.device)
         params = self._param_blocks(bucket, contiguous)
-        torch._foreach_add_(bucket.state["step"], 1.0 - found_inf)  # the kernel reads the step, never advances it
+        steps = bucket.state["step"]
+        torch._foreach_add_(steps, 1.0)  # the kernel reads the step and never advances it (torch's order)
         torch._fused_adamw_(params, grads, bucket.state["exp_avg"], bucket.state["exp_avg_sq"], [],
                             bucket.state["step"], lr=lr, beta1=beta1, beta2=beta2,
                             weight_decay=group["weight_decay"], eps=eps, amsgrad=False, maximize=False,
                             grad_scale=None, found_inf=found_inf)
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
         bucket.calls += 1
 
     def _note_nonfinite(self, buckets: list[Bucket], oks: list[Tensor]) -> None:

@@ -1,0 +1,300 @@
+"""The optimizer step alone, timed on the weight matrices of GPT-style bodies, precond beside its peers.
+
+    python -m precond.bench.step_time --sizes 85M --device cuda
+
+For each body (``20M``: 6 layers of width 512; ``85M``: GPT-2 small, 12 × 768; ``350M``: 24 × 1024; ``tiny``
+for CPU checks), the four weight matrices of every layer (attention in/out, MLP up/down, in ``nn.Linear``'s
+``(out, in)`` layout) get random float32 values and, at every step, one of two pre-drawn random gradients.
+Each optimizer steps ``warmup`` times (past its first preconditioner refresh), then ``periods`` refresh
+periods are timed step by step with CUDA events (the host clock on a CPU). Reported per optimizer: mean and
+median ms per step (a step that refreshes nothing), the slowest step (a refresh), the ratio of the mean to
+fused AdamW's, the memory the optimizer holds after stepping (on a GPU: allocated memory beyond parameters
+and gradients, whatever the state's layout; on a CPU: the bytes of its state tensors) and the peak memory of
+its steps. Our optimizers' non-refresh steps are also run under ``torch.cuda.set_sync_debug_mode("error")``
+to check that they never wait for the device.
+
+Peers are optional: ``torch.optim`` (AdamW fused and foreach, Muon) always; ``pytorch_optimizer`` and
+``heavyball`` when installed; Distributed Shampoo, the reference SOAP and NVIDIA's emerging-optimizers from
+their public sources in ``.peers/`` (``optimizers``, ``SOAP``, ``emerging``), which the project never commits.
+A peer that cannot be imported or built is listed with its error and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import precond
+
+BODIES = {"tiny": (2, 64), "20M": (6, 512), "85M": (12, 768), "350M": (24, 1024)}
+PEERS_DIR = Path(__file__).resolve().parents[3] / ".peers"
+FREQUENCY = 10  # refresh period of every preconditioned optimizer (the issue's F=10)
+
+
+def body_shapes(layers: int, width: int) -> list[tuple[int, int]]:
+    """The weight matrices of a GPT-2-style body: per layer qkv, attention out, MLP up, MLP down."""
+    return [s for _ in range(layers) for s in ((3 * width, width), (width, width), (4 * width, width),
+                                               (width, 4 * width))]
+
+
+# --------------------------------------------------------------------------------- optimizers
+def _ours(max_dim: int) -> dict[str, Callable]:
+    return {
+        "precond AdamW": lambda ps: precond.AdamW(ps, lr=1e-3),
+        "precond Muon": lambda ps: precond.Muon(ps, lr=0.02),
+        "precond SOAP": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=FREQUENCY),
+        "precond EShampoo": lambda ps: precond.EShampoo(ps, lr=1e-3, precondition_frequency=FREQUENCY,
+                                                        max_preconditioner_dim=max_dim),
+        "precond Shampoo": lambda ps: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12,
+                                                      precondition_frequency=FREQUENCY, grafting="adam",
+                                                      max_preconditioner_dim=max_dim),
+    }
+
+
+def _peers(max_dim: int) -> dict[str, Callable]:
+    peers: dict[str, Callable] = {
+        "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+        "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+        "torch Muon": lambda ps: torch.optim.Muon(ps, lr=0.02),
+    }
+
+    def pytorch_optimizer(name: str, **kw: Any) -> Callable:
+        def make(ps):
+            import pytorch_optimizer
+            return getattr(pytorch_optimizer, name)(ps, **kw)
+        return make
+
+    def heavyball(name: str, **kw: Any) -> Callable:
+        def make(ps):
+            import heavyball
+            return getattr(heavyball, name)(ps, **kw)
+        return make
+
+    def distributed_shampoo(kind: str) -> Callable:
+        def make(ps):
+            sys.path.insert(0, str(PEERS_DIR / "optimizers"))
+            import distributed_shampoo as ds
+            common = dict(lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, max_preconditioner_dim=max_dim,
+                          precondition_frequency=FREQUENCY)
+            if kind == "Shampoo":
+                return ds.DistributedShampoo(ps, **common, grafting_config=ds.AdamPreconditionerConfig(
+                    beta2=0.999, epsilon=1e-10))
+            if kind == "EShampoo":
+                return ds.DistributedShampoo(ps, **common,
+                                             preconditioner_config=ds.EigenvalueCorrectedShampooPreconditionerConfig())
+            return ds.DistributedShampoo(ps, **dict(common, betas=(0.95, 0.95), epsilon=1e-8),
+                                         preconditioner_config=ds.DefaultSOAPConfig)
+        return make
+
+    def reference_soap(ps):
+        sys.path.insert(0, str(PEERS_DIR / "SOAP"))
+        from soap import SOAP
+        return SOAP(ps, lr=3e-3, precondition_frequency=FREQUENCY)
+
+    def emerging(name: str) -> Callable:
+        def make(ps):
+            sys.path.insert(0, str(PEERS_DIR / "emerging"))
+            if name == "Muon":
+                from emerging_optimizers.orthogonalized_optimizers import Muon
+                return Muon(ps, lr=0.02)
+            from emerging_optimizers.legacy_soap import SOAP
+            return SOAP(ps, lr=3e-3)
+        return make
+
+    peers.update({
+        "pytorch-optimizer Muon": lambda ps: pytorch_optimizer("Muon", lr=0.02)([{"params": ps, "use_muon": True}]),
+        "pytorch-optimizer SOAP": pytorch_optimizer("SOAP", lr=3e-3, precondition_frequency=FREQUENCY),
+        "heavyball Muon": heavyball("Muon", lr=0.02),
+        "heavyball SOAP": heavyball("SOAP", lr=3e-3, precondition_frequency=FREQUENCY),
+        "DistributedShampoo Shampoo": distributed_shampoo("Shampoo"),
+        "DistributedShampoo EShampoo": distributed_shampoo("EShampoo"),
+        "DistributedShampoo SOAP": distributed_shampoo("SOAP"),
+        "reference SOAP": reference_soap,
+        "emerging-optimizers Muon": emerging("Muon"),
+        "emerging-optimizers SOAP": emerging("SOAP"),
+    })
+    return peers
+
+
+def optimizers(width: int = 768) -> dict[str, Callable]:
+    """Every optimizer by name, configured for a body of ``width``: full factors (``max_dim = 4·width``, the
+    longest dim, so nothing is blocked and no two dims of a matrix are merged into one factor)."""
+    return {**_ours(4 * width), **_peers(4 * width)}
+
+
+# ------------------------------------------------------------------------------------ timing
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of distinct storage held by the optimizer's state tensors (views of one stack count once)."""
+    seen: dict[int, int] = {}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    walk(list(optimizer.state.values()))
+    return sum(seen.values())
+
+
+class Clock:
+    """Per-step wall time: CUDA events on a GPU, the host clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [1e3 * (b - a) for a, b in zip(self.marks, self.marks[1:])]
+
+
+def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.device, warmup: int,
+                   periods: int, check_syncs: bool) -> dict[str, Any]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    params = [torch.nn.Parameter(0.02 * torch.randn(s, generator=gen).to(device)) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(2)]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    opt = make(params)
+
+    def step(i: int) -> None:
+        for p, g in zip(params, grads[i % 2]):
+            p.grad = g
+        opt.step()
+
+    for i in range(warmup):
+        step(i)
+    sync_free = None
+    if check_syncs and device.type == "cuda":
+        # A step that refreshes nothing (the warm-up ended just past a refresh) must not wait for the device.
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(warmup)
+            sync_free = True
+        except RuntimeError as err:
+            sync_free = f"no: {str(err).splitlines()[0][:120]}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        warmup += 1
+    clock = Clock(device)
+    clock.mark()
+    steps = periods * FREQUENCY
+    for i in range(warmup, warmup + steps):
+        step(i)
+        clock.mark()
+    times = clock.intervals_ms()
+    if device.type == "cuda":  # what the optimizer holds, whatever its state's layout
+        resident = torch.cuda.memory_allocated() - base
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        resident, peak = state_bytes(opt), None
+    result = {
+        "mean_ms": sum(times) / len(times),
+        "median_ms": sorted(times)[len(times) // 2],  # 9 of 10 steps refresh nothing: the median is such a step
+        "max_ms": max(times),                          # a refresh step
+        "state_mib": resident / 2**20,
+        "peak_mib": peak / 2**20 if peak is not None else None,
+        "sync_free": sync_free,
+    }
+    del opt, params, grads
+    return result
+
+
+def run(sizes: list[str], names: list[str], device: torch.device, warmup: int, periods: int,
+        out: Path | None) -> dict[str, Any]:
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "sizes": {}}
+    for size in sizes:
+        layers, width = BODIES[size]
+        shapes = body_shapes(layers, width)
+        n_params = sum(a * b for a, b in shapes)
+        table = optimizers(width)
+        rows: dict[str, Any] = {}
+        for name in names:
+            try:
+                rows[name] = time_optimizer(table[name], shapes, device, warmup, periods,
+                                            check_syncs=name.startswith("precond"))
+            except Exception as err:  # a peer that does not import or run is reported, not fatal
+                rows[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+            print(f"{size} {name}: {rows[name]}", file=sys.stderr, flush=True)
+            if out is not None:
+                results["sizes"][size] = {"parameters": n_params, "matrices": len(shapes), "rows": rows}
+                out.write_text(json.dumps(results, indent=1))
+        results["sizes"][size] = {"parameters": n_params, "matrices": len(shapes), "rows": rows}
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"device: {results['device']}, torch {results['torch']}, {results['date']}"]
+    for size, entry in results["sizes"].items():
+        rows = entry["rows"]
+        fused = rows.get("torch AdamW fused", {}).get("mean_ms")
+        lines += ["", f"**{size}** body: {entry['matrices']} matrices, {entry['parameters'] / 1e6:.1f}M parameters, "
+                  f"F={FREQUENCY}, fp32", "",
+                  "| optimizer | mean ms/step | median (no refresh) | max (refresh) | mean × fused AdamW "
+                  "| state MiB | peak MiB | sync-free |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            if "error" in r:
+                lines.append(f"| {name} | — | — | — | — | — | — | {r['error']} |")
+                continue
+            ratio = f"{r['mean_ms'] / fused:.2f}" if fused else "—"
+            peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "—"
+            sync = {None: "—", True: "yes"}.get(r["sync_free"], r["sync_free"])
+            lines.append(f"| {name} | {r['mean_ms']:.2f} | {r['median_ms']:.2f} | {r['max_ms']:.1f} | {ratio} | "
+                         f"{r['state_mib']:.0f} | {peak} | {sync} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["85M"], choices=list(BODIES))
+    parser.add_argument("--optimizers", nargs="+", default=None,
+                        help="names as listed by --list (default: every one of ours and torch's, and the peers)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=FREQUENCY + 2, help="untimed steps (past the first refresh)")
+    parser.add_argument("--periods", type=int, default=3, help="timed refresh periods of F steps")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here (updated per row)")
+    parser.add_argument("--list", action="store_true", help="list the optimizer names and exit")
+    args = parser.parse_args(argv)
+    names = list(optimizers())
+    if args.list:
+        print("\n".join(names))
+        return 0
+    chosen = args.optimizers or [n for n in names if not n.startswith("heavyball")]
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        parser.error(f"unknown optimizer(s) {unknown}; --list shows the names")
+    results = run(args.sizes, chosen, torch.device(args.device), args.warmup, args.periods, args.out)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
