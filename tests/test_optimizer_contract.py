@@ -305,3 +305,10 @@ INVALID = [
 def test_invalid_hyper_parameters_name_the_argument(cls, kwargs, argument):
     with pytest.raises(ValueError, match=f"Invalid {argument}"):
         cls([torch.nn.Parameter(torch.randn(3, 3))], **kwargs)
+
+
+def test_finite_mask_flags_nan_and_both_infinities_but_not_large_values():
+    from precond.engine import finite_mask
+    tensors = [torch.randn(3, 4), torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 0.0]),
+               torch.tensor([-float("inf"), 2.0]), torch.full((5,), 1e30), torch.zeros(2, 2, dtype=torch.float64)]
+    assert finite_mask(tensors).tolist() == [True, False, False, False, True, True]

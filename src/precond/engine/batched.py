@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["per_block", "commit_", "bias_correction"]
+__all__ = ["per_block", "commit_", "bias_correction", "finite_mask"]
 
 
 def per_block(values: Tensor, like: Tensor) -> Tensor:
@@ -30,3 +30,14 @@ def bias_correction(beta: float, step: Tensor, dtype: torch.dtype) -> Tensor:
     ``per_block(result, x)``.
     """
     return 1.0 - torch.pow(beta, step.to(dtype))
+
+
+def finite_mask(tensors: list[Tensor]) -> Tensor:
+    """``[B]`` bools: whether every entry of ``tensors[b]`` is finite, reading each tensor once.
+
+    On a GPU by the multi-tensor inf-norm (max |x|, NaN-propagating), exact. On a CPU that kernel is slow
+    and the 1-norm is used: NaN and ±inf propagate into it, and a finite tensor only reads as non-finite if
+    its absolute values sum past the dtype's largest number (~3e38 for float32).
+    """
+    order = float("inf") if tensors[0].device.type == "cuda" else 1.0
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, order)))

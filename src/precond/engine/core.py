@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..blocks import BlockLayout
-from .batched import per_block
+from .batched import finite_mask, per_block
 from .plan import ADAM, Bucket, block_prefix, build_buckets, fresh_block_state, state_dtype
 
 __all__ = ["BlockEngine", "WEIGHT_DECAY_MODES"]
@@ -149,11 +149,9 @@ class BlockEngine(torch.optim.Optimizer):
         bucket) and the mask of blocks whose gradient is finite."""
         if bucket.fused:
             grads = [m.param.grad for m in bucket.members]
-            ok = torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
-            return grads, ok
+            return grads, finite_mask(grads)
         views = [m.view(m.param.grad.contiguous()) for m in bucket.members]
-        # The inf-norm reads each gradient once and is finite exactly when every entry is.
-        ok = torch.isfinite(torch.stack(torch._foreach_norm(views, float("inf"))))
+        ok = finite_mask(views)
         grads = torch.stack(views).to(bucket.dtype)
         grads.masked_fill_(per_block(~ok, grads), 0.0)
         group = bucket.group
@@ -162,6 +160,8 @@ class BlockEngine(torch.optim.Optimizer):
         return grads, ok
 
     def _param_blocks(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> list[Tensor]:
+        if bucket.fused and bucket.contiguous:
+            return bucket.params
         blocks = []
         for m in bucket.members:
             data = m.param.data
@@ -215,13 +215,12 @@ class BlockEngine(torch.optim.Optimizer):
         if isinstance(lr, Tensor):
             lr = lr.to(bucket.device)
         params = self._param_blocks(bucket, contiguous)
-        steps = bucket.state["step"]
-        torch._foreach_add_(steps, 1.0)  # the kernel reads the step and never advances it (torch's order)
+        bucket.state["step"].add_(1.0)  # the kernel reads the step and never advances it (torch's order)
         torch._fused_adamw_(params, grads, bucket.state["exp_avg"], bucket.state["exp_avg_sq"], [],
-                            bucket.state["step"], lr=lr, beta1=beta1, beta2=beta2,
+                            bucket.state["steps"], lr=lr, beta1=beta1, beta2=beta2,
                             weight_decay=group["weight_decay"], eps=eps, amsgrad=False, maximize=False,
                             grad_scale=None, found_inf=found_inf)
-        torch._foreach_sub_(steps, [found_inf] * len(steps))
+        bucket.state["step"].sub_(found_inf)
         bucket.calls += 1
 
     def _note_nonfinite(self, buckets: list[Bucket], oks: list[Tensor]) -> None:
@@ -233,10 +232,7 @@ class BlockEngine(torch.optim.Optimizer):
         if not buckets:
             return
         for bucket, ok in zip(buckets, oks):
-            if bucket.fused:
-                torch._foreach_add_(bucket.state["nonfinite"], list((~ok).to(torch.int64).unbind(0)))
-            else:
-                bucket.state["nonfinite"].add_(~ok)
+            bucket.state["nonfinite"].add_(~ok)
         bad = torch.stack([(~ok).sum() for ok in oks]).sum()
         if self._nonfinite_total is None:
             self._nonfinite_total = torch.zeros((), dtype=torch.int64, device=bad.device)

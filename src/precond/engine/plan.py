@@ -16,6 +16,7 @@ by torch's fused AdamW kernel over tensor lists, so it needs no common shape and
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,14 @@ class Bucket:
     calls: int  # steps taken so far (a host-side count, for schedules; per-block counts are in "step")
     state: dict[str, Any] = field(default_factory=dict)  # name -> stack [B, ...] (or list, fused Adam)
 
+    @functools.cached_property
+    def params(self) -> list[Tensor]:
+        return [m.param for m in self.members]
+
+    @functools.cached_property
+    def contiguous(self) -> bool:
+        return all(m.param.is_contiguous() for m in self.members)
+
     @property
     def fused(self) -> bool:
         return self.shape is None
@@ -114,22 +123,26 @@ def fresh_block_state(optimizer: Any, shape: tuple[int, ...], kind: Hashable, gr
 
 
 def _attach_state(optimizer: Any, bucket: Bucket) -> None:
-    if bucket.fused:  # per-parameter tensors, as torch's AdamW keeps them
-        for name in ("exp_avg", "exp_avg_sq", *ENGINE_KEYS):
-            bucket.state[name] = []
+    if bucket.fused:
+        # Moments stay per-parameter tensors (the kernel takes lists of any shapes); the step and
+        # non-finite counters are stacked, so that one kernel advances all of them.
         for m in bucket.members:
             state = optimizer.state[m.param]
             if "exp_avg" not in state:
-                fresh = fresh_block_state(optimizer, tuple(m.param.shape), ADAM, bucket.group, bucket.dtype,
-                                          bucket.device)
-                state.update(fresh)
-            for name in bucket.state:
-                bucket.state[name].append(state[name])
-        return
-    fresh = fresh_block_state(optimizer, bucket.shape, bucket.kind, bucket.group, bucket.dtype, bucket.device)
-    for name, init in fresh.items():
-        parts = [optimizer.state[m.param].get(m.prefix + name, init) for m in bucket.members]
+                state.update(optimizer._init_block(tuple(m.param.shape), ADAM, bucket.group, bucket.dtype,
+                                                   bucket.device))
+        for name in ("exp_avg", "exp_avg_sq"):
+            bucket.state[name] = [optimizer.state[m.param][name] for m in bucket.members]
+        fresh = fresh_block_state(optimizer, (), ADAM, bucket.group, bucket.dtype, bucket.device)
+        names: tuple[str, ...] = ENGINE_KEYS
+    else:
+        fresh = fresh_block_state(optimizer, bucket.shape, bucket.kind, bucket.group, bucket.dtype, bucket.device)
+        names = tuple(fresh)
+    for name in names:
+        parts = [optimizer.state[m.param].get(m.prefix + name, fresh[name]) for m in bucket.members]
         stack = torch.stack(parts)
         bucket.state[name] = stack
         for j, m in enumerate(bucket.members):
             optimizer.state[m.param][m.prefix + name] = stack[j]
+    if bucket.fused:  # the kernel takes the step counts as a list of (0-d) tensors
+        bucket.state["steps"] = list(bucket.state["step"].unbind(0))
