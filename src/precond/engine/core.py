@@ -184,26 +184,30 @@ class BlockEngine(torch.optim.Optimizer):
         group = bucket.group
         lr, wd, mode = group["lr"], group["weight_decay"], self._weight_decay_mode(group)
         blocks = self._param_blocks(bucket, contiguous)
-        dtype = blocks[0].dtype
+        # The update runs on a stack of the blocks and is copied back by one multi-tensor kernel: a few
+        # launches per bucket, whatever its size and the direction's dtype.
+        weights = torch.stack(blocks)
         decay = wd != 0.0 and mode != "l2"
         if decay:
             if isinstance(lr, Tensor):
-                factors = 1.0 - (lr.to(direction.device) * wd) * ok.to(dtype)
+                factors = 1.0 - (lr.to(ok.device) * wd) * ok.to(weights.dtype)
             else:
-                factors = torch.full(ok.shape, 1.0 - lr * wd, dtype=dtype, device=ok.device).masked_fill_(~ok, 1.0)
-            factors = list(factors.unbind(0))
+                factors = torch.full(ok.shape, 1.0 - lr * wd, dtype=weights.dtype, device=ok.device)
+                factors.masked_fill_(~ok, 1.0)
+            factors = per_block(factors, weights)
         if decay and mode == "decoupled":
-            torch._foreach_mul_(blocks, factors)
+            weights.mul_(factors)
         direction = torch.where(per_block(ok, direction), direction, 0.0)
-        if dtype in (torch.bfloat16, torch.float16):  # low-precision parameters take a rounded update
-            direction = direction.to(dtype)
+        if weights.dtype in (torch.bfloat16, torch.float16):  # low-precision parameters take a rounded update
+            direction = direction.to(weights.dtype)
         scale = self._direction_scale(bucket, group)
         if isinstance(lr, Tensor):  # a tensor lr (as torch allows) is used without reading it on the host
-            torch._foreach_sub_(blocks, (direction * (lr.to(direction.device) * scale)).unbind(0))
+            weights.sub_(direction * (lr.to(direction.device) * scale))
         else:
-            torch._foreach_add_(blocks, direction.unbind(0), alpha=-lr * scale)
+            weights.add_(direction, alpha=-lr * scale)
         if decay and mode == "decoupled_after":
-            torch._foreach_mul_(blocks, factors)
+            weights.mul_(factors)
+        torch._foreach_copy_(blocks, list(weights.unbind(0)))
 
     def _fused_adam(self, bucket: Bucket, grads: list[Tensor], ok: Tensor,
                     contiguous: dict[Tensor, Tensor]) -> None:
