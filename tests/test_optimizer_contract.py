@@ -312,3 +312,28 @@ def test_finite_mask_flags_nan_and_both_infinities_but_not_large_values():
     tensors = [torch.randn(3, 4), torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 0.0]),
                torch.tensor([-float("inf"), 2.0]), torch.full((5,), 1e30), torch.zeros(2, 2, dtype=torch.float64)]
     assert finite_mask(tensors).tolist() == [True, False, False, False, True, True]
+
+
+@pytest.mark.parametrize("name", ["Shampoo", "EShampoo", "SOAP"])
+def test_tf32_flag_applies_to_the_optimizer_steps_only(name, monkeypatch):
+    """The flag switches float32 matmuls to TF32 while the optimizer computes, then restores the setting."""
+    from precond import linalg
+    seen = []
+    real = linalg.tf32_matmuls
+
+    def spy(enabled):
+        seen.append(enabled)
+        return real(enabled)
+
+    monkeypatch.setattr("precond.engine.core.tf32_matmuls", spy)
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    net = model()
+    opt = FACTORIES[name](net.parameters(), tf32=True)
+    train(net, opt, 2)
+    assert seen and all(seen) and matmul.fp32_precision == before
+    with real(True):
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    with pytest.raises(ValueError, match="Invalid tf32"):
+        FACTORIES[name](net.parameters(), tf32="yes")

@@ -8,11 +8,15 @@ counts the failure.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
 __all__ = [
     "LinAlgFailure",
+    "tf32_matmuls",
     "symmetric_eigh",
     "batched_eigh",
     "inverse_roots",
@@ -25,6 +29,30 @@ __all__ = [
     "inverse_sqrt_newton_schulz",
     "inverse_root_newton",
 ]
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """Within the block, float32 matmuls on CUDA may use TF32 tensor cores (when ``enabled``); the previous
+    setting is restored on exit, so the choice stays with the optimizer that asked for it."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = previous
+    else:
+        previous = matmul.allow_tf32
+        matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = previous
 
 
 class LinAlgFailure(RuntimeError):

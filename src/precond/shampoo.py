@@ -29,7 +29,8 @@ _GRAFTING_BETA2 = {"adam": 0.999, "rmsprop": 0.99, "adagrad": 1.0, "sgd": 1.0}
 # The constructor arguments Shampoo and EShampoo share (Distributed Shampoo's names).
 SHARED_ARGUMENTS = ("lr", "betas", "epsilon", "weight_decay", "max_preconditioner_dim", "precondition_frequency",
                     "start_preconditioning_step", "use_bias_correction", "use_decoupled_weight_decay", "grafting",
-                    "grafting_beta2", "grafting_epsilon", "precondition_1d", "merge_dims", "large_dim_policy")
+                    "grafting_beta2", "grafting_epsilon", "precondition_1d", "merge_dims", "large_dim_policy",
+                    "tf32")
 
 
 def shared_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +50,8 @@ class ShampooFamily(BlockEngine):
                  weight_decay: float, max_preconditioner_dim: int | float, precondition_frequency: int,
                  start_preconditioning_step: int, use_bias_correction: bool, use_decoupled_weight_decay: bool,
                  grafting: str | None, grafting_beta2: float | None, grafting_epsilon: float,
-                 precondition_1d: bool, merge_dims: bool, large_dim_policy: str, extra: dict[str, Any]) -> None:
+                 precondition_1d: bool, merge_dims: bool, large_dim_policy: str, tf32: bool,
+                 extra: dict[str, Any]) -> None:
         check_lr(lr)
         check_betas(betas, beta2_may_be_one=True)
         check_positive("epsilon", epsilon)
@@ -65,6 +67,7 @@ class ShampooFamily(BlockEngine):
             check_betas((0.0, grafting_beta2), name="grafting_beta2 (as betas)")
         check_positive("grafting_epsilon", grafting_epsilon)
         check_choice("large_dim_policy", large_dim_policy, ("split", "identity"))
+        check_choice("tf32", tf32, (False, True))
         defaults = dict(lr=lr, betas=tuple(betas), epsilon=epsilon, weight_decay=weight_decay,
                         max_preconditioner_dim=max_preconditioner_dim,
                         precondition_frequency=precondition_frequency,
@@ -74,7 +77,7 @@ class ShampooFamily(BlockEngine):
                         use_decoupled_weight_decay=use_decoupled_weight_decay, grafting=grafting,
                         grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
                         precondition_1d=precondition_1d, merge_dims=merge_dims,
-                        large_dim_policy=large_dim_policy, **extra)
+                        large_dim_policy=large_dim_policy, tf32=tf32, **extra)
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------------- engine hooks
@@ -202,6 +205,8 @@ class Shampoo(ShampooFamily):
         merge_dims: merge adjacent small dims as Distributed Shampoo does (default True).
         large_dim_policy: ``"split"`` dims longer than ``max_preconditioner_dim`` into blocks (default) or
             leave them un-preconditioned (``"identity"``).
+        tf32: compute this optimizer's float32 matmuls with TF32 tensor cores on CUDA (default False: full
+            float32); the global PyTorch setting is left as it was.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, betas: tuple[float, float] = (0.9, 1.0),
@@ -211,7 +216,7 @@ class Shampoo(ShampooFamily):
                  grafting: str | None = None, grafting_beta2: float | None = None,
                  grafting_epsilon: float = 1e-10, inverse_exponent_override: float | dict[int, float] | None = None,
                  root_method: str = "eigh", precondition_1d: bool = False, merge_dims: bool = True,
-                 large_dim_policy: str = "split") -> None:
+                 large_dim_policy: str = "split", tf32: bool = False) -> None:
         check_choice("root_method", root_method, ("eigh", "newton"))
         if isinstance(inverse_exponent_override, dict):
             for order, exponent in inverse_exponent_override.items():

@@ -55,6 +55,7 @@ class SOAP(BlockEngine):
         normalize_grads: divide the update by its RMS (default False).
         correct_bias: Adam's bias correction (default True).
         large_dim_policy: ``"identity"`` (default, the reference) or ``"split"`` into blocks.
+        tf32: compute this optimizer's float32 matmuls with TF32 tensor cores on CUDA (default False).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
@@ -62,7 +63,7 @@ class SOAP(BlockEngine):
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
                  precondition_1d: bool = False, normalize_grads: bool = False, correct_bias: bool = True,
                  refresh_method: str = "power_qr", refresh_tolerance: float = 0.0, max_qr_iterations: int = 1,
-                 large_dim_policy: str = "identity") -> None:
+                 large_dim_policy: str = "identity", tf32: bool = False) -> None:
         check_lr(lr)
         check_betas(betas)
         if shampoo_beta != -1:
@@ -75,12 +76,13 @@ class SOAP(BlockEngine):
         check_in("refresh_tolerance", refresh_tolerance, 0.0, 1.0)
         check_int("max_qr_iterations", max_qr_iterations, 1)
         check_choice("large_dim_policy", large_dim_policy, ("split", "identity"))
+        check_choice("tf32", tf32, (False, True))
         defaults = dict(lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
                         merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads,
                         correct_bias=correct_bias, refresh_method=refresh_method,
                         refresh_tolerance=refresh_tolerance, max_qr_iterations=max_qr_iterations,
-                        large_dim_policy=large_dim_policy)
+                        large_dim_policy=large_dim_policy, tf32=tf32)
         super().__init__(params, defaults)
 
     def _weight_decay_mode(self, group: dict[str, Any]) -> str:

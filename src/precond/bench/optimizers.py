@@ -40,6 +40,10 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
                                                                   weight_decay=0.0)),
     OptimizerSpec("SOAP", 3e-3, lambda m, lr, _: precond.SOAP(_params(m), lr=lr, betas=(0.95, 0.95),
                                                                 weight_decay=0.0, precondition_frequency=10)),
+    # The same SOAP with TF32 matmuls (not in the default list): does the loss curve follow float32's?
+    OptimizerSpec("SOAP-tf32", 3e-3, lambda m, lr, _: precond.SOAP(_params(m), lr=lr, betas=(0.95, 0.95),
+                                                                     weight_decay=0.0, precondition_frequency=10,
+                                                                     tf32=True)),
     OptimizerSpec("EShampoo", 3e-3, lambda m, lr, _: precond.EShampoo(
         _params(m), lr=lr, betas=(0.95, 0.95), epsilon=1e-8, precondition_frequency=10)),
     OptimizerSpec("Shampoo", 3e-3, lambda m, lr, _: precond.Shampoo(

@@ -55,6 +55,12 @@ def _ours(max_dim: int) -> dict[str, Callable]:
         "precond Shampoo": lambda ps: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12,
                                                       precondition_frequency=FREQUENCY, grafting="adam",
                                                       max_preconditioner_dim=max_dim),
+        "precond SOAP tf32": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=FREQUENCY, tf32=True),
+        "precond EShampoo tf32": lambda ps: precond.EShampoo(ps, lr=1e-3, precondition_frequency=FREQUENCY,
+                                                             max_preconditioner_dim=max_dim, tf32=True),
+        "precond Shampoo tf32": lambda ps: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12,
+                                                           precondition_frequency=FREQUENCY, grafting="adam",
+                                                           max_preconditioner_dim=max_dim, tf32=True),
     }
 
 

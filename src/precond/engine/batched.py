@@ -20,7 +20,7 @@ def per_block(values: Tensor, like: Tensor) -> Tensor:
 
 def commit_(target: Tensor, new: Tensor, ok: Tensor) -> None:
     """``target[b] ← new[b]`` for the blocks with ``ok[b]``; the others keep their value exactly."""
-    target.copy_(torch.where(per_block(ok, target), new, target))
+    torch.where(per_block(ok, target), new, target, out=target)
 
 
 def bias_correction(beta: float, step: Tensor, dtype: torch.dtype) -> Tensor:

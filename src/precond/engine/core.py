@@ -16,7 +16,8 @@ preconditioner keeps and how it turns a stack of gradients into a stack of searc
 A step runs in four phases: (a) gather the gradients into buckets and flag blocks with non-finite
 gradients, (b) compute the directions of the buckets this process owns, (c) exchange directions
 between processes (nothing to do in one process), (d) apply weight decay and ``W ← W - lr·P``.
-Nothing in a step that does not refresh a preconditioner waits for the device.
+Nothing in a step that does not refresh a preconditioner waits for the device. A group with ``"tf32": True``
+computes its directions with TF32 float32 matmuls on CUDA (the global setting is restored afterwards).
 
 Non-finite gradients: a block whose gradient holds NaN/Inf leaves its state (its step count included)
 and its parameter block unchanged, decided on the device by a per-block mask, and is counted; the first
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ..blocks import BlockLayout
+from ..linalg import tf32_matmuls
 from .batched import finite_mask, per_block
 from .plan import ADAM, Bucket, block_prefix, build_buckets, fresh_block_state, state_dtype
 
@@ -132,7 +134,8 @@ class BlockEngine(torch.optim.Optimizer):
             if not bucket.fused and self._owns(bucket):
                 bucket.calls += 1
                 bucket.state["step"].add_(ok.to(torch.float32))
-                directions[i] = self._directions(bucket, grads, ok, bucket.group)
+                with tf32_matmuls(bool(bucket.group.get("tf32", False))):
+                    directions[i] = self._directions(bucket, grads, ok, bucket.group)
         self._exchange(buckets, directions)                                                    # (c)
         for i, (bucket, (grads, ok)) in enumerate(zip(buckets, gathered)):                     # (d)
             if bucket.fused:
