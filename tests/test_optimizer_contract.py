@@ -337,3 +337,39 @@ def test_tf32_flag_applies_to_the_optimizer_steps_only(name, monkeypatch):
     assert matmul.fp32_precision == before
     with pytest.raises(ValueError, match="Invalid tf32"):
         FACTORIES[name](net.parameters(), tf32="yes")
+
+
+@pytest.mark.parametrize("name", ["SOAP", "Muon", "AdamW"])
+def test_non_finite_gradients_warn_once_per_parameter_then_count(name, caplog):
+    net = model()
+    opt = FACTORIES[name](net.parameters())
+    train(net, opt, 2)
+    weight = net[0].weight
+    for _ in range(3):
+        for p in net.parameters():
+            p.grad = torch.randn_like(p)
+        weight.grad[0, 0] = float("nan")
+        with caplog.at_level("WARNING", logger="precond"):
+            opt.step()
+    stats = opt.preconditioner_stats()
+    assert stats["nonfinite_skipped_blocks"] == 3
+    assert len([r for r in caplog.records if "non-finite gradient" in r.getMessage()]) == 1
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_fused_adamw_skips_the_group_step_on_a_non_finite_gradient():
+    """torch's fused kernel takes one skip flag per call: the whole group keeps its state that step."""
+    net = model()
+    opt = precond.AdamW(net.parameters(), lr=0.01)
+    train(net, opt, 2)
+    before = [p.detach().clone() for p in net.parameters()]
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    net[2].bias.grad[0] = float("inf")
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    for index, entry in opt.state_dict()["state"].items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(entry[key], state_before[index][key]), key
+    assert opt.preconditioner_stats()["nonfinite_skipped_blocks"] == 1
