@@ -26,10 +26,9 @@ from torch import Tensor
 
 from ..blocks import BlockLayout
 
-__all__ = ["ADAM", "Member", "Bucket", "state_dtype", "block_prefix", "ENGINE_KEYS"]
+__all__ = ["ADAM", "Member", "Bucket", "state_dtype", "block_prefix", "engine_entries"]
 
 ADAM = "adam"
-ENGINE_KEYS = ("step", "nonfinite")  # per-block entries every optimizer gets from the engine
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -116,10 +115,13 @@ def build_buckets(optimizer: Any, groups: list[dict[str, Any]], with_grad: list[
 def fresh_block_state(optimizer: Any, shape: tuple[int, ...], kind: Hashable, group: dict[str, Any],
                       dtype: torch.dtype, device: torch.device | str) -> dict[str, Tensor]:
     """The state of one new block, engine entries included (``device="meta"`` for shape checks)."""
-    fresh = dict(optimizer._init_block(tuple(shape), kind, group, dtype, device))
-    fresh["step"] = torch.zeros((), dtype=torch.float32, device=device)
-    fresh["nonfinite"] = torch.zeros((), dtype=torch.int64, device=device)
-    return fresh
+    return {**optimizer._init_block(tuple(shape), kind, group, dtype, device), **engine_entries(device)}
+
+
+def engine_entries(device: torch.device | str) -> dict[str, Tensor]:
+    """What the engine keeps for every block: its step count (float32, as torch.optim) and non-finite count."""
+    return {"step": torch.zeros((), dtype=torch.float32, device=device),
+            "nonfinite": torch.zeros((), dtype=torch.int64, device=device)}
 
 
 def _attach_state(optimizer: Any, bucket: Bucket) -> None:
@@ -133,12 +135,10 @@ def _attach_state(optimizer: Any, bucket: Bucket) -> None:
                                                    bucket.device))
         for name in ("exp_avg", "exp_avg_sq"):
             bucket.state[name] = [optimizer.state[m.param][name] for m in bucket.members]
-        fresh = fresh_block_state(optimizer, (), ADAM, bucket.group, bucket.dtype, bucket.device)
-        names: tuple[str, ...] = ENGINE_KEYS
+        fresh = engine_entries(bucket.device)
     else:
         fresh = fresh_block_state(optimizer, bucket.shape, bucket.kind, bucket.group, bucket.dtype, bucket.device)
-        names = tuple(fresh)
-    for name in names:
+    for name in fresh:
         parts = [optimizer.state[m.param].get(m.prefix + name, fresh[name]) for m in bucket.members]
         stack = torch.stack(parts)
         bucket.state[name] = stack
