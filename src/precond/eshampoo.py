@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .engine import Bucket, commit_, per_block
-from .kronecker import factor_matrices, mode_product, permute_dim
+from .kronecker import factor_matrices, mode_product
 from .refresh import REFRESH_METHODS, EigenbasisRefresh
 from .shampoo import ShampooFamily, shared_arguments
 from .validation import check_choice, check_in, check_int
@@ -77,18 +77,11 @@ class EShampoo(ShampooFamily):
         return {"eigenvalues": torch.zeros(shape, dtype=dtype, device=device)}
 
     def _refresh(self, bucket: Bucket, bias2: Tensor, ok: Tensor, group: dict[str, Any]) -> None:
-        policy = self._policy(group)
-        eigenvalues = bucket.state["eigenvalues"]
-        for i, use in enumerate(bucket.kind):
-            if not use:
-                continue
-            factor, basis = bucket.state[f"factor{i}"], bucket.state[f"basis{i}"]
+        def ridge(factor: Tensor) -> Tensor:
             eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
-            ridge = factor / per_block(bias2, factor) + group["epsilon"] * eye
-            new, order, _ = policy.refresh(ridge, basis, bucket.state[f"stats{i}"], ok)
-            basis.copy_(new)
-            if policy.method == "power_qr":  # power-QR re-sorted the columns: the eigenvalues follow them
-                eigenvalues.copy_(permute_dim(eigenvalues, 1 + i, order))
+            return factor / per_block(bias2, factor) + group["epsilon"] * eye
+
+        self._policy(group).refresh_bucket_(bucket.state, bucket.kind, ok, bucket.state["eigenvalues"], ridge)
 
     def _update_preconditioner(self, bucket, grads, bias2, ok, group):
         beta2 = group["betas"][1]

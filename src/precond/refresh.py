@@ -19,11 +19,13 @@ A failed recomputation keeps the last basis and is counted; training goes on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .kronecker import permute_dim
 from .linalg import LinAlgFailure, batched_eigh, off_diagonal_ratio, power_qr_step, qr_algorithm
 
 __all__ = ["EigenbasisRefresh", "REFRESH_METHODS"]
@@ -90,6 +92,25 @@ class EigenbasisRefresh:
         stats[:, FAILURES] += stale & ~good
         return (torch.where(changed[:, None, None], Q_new, Q), torch.where(changed[:, None], order, identity),
                 changed)
+
+    def refresh_bucket_(self, state: dict[str, Tensor], kind: tuple[bool, ...], ok: Tensor, per_column: Tensor,
+                        prepare: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Refresh, in place, the ``basis{i}`` of every factor ``factor{i}`` of a bucket (the layout of
+        :func:`precond.kronecker.init_factor_state`), through ``prepare(factor)`` if given. ``per_column``
+        (a ``[B, …]`` per-coordinate statistic) is permuted along dim ``i`` with power-QR's column order.
+        Returns which blocks had a basis recomputed."""
+        changed = torch.zeros_like(ok)
+        for i, use in enumerate(kind):
+            if not use:
+                continue
+            factor, basis = state[f"factor{i}"], state[f"basis{i}"]
+            A = prepare(factor) if prepare is not None else factor
+            new, order, changed_i = self.refresh(A, basis, state[f"stats{i}"], ok)
+            if self.method == "power_qr":  # the columns were re-sorted: the statistic follows them
+                per_column.copy_(permute_dim(per_column, 1 + i, order))
+            basis.copy_(new)
+            changed |= changed_i
+        return changed
 
     def _recompute(self, A: Tensor, Q: Tensor, stats: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """New bases for every matrix of ``A``: ``(Q, order, good)``."""

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .blocks import BlockLayout
 from .engine import BlockEngine, Bucket, bias_correction, commit_, per_block
-from .kronecker import factor_matrices, init_factor_state, mode_product, permute_dim, update_factors_
+from .kronecker import factor_matrices, init_factor_state, mode_product, update_factors_
 from .refresh import REFRESH_METHODS, EigenbasisRefresh
 from .validation import (check_betas, check_choice, check_in, check_int, check_lr, check_max_dim, check_nonneg,
                          check_positive)
@@ -147,14 +147,5 @@ class SOAP(BlockEngine):
         entries are permuted with the columns (the reference's approximation)."""
         state = bucket.state
         moment = mode_product(state["exp_avg"], factor_matrices(bucket, "basis"), transpose=True)
-        changed = torch.zeros_like(ok)
-        for i, use in enumerate(bucket.kind):
-            if not use:
-                continue
-            basis = state[f"basis{i}"]
-            new, order, changed_i = policy.refresh(state[f"factor{i}"], basis, state[f"stats{i}"], ok)
-            if policy.method == "power_qr":
-                state["exp_avg_sq"].copy_(permute_dim(state["exp_avg_sq"], 1 + i, order))
-            basis.copy_(new)
-            changed |= changed_i
+        changed = policy.refresh_bucket_(state, bucket.kind, ok, state["exp_avg_sq"])
         commit_(state["exp_avg"], mode_product(moment, factor_matrices(bucket, "basis")), changed)

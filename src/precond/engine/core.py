@@ -65,6 +65,7 @@ class BlockEngine(torch.optim.Optimizer):
         self._warned: set[int] = set()
         self._nonfinite_seen = 0
         self._nonfinite_total: Tensor | None = None
+        self._nonfinite_copy: tuple[Tensor, Any] | None = None  # a host copy of the total in flight, its event
 
     # ----------------------------------------------------------------------------------- hooks
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
@@ -251,7 +252,7 @@ class BlockEngine(torch.optim.Optimizer):
         if total is None:
             return
         if total.device.type == "cuda" and not wait:
-            pending = getattr(self, "_nonfinite_copy", None)
+            pending = self._nonfinite_copy
             if pending is not None and pending[1].query():
                 seen = int(pending[0])
                 self._nonfinite_copy = None
@@ -339,6 +340,7 @@ class BlockEngine(torch.optim.Optimizer):
                              for k, v in value.items()}
         self._plan_key = None
         self._nonfinite_total = None
+        self._nonfinite_copy = None
         self._nonfinite_seen = 0
 
     def _check_saved_state(self, saved: dict[str, Any], p: Tensor, group: dict[str, Any], key: Any) -> None:
