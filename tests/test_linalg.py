@@ -76,6 +76,67 @@ def test_power_qr_step_is_orthonormal_and_sorted():
     assert torch.all(est[:-1] >= est[1:])
 
 
+def rotated(V, angle, seed):
+    """``V`` turned by a random rotation ``exp(angle · K)`` (``K`` skew, unit spectral norm)."""
+    n = V.shape[-1]
+    K = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    K = K - K.T
+    return V @ torch.linalg.matrix_exp(angle * K / torch.linalg.matrix_norm(K, 2))
+
+
+def test_refine_eigenbasis_converges_to_float64_eigh_from_a_nearby_basis():
+    A, lam = spd(10, seed=7, cond=30.0)
+    _, V = torch.linalg.eigh(A)
+    X, taken = linalg.refine_eigenbasis(A, rotated(V, 0.05, seed=8), iterations=12)
+    assert 0 < taken <= 12  # quadratic convergence: the ratio reaches round-off (0) within a few steps
+    torch.testing.assert_close(X.T @ X, torch.eye(10, dtype=torch.float64), rtol=0, atol=1e-13)
+    torch.testing.assert_close(torch.diagonal(X.T @ A @ X), lam, rtol=1e-12, atol=0)
+    # same columns as eigh, up to sign: the refinement keeps the order it started from
+    torch.testing.assert_close((X * V).sum(0).abs(), torch.ones(10, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def drifted_factor(n, m, steps, seed, A=None, beta=0.99):
+    """An EMA of ``G Gᵀ`` over ``steps`` gradients ``n × m`` with a decaying column scale, continued from ``A``:
+    the dense, partly clustered spectrum of a real Kronecker factor."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.zeros(n, n, dtype=torch.float64) if A is None else A.clone()
+    for _ in range(steps):
+        G = torch.randn(n, m, dtype=torch.float64, generator=g) * torch.logspace(0, -1, m, dtype=torch.float64)
+        A = beta * A + (1 - beta) * G @ G.T
+    return A
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("m, drift", [(16, 1), (48, 5), (128, 20)])
+def test_refine_eigenbasis_tracks_a_drifting_factor_better_than_power_qr(dtype, m, drift):
+    """The basis of a factor, then ``drift`` more EMA steps: one refinement gets closer to the new eigenbasis
+    than SOAP's power-QR step, further steps keep shrinking the criterion, and the basis stays orthonormal."""
+    before = drifted_factor(48, m, 100, seed=0)
+    X = torch.linalg.eigh(before)[1]
+    A = drifted_factor(48, m, drift, seed=1, A=before)
+    power_qr, _ = linalg.power_qr_step(A, X)
+    ratios = [float(linalg.off_diagonal_ratio(power_qr.T @ A @ power_qr))]
+    for _ in range(4):
+        X, _ = linalg.refine_eigenbasis(A.to(dtype), X.to(dtype), iterations=1)
+        X = X.double()
+        ratios.append(float(linalg.off_diagonal_ratio(X.T @ A @ X)))
+        orthogonality = float((X.T @ X - torch.eye(48, dtype=torch.float64)).abs().max())
+        assert orthogonality < 2e-5  # (3/4)(‖W‖⁴/4)² left by the final Newton–Schulz step at ‖W‖₂ ≤ 0.5
+    assert all(b < 0.9 * a for a, b in zip(ratios, ratios[1:])), ratios
+
+
+def test_refine_eigenbasis_is_batched_and_stops_each_matrix_at_the_tolerance():
+    A = torch.stack([spd(12, seed=s, cond=20.0)[0] for s in range(3)])
+    V = torch.linalg.eigh(A)[1]
+    X0 = torch.stack([V[0], rotated(V[1], 0.2, seed=11), rotated(V[2], 0.02, seed=12)])
+    X, taken = linalg.refine_eigenbasis(A, X0, iterations=20, tolerance=1e-6)
+    assert taken[0] == 0 and 0 < taken[2] < taken[1] < 20
+    for b in range(3):
+        alone, _ = linalg.refine_eigenbasis(A[b], X0[b], iterations=int(taken[b]))
+        torch.testing.assert_close(X[b], alone, rtol=0, atol=1e-13)
+        assert float(linalg.off_diagonal_ratio(X[b].T @ A[b] @ X[b])) <= 1e-6
+
+
 def test_symmetric_eigh_retries_in_float64(monkeypatch):
     real = torch.linalg.eigh
     calls = []

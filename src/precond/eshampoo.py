@@ -40,10 +40,11 @@ class EShampoo(ShampooFamily):
     hyper-parameters. Refresh policy (one decision per factor):
 
     Args:
-        refresh_method: ``"eigh"`` (default), ``"qr"`` (warm-started QR algorithm) or ``"power_qr"``.
+        refresh_method: ``"eigh"`` (default), ``"qr"`` (warm-started QR algorithm), ``"power_qr"`` or
+            ``"refine"`` (matmul-only refinement of the current basis, batched; fastest on a GPU).
         refresh_tolerance: τ of the adaptive criterion ``‖B - diag B‖_F ≤ τ‖B‖_F`` with ``B = QᵀLQ``;
             0 (default) always recomputes. Checked every ``precondition_frequency`` steps.
-        max_qr_iterations: cap on QR-algorithm steps per refresh (default 1).
+        max_qr_iterations: cap on QR-algorithm (or refinement) steps per refresh (default 1).
 
     The remaining arguments are :class:`~precond.Shampoo`'s; defaults follow Distributed Shampoo's
     eigenvalue-corrected example (lr 1e-3, betas (0.9, 0.999), ``precondition_frequency`` 100).

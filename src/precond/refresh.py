@@ -12,7 +12,10 @@ A recomputation is one of
 - ``"eigh"``: a full symmetric eigen-decomposition;
 - ``"qr"``: the warm-started QR algorithm, at most ``max_iterations`` steps, stopping early once the
   criterion holds;
-- ``"power_qr"``: SOAP's single power-iteration step followed by QR.
+- ``"power_qr"``: SOAP's single power-iteration step followed by QR;
+- ``"refine"``: matmul-only refinement of the current basis (:func:`precond.linalg.refine_eigenbasis`),
+  at most ``max_iterations`` steps, each matrix stopping once the criterion holds. Batched matmuls only,
+  so it is the one recomputation that gains from batching and from TF32; it keeps the column order.
 
 A failed recomputation keeps the last basis and is counted; training goes on.
 """
@@ -26,11 +29,12 @@ import torch
 from torch import Tensor
 
 from .kronecker import permute_dim
-from .linalg import LinAlgFailure, batched_eigh, off_diagonal_ratio, power_qr_step, qr_algorithm
+from .linalg import (LinAlgFailure, batched_eigh, off_diagonal_ratio, power_qr_step, qr_algorithm,
+                     refine_eigenbasis)
 
 __all__ = ["EigenbasisRefresh", "REFRESH_METHODS"]
 
-REFRESH_METHODS = ("eigh", "qr", "power_qr")
+REFRESH_METHODS = ("eigh", "qr", "power_qr", "refine")
 
 # Columns of a factor's ``stats`` counters (see precond.kronecker.STATS_WIDTH).
 REFRESHES, SKIPPED, QR_ITERATIONS, FAILURES = 1, 2, 3, 4
@@ -119,17 +123,18 @@ class EigenbasisRefresh:
         try:
             if self.method == "eigh":
                 _, Q_new, good = batched_eigh(A)
-            elif self.method == "qr":
-                _, Q_new, iterations = qr_algorithm(A, Q, self.max_iterations, self.tolerance)
-                if index is None:
-                    stats[:, QR_ITERATIONS] += iterations
-                else:
-                    stats[index, QR_ITERATIONS] += iterations
-                good = torch.isfinite(Q_new).flatten(1).all(1)
-            else:
+            elif self.method == "power_qr":
                 Q_new, order = power_qr_step(A, Q)
+                return Q_new, order, torch.isfinite(Q_new).flatten(1).all(1)
+            else:
+                if self.method == "qr":
+                    _, Q_new, iterations = qr_algorithm(A, Q, self.max_iterations, self.tolerance)
+                else:  # refine keeps the column order and needs no flip
+                    Q_new, iterations = refine_eigenbasis(A, Q, self.max_iterations, self.tolerance)
+                stats[slice(None) if index is None else index, QR_ITERATIONS] += iterations
                 good = torch.isfinite(Q_new).flatten(1).all(1)
-                return Q_new, order, good
+                if self.method == "refine":
+                    return Q_new, order, good
         except LinAlgFailure:
             return Q, order, torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
         if self.descending:  # eigh and the QR algorithm sort ascending

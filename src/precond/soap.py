@@ -41,7 +41,8 @@ class SOAP(BlockEngine):
             \downarrow \operatorname{diag}(Q_i^\top L_i Q_i),\ V \text{ permuted by } \pi;\ M \text{ re-projected}
 
     ``β_s`` is ``shampoo_beta`` (``-1`` → ``betas[1]``). The refresh every ``F`` steps is the reference's
-    power-QR step by default; ``refresh_method``/``refresh_tolerance``/``max_qr_iterations`` select the
+    power-QR step by default; ``refresh_method`` (``"power_qr"``, ``"eigh"``, ``"qr"``, or the matmul-only
+    ``"refine"``), ``refresh_tolerance`` and ``max_qr_iterations`` select another recomputation and the
     adaptive criterion of "Purifying Shampoo" (see :class:`~precond.refresh.EigenbasisRefresh`).
 
     Args:
