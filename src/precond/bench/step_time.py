@@ -61,7 +61,24 @@ def _ours(max_dim: int) -> dict[str, Callable]:
         "precond Shampoo tf32": lambda ps: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12,
                                                            precondition_frequency=FREQUENCY, grafting="adam",
                                                            max_preconditioner_dim=max_dim, tf32=True),
+        **_refine_rows(max_dim),
     }
+
+
+def _refine_rows(max_dim: int) -> dict[str, Callable]:
+    """SOAP and EShampoo with the matmul-only refresh, at F=10 and refreshing every step (F=1)."""
+    rows: dict[str, Callable] = {}
+    for frequency in (FREQUENCY, 1):
+        for tf32 in (False, True):
+            suffix = f"refine{' tf32' if tf32 else ''}{' F=1' if frequency == 1 else ''}"
+            rows[f"precond SOAP {suffix}"] = (
+                lambda ps, f=frequency, t=tf32: precond.SOAP(ps, lr=3e-3, precondition_frequency=f, tf32=t,
+                                                             refresh_method="refine"))
+            rows[f"precond EShampoo {suffix}"] = (
+                lambda ps, f=frequency, t=tf32: precond.EShampoo(ps, lr=1e-3, precondition_frequency=f, tf32=t,
+                                                                 max_preconditioner_dim=max_dim,
+                                                                 refresh_method="refine"))
+    return rows
 
 
 def _peers(max_dim: int) -> dict[str, Callable]:
