@@ -208,7 +208,8 @@ def _spectral_norm_estimate(W: Tensor, iterations: int = 8) -> Tensor:
 
 
 def refine_eigenbasis(A: Tensor, X: Tensor, iterations: int = 1, tolerance: float = 0.0,
-                      max_angle: float = 0.05, max_rotation: float = 0.5) -> tuple[Tensor, Tensor]:
+                      damping: float = 0.05, max_angle: float = 0.05,
+                      max_rotation: float = 0.5) -> tuple[Tensor, Tensor]:
     r"""Matmul-only refinement of approximate eigenbases ``X`` of symmetric matrices ``A`` (``[..., n, n]``).
 
     One iteration is a first-order eigenvector correction in the style of Ogita & Aishima's iterative
@@ -217,14 +218,18 @@ def refine_eigenbasis(A: Tensor, X: Tensor, iterations: int = 1, tolerance: floa
     .. math::
         S = X^T A X,\quad R = I - X^T X,\quad \tilde\lambda_i = S_{ii} / (1 - R_{ii}),\\
         C_{ij} = S_{ij} + \tfrac12(\tilde\lambda_i + \tilde\lambda_j) R_{ij},\quad
-        \theta_{ij} = \operatorname{clip}\big(C_{ij} / (\tilde\lambda_j - \tilde\lambda_i), \pm\rho\big),\\
+        g_{ij} = \tilde\lambda_j - \tilde\lambda_i,\quad
+        \theta_{ij} = \operatorname{clip}\big(C_{ij}\, g_{ij} / (g_{ij}^2 + \mu^2), \pm\rho\big),\quad
+        \mu = \kappa\,\|C - \operatorname{diag} C\|_F,\\
         W = \operatorname{triu}(\theta, 1) - \operatorname{triu}(\theta, 1)^T
             \ \text{(scaled so that } \|W\|_2 \le w_{\max}\text{)},\quad
         X \leftarrow X\,(I + \tfrac12 R + W + \tfrac12 W^2).
 
-    ``θ`` is the rotation that would diagonalise each pair ``(i, j)`` to first order; clipping it at ``ρ =
-    max_angle`` keeps near-degenerate pairs (whose rotation barely changes the quadratic form) from
-    swamping the step, and bounding ``‖W‖₂`` (a power-iteration estimate) keeps ``I + W + W²/2`` within
+    ``θ`` is, for a pair ``(i, j)`` whose gap is large against ``μ``, the rotation that diagonalises it to
+    first order. Pairs closer than ``μ`` (the bulk of a dense spectrum, whose rotation barely changes the
+    quadratic form) are damped towards no rotation, and every angle is clipped at ``ρ = max_angle``, so
+    they cannot swamp the step; ``μ = κ·‖off-diagonal‖_F`` (``κ = damping``) vanishes as the basis
+    converges, which restores the quadratic convergence of the undamped correction. Bounding ``‖W‖₂`` (a power-iteration estimate) keeps ``I + W + W²/2`` within
     ``‖W‖⁴/4`` of orthogonal. ``R/2`` restores orthogonality lost earlier to first order. A matrix stops
     once ``off_diagonal_ratio(S) ≤ tolerance``; no host sync. A final Newton–Schulz step
     ``X ← X(3I - XᵀX)/2`` squares what is left of the orthogonality error. Columns keep their order, so
@@ -241,7 +246,9 @@ def refine_eigenbasis(A: Tensor, X: Tensor, iterations: int = 1, tolerance: floa
         lam = torch.diagonal(S, dim1=-2, dim2=-1) / (1.0 - torch.diagonal(R, dim1=-2, dim2=-1))
         gap = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # gap[i, j] = λ_j - λ_i
         coupling = S + 0.5 * (lam.unsqueeze(-2) + lam.unsqueeze(-1)) * R
-        theta = coupling * torch.sign(gap) / torch.maximum(gap.abs(), coupling.abs() / max_angle).clamp(min=tiny)
+        off = torch.diagonal_scatter(coupling, torch.zeros_like(lam), dim1=-2, dim2=-1)
+        mu = damping * torch.linalg.matrix_norm(off, keepdim=True)
+        theta = (coupling * gap / (gap.square() + mu.square()).clamp(min=tiny)).clamp(-max_angle, max_angle)
         W = torch.triu(theta, 1)
         W = W - W.mT
         W = W * (max_rotation / (1.25 * _spectral_norm_estimate(W)).clamp(min=tiny)).clamp(max=1.0)
