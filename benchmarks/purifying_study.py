@@ -87,7 +87,7 @@ def run_study(args: argparse.Namespace) -> None:
                                                             depth=args.depth, heads=args.heads),
                              batch_size=args.batch_size, device=args.device)
     for name, (finding, build, lrs) in configurations().items():
-        if args.findings and finding not in args.findings:
+        if (args.findings and finding not in args.findings) or (args.match and args.match not in name):
             continue
         for lr in lrs:
             if (name, lr) in seen:
@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/purifying/runs.json"))
     p.add_argument("--report", type=Path, default=None, help="print the tables of a finished study and plot it")
     p.add_argument("--findings", nargs="+", default=None, choices=list("abc"))
+    p.add_argument("--match", default=None, help="only configurations whose name contains this")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=50)
