@@ -43,7 +43,9 @@ class SOAP(BlockEngine):
     ``β_s`` is ``shampoo_beta`` (``-1`` → ``betas[1]``). The refresh every ``F`` steps is the reference's
     power-QR step by default; ``refresh_method`` (``"power_qr"``, ``"eigh"``, ``"qr"``, or the matmul-only
     ``"refine"``), ``refresh_tolerance`` and ``max_qr_iterations`` select another recomputation and the
-    adaptive criterion of "Purifying Shampoo" (see :class:`~precond.refresh.EigenbasisRefresh`).
+    adaptive criterion of "Purifying Shampoo" (see :class:`~precond.refresh.EigenbasisRefresh`). On a GPU,
+    ``"refine"`` costs a third of power-QR for a refresh of equal quality (``BENCHMARKS.md``); the default
+    stays the reference's.
 
     Args:
         lr: learning rate (default 3e-3). betas: Adam's (default (0.95, 0.95)).
