@@ -150,17 +150,20 @@ def permute_columns(Q: Tensor, order: Tensor) -> Tensor:
     return Q.gather(-1, order.unsqueeze(-2).expand_as(Q))
 
 
-def qr_algorithm(A: Tensor, Q: Tensor, max_iterations: int, tolerance: float) -> tuple[Tensor, Tensor, Tensor]:
+def qr_algorithm(A: Tensor, Q: Tensor, max_iterations: int, tolerance: float,
+                 B: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     r"""Warm-started QR algorithm for the eigenbases of symmetric matrices ``A`` (``[..., n, n]``).
 
     ``B = QᵀAQ``; while fewer than ``max_iterations`` steps were taken and
     ``off_diagonal_ratio(B) > tolerance``: ``Q', R' = qr(B); B = R'Q'; Q = Q Q'``, each matrix of a stack
     stopping on its own (the loop ends early once all have converged, a host read per iteration).
     The estimates ``diag(B)`` are then sorted ascending (stable) and ``Q``'s columns permuted alike.
+    ``B`` may be passed in when the caller already computed ``QᵀAQ``.
     Returns ``(eigenvalue estimates, Q, iterations taken)``; raises :class:`LinAlgFailure` if a QR
     raises (non-finite results are the caller's to check).
     """
-    B = Q.mT @ A @ Q
+    if B is None:
+        B = Q.mT @ A @ Q
     iterations = torch.zeros(A.shape[:-2], dtype=torch.int64, device=A.device)
     for _ in range(max_iterations):
         active = off_diagonal_ratio(B) > tolerance
@@ -208,8 +211,8 @@ def _spectral_norm_estimate(W: Tensor, iterations: int = 8) -> Tensor:
 
 
 def refine_eigenbasis(A: Tensor, X: Tensor, iterations: int = 1, tolerance: float = 0.0,
-                      damping: float = 0.05, max_angle: float = 0.05,
-                      max_rotation: float = 0.5) -> tuple[Tensor, Tensor]:
+                      damping: float = 0.05, max_angle: float = 0.05, max_rotation: float = 0.5,
+                      projected: Tensor | None = None) -> tuple[Tensor, Tensor]:
     r"""Matmul-only refinement of approximate eigenbases ``X`` of symmetric matrices ``A`` (``[..., n, n]``).
 
     One iteration is a first-order eigenvector correction in the style of Ogita & Aishima's iterative
@@ -229,19 +232,19 @@ def refine_eigenbasis(A: Tensor, X: Tensor, iterations: int = 1, tolerance: floa
     first order. Pairs closer than ``μ`` (the bulk of a dense spectrum, whose rotation barely changes the
     quadratic form) are damped towards no rotation, and every angle is clipped at ``ρ = max_angle``, so
     they cannot swamp the step; ``μ = κ·‖off-diagonal‖_F`` (``κ = damping``) vanishes as the basis
-    converges, which restores the quadratic convergence of the undamped correction. Bounding ``‖W‖₂`` (a power-iteration estimate) keeps ``I + W + W²/2`` within
-    ``‖W‖⁴/4`` of orthogonal. ``R/2`` restores orthogonality lost earlier to first order. A matrix stops
+    converges, which restores the quadratic convergence of the undamped correction. Bounding ``‖W‖₂``
+    (a power-iteration estimate) keeps ``I + W + W²/2`` within ``‖W‖⁴/4`` of orthogonal. ``R/2`` restores orthogonality lost earlier to first order. A matrix stops
     once ``off_diagonal_ratio(S) ≤ tolerance``; no host sync. A final Newton–Schulz step
     ``X ← X(3I - XᵀX)/2`` squares what is left of the orthogonality error. Columns keep their order, so
-    per-column statistics stay aligned. About ``5·iterations + 2`` batched matmuls of size ``n``.
-    Returns ``(X, iterations taken per matrix)``; non-finite results are the caller's to check.
+    per-column statistics stay aligned. About ``5·iterations + 2`` batched matmuls of size ``n``, two
+    fewer when ``projected`` (``XᵀAX``, already computed by the caller's criterion) is passed. Returns ``(X, iterations taken per matrix)``; non-finite results are the caller's to check.
     """
     n = A.shape[-1]
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
     tiny = torch.finfo(A.dtype).tiny
     taken = torch.zeros(A.shape[:-2], dtype=torch.int64, device=A.device)
-    for _ in range(iterations):
-        S = X.mT @ (A @ X)
+    for i in range(iterations):
+        S = projected if i == 0 and projected is not None else X.mT @ (A @ X)
         R = eye - X.mT @ X
         lam = torch.diagonal(S, dim1=-2, dim2=-1) / (1.0 - torch.diagonal(R, dim1=-2, dim2=-1))
         gap = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # gap[i, j] = λ_j - λ_i

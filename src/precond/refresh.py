@@ -78,13 +78,14 @@ class EigenbasisRefresh:
         identity = torch.arange(n, device=A.device).expand(A.shape[0], n)
         stale = ok
         if self.tolerance > 0.0:
-            stale = ok & (off_diagonal_ratio(Q.mT @ A @ Q) > self.tolerance)
+            B = Q.mT @ A @ Q
+            stale = ok & (off_diagonal_ratio(B) > self.tolerance)
             stats[:, SKIPPED] += ok & ~stale
             # Only the factors that drifted are recomputed: one host read of the mask per refresh.
             index = stale.nonzero().flatten()
             if index.numel() == 0:
                 return Q, identity, stale
-            Q_sub, order_sub, good_sub = self._recompute(A[index], Q[index], stats, index)
+            Q_sub, order_sub, good_sub = self._recompute(A[index], Q[index], stats, index, B[index])
             good = torch.zeros_like(stale)
             good[index] = good_sub
             Q_new, order = Q.clone(), identity.clone()
@@ -116,8 +117,10 @@ class EigenbasisRefresh:
             changed |= changed_i
         return changed
 
-    def _recompute(self, A: Tensor, Q: Tensor, stats: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """New bases for every matrix of ``A``: ``(Q, order, good)``."""
+    def _recompute(self, A: Tensor, Q: Tensor, stats: Tensor, index: Tensor | None,
+                   B: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """New bases for every matrix of ``A``: ``(Q, order, good)``. ``B = QᵀAQ`` when the criterion has
+        already computed it (the QR algorithm and the refinement start from it)."""
         n = A.shape[-1]
         order = torch.arange(n, device=A.device).expand(A.shape[0], n)
         try:
@@ -125,18 +128,16 @@ class EigenbasisRefresh:
                 _, Q_new, good = batched_eigh(A)
             elif self.method == "power_qr":
                 Q_new, order = power_qr_step(A, Q)
-                return Q_new, order, torch.isfinite(Q_new).flatten(1).all(1)
+            elif self.method == "qr":
+                _, Q_new, iterations = qr_algorithm(A, Q, self.max_iterations, self.tolerance, B)
             else:
-                if self.method == "qr":
-                    _, Q_new, iterations = qr_algorithm(A, Q, self.max_iterations, self.tolerance)
-                else:  # refine keeps the column order and needs no flip
-                    Q_new, iterations = refine_eigenbasis(A, Q, self.max_iterations, self.tolerance)
-                stats[slice(None) if index is None else index, QR_ITERATIONS] += iterations
-                good = torch.isfinite(Q_new).flatten(1).all(1)
-                if self.method == "refine":
-                    return Q_new, order, good
+                Q_new, iterations = refine_eigenbasis(A, Q, self.max_iterations, self.tolerance, projected=B)
         except LinAlgFailure:
             return Q, order, torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
-        if self.descending:  # eigh and the QR algorithm sort ascending
+        if self.method in ("qr", "refine"):
+            stats[slice(None) if index is None else index, QR_ITERATIONS] += iterations
+        if self.method != "eigh":
+            good = torch.isfinite(Q_new).flatten(1).all(1)
+        if self.descending and self.method in ("eigh", "qr"):  # both sort ascending; refine keeps the order
             Q_new = torch.flip(Q_new, [-1])
         return Q_new, order, good

@@ -95,8 +95,8 @@ def run(size: str, device: torch.device, drift: int, history: int, noise: float,
     rows: dict[str, dict] = {"stale basis": {"ms": 0.0, "per_size": stale}}
     table = methods()
     for name in names:
-        times, per_size = [], {}
-        for r in range(repeats):
+        times = []
+        for _ in range(repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
