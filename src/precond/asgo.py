@@ -45,7 +45,7 @@ class ASGO(MatrixOptimizer):
                  epsilon: float = 1e-10, weight_decay: float = 0.1, precondition_frequency: int = 1,
                  side: str = "auto", root_method: str = "eigh", ns_steps: int = 10,
                  adamw_lr: float = 3e-4, adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
-                 adamw_weight_decay: float = 0.1) -> None:
+                 adamw_weight_decay: float = 0.1, *, distributed: Any = None) -> None:
         check_lr(lr)
         check_betas(betas, beta2_may_be_one=True)
         check_positive("epsilon", epsilon)
@@ -58,7 +58,7 @@ class ASGO(MatrixOptimizer):
                         precondition_frequency=precondition_frequency, side=side, root_method=root_method,
                         ns_steps=ns_steps)
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-                         adamw_weight_decay=adamw_weight_decay)
+                         adamw_weight_decay=adamw_weight_decay, distributed=distributed)
 
     def _matrix_kind(self, shape: tuple[int, ...], group: dict[str, Any]) -> str:
         left = shape[0] <= shape[1] if group["side"] == "auto" else group["side"] == "left"

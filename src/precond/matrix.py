@@ -62,7 +62,8 @@ class MatrixOptimizer(BlockEngine):
     """Base of Muon and ASGO: the routing, the matrix view and the AdamW half."""
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, adamw_lr: float,
-                 adamw_betas: tuple[float, float], adamw_eps: float, adamw_weight_decay: float) -> None:
+                 adamw_betas: tuple[float, float], adamw_eps: float, adamw_weight_decay: float,
+                 distributed: Any = None) -> None:
         check_lr(adamw_lr)
         check_betas(adamw_betas, name="adamw_betas")
         check_positive("adamw_eps", adamw_eps)
@@ -70,7 +71,7 @@ class MatrixOptimizer(BlockEngine):
         adamw = dict(lr=adamw_lr, weight_decay=adamw_weight_decay)
         defaults = dict(defaults, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps)
         self._adamw_defaults = adamw
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, distributed=distributed)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group, routed like the constructor's: its matrices and its other parameters become two

@@ -52,7 +52,7 @@ class Muon(MatrixOptimizer):
                  eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None,
                  ns_dtype: str = "bfloat16", adamw_lr: float | None = None,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
-                 adamw_weight_decay: float | None = None) -> None:
+                 adamw_weight_decay: float | None = None, *, distributed: Any = None) -> None:
         check_lr(lr)
         check_nonneg("weight_decay", weight_decay)
         check_in("momentum", momentum, 0.0, 1.0, high_open=True)
@@ -69,7 +69,8 @@ class Muon(MatrixOptimizer):
                         adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)
         super().__init__(params, defaults, adamw_lr=lr if adamw_lr is None else adamw_lr, adamw_betas=adamw_betas,
                          adamw_eps=adamw_eps,
-                         adamw_weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay)
+                         adamw_weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay,
+                         distributed=distributed)
 
     def _init_matrix(self, shape, kind, group, dtype, device):
         return {"momentum_buffer": torch.zeros(shape, dtype=dtype, device=device)}
@@ -87,6 +88,12 @@ class Muon(MatrixOptimizer):
         # Returned in the iteration's dtype, as torch.optim.Muon adds it; the shape's lr ratio is applied there.
         return newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype,
                              keep_dtype=True)
+
+    def _direction_dtype(self, bucket: Bucket) -> torch.dtype:
+        return bucket.dtype if bucket.kind == ADAM else _NS_DTYPES[bucket.group["ns_dtype"]]
+
+    def _whole_matrix(self, param: Tensor, group: dict[str, Any]) -> bool:
+        return bool(group["matrix"]) and param.dim() >= 2  # Newton–Schulz needs the whole matrix
 
     def _direction_scale(self, bucket: Bucket, group: dict[str, Any]) -> float:
         if bucket.kind == ADAM:

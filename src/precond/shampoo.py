@@ -30,7 +30,7 @@ _GRAFTING_BETA2 = {"adam": 0.999, "rmsprop": 0.99, "adagrad": 1.0, "sgd": 1.0}
 SHARED_ARGUMENTS = ("lr", "betas", "epsilon", "weight_decay", "max_preconditioner_dim", "precondition_frequency",
                     "start_preconditioning_step", "use_bias_correction", "use_decoupled_weight_decay", "grafting",
                     "grafting_beta2", "grafting_epsilon", "precondition_1d", "merge_dims", "large_dim_policy",
-                    "tf32")
+                    "tf32", "distributed")
 
 
 def shared_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -51,7 +51,7 @@ class ShampooFamily(BlockEngine):
                  start_preconditioning_step: int, use_bias_correction: bool, use_decoupled_weight_decay: bool,
                  grafting: str | None, grafting_beta2: float | None, grafting_epsilon: float,
                  precondition_1d: bool, merge_dims: bool, large_dim_policy: str, tf32: bool,
-                 extra: dict[str, Any]) -> None:
+                 distributed: Any, extra: dict[str, Any]) -> None:
         check_lr(lr)
         check_betas(betas, beta2_may_be_one=True)
         check_positive("epsilon", epsilon)
@@ -78,7 +78,7 @@ class ShampooFamily(BlockEngine):
                         grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
                         precondition_1d=precondition_1d, merge_dims=merge_dims,
                         large_dim_policy=large_dim_policy, tf32=tf32, **extra)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, distributed=distributed)
 
     # ---------------------------------------------------------------------- engine hooks
     def _weight_decay_mode(self, group: dict[str, Any]) -> str:
@@ -216,7 +216,7 @@ class Shampoo(ShampooFamily):
                  grafting: str | None = None, grafting_beta2: float | None = None,
                  grafting_epsilon: float = 1e-10, inverse_exponent_override: float | dict[int, float] | None = None,
                  root_method: str = "eigh", precondition_1d: bool = False, merge_dims: bool = True,
-                 large_dim_policy: str = "split", tf32: bool = False) -> None:
+                 large_dim_policy: str = "split", tf32: bool = False, *, distributed: Any = None) -> None:
         check_choice("root_method", root_method, ("eigh", "newton"))
         if isinstance(inverse_exponent_override, dict):
             for order, exponent in inverse_exponent_override.items():

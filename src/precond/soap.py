@@ -66,7 +66,7 @@ class SOAP(BlockEngine):
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
                  precondition_1d: bool = False, normalize_grads: bool = False, correct_bias: bool = True,
                  refresh_method: str = "power_qr", refresh_tolerance: float = 0.0, max_qr_iterations: int = 1,
-                 large_dim_policy: str = "identity", tf32: bool = False) -> None:
+                 large_dim_policy: str = "identity", tf32: bool = False, *, distributed: Any = None) -> None:
         check_lr(lr)
         check_betas(betas)
         if shampoo_beta != -1:
@@ -86,7 +86,7 @@ class SOAP(BlockEngine):
                         correct_bias=correct_bias, refresh_method=refresh_method,
                         refresh_tolerance=refresh_tolerance, max_qr_iterations=max_qr_iterations,
                         large_dim_policy=large_dim_policy, tf32=tf32)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, distributed=distributed)
 
     def _weight_decay_mode(self, group: dict[str, Any]) -> str:
         return "decoupled_after"
@@ -108,6 +108,9 @@ class SOAP(BlockEngine):
         state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
         return state
+
+    def _makes_update(self, bucket: Bucket) -> bool:
+        return bucket.calls > 1  # the first step only builds the statistics
 
     def _directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor | None:
         beta1, beta2 = group["betas"]

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .blocks import BlockLayout
-from .engine import BlockEngine, commit_
+from .engine import BlockEngine, commit_, local
 from .validation import check_betas, check_choice, check_int, check_lr, check_nonneg, check_positive
 
 __all__ = ["Sophia"]
@@ -48,7 +48,7 @@ class Sophia(BlockEngine):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.01, weight_decay: float = 0.1, eps: float = 1e-15, estimator: str = "gnb",
-                 update_period: int = 10) -> None:
+                 update_period: int = 10, *, distributed: Any = None) -> None:
         check_lr(lr)
         check_betas(betas)
         check_positive("rho", rho)
@@ -57,7 +57,7 @@ class Sophia(BlockEngine):
         check_choice("estimator", estimator, ("gnb", "hutchinson"))
         check_int("update_period", update_period, 1)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
-                                      estimator=estimator, update_period=update_period))
+                                      estimator=estimator, update_period=update_period), distributed=distributed)
 
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
         return BlockLayout.build(tuple(param.shape), math.inf, "none", "identity")
@@ -116,7 +116,10 @@ class Sophia(BlockEngine):
             beta2 = group["betas"][1]
             for p, h in zip(params, estimates):
                 state = self.state[p]
-                hessian, h = state["hessian"], h.detach().to(state["hessian"].dtype)
+                prefix = "".join(m.prefix for m in self._members(p, group))  # one block per parameter
+                if prefix + "hessian" not in state:
+                    continue  # an FSDP2 shard with no rows, or a parameter another process owns (DDP)
+                hessian, h = state[prefix + "hessian"], local(h.detach()).to(state[prefix + "hessian"].dtype)
                 finite = torch.isfinite(h).all()  # a non-finite estimate never reaches the state
                 hessian.copy_(torch.where(finite, torch.add(hessian * beta2, h, alpha=1.0 - beta2), hessian))
-                state["hessian_updates"].add_(finite)
+                state[prefix + "hessian_updates"].add_(finite)

@@ -2,7 +2,8 @@
 
 from .batched import bias_correction, commit_, finite_mask, per_block
 from .core import WEIGHT_DECAY_MODES, BlockEngine
+from .distributed import local
 from .plan import ADAM, Bucket, Member, state_dtype
 
 __all__ = ["ADAM", "BlockEngine", "Bucket", "Member", "WEIGHT_DECAY_MODES", "bias_correction", "commit_", "finite_mask",
-           "per_block", "state_dtype"]
+           "local", "per_block", "state_dtype"]

@@ -14,8 +14,9 @@ preconditioner keeps and how it turns a stack of gradients into a stack of searc
   ``None`` when the method makes no update this step (SOAP's first step).
 
 A step runs in four phases: (a) gather the gradients into buckets and flag blocks with non-finite
-gradients, (b) compute the directions of the buckets this process owns, (c) exchange directions
-between processes (nothing to do in one process), (d) apply weight decay and ``W ← W - lr·P``.
+gradients, (b) compute the directions of the blocks this process owns, (c) exchange directions
+between processes (nothing to do in one process), (d) apply weight decay and ``W ← W - lr·P``. How work
+and state are split between processes (DDP, FSDP2) is described in :mod:`~precond.engine.distributed`.
 Nothing in a step that does not refresh a preconditioner waits for the device. A group with ``"tf32": True``
 computes its directions with TF32 float32 matmuls on CUDA (the global setting is restored afterwards).
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import re
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
@@ -40,7 +42,8 @@ from torch import Tensor
 from ..blocks import BlockLayout
 from ..linalg import tf32_matmuls
 from .batched import finite_mask, per_block
-from .plan import ADAM, Bucket, block_prefix, build_buckets, fresh_block_state, state_dtype
+from .distributed import Topology, assign_owners, exchange_directions, local, resolve_topology
+from .plan import Bucket, Member, block_prefix, build_buckets, engine_entries, fresh_block_state, state_dtype
 
 __all__ = ["BlockEngine", "WEIGHT_DECAY_MODES"]
 
@@ -51,15 +54,18 @@ logger = logging.getLogger("precond")
 # "l2": the gradient becomes G + wd·W before anything else sees it.
 WEIGHT_DECAY_MODES = ("decoupled", "decoupled_after", "l2")
 
-_STATS_KEY = re.compile(r"^(?:block(\d+)\.)?stats(\d+)$")
+_STATS_KEY = re.compile(r"^(?:shard\d+of\d+\.)?(?:block(\d+)\.)?stats(\d+)$")
 STATS_FIELDS = ("dim", "refreshes", "skipped", "qr_iterations", "failures")
 
 
 class BlockEngine(torch.optim.Optimizer):
     """Base class: see the module docstring. Not used directly."""
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], distributed: Any = None) -> None:
         super().__init__(params, defaults)
+        self._topology: Topology = resolve_topology(
+            [p for g in self.param_groups for p in g["params"]], distributed)
+        self._owners: dict[tuple[int, int], int] | None = None
         self._plan_key: tuple | None = None
         self._buckets: list[Bucket] = []
         self._warned: set[int] = set()
@@ -93,17 +99,74 @@ class BlockEngine(torch.optim.Optimizer):
         """A per-bucket factor on the learning rate (Muon's shape-dependent rate); 1 by default."""
         return 1.0
 
-    def _owns(self, bucket: Bucket) -> bool:
-        """Whether this process computes ``bucket``'s directions (always, in one process)."""
+    def _makes_update(self, bucket: Bucket) -> bool:
+        """Whether ``bucket``'s blocks get a direction this step (decided on the host, the same way in every
+        process, so that a process owning none of its blocks knows too); SOAP's first step does not."""
         return True
 
-    def _exchange(self, buckets: list[Bucket], directions: dict[int, Tensor | None]) -> None:
-        """Make every process hold every bucket's direction (nothing to do in one process)."""
+    def _direction_dtype(self, bucket: Bucket) -> torch.dtype:
+        """The dtype of ``bucket``'s directions (what processes exchange): the state dtype by default."""
+        return bucket.dtype
+
+    def _block_cost(self, shape: tuple[int, ...], kind: Hashable, group: dict[str, Any]) -> float:
+        """The relative cost of a block's step, for dealing blocks to processes: ``numel · Σ dims`` (factor
+        updates, preconditioning and Newton–Schulz all scale as ``d²·n``)."""
+        return float(math.prod(shape) * sum(shape))
+
+    def _whole_matrix(self, param: Tensor, group: dict[str, Any]) -> bool:
+        """Whether the update of an FSDP2-sharded ``param`` needs the whole matrix (Muon); else the blocks
+        are cut from each process's shard."""
+        return False
 
     # ------------------------------------------------------------------------------ planning
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._plan_key = None
+        self._owners = None
+        if getattr(self, "_topology", None) is not None:
+            resolve_topology(list(param_group["params"]) + [p for g in self.param_groups for p in g["params"]],
+                             None if self._topology.fsdp else self._topology.group)
+
+    def _members(self, param: Tensor, group: dict[str, Any]) -> list[Member]:
+        """The blocks of ``param``, with their owners when directions are exchanged between processes."""
+        topology = self._topology
+        mode = ("full" if self._whole_matrix(param, group) else "shard") if topology.fsdp else "plain"
+        source = local(param) if mode == "shard" else param
+        if source.numel() == 0:
+            return []  # an FSDP2 shard with no rows
+        layout = self._layout(source, group)
+        n = len(layout.block_shapes)
+        if mode == "full" and n != 1:
+            raise RuntimeError(f"{type(self).__name__}: a whole-matrix parameter must be one block, got {n}")
+        shard = f"shard{topology.rank}of{topology.world}." if mode == "shard" else ""
+        members = [Member(param, layout, b, shard + block_prefix(b, n), self._block_kind(layout, b, group), mode)
+                   for b in range(n)]
+        if topology.splits_work and mode != "shard":
+            owners = self._owner_map()
+            for m in members:
+                if not m.fused:
+                    m.owner = owners[(id(param), m.block)]
+        return members
+
+    def _owner_map(self) -> dict[tuple[int, int], int]:
+        """``(id(param), block) -> rank`` for every exchanged block of every parameter (gradient or not), by
+        :func:`~precond.engine.distributed.assign_owners`: the same in every process."""
+        if self._owners is None:
+            self._owners = {}
+            keys, costs = [], []
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if self._topology.fsdp and not self._whole_matrix(p, group):
+                        continue
+                    layout = self._layout(p, group)
+                    for b, shape in enumerate(layout.block_shapes):
+                        kind = self._block_kind(layout, b, group)
+                        if Member(p, layout, b, "", kind, "full" if self._topology.fsdp else "plain").fused:
+                            continue
+                        keys.append((id(p), b))
+                        costs.append(self._block_cost(tuple(shape), kind, group))
+            self._owners = dict(zip(keys, assign_owners(costs, self._topology.world)))
+        return self._owners
 
     def _plan(self) -> list[Bucket]:
         with_grad = []
@@ -132,11 +195,10 @@ class BlockEngine(torch.optim.Optimizer):
         gathered = [self._gather(bucket, contiguous) for bucket in buckets]                    # (a)
         directions: dict[int, Tensor | None] = {}
         for i, (bucket, (grads, ok)) in enumerate(zip(buckets, gathered)):                     # (b)
-            if not bucket.fused and self._owns(bucket):
+            if not bucket.fused:
                 bucket.calls += 1
                 bucket.state["step"].add_(ok.to(torch.float32))
-                with tf32_matmuls(bool(bucket.group.get("tf32", False))):
-                    directions[i] = self._directions(bucket, grads, ok, bucket.group)
+                directions[i] = self._owned_directions(bucket, grads, ok)
         self._exchange(buckets, directions)                                                    # (c)
         for i, (bucket, (grads, ok)) in enumerate(zip(buckets, gathered)):                     # (d)
             if bucket.fused:
@@ -148,27 +210,62 @@ class BlockEngine(torch.optim.Optimizer):
         self._note_nonfinite(buckets, [ok for _, ok in gathered])
         return loss
 
+    def _owned_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor) -> Tensor | None:
+        """(b) for one bucket: the directions of the blocks this process owns (all, unless exchanged)."""
+        sub = bucket.local
+        if sub is not bucket:
+            if not self._makes_update(bucket) and not sub.members:
+                return None
+            if not sub.members:
+                return grads.new_empty((0, *bucket.shape), dtype=self._direction_dtype(bucket))
+            sub.calls = bucket.calls
+            sub.state["step"] = bucket.state["step"].index_select(0, bucket.owned)
+            grads, ok = grads.index_select(0, bucket.owned), ok.index_select(0, bucket.owned)
+        with tf32_matmuls(bool(bucket.group.get("tf32", False))):
+            direction = self._directions(sub, grads, ok, bucket.group)
+        if sub is not bucket:
+            if (direction is None) == self._makes_update(bucket):
+                raise RuntimeError(f"{type(self).__name__}._makes_update disagrees with _directions")
+            if direction is not None:
+                direction = direction.to(self._direction_dtype(bucket))
+        return direction
+
+    def _exchange(self, buckets: list[Bucket], directions: dict[int, Tensor | None]) -> None:
+        """(c): every process gets the full direction of every exchanged bucket."""
+        pending = [i for i, b in enumerate(buckets) if b.exchanged and directions.get(i) is not None]
+        if pending:
+            full = exchange_directions(self._topology, [(buckets[i], directions[i]) for i in pending])
+            directions.update(zip(pending, full))
+
     def _gather(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> tuple[Any, Tensor]:
         """The bucket's gradients (a stack in the state dtype, non-finite blocks zeroed; a list for a fused
         bucket) and the mask of blocks whose gradient is finite."""
         if bucket.fused:
-            grads = [m.param.grad for m in bucket.members]
+            grads = [m.grad() for m in bucket.members]
             return grads, finite_mask(grads)
-        views = [m.view(m.param.grad.contiguous()) for m in bucket.members]
+        if bucket.rows is not None:
+            self._topology.start(bucket.device)
+        views = [m.view(m.grad().contiguous()) for m in bucket.members]
+        if bucket.rows is not None:
+            self._topology.stop(bucket.device)
         ok = finite_mask(views)
         grads = torch.stack(views).to(bucket.dtype)
         grads.masked_fill_(per_block(~ok, grads), 0.0)
         group = bucket.group
         if self._weight_decay_mode(group) == "l2" and group["weight_decay"] != 0.0:
+            if bucket.rows is not None:
+                raise NotImplementedError("L2 weight decay on whole matrices gathered from FSDP2 shards")
             grads = grads + group["weight_decay"] * self._param_stack(bucket, contiguous).to(bucket.dtype)
         return grads, ok
 
     def _param_blocks(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> list[Tensor]:
         if bucket.fused and bucket.contiguous:
-            return bucket.params
+            return [m.data() for m in bucket.members]
+        if bucket.rows is not None:  # a whole-matrix bucket writes this process's rows of each parameter
+            return [m.data() for m in bucket.members]
         blocks = []
         for m in bucket.members:
-            data = m.param.data
+            data = m.data()
             if not data.is_contiguous():
                 if m.param not in contiguous:
                     contiguous[m.param] = data.contiguous()
@@ -191,6 +288,8 @@ class BlockEngine(torch.optim.Optimizer):
         # The update runs on a stack of the blocks and is copied back by one multi-tensor kernel: a few
         # launches per bucket, whatever its size and the direction's dtype.
         weights = torch.stack(blocks)
+        if bucket.rows is not None:
+            direction = direction.flatten(1)[:, bucket.rows[0]:bucket.rows[1]].reshape(weights.shape)
         decay = wd != 0.0 and mode != "l2"
         if decay:
             if isinstance(lr, Tensor):
@@ -332,20 +431,27 @@ class BlockEngine(torch.optim.Optimizer):
             if key not in by_id:
                 raise ValueError(f"state_dict has state for parameter {key!r}, which its param_groups do not list")
             p, group = by_id[key]
-            self._check_saved_state(value, p, group, key)
-            loaded[p] = value
+            loaded[p] = self._check_saved_state(value, p, group, key)
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
         for p, value in loaded.items():
             self.state[p] = {k: v.detach().to(device=p.device, copy=True) if isinstance(v, Tensor) else v
                              for k, v in value.items()}
         self._plan_key = None
+        self._owners = None
         self._nonfinite_total = None
         self._nonfinite_copy = None
         self._nonfinite_seen = 0
 
-    def _check_saved_state(self, saved: dict[str, Any], p: Tensor, group: dict[str, Any], key: Any) -> None:
+    def _check_saved_state(self, saved: dict[str, Any], p: Tensor, group: dict[str, Any],
+                           key: Any) -> dict[str, Any]:
+        """``saved`` checked against what this optimizer would create; under DDP a full state (saved by one
+        process) is narrowed to the blocks this process owns."""
         expected = self._expected_state(p, group)
         where = f"state[{key!r}] (parameter of shape {tuple(p.shape)})"
+        if self._topology.splits_work and isinstance(saved, dict) and set(saved) > set(expected):
+            everything = self._expected_state(p, group, owned_only=False)
+            if set(saved) == set(everything):
+                saved = {k: saved[k] for k in expected}
         if not isinstance(saved, dict) or set(saved) != set(expected):
             got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
             raise ValueError(f"{where}: saved keys {got} do not match expected {sorted(expected)}")
@@ -359,18 +465,19 @@ class BlockEngine(torch.optim.Optimizer):
                                  f"{tuple(want.shape)}")
             if got.dtype != want.dtype:
                 raise ValueError(f"{where}[{name!r}]: saved dtype {got.dtype} does not match expected {want.dtype}")
+        return saved
 
-    def _expected_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        """The per-parameter state this optimizer creates for ``p``, as meta tensors."""
-        layout = self._layout(p, group)
-        n = len(layout.block_shapes)
+    def _expected_state(self, p: Tensor, group: dict[str, Any], owned_only: bool = True) -> dict[str, Tensor]:
+        """The per-parameter state this optimizer creates for ``p``, as meta tensors (of the blocks this
+        process owns; every block's counters)."""
         expected = {}
-        for b, shape in enumerate(layout.block_shapes):
-            kind = self._block_kind(layout, b, group)
-            if kind == ADAM and p.dtype == state_dtype(p):
-                shape = tuple(p.shape)
-            fresh = fresh_block_state(self, shape, kind, group, state_dtype(p), "meta")
-            expected.update({block_prefix(b, n) + k: v for k, v in fresh.items()})
+        for m in self._members(p, group):
+            shape = tuple(m.data().shape) if m.fused else tuple(m.layout.block_shapes[m.block])
+            if owned_only and m.owner not in (None, self._topology.rank):
+                fresh = engine_entries("meta")
+            else:
+                fresh = fresh_block_state(self, shape, m.kind, group, state_dtype(p), "meta")
+            expected.update({m.prefix + k: v for k, v in fresh.items()})
         return expected
 
 

@@ -17,6 +17,7 @@ by torch's fused AdamW kernel over tensor lists, so it needs no common shape and
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..blocks import BlockLayout
+from .distributed import local, row_range
 
 __all__ = ["ADAM", "Member", "Bucket", "state_dtype", "block_prefix", "engine_entries"]
 
@@ -42,12 +44,36 @@ def block_prefix(block: int, blocks: int) -> str:
 
 @dataclass(eq=False)
 class Member:
-    """One block of one parameter."""
+    """One block of one parameter.
+
+    ``mode`` says what the block is cut from: ``"plain"`` (the parameter), ``"shard"`` (this process's
+    shard of an FSDP2 ``DTensor``) or ``"full"`` (an FSDP2 ``DTensor`` gathered whole; one block).
+    ``owner`` is the rank that computes the block's direction when directions are exchanged, else None.
+    """
 
     param: Tensor
     layout: BlockLayout
     block: int
     prefix: str
+    kind: Hashable = None
+    mode: str = "plain"
+    owner: int | None = None
+
+    @property
+    def fused(self) -> bool:
+        """Run by torch's fused AdamW kernel (an Adam block of a parameter in its state dtype)."""
+        return self.kind == ADAM and self.param.dtype == state_dtype(self.param) and self.mode != "full"
+
+    def grad(self) -> Tensor:
+        """The gradient this block is cut from (gathered from all processes in mode ``"full"``)."""
+        g = self.param.grad
+        if self.mode == "full":
+            return g.full_tensor()
+        return local(g)
+
+    def data(self) -> Tensor:
+        """The tensor a step writes: the parameter, or this process's shard of it."""
+        return self.param.data if self.mode == "plain" else local(self.param).detach()
 
     def view(self, tensor: Tensor) -> Tensor:
         """This block of ``tensor`` (the parameter, its gradient or a contiguous copy of either)."""
@@ -69,14 +95,24 @@ class Bucket:
     members: list[Member]
     calls: int  # steps taken so far (a host-side count, for schedules; per-block counts are in "step")
     state: dict[str, Any] = field(default_factory=dict)  # name -> stack [B, ...] (or list, fused Adam)
-
-    @functools.cached_property
-    def params(self) -> list[Tensor]:
-        return [m.param for m in self.members]
+    # Exchanged buckets (work split between processes): ``local`` is the sub-bucket of the blocks this
+    # process owns (it holds their method state; this bucket holds every block's step counters),
+    # ``owned`` their positions, ``counts[r]`` how many rank r owns, ``order`` the permutation from
+    # rank-major to member order (None: the identity). Otherwise ``local`` is the bucket itself.
+    exchanged: bool = False
+    local: Bucket | None = None
+    owned: Tensor | None = None
+    counts: list[int] = field(default_factory=list)
+    order: Tensor | None = None
+    rows: tuple[int, int] | None = None  # mode "full": the flat range of a block this process's shard holds
 
     @functools.cached_property
     def contiguous(self) -> bool:
-        return all(m.param.is_contiguous() for m in self.members)
+        return all(m.data().is_contiguous() for m in self.members)
+
+    @property
+    def block_numel(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def fused(self) -> bool:
@@ -92,24 +128,52 @@ def build_buckets(optimizer: Any, groups: list[dict[str, Any]], with_grad: list[
     keyed: dict[tuple, list[Member]] = {}
     for gi, (group, params) in enumerate(zip(groups, with_grad)):
         for p in params:
-            layout = optimizer._layout(p, group)
-            dtype = state_dtype(p)
             state = optimizer.state[p]
-            n = len(layout.block_shapes)
-            for b, shape in enumerate(layout.block_shapes):
-                prefix = block_prefix(b, n)
-                kind = optimizer._block_kind(layout, b, group)
-                step = state.get(prefix + "step")
+            for m in optimizer._members(p, group):
+                step = state.get(m.prefix + "step")
                 calls = int(step.item()) if step is not None else 0  # a host read at planning time only
-                fused = kind == ADAM and p.dtype == dtype
-                key = (gi, None if fused else tuple(shape), dtype, p.device, kind, calls)
-                keyed.setdefault(key, []).append(Member(p, layout, b, prefix))
+                shape = None if m.fused else tuple(m.layout.block_shapes[m.block])
+                key = (gi, shape, state_dtype(p), m.data().device, m.kind, calls, m.owner is not None)
+                keyed.setdefault(key, []).append(m)
     buckets = []
-    for (gi, shape, dtype, device, kind, calls), members in keyed.items():
+    for (gi, shape, dtype, device, kind, calls, exchanged), members in keyed.items():
         bucket = Bucket(groups[gi], gi, kind, shape, dtype, device, members, calls)
+        if exchanged:
+            _split(bucket, optimizer._topology.rank, optimizer._topology.world)
+        else:
+            bucket.local = bucket
         _attach_state(optimizer, bucket)
         buckets.append(bucket)
     return buckets
+
+
+def _split(bucket: Bucket, rank: int, world: int) -> None:
+    """Fill in what an exchanged bucket needs: see :class:`Bucket`."""
+    owners = [m.owner for m in bucket.members]
+    bucket.exchanged = True
+    bucket.counts = [owners.count(r) for r in range(world)]
+    rank_major = sorted(range(len(owners)), key=lambda j: (owners[j], j))
+    if rank_major != sorted(rank_major):
+        inverse = [0] * len(owners)
+        for position, j in enumerate(rank_major):
+            inverse[j] = position
+        bucket.order = torch.tensor(inverse, dtype=torch.long, device=bucket.device)
+    owned = [j for j in range(len(owners)) if owners[j] == rank]
+    bucket.owned = torch.tensor(owned, dtype=torch.long, device=bucket.device)
+    bucket.local = Bucket(bucket.group, bucket.group_index, bucket.kind, bucket.shape, bucket.dtype, bucket.device,
+                          [bucket.members[j] for j in owned], bucket.calls)
+    bucket.local.local = bucket.local
+    if bucket.members[0].mode == "full":
+        ranges = {_flat_rows(m.param, bucket.shape) for m in bucket.members}
+        if len(ranges) != 1:
+            raise RuntimeError(f"blocks of shape {bucket.shape} are sharded differently between parameters")
+        bucket.rows = ranges.pop()
+
+
+def _flat_rows(param: Tensor, shape: tuple[int, ...]) -> tuple[int, int]:
+    start, stop = row_range(param)
+    per_row = math.prod(shape) // param.shape[0]
+    return start * per_row, stop * per_row
 
 
 def fresh_block_state(optimizer: Any, shape: tuple[int, ...], kind: Hashable, group: dict[str, Any],
@@ -130,19 +194,29 @@ def _attach_state(optimizer: Any, bucket: Bucket) -> None:
         # non-finite counters are stacked, so that one kernel advances all of them.
         for m in bucket.members:
             state = optimizer.state[m.param]
-            if "exp_avg" not in state:
-                state.update(optimizer._init_block(tuple(m.param.shape), ADAM, bucket.group, bucket.dtype,
-                                                   bucket.device))
+            if m.prefix + "exp_avg" not in state:
+                fresh = optimizer._init_block(tuple(m.data().shape), ADAM, bucket.group, bucket.dtype, bucket.device)
+                state.update({m.prefix + k: v for k, v in fresh.items()})
         for name in ("exp_avg", "exp_avg_sq"):
-            bucket.state[name] = [optimizer.state[m.param][name] for m in bucket.members]
-        fresh = engine_entries(bucket.device)
-    else:
-        fresh = fresh_block_state(optimizer, bucket.shape, bucket.kind, bucket.group, bucket.dtype, bucket.device)
+            bucket.state[name] = [optimizer.state[m.param][m.prefix + name] for m in bucket.members]
+        _stack_state(optimizer, bucket, engine_entries(bucket.device))
+        bucket.state["steps"] = list(bucket.state["step"].unbind(0))  # the kernel takes a list of 0-d tensors
+        return
+    method = optimizer._init_block(bucket.shape, bucket.kind, bucket.group, bucket.dtype, bucket.device)
+    if bucket.local is bucket:
+        _stack_state(optimizer, bucket, {**method, **engine_entries(bucket.device)})
+    else:  # every block's counters here, the method state of the owned blocks in the sub-bucket
+        _stack_state(optimizer, bucket, engine_entries(bucket.device))
+        if bucket.local.members:
+            _stack_state(optimizer, bucket.local, method)
+
+
+def _stack_state(optimizer: Any, bucket: Bucket, fresh: dict[str, Tensor]) -> None:
+    """``bucket.state[name]``: the stack of its members' saved ``name`` (``fresh`` where none is saved);
+    each member's entry in ``optimizer.state`` becomes a view into the stack."""
     for name in fresh:
         parts = [optimizer.state[m.param].get(m.prefix + name, fresh[name]) for m in bucket.members]
         stack = torch.stack(parts)
         bucket.state[name] = stack
         for j, m in enumerate(bucket.members):
             optimizer.state[m.param][m.prefix + name] = stack[j]
-    if bucket.fused:  # the kernel takes the step counts as a list of (0-d) tensors
-        bucket.state["steps"] = list(bucket.state["step"].unbind(0))

@@ -1,0 +1,187 @@
+"""Running one optimizer across processes with ``torch.distributed``.
+
+Two set-ups, chosen from the parameters and the ``distributed`` argument of every precond optimizer:
+
+**DDP** (``distributed="ddp"`` or a process group; the model wrapped in
+``torch.nn.parallel.DistributedDataParallel``, so every process holds the same gradients). Every block
+that is not run by the fused AdamW kernel gets an *owner*: blocks are dealt, most expensive first, to the
+process with the least work so far (the cost is :meth:`~precond.engine.core.BlockEngine._block_cost`,
+``numel · Σ dims`` by default: factor updates and preconditioning scale as ``d²·n``). A process keeps the
+preconditioner state of the blocks it owns only (its memory for it is about ``1/world``), computes their
+directions, and one ``all_gather`` per dtype hands every process every direction, so that every replica
+applies the same update. The step counters of all blocks are kept everywhere (they are a few bytes and
+decide the bucketing, which must agree between processes). Ownership depends only on the parameters'
+shapes and order, so it is the same in every process and after a restart; a checkpoint of owned blocks
+(keys ``"block{b}.name"``) can therefore be loaded at another world size with ``torch.distributed.checkpoint``.
+
+**FSDP2** (parameters are ``DTensor`` s sharded on dim 0 by ``torch.distributed.fsdp.fully_shard``; no
+argument needed). Kronecker and elementwise methods cut each process's *local shard* into blocks and
+precondition them there, with no communication (as Distributed Shampoo's FullyShard distributor does): the
+preconditioner of a matrix split by rows into shards is block-diagonal over the shards, so it differs from
+one process's unless the blocks fall on shard boundaries (``max_preconditioner_dim`` dividing the shard
+rows). These states are per shard, under keys ``"shard{rank}of{world}.…"``, so resuming at another world
+size fails with a missing-key error. Methods whose update needs the whole matrix (Muon's Newton–Schulz)
+gather the full gradient, run it on an owner process as under DDP, and gather the full direction back;
+every process then applies its rows, so Muon under FSDP2 equals Muon in one process.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["Topology", "resolve_topology", "assign_owners", "local", "row_range", "exchange_directions"]
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return None
+    return DTensor
+
+
+def is_dtensor(t: Any) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local part of a ``DTensor`` (a view sharing its storage), or ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+@dataclass
+class Topology:
+    """The processes an optimizer runs across (one process: ``group=None``, rank 0 of 1)."""
+
+    group: Any = None
+    rank: int = 0
+    world: int = 1
+    fsdp: bool = False  # the parameters are DTensors
+    comm_seconds: float = 0.0  # time spent in collectives, counted only while ``timed`` (adds device syncs)
+    timed: bool = False
+    _clock: list = field(default_factory=list, repr=False)
+
+    @property
+    def splits_work(self) -> bool:
+        return self.world > 1
+
+    def start(self, device: torch.device) -> None:
+        if self.timed:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self._clock.append(time.perf_counter())
+
+    def stop(self, device: torch.device) -> None:
+        if self.timed:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.comm_seconds += time.perf_counter() - self._clock.pop()
+
+
+def resolve_topology(params: Sequence[Tensor], distributed: Any) -> Topology:
+    """The :class:`Topology` for ``distributed`` (``None``, ``"ddp"`` or a process group) and ``params``."""
+    dtensors = [p for p in params if is_dtensor(p)]
+    if dtensors:
+        if distributed is not None:
+            raise ValueError(f"Invalid distributed: {distributed!r} (parameters sharded by FSDP2 are DTensors and "
+                             "are handled without it; leave distributed=None)")
+        if len(dtensors) != len(params):
+            raise ValueError("Invalid params: a mix of DTensor (FSDP2) and plain tensors")
+        mesh = dtensors[0].device_mesh
+        if mesh.ndim != 1 or any(p.device_mesh != mesh for p in dtensors):
+            raise ValueError("Invalid params: FSDP2 parameters must share one 1-D device mesh (HSDP is not supported)")
+        for p in dtensors:
+            placement = p.placements[0]
+            if not (placement.is_shard() and placement.dim == 0):
+                raise ValueError(f"Invalid params: a DTensor placed as {p.placements} (only Shard(0), FSDP2's "
+                                 "default, is supported)")
+        group = mesh.get_group()
+        return Topology(group, dist.get_rank(group), dist.get_world_size(group), fsdp=True)
+    if distributed is None:
+        return Topology()
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"Invalid distributed: {distributed!r} (torch.distributed is not initialised: call "
+                         "torch.distributed.init_process_group first)")
+    if distributed == "ddp":
+        group = dist.group.WORLD
+    elif isinstance(distributed, dist.ProcessGroup):
+        group = distributed
+    else:
+        raise ValueError(f"Invalid distributed: {distributed!r} (must be None, 'ddp' or a ProcessGroup)")
+    return Topology(group, dist.get_rank(group), dist.get_world_size(group))
+
+
+def assign_owners(costs: Sequence[float], world: int) -> list[int]:
+    """The owner of each item: most expensive first, to the least loaded process (ties: lowest rank).
+
+    Deterministic, so that every process computes the same assignment.
+    """
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    loads = [(0.0, r) for r in range(world)]
+    owners = [0] * len(costs)
+    for i in order:
+        load, rank = heapq.heappop(loads)
+        owners[i] = rank
+        heapq.heappush(loads, (load + costs[i], rank))
+    return owners
+
+
+def row_range(param: Tensor) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of dim 0 that this process holds of a ``Shard(0)`` DTensor."""
+    rows = param.shape[0]
+    mesh = param.device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    chunk = -(-rows // world)  # torch.chunk's split, which FSDP2 uses
+    start = min(rank * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
+# torch 2.13 renamed all_gather_into_tensor (and deprecated the old name)
+_all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
+
+def exchange_directions(topology: Topology, pieces: list[tuple[Any, Tensor]]) -> list[Tensor]:
+    """Every bucket's full direction stack from the stacks of the blocks each process owns.
+
+    ``pieces``: ``(bucket, stack of this process's blocks)`` for the same buckets, in the same order, in
+    every process (a process owning none of a bucket's blocks passes an empty stack). ``bucket.counts[r]``
+    is how many blocks rank ``r`` owns, ``bucket.order`` the permutation from rank-major to member order.
+    One ``all_gather_into_tensor`` per dtype and device; the buffers are padded to the longest rank.
+    """
+    out: list[Tensor | None] = [None] * len(pieces)
+    by_kind: dict[tuple, list[int]] = {}
+    for i, (bucket, piece) in enumerate(pieces):
+        by_kind.setdefault((piece.dtype, piece.device), []).append(i)
+    for (dtype, device), indices in by_kind.items():
+        sizes = [sum(pieces[i][0].counts[r] * pieces[i][0].block_numel for i in indices)
+                 for r in range(topology.world)]
+        width = max(sizes)
+        send = torch.zeros(width, dtype=dtype, device=device)
+        flat = [pieces[i][1].reshape(-1) for i in indices]
+        if flat:
+            torch.cat(flat, out=send[:sizes[topology.rank]])
+        received = torch.empty(topology.world * width, dtype=dtype, device=device)
+        topology.start(device)
+        _all_gather(received, send, group=topology.group)
+        topology.stop(device)
+        received = received.view(topology.world, width)
+        offsets = [0] * topology.world
+        for i in indices:
+            bucket = pieces[i][0]
+            parts = []
+            for r in range(topology.world):
+                n = bucket.counts[r] * bucket.block_numel
+                parts.append(received[r, offsets[r]:offsets[r] + n])
+                offsets[r] += n
+            stacked = torch.cat(parts).view(len(bucket), *bucket.shape)
+            out[i] = stacked if bucket.order is None else stacked.index_select(0, bucket.order)
+    return out  # type: ignore[return-value]

@@ -1,0 +1,70 @@
+"""DDP and FSDP2 on two gloo processes (spawned once for the module) against one process.
+
+DDP splits the preconditioner work: the trajectory must equal one process's on the full batch and each
+process must hold about half the preconditioner state. FSDP2 preconditions each process's shard, so its
+reference is one process stepping every parameter cut by rows into separate parameters; Muon gathers whole
+matrices, so its reference is plain Muon. Checkpoints go through ``torch.distributed.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch.multiprocessing as mp
+
+from distributed_cases import CASES, FACTORIES
+
+WORLD = 2
+TOLERANCE = 1e-10  # float64
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    from distributed_cases import worker
+    mp.spawn(worker, args=(WORLD, _free_port(), str(root)), nprocs=WORLD, join=True)
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _case(results, key):
+    outs = [r[key] for r in results]
+    for rank, out in enumerate(outs):
+        assert "error" not in out, f"rank {rank}: {out['error']}"
+    return outs
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_ddp_matches_one_process_and_splits_state(results, name):
+    outs = _case(results, f"trajectory-ddp-{name}")
+    for out in outs:
+        assert out["max_rel"] <= TOLERANCE
+    counts, total = outs[0]["state_numel"], outs[0]["reference_numel"]
+    assert sum(counts) >= total and max(counts) <= total  # nothing lost; no process holds more than one
+    if name in ("Shampoo", "EShampoo", "SOAP", "Sophia"):  # no fused-AdamW parameters (those are replicated)
+        assert sum(counts) == total and max(counts) <= 0.75 * total
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_fsdp_matches_its_reference(results, name):
+    for out in _case(results, f"trajectory-fsdp-{name}"):
+        assert out["max_rel"] <= TOLERANCE
+
+
+@pytest.mark.parametrize("key", [f"{k}-{m}-{n}" for k, m, n in CASES if k == "resume"])
+def test_distributed_checkpoint_resumes(results, key):
+    outs = _case(results, key)
+    for out in outs:
+        assert out["max_rel"] <= TOLERANCE
+    first = outs[0]
+    if key.startswith("resume-ddp"):  # blocks are keyed by parameter, not by process: any world size loads
+        assert first.get("world1_max_rel", 1.0) <= TOLERANCE, first.get("world1_error")
+    else:  # per-shard state cannot be re-cut: the error names the entry missing from the checkpoint
+        assert "Missing key in checkpoint" in first.get("world1_error", "")
