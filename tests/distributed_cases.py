@@ -224,6 +224,8 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
     try:
         for kind, mode, name in CASES:
             key = f"{kind}-{mode}-{name}"
+            if os.environ.get("PRECOND_TRACE"):
+                print(rank, key, flush=True)
             try:
                 if kind == "trajectory":
                     out = case_trajectory(mode, name, rank, world)
@@ -236,3 +238,41 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
         with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
         dist.destroy_process_group()
+
+
+def main() -> None:
+    """``python tests/distributed_cases.py --world 8``: every case on that many gloo processes, as a table."""
+    import argparse
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--world", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as root, socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        mp.spawn(worker, args=(args.world, port, root), nprocs=args.world, join=True)
+        results = [json.load(open(os.path.join(root, f"rank{r}.json"))) for r in range(args.world)]
+    for key in results[0]:
+        outs = [r[key] for r in results]
+        if any("error" in o for o in outs):
+            print(f"{key:28s} ERROR {next(o['error'] for o in outs if 'error' in o).splitlines()[-1]}")
+            continue
+        worst = max(o["max_rel"] for o in outs)
+        extra = ""
+        if "state_numel" in outs[0]:
+            counts, total = outs[0]["state_numel"], outs[0]["reference_numel"]
+            extra = f"  state per process {min(counts)}..{max(counts)} of {total} (max {max(counts) / total:.2f})"
+        if "world1_max_rel" in outs[0]:
+            extra = f"  loaded by one process: {outs[0]['world1_max_rel']:.1e}"
+        elif "world1_error" in outs[0]:
+            extra = "  loaded by one process: refused (" + outs[0]["world1_error"].strip().splitlines()[-1][:60] + ")"
+        print(f"{key:28s} max relative difference {worst:.1e}{extra}")
+
+
+if __name__ == "__main__":
+    main()

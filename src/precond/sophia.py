@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .blocks import BlockLayout
@@ -77,16 +78,27 @@ class Sophia(BlockEngine):
     def hessian_update_due(self) -> bool:
         """True right after every ``update_period``-th step: time to call :meth:`update_hessian`.
 
-        Counted on the first parameter that has stepped (so it survives a ``state_dict`` round trip).
+        Counted on the first parameter that has stepped (so it survives a ``state_dict`` round trip). Across
+        processes the answer is agreed by a one-number ``all_reduce`` (a process whose FSDP2 shards are all
+        empty has no count of its own, and must still join the extra backward pass).
         """
+        due = self._hessian_due_here()
+        group = self._topology.group
+        if group is not None:
+            flag = torch.tensor([int(due)], device=self.param_groups[0]["params"][0].device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            due = bool(flag.item())
+        return due
+
+    def _hessian_due_here(self) -> bool:
         for bucket in self._buckets:
             return bucket.calls > 0 and bucket.calls % bucket.group["update_period"] == 0
         for group in self.param_groups:  # not planned yet (e.g. just loaded): read a saved step count
             for p in group["params"]:
-                step = self.state.get(p, {}).get("step")
-                if step is not None:
-                    t = int(step)
-                    return t > 0 and t % group["update_period"] == 0
+                for key, step in self.state.get(p, {}).items():
+                    if key.endswith("step"):
+                        t = int(step)
+                        return t > 0 and t % group["update_period"] == 0
         return False
 
     def update_hessian(self, batch_size: int | None = None) -> None:

@@ -382,6 +382,20 @@ class BlockEngine(torch.optim.Optimizer):
                                    type(self).__name__, pi, gi, tuple(p.shape))
 
     # -------------------------------------------------------------------------- statistics
+    def time_communication(self, enabled: bool = True) -> None:
+        """Start (or stop) counting the time of this optimizer's collectives in :attr:`communication_seconds`.
+
+        Each collective is then bracketed by device syncs, which costs a little: a diagnostic, off by default.
+        """
+        self._topology.timed = enabled
+        self._topology.comm_seconds = 0.0
+
+    @property
+    def communication_seconds(self) -> float:
+        """Seconds spent in this optimizer's collectives (exchanging directions, gathering whole matrices)
+        since :meth:`time_communication` was called."""
+        return self._topology.comm_seconds
+
     def preconditioner_stats(self) -> dict[str, Any]:
         """Per-factor counters and guard counts, for people to read and benchmarks to report.
 

@@ -72,7 +72,8 @@ class Topology:
 
     @property
     def splits_work(self) -> bool:
-        return self.world > 1
+        """Blocks get owners and directions are exchanged (also in a group of one, which runs the same path)."""
+        return self.group is not None
 
     def start(self, device: torch.device) -> None:
         if self.timed:
