@@ -87,7 +87,7 @@ def main() -> None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    distributed = world > 1
+    distributed = "WORLD_SIZE" in os.environ  # launched by torchrun: a process group, even of one
     if args.device == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
