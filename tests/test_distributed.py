@@ -68,3 +68,24 @@ def test_distributed_checkpoint_resumes(results, key):
         assert first.get("world1_max_rel", 1.0) <= TOLERANCE, first.get("world1_error")
     else:  # per-shard state cannot be re-cut: the error names the entry missing from the checkpoint
         assert "Missing key in checkpoint" in first.get("world1_error", "")
+
+
+def test_distributed_argument_is_checked():
+    import torch
+
+    import precond
+    params = [torch.nn.Parameter(torch.zeros(3, 3))]
+    with pytest.raises(ValueError, match="distributed.*not initialised"):
+        precond.SOAP(params, distributed="ddp")
+    with pytest.raises(ValueError, match="Invalid distributed"):
+        precond.Muon(params, distributed="fsdp")
+
+
+def test_owners_are_dealt_by_cost():
+    from precond.engine.distributed import assign_owners
+    costs = [8.0, 1.0, 1.0, 4.0, 4.0, 8.0, 2.0, 2.0]
+    owners = assign_owners(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
+    assert loads == [15.0, 15.0]
+    assert owners == assign_owners(costs, 2)  # deterministic: every process computes the same
+    assert assign_owners([1.0, 1.0, 1.0], 4) == [0, 1, 2]

@@ -49,6 +49,8 @@ class AdamW(BlockEngine):
     parameters keep float32 state and run the same rule in stacked float32 arithmetic. Unlike torch's, a
     non-finite gradient never reaches the state: the group's step is skipped (as ``torch.amp.GradScaler``
     does) and the offending parameters are counted in ``preconditioner_stats()``.
+    ``distributed`` (``None``, ``"ddp"`` or a process group) splits the work between processes under DDP;
+    FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

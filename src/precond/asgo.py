@@ -39,6 +39,8 @@ class ASGO(MatrixOptimizer):
     0.1, momentum 0.9, ``β₂`` 0.8, damping 1e-10). Parameters that are not matrices (and groups with
     ``"matrix": False``) run AdamW as in :class:`~precond.Muon`. The paper's head-wise variant for
     query/key matrices and the diagonal-other-side DASGO are not implemented.
+    ``distributed`` (``None``, ``"ddp"`` or a process group) splits the work between processes under DDP;
+    FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.8),

@@ -52,6 +52,8 @@ class EShampoo(ShampooFamily):
     The remaining arguments are :class:`~precond.Shampoo`'s; defaults follow Distributed Shampoo's
     eigenvalue-corrected example (lr 1e-3, betas (0.9, 0.999), ``precondition_frequency`` 100).
     Grafting stays available but is off by default.
+    ``distributed`` (``None``, ``"ddp"`` or a process group) splits the work between processes under DDP;
+    FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

@@ -45,6 +45,8 @@ class Muon(MatrixOptimizer):
     ``"matrix": False``, e.g. embeddings and the output head from :func:`precond.param_groups`) run AdamW
     with ``adamw_lr`` (default: ``lr``), ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``; torch's Muon
     refuses them. ``ns_dtype`` selects the Newton–Schulz precision ("bfloat16" as torch, or "float32").
+    ``distributed`` (``None``, ``"ddp"`` or a process group) splits the Newton–Schulz work between processes;
+    under FSDP2 whole matrices are gathered, so the update is one process's (:mod:`precond.engine.distributed`).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,

@@ -207,6 +207,8 @@ class Shampoo(ShampooFamily):
             leave them un-preconditioned (``"identity"``).
         tf32: compute this optimizer's float32 matmuls with TF32 tensor cores on CUDA (default False: full
             float32); the global PyTorch setting is left as it was.
+        distributed: ``None`` (one process, or FSDP2 ``DTensor`` parameters), ``"ddp"`` or a process
+            group: split the work between processes (:mod:`precond.engine.distributed`).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, betas: tuple[float, float] = (0.9, 1.0),

@@ -59,6 +59,8 @@ class SOAP(BlockEngine):
         correct_bias: Adam's bias correction (default True).
         large_dim_policy: ``"identity"`` (default, the reference) or ``"split"`` into blocks.
         tf32: compute this optimizer's float32 matmuls with TF32 tensor cores on CUDA (default False).
+        distributed: ``None`` (one process, or FSDP2 ``DTensor`` parameters), ``"ddp"`` or a process
+            group: split the work between processes (:mod:`precond.engine.distributed`).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),

@@ -45,6 +45,8 @@ class Sophia(BlockEngine):
 
     Defaults: the paper's ``β = (0.965, 0.99)``, ``ρ = 0.01``, ``k = 10``; ``lr`` 1e-4, ``weight_decay``
     0.1 and ``eps`` 1e-15 as in the authors' code.
+    ``distributed`` (``None``, ``"ddp"`` or a process group) splits the work between processes under DDP;
+    FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
