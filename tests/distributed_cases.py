@@ -224,8 +224,6 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
     try:
         for kind, mode, name in CASES:
             key = f"{kind}-{mode}-{name}"
-            if os.environ.get("PRECOND_TRACE"):
-                print(rank, key, flush=True)
             try:
                 if kind == "trajectory":
                     out = case_trajectory(mode, name, rank, world)

@@ -63,8 +63,8 @@ class BlockEngine(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], distributed: Any = None) -> None:
         super().__init__(params, defaults)
-        self._topology: Topology = resolve_topology(
-            [p for g in self.param_groups for p in g["params"]], distributed)
+        self._distributed = distributed
+        self._topology: Topology = resolve_topology(self._all_params(), distributed)
         self._owners: dict[tuple[int, int], int] | None = None
         self._plan_key: tuple | None = None
         self._buckets: list[Bucket] = []
@@ -123,9 +123,11 @@ class BlockEngine(torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._plan_key = None
         self._owners = None
-        if getattr(self, "_topology", None) is not None:
-            resolve_topology(list(param_group["params"]) + [p for g in self.param_groups for p in g["params"]],
-                             None if self._topology.fsdp else self._topology.group)
+        if hasattr(self, "_topology"):  # a group added after construction: the same set-up must hold for it
+            resolve_topology(self._all_params(), self._distributed)
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
 
     def _members(self, param: Tensor, group: dict[str, Any]) -> list[Member]:
         """The blocks of ``param``, with their owners when directions are exchanged between processes."""
