@@ -131,6 +131,15 @@ class BlockEngine(torch.optim.Optimizer):
 
     def _members(self, param: Tensor, group: dict[str, Any]) -> list[Member]:
         """The blocks of ``param``, with their owners when directions are exchanged between processes."""
+        members = self._blocks_of(param, group)
+        if self._topology.splits_work:
+            owners = self._owner_map()
+            for m in members:
+                m.owner = owners.get((id(param), m.block))
+        return members
+
+    def _blocks_of(self, param: Tensor, group: dict[str, Any]) -> list[Member]:
+        """The blocks of ``param`` as this process cuts them (from its shard under FSDP2), without owners."""
         topology = self._topology
         mode = ("full" if self._whole_matrix(param, group) else "shard") if topology.fsdp else "plain"
         source = local(param) if mode == "shard" else param
@@ -141,33 +150,19 @@ class BlockEngine(torch.optim.Optimizer):
         if mode == "full" and n != 1:
             raise RuntimeError(f"{type(self).__name__}: a whole-matrix parameter must be one block, got {n}")
         shard = f"shard{topology.rank}of{topology.world}." if mode == "shard" else ""
-        members = [Member(param, layout, b, shard + block_prefix(b, n), self._block_kind(layout, b, group), mode)
-                   for b in range(n)]
-        if topology.splits_work and mode != "shard":
-            owners = self._owner_map()
-            for m in members:
-                if not m.fused:
-                    m.owner = owners[(id(param), m.block)]
-        return members
+        return [Member(param, layout, b, shard + block_prefix(b, n), self._block_kind(layout, b, group), mode)
+                for b in range(n)]
 
     def _owner_map(self) -> dict[tuple[int, int], int]:
-        """``(id(param), block) -> rank`` for every exchanged block of every parameter (gradient or not), by
-        :func:`~precond.engine.distributed.assign_owners`: the same in every process."""
+        """``(id(param), block) -> rank`` for every exchanged block (not fused, not cut from a shard) of every
+        parameter, gradient or not, by :func:`~precond.engine.distributed.assign_owners`: the same in every
+        process."""
         if self._owners is None:
-            self._owners = {}
-            keys, costs = [], []
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if self._topology.fsdp and not self._whole_matrix(p, group):
-                        continue
-                    layout = self._layout(p, group)
-                    for b, shape in enumerate(layout.block_shapes):
-                        kind = self._block_kind(layout, b, group)
-                        if Member(p, layout, b, "", kind, "full" if self._topology.fsdp else "plain").fused:
-                            continue
-                        keys.append((id(p), b))
-                        costs.append(self._block_cost(tuple(shape), kind, group))
-            self._owners = dict(zip(keys, assign_owners(costs, self._topology.world)))
+            exchanged = [(m, group) for group in self.param_groups for p in group["params"]
+                         for m in self._blocks_of(p, group) if m.mode != "shard" and not m.fused]
+            costs = [self._block_cost(tuple(m.layout.block_shapes[m.block]), m.kind, group) for m, group in exchanged]
+            owners = assign_owners(costs, self._topology.world)
+            self._owners = {(id(m.param), m.block): owner for (m, _), owner in zip(exchanged, owners)}
         return self._owners
 
     def _plan(self) -> list[Bucket]:
@@ -261,9 +256,8 @@ class BlockEngine(torch.optim.Optimizer):
         return grads, ok
 
     def _param_blocks(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> list[Tensor]:
-        if bucket.fused and bucket.contiguous:
-            return [m.data() for m in bucket.members]
-        if bucket.rows is not None:  # a whole-matrix bucket writes this process's rows of each parameter
+        # A whole-matrix bucket (rows) writes this process's rows of each parameter, its shard.
+        if (bucket.fused and bucket.contiguous) or bucket.rows is not None:
             return [m.data() for m in bucket.members]
         blocks = []
         for m in bucket.members:

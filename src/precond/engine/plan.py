@@ -153,7 +153,7 @@ def _split(bucket: Bucket, rank: int, world: int) -> None:
     bucket.exchanged = True
     bucket.counts = [owners.count(r) for r in range(world)]
     rank_major = sorted(range(len(owners)), key=lambda j: (owners[j], j))
-    if rank_major != sorted(rank_major):
+    if rank_major != list(range(len(owners))):
         inverse = [0] * len(owners)
         for position, j in enumerate(rank_major):
             inverse[j] = position
