@@ -12,10 +12,10 @@ import torch
 
 from precond.bench import data
 from precond.bench.__main__ import main as bench_main
-from precond.bench.optimizers import SPECS
+from precond.bench.optimizers import ADAMW_WEIGHT_DECAYS, SPECS, AdamWSetting, OptimizerSpec
 from precond.bench.protocol import BenchConfig, lr_grid, mean_curve, run_benchmark, steps_to_target, summarize
 from precond.bench.report import curve_colours, markdown_table
-from precond.bench.runner import state_bytes
+from precond.bench.runner import lr_factor, state_bytes, train_run
 from precond.bench.workloads import PRESETS, Digits, LanguageModel, make_workload
 
 CORPUS = {f"library/mod{i}.rst.txt": (f"Module {i}\n=========\n\nThe quick brown fox {i} jumps over the lazy dog. "
@@ -106,6 +106,9 @@ def test_summary_uses_adamw_as_target_and_reports_ratios():
     assert s["SOAP"]["final_val_spread"] == pytest.approx(0.1)
     table = markdown_table(s)
     assert "| SOAP | 0.003 | 1.6000 ± 0.1000 | 10 | 0.50 |" in table
+    results["torch.Muon"] = results.pop("SOAP")
+    assert "| torch.Muon (peer) | 0.003 |" in markdown_table(summarize(results))
+    results["SOAP"] = results.pop("torch.Muon")
     # a best rate on the edge of the swept rates is marked
     results["SOAP"]["sweep"] = [{"lr": lr} for lr in (1e-3, 3e-3)]
     results["AdamW"]["sweep"] = [{"lr": lr} for lr in (3e-4, 1e-3, 3e-3)]
@@ -120,7 +123,9 @@ def test_tiny_benchmark_runs_writes_outputs_and_resumes(data_dir, tmp_path):
     assert bench_main(argv) == 0
     out = runs / "t"
     files = sorted(p.name for p in (out / "runs").iterdir())
-    assert len(files) == 2 * (PRESETS["tiny"]["lr_points"] + PRESETS["tiny"]["seeds"])
+    # AdamW also sweeps its weight decay at its best rate (the default decay is its lr sweep's run)
+    assert len(files) == 2 * (PRESETS["tiny"]["lr_points"] + PRESETS["tiny"]["seeds"]) + len(ADAMW_WEIGHT_DECAYS) - 1
+    assert sum(f.startswith("wd") for f in files) == len(ADAMW_WEIGHT_DECAYS) - 1
     assert (out / "report.md").exists() and (out / "val_loss_vs_steps.png").exists()
     summary = json.loads((out / "summary.json").read_text())["summary"]
     assert set(summary) == {"AdamW", "Muon"} and summary["AdamW"]["steps_ratio"] == 1.0
@@ -135,10 +140,13 @@ def test_tiny_benchmark_runs_writes_outputs_and_resumes(data_dir, tmp_path):
 
 def test_every_benchmark_optimizer_trains_the_tiny_model(data_dir):
     wl = make_workload(PRESETS["tiny"], data_dir, "cpu")
-    from precond.bench.runner import train_run
     for name, spec in SPECS.items():
-        run = train_run(wl, spec, spec.center_lr, seed=0, steps=4, eval_every=2, device="cpu", adamw_lr=3e-3)
+        if not spec.available():  # a peer whose package (the `peers` extra) is not installed
+            continue
+        run = train_run(wl, spec, spec.center_lr, seed=0, steps=4, eval_every=2, device="cpu",
+                        adamw=AdamWSetting(3e-3), schedule=PRESETS["tiny"]["schedule"])
         assert not run["diverged"], name
+        assert run["state_bytes"] > 0, name
         assert [p[0] for p in run["curve"]] == [0, 2, 4], name
         assert run["optimizer_seconds"] <= run["train_seconds"]
 
@@ -183,8 +191,8 @@ def test_a_diverged_run_stops_and_reports_the_steps_it_ran(data_dir):
     wl.loss = loss_turning_nan
     wl.validation_loss = lambda model: 1.0
     ticks = []
-    run = train_run(wl, SPECS["AdamW"], 1e-3, seed=0, steps=40, eval_every=2, device="cpu", adamw_lr=3e-3,
-                    progress=lambda step, loss: ticks.append(step))
+    run = train_run(wl, SPECS["AdamW"], 1e-3, seed=0, steps=40, eval_every=2, device="cpu",
+                    adamw=AdamWSetting(3e-3), progress=lambda step, loss: ticks.append(step))
     assert run["diverged"] and run["final_val_loss"] == math.inf
     assert run["steps_done"] == len(ticks) == 5
 
@@ -193,25 +201,28 @@ class FakeTraining:
     """Stands in for ``train_run``: loss is a parabola in log(lr) around ``best_lr``; every step costs one
     second of a fake clock that the protocol reads."""
 
-    def __init__(self, monkeypatch, best_lr: float, diverge_above: float = math.inf):
+    def __init__(self, monkeypatch, best_lr: float, diverge_above: float = math.inf, best_wd: float = 0.1):
         from precond.bench import protocol
-        self.best_lr, self.diverge_above = best_lr, diverge_above
+        self.best_lr, self.diverge_above, self.best_wd = best_lr, diverge_above, best_wd
         self.clock = 0.0
         self.calls: list[tuple[str, float, int]] = []
         monkeypatch.setattr(protocol, "train_run", self)
         monkeypatch.setattr(protocol.time, "perf_counter", lambda: self.clock)
         monkeypatch.setattr(protocol, "make_workload", lambda *a: type("W", (), {"describe": lambda s: {}})())
 
-    def __call__(self, workload, spec, lr, seed, steps, eval_every, device, adamw_lr, progress=None):
+    def __call__(self, workload, spec, lr, seed, steps, eval_every, device, adamw, progress=None, schedule=None):
         self.calls.append((spec.name, lr, seed))
         self.clock += steps
         diverged = lr > self.diverge_above
         loss = math.inf if diverged else 1.0 + math.log(lr / self.best_lr) ** 2 + 0.01 * seed
+        if spec.name == "AdamW":
+            loss += (adamw.weight_decay - self.best_wd) ** 2
         return {"optimizer": spec.name, "lr": lr, "seed": seed, "steps": steps, "steps_done": steps,
                 "diverged": diverged, "curve": [(0, 0.0, 5.0), (steps, float(steps), loss)], "final_val_loss": loss,
                 "final_train_loss": loss, "train_seconds": float(steps), "optimizer_seconds": 0.5 * steps,
                 "optimizer_share": 0.5, "state_bytes": 0, "peak_memory_bytes": None, "refreshes": 0,
-                "skipped_refreshes": 0, "failures": 0, "nonfinite_skips": 0}
+                "skipped_refreshes": 0, "failures": 0, "nonfinite_skips": 0,
+                "adamw": {"lr": adamw.lr, "weight_decay": adamw.weight_decay}}
 
 
 def fake_config(tmp_path, optimizers, **kw):
@@ -248,35 +259,105 @@ def test_a_sweep_that_diverges_everywhere_tries_a_lower_rate(tmp_path, monkeypat
     assert soap["best_lr"] == pytest.approx(center / 9) and not soap["full"][0]["diverged"]
     # diverging at every rate the grown sweep reaches: the full runs use the smallest rate tried
     FakeTraining(monkeypatch, best_lr=center / 100, diverge_above=center / 100)
-    hopeless = run_benchmark(fake_config(tmp_path / "hopeless", ["AdamW", "SOAP"]))
+    hopeless = run_benchmark(fake_config(tmp_path / "hopeless", ["AdamW", "SOAP"], edge_points=2))
     assert hopeless["results"]["SOAP"]["best_lr"] == pytest.approx(center / 27)
     assert hopeless["summary"]["SOAP"]["diverged_seeds"] == 2
 
 
 def test_time_limit_starts_no_run_that_would_end_past_it_and_a_rerun_goes_on(tmp_path, monkeypatch):
     fake = FakeTraining(monkeypatch, best_lr=SPECS["AdamW"].center_lr)
-    # AdamW: 3 sweeps × 3 s + 2 full × 6 s = 21 s; SOAP's sweeps end at 30 s; its full runs (6.6 s estimated) don't fit
-    first = run_benchmark(fake_config(tmp_path, ["AdamW", "SOAP"], edge_points=0, time_limit=34))
+    # AdamW: 3 lr and 2 weight-decay sweeps × 3 s + 2 full × 6 s = 27 s; SOAP's sweeps end at 36 s; its full
+    # runs (6.6 s estimated) don't fit
+    first = run_benchmark(fake_config(tmp_path, ["AdamW", "SOAP"], edge_points=0, time_limit=40))
     assert set(first["summary"]) == {"AdamW"}
     assert first["unfinished"] == [f"full SOAP lr={SPECS['SOAP'].center_lr:.4g} seed={s}" for s in (0, 1)]
-    assert fake.clock == 30
+    assert fake.clock == 36
     fake.calls.clear()
     second = run_benchmark(fake_config(tmp_path, ["AdamW", "SOAP"], edge_points=0))
     assert fake.calls == [("SOAP", SPECS["SOAP"].center_lr, 0), ("SOAP", SPECS["SOAP"].center_lr, 1)]
     assert set(second["summary"]) == {"AdamW", "SOAP"} and not second["unfinished"]
 
 
-def test_a_matrix_optimizer_run_made_at_another_adamw_rate_is_retrained(tmp_path, monkeypatch):
+def test_a_matrix_optimizer_run_made_at_another_adamw_setting_is_retrained(tmp_path, monkeypatch):
     fake = FakeTraining(monkeypatch, best_lr=SPECS["AdamW"].center_lr)
     run_benchmark(fake_config(tmp_path, ["AdamW", "Muon"], edge_points=0))
     stale = next((tmp_path / "cpu-lm" / "runs").glob("full-Muon-*-seed1.json"))
     run = json.loads(stale.read_text())
-    assert run["adamw_lr"] == SPECS["AdamW"].center_lr
-    stale.write_text(json.dumps(dict(run, adamw_lr=1.0)))
+    assert run["adamw"] == {"lr": SPECS["AdamW"].center_lr, "weight_decay": 0.1}
+    stale.write_text(json.dumps(dict(run, adamw={"lr": SPECS["AdamW"].center_lr, "weight_decay": 0.3})))
     fake.calls.clear()
     run_benchmark(fake_config(tmp_path, ["AdamW", "Muon"], edge_points=0))
     assert fake.calls == [("Muon", run["lr"], 1)]
-    assert json.loads(stale.read_text())["adamw_lr"] == SPECS["AdamW"].center_lr
+    assert json.loads(stale.read_text())["adamw"]["weight_decay"] == 0.1
+
+
+def test_adamw_weight_decay_sweep_picks_the_best_and_serves_the_routed_parameters(tmp_path, monkeypatch):
+    center = SPECS["AdamW"].center_lr
+    fake = FakeTraining(monkeypatch, best_lr=center, best_wd=0.3)
+    result = run_benchmark(fake_config(tmp_path, ["AdamW", "Muon"], edge_points=0))
+    adamw_runs = result["results"]["AdamW"]
+    assert [r["lr"] for r in adamw_runs["sweep"]] == lr_grid(center, 3, 3.0)
+    assert sorted(r["adamw"]["weight_decay"] for r in adamw_runs["weight_decay_sweep"]) == [0.0, 0.3]
+    assert all(r["lr"] == center for r in adamw_runs["weight_decay_sweep"])
+    assert adamw_runs["weight_decay"] == 0.3 and result["summary"]["AdamW"]["weight_decay"] == 0.3
+    assert all(r["adamw"] == {"lr": center, "weight_decay": 0.3} for r in adamw_runs["full"])
+    assert all(r["adamw"]["weight_decay"] == 0.3 for r in result["results"]["Muon"]["full"])
+    assert "| AdamW | 0.003, wd 0.3 |" in markdown_table(result["summary"])
+
+
+def test_schedule_is_warmup_then_cosine_to_the_floor():
+    cosine = {"kind": "cosine", "warmup": 0.1, "floor": 0.1}
+    factors = [lr_factor(step, 100, cosine) for step in range(1, 101)]
+    assert factors[:10] == pytest.approx([k / 10 for k in range(1, 11)])  # linear warmup over 10% of the run
+    assert factors[-1] == pytest.approx(0.1) and min(factors) == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))  # then it only decays
+    assert lr_factor(55, 100, cosine) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert lr_factor(7, 100, {"kind": "constant"}) == lr_factor(7, 100, None) == 1.0
+
+
+def test_train_run_applies_the_schedule_to_every_group(data_dir):
+    seen = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.append([g["lr"] for g in self.param_groups])
+            return super().step(closure)
+
+    def build(model, lr, adamw):
+        params = list(model.parameters())
+        return Recording([{"params": params[:1]}, {"params": params[1:], "lr": 2 * lr}], lr=lr)
+
+    wl = make_workload(PRESETS["tiny"], data_dir, "cpu")
+    schedule = {"kind": "cosine", "warmup": 0.25, "floor": 0.1}
+    train_run(wl, OptimizerSpec("rec", 0.1, build), 0.1, seed=0, steps=8, eval_every=4, device="cpu",
+              adamw=AdamWSetting(1e-3), schedule=schedule)
+    assert seen == [pytest.approx([0.1 * lr_factor(k, 8, schedule), 0.2 * lr_factor(k, 8, schedule)])
+                    for k in range(1, 9)]
+
+
+def test_split_steps_every_part_and_shares_its_groups():
+    a, b = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))
+    from precond.bench.optimizers import Split
+    split = Split(torch.optim.SGD([a], lr=0.1), torch.optim.Adam([b], lr=0.1))
+    assert len(split.param_groups) == 2
+    for group in split.param_groups:
+        group["lr"] = 0.5  # what the schedule does
+    (a.sum() + b.sum()).backward()
+    split.step()
+    assert torch.allclose(a, torch.full((3, 3), 0.5)) and torch.allclose(b, torch.full((3,), 0.5))
+    assert set(split.state) == {b} or set(split.state) == {a, b}
+    split.zero_grad()
+    assert a.grad is None and b.grad is None
+
+
+def test_peer_rows_are_marked_and_unavailable_peers_are_refused(data_dir, tmp_path, monkeypatch):
+    from precond.bench import optimizers
+    assert SPECS["torch.Muon"].peer == "torch" and SPECS["SOAP"].peer is None
+    monkeypatch.setattr(optimizers.importlib.util, "find_spec", lambda name: None)
+    assert optimizers.available_optimizers(["AdamW", "pytorch_optimizer.SOAP"]) == ["AdamW"]
+    with pytest.raises(SystemExit, match="pytorch_optimizer"):
+        bench_main(["--preset", "tiny", "--optimizers", "AdamW", "pytorch_optimizer.SOAP", "--data-dir",
+                    str(data_dir), "--runs-dir", str(tmp_path)])
 
 
 def test_an_optimizer_keeps_its_plot_colour_in_any_subset():

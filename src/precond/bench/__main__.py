@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .optimizers import DEFAULT_OPTIMIZERS, SPECS
+from .optimizers import DEFAULT_OPTIMIZERS, SPECS, available_optimizers
 from .protocol import BenchConfig, run_benchmark
 from .report import write_report
 from .workloads import PRESETS
@@ -57,7 +57,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="precond bench", description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="workload size and budget (default cpu: small LM, a few minutes on 2 cores)")
-    p.add_argument("--optimizers", nargs="+", default=DEFAULT_OPTIMIZERS, choices=sorted(SPECS))
+    p.add_argument("--optimizers", nargs="+", default=None, choices=list(SPECS),
+                   help="default: ours, torch's AdamW and Muon, and pytorch-optimizer's SOAP and Muon when it is "
+                        "installed (heavyball's rows run only when named)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--name", default=None, help="folder under --runs-dir (default: the preset's name)")
     p.add_argument("--runs-dir", default="runs")
@@ -67,8 +69,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for key in ("width", "depth", "heads", "context"):
         p.add_argument(f"--{key}", type=int, default=None, help=f"override the language model's {key}")
     p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
-    p.add_argument("--edge-points", type=int, default=2,
-                   help="extra sweep rates beyond the grid's edge while the best rate sits on it (default 2)")
+    p.add_argument("--edge-points", type=int, default=4,
+                   help="extra sweep rates beyond the grid's edge while the best rate sits on it (default 4)")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default=None,
+                   help="override the preset's schedule (cosine: 5%% linear warmup, cosine decay to 10%%)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no run that would end past this many seconds (estimated); rerun to go on")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -90,12 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("steps", "sweep_steps", "eval_every", "seeds", "lr_points", "batch_size"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
+    if args.schedule == "constant":
+        preset["schedule"] = {"kind": "constant"}
     model_overrides = {k: getattr(args, k) for k in ("width", "depth", "heads", "context") if getattr(args, k)}
     if model_overrides:
         if "gpt" not in preset:
             raise SystemExit(f"--{next(iter(model_overrides))} applies to language-model presets, not {args.preset}")
         preset["gpt"] = {**preset["gpt"], **model_overrides}
-    config = BenchConfig(preset=preset, optimizers=list(dict.fromkeys(args.optimizers)), device=args.device,
+    names = args.optimizers or available_optimizers(DEFAULT_OPTIMIZERS)
+    missing = [n for n in names if not SPECS[n].available()]
+    if missing:
+        raise SystemExit(f"--optimizers: {missing} need packages that are not installed "
+                         f"({sorted({SPECS[n].peer for n in missing})}; pip install 'precond[peers]')")
+    config = BenchConfig(preset=preset, optimizers=list(dict.fromkeys(names)), device=args.device,
                          name=args.name or args.preset, runs_dir=args.runs_dir, data_dir=args.data_dir,
                          edge_points=args.edge_points, time_limit=args.time_limit)
     started = time.time()

@@ -1,63 +1,183 @@
-"""The optimizers the benchmark compares, each with the centre of its learning-rate sweep.
+"""The optimizers the benchmark compares: ours and the same algorithms from peers, each with the centre of
+its learning-rate sweep and its published hyper-parameters.
 
-Weight decay is 0 for every method so that the comparison isolates the update rule. Shampoo, EShampoo
-and SOAP recompute their decompositions every 10 steps. ASGO recomputes its root every step (its ``β₂ = 0.8``
-statistics move fast: at 10 steps the root goes stale and the CPU LM ends 0.5 nats/byte worse after 100
-steps) by 10 Newton–Schulz iterations, the authors' practical solver (CPU LM after 100 steps: 2.7065
-against 2.7014 nats/byte with an exact eigh root, at a fraction of eigh's GPU cost). Matrix methods
-(Muon, ASGO) get the hidden matrices through :func:`precond.param_groups`; the embedding, head, norms
-and biases run AdamW at AdamW's best swept rate.
+Ours, at each method's published defaults:
+
+- AdamW: betas (0.9, 0.95), weight decay 0.1 (the GPT-2/3 pretraining recipe); the protocol sweeps its
+  weight decay once over :data:`ADAMW_WEIGHT_DECAYS` at the best rate, and AdamW's tuned (lr, weight decay)
+  trains every parameter that a matrix method routes to AdamW (embedding, head, norms).
+- SOAP: the reference SOAP's betas (0.95, 0.95), weight decay 0.01, refresh every 10 steps.
+- EShampoo: SOAP's betas and weight decay, so that the two eigenbasis methods differ only in their update
+  rule (Distributed Shampoo's own defaults, β₂ = 1 and no weight decay, are an AdaGrad setting meant for
+  grafting), ε = 1e-8, refresh every 10 steps.
+- Shampoo: Distributed Shampoo's betas (0.9, 0.999), ε = 1e-12, Adam grafting (β₂ 0.95), roots every 10 steps.
+- Muon: ``torch.optim.Muon``'s momentum 0.95 (Nesterov) and weight decay 0.1 on the hidden matrices.
+- ASGO: its root every step (``β₂ = 0.8`` statistics move fast: at 10 steps the root goes stale and the CPU
+  LM ends 0.5 nats/byte worse after 100 steps) by 10 Newton–Schulz iterations, the authors' practical solver
+  (CPU LM after 100 steps: 2.7065 against 2.7014 nats/byte with an exact eigh root).
+- Sophia: ρ = 0.04 and weight decay 0.2, the Sophia paper's GPT-2 settings.
+
+Peers (``peer`` names the package) run the same algorithm with the same hyper-parameters, so that a row
+pair isolates the implementation: ``torch.AdamW`` (fused on a GPU), ``torch.Muon`` with a fused
+``torch.optim.AdamW`` for the rest (the split users write by hand) and, when installed (the ``peers``
+extra), pytorch-optimizer's and heavyball's SOAP and Muon.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
 import precond
 
-__all__ = ["OptimizerSpec", "SPECS", "DEFAULT_OPTIMIZERS"]
+__all__ = ["OptimizerSpec", "AdamWSetting", "Split", "SPECS", "DEFAULT_OPTIMIZERS", "ADAMW_WEIGHT_DECAYS",
+           "available_optimizers"]
+
+ADAMW_WEIGHT_DECAYS = (0.0, 0.1, 0.3)  # the documented sweep; 0.1 is the default
+
+
+@dataclass(frozen=True)
+class AdamWSetting:
+    """AdamW's tuned rate and weight decay: AdamW's own, and those of parameters routed to AdamW."""
+
+    lr: float
+    weight_decay: float = 0.1
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
     name: str
     center_lr: float
-    build: Callable[[nn.Module, float, float], Optimizer]  # (model, lr, AdamW's lr for routed params)
+    build: Callable[[nn.Module, float, AdamWSetting], Optimizer]  # (model, lr, AdamW's tuned setting)
     needs_hessian: bool = False  # Sophia: a sampled-label backward every update_period steps
-    uses_adamw_lr: bool = False  # Muon, ASGO: routed parameters train at AdamW's best rate
+    uses_adamw: bool = False  # trains parameters with AdamW's tuned setting: runs made under another are stale
+    peer: str | None = None  # the package of a peer implementation; None for ours
+
+    def available(self) -> bool:
+        return self.peer is None or importlib.util.find_spec(self.peer) is not None
+
+
+class Split:
+    """Several optimizers stepped as one, each on its own parameters: what users write by hand to pair
+    ``torch.optim.Muon`` (matrices only) with AdamW for the rest. ``param_groups`` is the concatenation, so
+    a learning-rate schedule that edits ``group["lr"]`` reaches every part."""
+
+    def __init__(self, *optimizers: Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
 
 
 def _params(model: nn.Module):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _matrix_and_rest(model: nn.Module):
+    groups = {g["matrix"]: g["params"] for g in precond.param_groups(model)}
+    return groups.get(True, []), groups.get(False, [])
+
+
+def _fused(model: nn.Module) -> dict:
+    return {"fused": True} if next(model.parameters()).is_cuda else {"foreach": True}
+
+
+def _torch_adamw(params, model: nn.Module, adamw: AdamWSetting, lr: float | None = None) -> Optimizer:
+    return torch.optim.AdamW(params, lr=adamw.lr if lr is None else lr, betas=(0.9, 0.95),
+                             weight_decay=adamw.weight_decay, **_fused(model))
+
+
+def _torch_muon(model: nn.Module, lr: float, adamw: AdamWSetting) -> Split:
+    matrices, rest = _matrix_and_rest(model)
+    return Split(torch.optim.Muon(matrices, lr=lr, weight_decay=0.1, momentum=0.95, nesterov=True),
+                 _torch_adamw(rest, model, adamw))
+
+
+def _pytorch_optimizer_muon(model: nn.Module, lr: float, adamw: AdamWSetting) -> Optimizer:
+    from pytorch_optimizer import Muon
+
+    matrices, rest = _matrix_and_rest(model)
+    return Muon([{"params": matrices, "use_muon": True}, {"params": rest, "use_muon": False}], lr=lr,
+                momentum=0.95, nesterov=True, weight_decay=0.1, adamw_lr=adamw.lr, adamw_betas=(0.9, 0.95),
+                adamw_wd=adamw.weight_decay, adamw_eps=1e-8)
+
+
+def _heavyball_muon(model: nn.Module, lr: float, adamw: AdamWSetting) -> Split:
+    import heavyball
+
+    matrices, rest = _matrix_and_rest(model)
+    return Split(heavyball.Muon(matrices, lr=lr, weight_decay=0.1), _torch_adamw(rest, model, adamw))
+
+
+def _pytorch_optimizer_soap(model: nn.Module, lr: float, _: AdamWSetting) -> Optimizer:
+    from pytorch_optimizer import SOAP
+
+    return SOAP(_params(model), lr=lr, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10)
+
+
+def _heavyball_soap(model: nn.Module, lr: float, _: AdamWSetting) -> Optimizer:
+    import heavyball
+
+    return heavyball.SOAP(_params(model), lr=lr, betas=(0.95, 0.95), shampoo_beta=0.95, weight_decay=0.01,
+                          precondition_frequency=10)
+
+
 SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
-    OptimizerSpec("AdamW", 3e-3, lambda m, lr, _: precond.AdamW(_params(m), lr=lr, betas=(0.9, 0.95),
-                                                                  weight_decay=0.0)),
+    OptimizerSpec("AdamW", 3e-3, lambda m, lr, a: precond.AdamW(_params(m), lr=lr, betas=(0.9, 0.95),
+                                                                  weight_decay=a.weight_decay), uses_adamw=True),
     OptimizerSpec("SOAP", 3e-3, lambda m, lr, _: precond.SOAP(_params(m), lr=lr, betas=(0.95, 0.95),
-                                                                weight_decay=0.0, precondition_frequency=10)),
+                                                                weight_decay=0.01, precondition_frequency=10)),
     # The same SOAP with TF32 matmuls (not in the default list): does the loss curve follow float32's?
     OptimizerSpec("SOAP-tf32", 3e-3, lambda m, lr, _: precond.SOAP(_params(m), lr=lr, betas=(0.95, 0.95),
-                                                                     weight_decay=0.0, precondition_frequency=10,
+                                                                     weight_decay=0.01, precondition_frequency=10,
                                                                      tf32=True)),
     OptimizerSpec("EShampoo", 3e-3, lambda m, lr, _: precond.EShampoo(
-        _params(m), lr=lr, betas=(0.95, 0.95), epsilon=1e-8, precondition_frequency=10)),
+        _params(m), lr=lr, betas=(0.95, 0.95), epsilon=1e-8, weight_decay=0.01, precondition_frequency=10)),
     OptimizerSpec("Shampoo", 3e-3, lambda m, lr, _: precond.Shampoo(
         _params(m), lr=lr, betas=(0.9, 0.999), epsilon=1e-12, precondition_frequency=10, grafting="adam",
         grafting_beta2=0.95, grafting_epsilon=1e-8)),
-    OptimizerSpec("Muon", 2e-2, lambda m, lr, adam_lr: precond.Muon(
-        precond.param_groups(m), lr=lr, weight_decay=0.0, adamw_lr=adam_lr, adamw_betas=(0.9, 0.95)),
-        uses_adamw_lr=True),
-    OptimizerSpec("ASGO", 1e-2, lambda m, lr, adam_lr: precond.ASGO(
+    OptimizerSpec("Muon", 2e-2, lambda m, lr, a: precond.Muon(
+        precond.param_groups(m), lr=lr, weight_decay=0.1, adamw_lr=a.lr, adamw_betas=(0.9, 0.95),
+        adamw_weight_decay=a.weight_decay), uses_adamw=True),
+    OptimizerSpec("ASGO", 1e-2, lambda m, lr, a: precond.ASGO(
         precond.param_groups(m), lr=lr, weight_decay=0.0, precondition_frequency=1, root_method="newton_schulz",
-        ns_steps=10, adamw_lr=adam_lr, adamw_weight_decay=0.0),
-        uses_adamw_lr=True),
-    OptimizerSpec("Sophia", 1e-3, lambda m, lr, _: precond.Sophia(_params(m), lr=lr, rho=0.04, weight_decay=0.0),
+        ns_steps=10, adamw_lr=a.lr, adamw_weight_decay=a.weight_decay), uses_adamw=True),
+    OptimizerSpec("Sophia", 1e-3, lambda m, lr, _: precond.Sophia(_params(m), lr=lr, rho=0.04, weight_decay=0.2),
                   needs_hessian=True),
+    OptimizerSpec("torch.AdamW", 3e-3, lambda m, lr, a: _torch_adamw(_params(m), m, a, lr), uses_adamw=True,
+                  peer="torch"),
+    OptimizerSpec("torch.Muon", 2e-2, _torch_muon, uses_adamw=True, peer="torch"),
+    OptimizerSpec("pytorch_optimizer.SOAP", 3e-3, _pytorch_optimizer_soap, peer="pytorch_optimizer"),
+    OptimizerSpec("pytorch_optimizer.Muon", 2e-2, _pytorch_optimizer_muon, uses_adamw=True,
+                  peer="pytorch_optimizer"),
+    # heavyball compiles each step function with torch.compile (minutes before the first step on a GPU)
+    OptimizerSpec("heavyball.SOAP", 3e-3, _heavyball_soap, peer="heavyball"),
+    OptimizerSpec("heavyball.Muon", 2e-2, _heavyball_muon, uses_adamw=True, peer="heavyball"),
 ]}
 
-DEFAULT_OPTIMIZERS = ["AdamW", "SOAP", "EShampoo", "Shampoo", "Muon", "ASGO", "Sophia"]
+OURS = ["AdamW", "SOAP", "EShampoo", "Shampoo", "Muon", "ASGO", "Sophia"]
+# heavyball's rows only when named: its compilation takes minutes per optimizer before the first step
+DEFAULT_OPTIMIZERS = OURS + ["torch.AdamW", "torch.Muon", "pytorch_optimizer.SOAP", "pytorch_optimizer.Muon"]
+
+
+def available_optimizers(names: list[str]) -> list[str]:
+    """``names`` without the peers whose package is not installed."""
+    return [n for n in names if SPECS[n].available()]

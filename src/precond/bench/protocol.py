@@ -1,12 +1,19 @@
-"""The fair protocol: per optimizer a short learning-rate sweep, then the best rate on several seeds.
+"""The fair protocol: per optimizer a learning-rate sweep, then the best rate on several seeds.
+
+Every run follows the preset's schedule (default: linear warmup over 5% of the run, then a cosine decay to
+10% of the rate; ``constant`` is the other choice), the same for every optimizer; a sweep run is a shorter
+run with its own schedule.
 
 1. Sweep: each optimizer at ``lr_points`` rates on a log grid (factor 3) around its centre, seed 0,
    ``sweep_steps`` steps; the rate with the lowest final validation loss wins (diverged runs lose). While
    the winner sits on the grid's edge the grid grows by one rate beyond it, ``edge_points`` times at most,
    so that no optimizer is judged at a rate its own grid cut short.
-2. Full runs: the winning rate for ``steps`` steps on seeds ``0..seeds-1``.
-3. Target: AdamW's final validation loss (mean over seeds). Steps- and time-to-target are read off each
-   optimizer's seed-averaged validation curve: the first evaluation at or below the target.
+2. AdamW (swept first) then sweeps its weight decay over ``ADAMW_WEIGHT_DECAYS`` at its best rate. Its tuned
+   (rate, weight decay) trains every parameter that Muon, ASGO and their peers route to AdamW.
+3. Full runs: the winning rate for ``steps`` steps on seeds ``0..seeds-1``.
+4. Target: AdamW's final validation loss (mean over seeds). Steps- and time-to-target are read off each
+   optimizer's seed-averaged validation curve (evaluated every ``eval_every`` steps, ≤ 2% of the run in the
+   presets): the first evaluation at or below the target.
 
 Every run is written to ``<runs_dir>/<name>/runs/*.json`` as soon as it ends; a rerun with the same
 configuration reuses them, so an interrupted sweep resumes where it stopped. With ``time_limit`` a run
@@ -25,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from .optimizers import SPECS
+from .optimizers import ADAMW_WEIGHT_DECAYS, SPECS, AdamWSetting
 from .runner import train_run
 from .workloads import make_workload
 
-__all__ = ["BenchConfig", "lr_grid", "run_benchmark", "summarize", "steps_to_target"]
+__all__ = ["BenchConfig", "lr_grid", "run_benchmark", "summarize", "steps_to_target", "mean_curve", "seed_band"]
 
 
 @dataclass
@@ -41,7 +48,7 @@ class BenchConfig:
     runs_dir: str = "runs"
     data_dir: str = "data"
     lr_factor: float = 3.0
-    edge_points: int = 2  # extra sweep rates beyond the grid's edge while the best rate sits on it
+    edge_points: int = 4  # extra sweep rates beyond the grid's edge while the best rate sits on it
     time_limit: float | None = None  # seconds: a run that would end later is not started
 
     def identity(self) -> dict[str, Any]:
@@ -61,18 +68,31 @@ def steps_to_target(curve: list[tuple[int, float, float]], target: float) -> tup
     return None
 
 
+def _shared_points(runs: list[dict[str, Any]]):
+    """Per evaluation step that all runs share: (step, [each run's (step, seconds, loss)])."""
+    steps = set.intersection(*(set(s for s, _, _ in r["curve"]) for r in runs))
+    for step in sorted(steps):
+        yield step, [next(p for p in r["curve"] if p[0] == step) for r in runs]
+
+
 def mean_curve(runs: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
     """Seed-averaged curve over the evaluation steps all runs share."""
-    steps = set.intersection(*(set(s for s, _, _ in r["curve"]) for r in runs))
-    out = []
-    for step in sorted(steps):
-        points = [next(p for p in r["curve"] if p[0] == step) for r in runs]
-        out.append((step, float(np.mean([p[1] for p in points])), float(np.mean([p[2] for p in points]))))
-    return out
+    return [(step, float(np.mean([p[1] for p in points])), float(np.mean([p[2] for p in points])))
+            for step, points in _shared_points(runs)]
+
+
+def seed_band(runs: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
+    """(step, lowest, highest) validation loss over the seeds at each shared evaluation step."""
+    return [(step, min(p[2] for p in points), max(p[2] for p in points)) for step, points in _shared_points(runs)]
 
 
 def _run_path(root: Path, phase: str, name: str, lr: float, seed: int) -> Path:
     return root / "runs" / f"{phase}-{name}-lr{lr:.4g}-seed{seed}.json"
+
+
+def _same_adamw(run: dict[str, Any], adamw: AdamWSetting) -> bool:
+    saved = run.get("adamw", {"lr": run.get("adamw_lr"), "weight_decay": None})
+    return saved == {"lr": adamw.lr, "weight_decay": adamw.weight_decay}
 
 
 class _Runs:
@@ -85,14 +105,14 @@ class _Runs:
         self.seconds_per_step: dict[str, float] = {}
         self.unfinished: list[str] = []
 
-    def get(self, phase: str, name: str, lr: float, seed: int, steps: int, adamw_lr: float) -> dict | None:
+    def get(self, phase: str, name: str, lr: float, seed: int, steps: int, adamw: AdamWSetting) -> dict | None:
         """The run, or ``None`` when it is not saved and may not (or, in time, cannot) be trained."""
         spec = SPECS[name]
         path = _run_path(self.root, phase, name, lr, seed)
         if path.exists():
             run = json.loads(path.read_text())
-            # a matrix optimizer's routed parameters ran at AdamW's rate: a run made at another one is stale
-            if not (spec.uses_adamw_lr and run.get("adamw_lr", adamw_lr) != adamw_lr):
+            # parameters trained with AdamW's tuned setting: a run made under another one is stale
+            if not spec.uses_adamw or _same_adamw(run, adamw):
                 self._note_speed(run)
                 if self.progress:
                     self.progress.skip(steps)
@@ -109,8 +129,8 @@ class _Runs:
             (self.root / "workload.json").write_text(json.dumps(self.workload.describe(), indent=1))
         tick = self.progress.run(f"{phase} {name} lr={lr:.3g} seed={seed}") if self.progress else None
         run = train_run(self.workload, spec, lr, seed, steps, self.config.preset["eval_every"], self.config.device,
-                        adamw_lr, tick)
-        run.update(phase=phase, adamw_lr=adamw_lr)
+                        adamw, tick, self.config.preset.get("schedule"))
+        run.update(phase=phase)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(run, indent=1))
         self._note_speed(run)
@@ -141,6 +161,15 @@ def _next_edge_lr(sweep: list[dict[str, Any]], factor: float) -> float | None:
     return None
 
 
+def _sweep_weight_decay(runs: _Runs, entry: dict[str, Any], best: dict[str, Any], steps: int) -> dict | None:
+    """AdamW at its best rate with each other weight decay of the documented grid; the best run of all (its
+    ``adamw`` entry holds the weight decay), or ``None`` while a run is missing."""
+    entry["weight_decay_sweep"] = [runs.get(f"wd{wd:g}", "AdamW", best["lr"], 0, steps, AdamWSetting(best["lr"], wd))
+                                   for wd in ADAMW_WEIGHT_DECAYS if wd != best["adamw"]["weight_decay"]]
+    tried = [best] + entry["weight_decay_sweep"]
+    return None if None in tried else min(tried, key=lambda r: r["final_val_loss"])
+
+
 def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True) -> dict[str, Any]:
     """Run (or, with ``train=False``, only collect) every planned run; see the module docstring."""
     root = Path(config.runs_dir) / config.name
@@ -153,17 +182,19 @@ def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True
                              f"or remove the folder (saved: {saved})")
     identity_file.write_text(json.dumps(config.identity(), indent=1))
     preset = config.preset
-    order = sorted(config.optimizers, key=lambda n: n != "AdamW")  # AdamW first: its lr serves the routed params
+    order = sorted(config.optimizers, key=lambda n: n != "AdamW")  # AdamW first: its setting serves others
     total = len(order) * (preset["lr_points"] * preset["sweep_steps"] + preset["seeds"] * preset["steps"])
+    if "AdamW" in order:
+        total += (len(ADAMW_WEIGHT_DECAYS) - 1) * preset["sweep_steps"]
     progress = progress_factory(total) if progress_factory else None
     runs = _Runs(config, root, progress, train)
 
     results: dict[str, dict[str, Any]] = {}
-    adamw_lr = SPECS["AdamW"].center_lr
+    adamw = AdamWSetting(SPECS["AdamW"].center_lr)
     for name in order:
         entry = results[name] = {"sweep": [], "full": []}
         grid = lr_grid(SPECS[name].center_lr, preset["lr_points"], config.lr_factor)
-        entry["sweep"] = [runs.get("sweep", name, lr, 0, preset["sweep_steps"], adamw_lr) for lr in grid]
+        entry["sweep"] = [runs.get("sweep", name, lr, 0, preset["sweep_steps"], adamw) for lr in grid]
         for _ in range(config.edge_points):
             if None in entry["sweep"]:
                 break
@@ -172,20 +203,23 @@ def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True
                 break
             if progress:
                 progress.grow(preset["sweep_steps"])
-            entry["sweep"].append(runs.get("sweep", name, lr, 0, preset["sweep_steps"], adamw_lr))
-        if None in entry["sweep"]:  # an unfinished sweep decides nothing
+            entry["sweep"].append(runs.get("sweep", name, lr, 0, preset["sweep_steps"], adamw))
+        best = _best(entry["sweep"]) if None not in entry["sweep"] else None
+        if name == "AdamW" and best is not None:
+            best = _sweep_weight_decay(runs, entry, best, preset["sweep_steps"])
+        if None in entry["sweep"] or None in entry.get("weight_decay_sweep", []):  # unfinished: decides nothing
             entry["sweep"] = [r for r in entry["sweep"] if r is not None]
             if progress:
                 progress.skip(preset["seeds"] * preset["steps"])
-            if name == "AdamW":  # nor can the optimizers that route parameters to AdamW's rate run
+            if name == "AdamW":  # nor can the optimizers that use AdamW's tuned setting run
                 break
             continue
-        best = _best(entry["sweep"])
         # every rate diverged: the full runs take the smallest, the likeliest to train (and show that it does not)
         entry["best_lr"] = best["lr"] if best else min(r["lr"] for r in entry["sweep"])
         if name == "AdamW":
-            adamw_lr = entry["best_lr"]
-        full = [runs.get("full", name, entry["best_lr"], seed, preset["steps"], adamw_lr)
+            adamw = AdamWSetting(entry["best_lr"], best["adamw"]["weight_decay"] if best else adamw.weight_decay)
+            entry["weight_decay"] = adamw.weight_decay
+        full = [runs.get("full", name, entry["best_lr"], seed, preset["steps"], adamw)
                 for seed in range(preset["seeds"])]
         entry["full"] = [r for r in full if r is not None]
     if progress:
@@ -220,7 +254,8 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "state_mb": entry["full"][0]["state_bytes"] / 2**20,
             "peak_memory_mb": (entry["full"][0]["peak_memory_bytes"] or 0) / 2**20 or None,
             "refreshes": entry["full"][0]["refreshes"], "skipped_refreshes": entry["full"][0]["skipped_refreshes"],
-            "failures": entry["full"][0]["failures"], "curve": curve,
+            "failures": entry["full"][0]["failures"], "curve": curve, "band": seed_band(runs) if runs else [],
+            "weight_decay": entry.get("weight_decay"), "peer": SPECS[name].peer if name in SPECS else None,
         }
         if name == "AdamW":
             reference = out[name]

@@ -1,12 +1,14 @@
-"""Human-readable outputs: a markdown table and validation-loss plots."""
+"""Human-readable outputs: a markdown table, validation-loss plots (against steps and wall-clock, seed
+bands, the target line) and a bar chart of steps- and time-to-target ratios."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown_table", "write_report", "plot_curves", "curve_colours"]
+__all__ = ["markdown_table", "write_report", "plot_curves", "plot_ratios", "curve_colours"]
 
 
 def _fmt(value, spec: str, missing: str = "—") -> str:
@@ -21,12 +23,22 @@ def _edge_mark(row: dict[str, Any]) -> str:
     return " †" if len(rates) > 1 and row["best_lr"] in (rates[0], rates[-1]) else ""
 
 
+def _label(name: str, row: dict[str, Any]) -> str:
+    return f"{name} (peer)" if row.get("peer") else name
+
+
+def _rate(row: dict[str, Any]) -> str:
+    wd = f", wd {row['weight_decay']:g}" if row.get("weight_decay") is not None else ""
+    return f"{_fmt(row['best_lr'], '.3g')}{wd}{_edge_mark(row)}"
+
+
 def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byte") -> str:
     target = next(iter(summary.values()))["target"]
     lines = [
         f"Target: AdamW's final validation loss, {target:.4f} {unit}. Ratios are relative to AdamW "
         "(< 1 is faster). Final loss: mean ± half-range over seeds. † the best rate is the edge of the swept "
-        "rates (the sweep stopped growing): a rate beyond it may be better.",
+        "rates (the sweep stopped growing): a rate beyond it may be better. (peer): another library's "
+        "implementation of the same algorithm, same hyper-parameters.",
         "",
         "| optimizer | best lr | final val loss | steps to target | × AdamW | time to target (s) | × AdamW "
         "| optimizer share of step | state MB | peak GPU MB | refreshes / failures |",
@@ -35,7 +47,7 @@ def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byt
     for name, row in sorted(summary.items(), key=lambda kv: kv[1]["final_val_mean"]):
         diverged = f" ({row['diverged_seeds']} diverged)" if row["diverged_seeds"] else ""
         lines.append(
-            f"| {name} | {_fmt(row['best_lr'], '.3g')}{_edge_mark(row)} | {row['final_val_mean']:.4f} ± {row['final_val_spread']:.4f}"
+            f"| {_label(name, row)} | {_rate(row)} | {row['final_val_mean']:.4f} ± {row['final_val_spread']:.4f}"
             f"{diverged} | {_fmt(row['steps_to_target'], 'd', 'not reached')} | {_fmt(row['steps_ratio'], '.2f')} "
             f"| {_fmt(row['seconds_to_target'], '.1f', 'not reached')} | {_fmt(row['seconds_ratio'], '.2f')} "
             f"| {row['optimizer_share']:.0%} | {row['state_mb']:.2f} | {_fmt(row['peak_memory_mb'], '.0f')} "
@@ -43,47 +55,102 @@ def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byt
     return "\n".join(lines)
 
 
+# Twenty distinct colours (matplotlib's tab20, dark shades first): one per known optimizer.
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+            "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
+            "#dbdb8d", "#9edae5"]
+
+
 def curve_colours(names) -> dict[str, str | None]:
-    """A matplotlib colour per optimizer name, fixed by its place among all known optimizers, so that an
-    optimizer has the same colour in every plot whichever subset the plot shows (unknown names: default)."""
+    """A colour per optimizer name, fixed by its place among all known optimizers, so that an optimizer has
+    the same colour in every plot whichever subset the plot shows (unknown names: matplotlib's default)."""
     from .optimizers import SPECS
 
-    known = sorted(SPECS)
-    return {name: f"C{known.index(name) % 10}" if name in known else None for name in names}
+    known = list(SPECS)
+    return {name: _PALETTE[known.index(name) % len(_PALETTE)] if name in known else None for name in names}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    fig.clf()
+    return path
 
 
 def plot_curves(summary: dict[str, dict[str, Any]], out_dir: Path, title: str,
                 unit: str = "nats per byte") -> list[Path]:
-    """PNG plots of validation loss against steps and against wall-clock; none if matplotlib is missing
-    (re-render elsewhere from the saved runs)."""
-    try:
-        import matplotlib
-    except ImportError:
+    """Validation loss against steps and against wall-clock: the seed mean, a band from the lowest to the
+    highest seed, AdamW's final loss as the target line. None if matplotlib is missing (re-render elsewhere
+    from the saved runs)."""
+    plt = _pyplot()
+    if plt is None:
         return []
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     colour = curve_colours(summary)
     paths = []
     for axis, index, label in (("steps", 0, "step"), ("time", 1, "wall-clock seconds (training only)")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(8, 5))
         for name, row in sorted(summary.items()):
             curve = row["curve"][1:]  # skip the untrained point: it squashes the interesting range
-            if curve:
-                ax.plot([p[index] for p in curve], [p[2] for p in curve], label=name, marker=".",
-                        color=colour[name])
-        ax.axhline(next(iter(summary.values()))["target"], color="grey", linestyle=":", label="AdamW final")
+            if not curve:
+                continue
+            xs = [p[index] for p in curve]
+            ax.plot(xs, [p[2] for p in curve], label=_label(name, row), color=colour[name],
+                    linestyle="--" if row.get("peer") else "-")
+            band = row.get("band", [])[1:]
+            if len(band) == len(curve):
+                ax.fill_between(xs, [b[1] for b in band], [b[2] for b in band], color=colour[name], alpha=0.2,
+                                linewidth=0)
+        ax.axhline(next(iter(summary.values()))["target"], color="black", linestyle=":", label="target (AdamW final)")
         ax.set_xlabel(label)
         ax.set_ylabel(f"validation loss ({unit})")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
-        path = Path(out_dir) / f"val_loss_vs_{axis}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        finals = [row["final_val_mean"] for row in summary.values() if math.isfinite(row["final_val_mean"])]
+        if finals:  # the last two thirds of the run decide the ranking: zoom on them
+            lows = [p[2] for row in summary.values() for p in row["curve"][len(row["curve"]) // 3:]]
+            ax.set_ylim(min(lows) - 0.02, max(lows) + 0.02)
+        ax.legend(fontsize="small")
+        paths.append(_save(fig, Path(out_dir) / f"val_loss_vs_{axis}.png"))
         plt.close(fig)
-        paths.append(path)
     return paths
+
+
+def plot_ratios(summary: dict[str, dict[str, Any]], out_dir: Path, title: str) -> Path | None:
+    """Bars of steps- and time-to-target as multiples of AdamW's (< 1 is faster); an optimizer that never
+    reached the target gets an empty slot marked "not reached"."""
+    plt = _pyplot()
+    rows = [(n, r) for n, r in sorted(summary.items(), key=lambda kv: kv[1]["final_val_mean"]) if n != "AdamW"]
+    if plt is None or not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
+    width = 0.38
+    for k, (key, hatch, label) in enumerate((("steps_ratio", "", "steps to target"),
+                                             ("seconds_ratio", "//", "wall-clock to target"))):
+        for i, (name, row) in enumerate(rows):
+            x = i + (k - 0.5) * width
+            if row[key] is None:
+                ax.text(x, 0.05, "not reached", rotation=90, ha="center", va="bottom", fontsize="x-small")
+                continue
+            ax.bar(x, row[key], width, color=curve_colours([name])[name], hatch=hatch, edgecolor="black",
+                   label=label if i == 0 else None)
+    ax.axhline(1.0, color="black", linestyle=":")
+    ax.set_xticks(range(len(rows)), [_label(n, r) for n, r in rows], rotation=30, ha="right")
+    ax.set_ylabel("× AdamW (lower is better)")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    path = _save(fig, Path(out_dir) / "ratios_to_target.png")
+    plt.close(fig)
+    return path
 
 
 def write_report(result: dict[str, Any], out_dir: Path, plots: bool = True) -> str:
@@ -99,9 +166,12 @@ def write_report(result: dict[str, Any], out_dir: Path, plots: bool = True) -> s
                  + "; ".join(result["unfinished"]) + "\n")
     if plots:
         title = f"{w['workload']} ({w.get('parameters', '?'):,} parameters)"
-        for p in plot_curves(result["summary"], out_dir, title, unit):
+        paths = plot_curves(result["summary"], out_dir, title, unit)
+        paths.append(plot_ratios(result["summary"], out_dir, title))
+        for p in filter(None, paths):
             text += f"\n![{p.stem}]({p.name})\n"
     (out_dir / "report.md").write_text(text)
-    compact = {k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in result["summary"].items()}
+    compact = {k: {kk: vv for kk, vv in v.items() if kk not in ("curve", "band")}
+               for k, v in result["summary"].items()}
     (out_dir / "summary.json").write_text(json.dumps({"workload": w, "summary": compact}, indent=1))
     return table

@@ -9,10 +9,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .optimizers import OptimizerSpec
+from .optimizers import AdamWSetting, OptimizerSpec
 from .workloads import Workload
 
-__all__ = ["train_run", "state_bytes"]
+__all__ = ["train_run", "state_bytes", "lr_factor"]
+
+
+def lr_factor(step: int, steps: int, schedule: dict[str, Any] | None) -> float:
+    """The multiplier of every group's base rate at ``step`` (1-based) of ``steps``.
+
+    ``{"kind": "cosine", "warmup": w, "floor": f}``: linear warmup over the first ``w`` of the run (a
+    fraction), then a cosine from 1 down to ``f`` at the last step. ``None`` or ``{"kind": "constant"}``: 1.
+    """
+    if not schedule or schedule["kind"] == "constant":
+        return 1.0
+    warm = max(1, round(schedule["warmup"] * steps))
+    if step <= warm:
+        return step / warm
+    progress = (step - warm) / max(1, steps - warm)
+    floor = schedule["floor"]
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -34,14 +50,17 @@ def _sync(device: str) -> None:
 
 
 def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, steps: int, eval_every: int,
-              device: str, adamw_lr: float, progress=None) -> dict[str, Any]:
+              device: str, adamw: AdamWSetting, progress=None, schedule: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
     """Train, evaluating every ``eval_every`` steps; stops early (``diverged``) on a non-finite loss.
 
+    Every group's rate follows ``schedule`` (see :func:`lr_factor`) from the rate it was built with.
     Wall-clock counts forward, backward and optimizer work (Sophia's curvature pass included), not the
     evaluations; ``optimizer_seconds`` is the ``step()`` (and ``update_hessian``) part of it.
     """
     model = workload.model(seed)
-    optimizer = spec.build(model, lr, adamw_lr)
+    optimizer = spec.build(model, lr, adamw)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
         "cpu", enabled=False)
     if device.startswith("cuda"):
@@ -61,6 +80,9 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         loss.backward()
         _sync(device)
         t1 = time.perf_counter()
+        factor = lr_factor(step, steps, schedule)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if spec.needs_hessian and optimizer.hessian_update_due():
@@ -91,6 +113,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
     stats = optimizer.preconditioner_stats() if hasattr(optimizer, "preconditioner_stats") else {"factors": []}
     return {
         "optimizer": spec.name, "lr": lr, "seed": seed, "steps": steps, "steps_done": steps_done,
+        "adamw": {"lr": adamw.lr, "weight_decay": adamw.weight_decay}, "schedule": schedule,
         "diverged": diverged,
         "curve": curve, "final_val_loss": curve[-1][2] if not diverged else math.inf,
         "final_train_loss": last_loss, "train_seconds": train_seconds, "optimizer_seconds": optimizer_seconds,
