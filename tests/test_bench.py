@@ -350,6 +350,25 @@ def test_split_steps_every_part_and_shares_its_groups():
     assert a.grad is None and b.grad is None
 
 
+def test_runs_record_their_timing_conditions_and_mixed_rows_are_marked(data_dir):
+    wl = make_workload(PRESETS["tiny"], data_dir, "cpu")
+    run = train_run(wl, SPECS["AdamW"], 1e-3, seed=0, steps=2, eval_every=1, device="cpu", adamw=AdamWSetting(1e-3))
+    assert run["conditions"]["threads"] == torch.get_num_threads()
+    assert run["conditions"]["torch"] == torch.__version__ and run["conditions"]["device"]
+
+    here = {"device": "cpu", "torch": "2.13", "threads": 2, "commit": "abc"}
+    elsewhere = dict(here, threads=16)
+    results = {"AdamW": {"best_lr": 1e-3, "full": [dict(fake_run("AdamW", 2.0, [(0, 0, 5), (10, 1.0, 2.0)]),
+                                                        conditions=here)] * 2},
+               "SOAP": {"best_lr": 1e-3, "full": [dict(fake_run("SOAP", 2.0, [(0, 0, 5), (10, 1.0, 2.0)]),
+                                                       conditions=c) for c in (here, elsewhere)]}}
+    table = markdown_table(summarize(results))
+    assert "| SOAP § |" in table and "| AdamW |" in table and "cpu, torch 2.13, 16 threads" in table
+    results["SOAP"]["full"] = [dict(r, conditions=here) for r in results["SOAP"]["full"]]
+    table = markdown_table(summarize(results))
+    assert "§" not in table  # one set of conditions: nothing to mark
+
+
 def test_peer_rows_are_marked_and_unavailable_peers_are_refused(data_dir, tmp_path, monkeypatch):
     from precond.bench import optimizers
     assert SPECS["torch.Muon"].peer == "torch" and SPECS["SOAP"].peer is None

@@ -232,6 +232,12 @@ def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True
             "results": results, "summary": summary, "unfinished": runs.unfinished}
 
 
+def _timing_key(run: dict[str, Any]) -> str:
+    """The conditions that a run's wall-clock depends on, as one comparable string."""
+    c = run.get("conditions")
+    return f"{c['device']}, torch {c['torch']}, {c['threads']} threads" if c else "unrecorded"
+
+
 def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per optimizer: final loss statistics, steps/time to AdamW's final loss, costs."""
     finals = {n: [r["final_val_loss"] for r in e["full"]] for n, e in results.items()}
@@ -256,6 +262,7 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "refreshes": entry["full"][0]["refreshes"], "skipped_refreshes": entry["full"][0]["skipped_refreshes"],
             "failures": entry["full"][0]["failures"], "curve": curve, "band": seed_band(runs) if runs else [],
             "weight_decay": entry.get("weight_decay"), "peer": SPECS[name].peer if name in SPECS else None,
+            "timed_under": sorted({_timing_key(r) for r in entry["full"]}),
         }
         if name == "AdamW":
             reference = out[name]

@@ -23,8 +23,20 @@ def _edge_mark(row: dict[str, Any]) -> str:
     return " †" if len(rates) > 1 and row["best_lr"] in (rates[0], rates[-1]) else ""
 
 
-def _label(name: str, row: dict[str, Any]) -> str:
-    return f"{name} (peer)" if row.get("peer") else name
+def _label(name: str, row: dict[str, Any], reference: list[str] | None = None) -> str:
+    label = f"{name} (peer)" if row.get("peer") else name
+    return label + " §" if reference is not None and row.get("timed_under", reference) != reference else label
+
+
+def _conditions_note(summary: dict[str, dict[str, Any]]) -> tuple[str, list[str] | None]:
+    """A sentence when the rows were timed under different conditions (device, torch, threads), and the
+    reference conditions (AdamW's) that unmarked rows share."""
+    every = sorted({c for row in summary.values() for c in row.get("timed_under", [])})
+    if len(every) <= 1:
+        return "", None
+    reference = summary.get("AdamW", next(iter(summary.values()))).get("timed_under", [])
+    return (f" § timed under other conditions than AdamW's ({'; '.join(reference)}): its wall-clock "
+            f"ratios compare unlike runs (conditions seen: {' | '.join(every)})."), reference
 
 
 def _rate(row: dict[str, Any]) -> str:
@@ -34,11 +46,12 @@ def _rate(row: dict[str, Any]) -> str:
 
 def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byte") -> str:
     target = next(iter(summary.values()))["target"]
+    mixed, reference = _conditions_note(summary)
     lines = [
         f"Target: AdamW's final validation loss, {target:.4f} {unit}. Ratios are relative to AdamW "
         "(< 1 is faster). Final loss: mean ± half-range over seeds. † the best rate is the edge of the swept "
         "rates (the sweep stopped growing): a rate beyond it may be better. (peer): another library's "
-        "implementation of the same algorithm, same hyper-parameters.",
+        "implementation of the same algorithm, same hyper-parameters." + mixed,
         "",
         "| optimizer | best lr | final val loss | steps to target | × AdamW | time to target (s) | × AdamW "
         "| optimizer share of step | state MB | peak GPU MB | refreshes / failures |",
@@ -47,7 +60,7 @@ def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byt
     for name, row in sorted(summary.items(), key=lambda kv: kv[1]["final_val_mean"]):
         diverged = f" ({row['diverged_seeds']} diverged)" if row["diverged_seeds"] else ""
         lines.append(
-            f"| {_label(name, row)} | {_rate(row)} | {row['final_val_mean']:.4f} ± {row['final_val_spread']:.4f}"
+            f"| {_label(name, row, reference)} | {_rate(row)} | {row['final_val_mean']:.4f} ± {row['final_val_spread']:.4f}"
             f"{diverged} | {_fmt(row['steps_to_target'], 'd', 'not reached')} | {_fmt(row['steps_ratio'], '.2f')} "
             f"| {_fmt(row['seconds_to_target'], '.1f', 'not reached')} | {_fmt(row['seconds_ratio'], '.2f')} "
             f"| {row['optimizer_share']:.0%} | {row['state_mb']:.2f} | {_fmt(row['peak_memory_mb'], '.0f')} "

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import platform
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +15,7 @@ import torch.nn.functional as F
 from .optimizers import AdamWSetting, OptimizerSpec
 from .workloads import Workload
 
-__all__ = ["train_run", "state_bytes", "lr_factor"]
+__all__ = ["train_run", "state_bytes", "lr_factor", "timing_conditions"]
 
 
 def lr_factor(step: int, steps: int, schedule: dict[str, Any] | None) -> float:
@@ -42,6 +45,19 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
             return sum(walk(x) for x in v)
         return 0
     return sum(walk(s) for s in optimizer.state.values())
+
+
+def timing_conditions(device: str) -> dict[str, Any]:
+    """What a run's timings depend on: the device's name, torch's version, its CPU thread count and the
+    commit of the code (``None`` outside a git checkout). Runs timed under different conditions should not
+    be compared by wall-clock."""
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or "cpu")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": commit}
 
 
 def _sync(device: str) -> None:
@@ -114,6 +130,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
     return {
         "optimizer": spec.name, "lr": lr, "seed": seed, "steps": steps, "steps_done": steps_done,
         "adamw": {"lr": adamw.lr, "weight_decay": adamw.weight_decay}, "schedule": schedule,
+        "conditions": timing_conditions(device),
         "diverged": diverged,
         "curve": curve, "final_val_loss": curve[-1][2] if not diverged else math.inf,
         "final_train_loss": last_loss, "train_seconds": train_seconds, "optimizer_seconds": optimizer_seconds,
