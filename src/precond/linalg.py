@@ -151,7 +151,7 @@ def permute_columns(Q: Tensor, order: Tensor) -> Tensor:
 
 
 def qr_algorithm(A: Tensor, Q: Tensor, max_iterations: int, tolerance: float,
-                 B: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                 B: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""Warm-started QR algorithm for the eigenbases of symmetric matrices ``A`` (``[..., n, n]``).
 
     ``B = QᵀAQ``; while fewer than ``max_iterations`` steps were taken and
@@ -159,8 +159,10 @@ def qr_algorithm(A: Tensor, Q: Tensor, max_iterations: int, tolerance: float,
     stopping on its own (the loop ends early once all have converged, a host read per iteration).
     The estimates ``diag(B)`` are then sorted ascending (stable) and ``Q``'s columns permuted alike.
     ``B`` may be passed in when the caller already computed ``QᵀAQ``.
-    Returns ``(eigenvalue estimates, Q, iterations taken)``; raises :class:`LinAlgFailure` if a QR
-    raises (non-finite results are the caller's to check).
+    Returns ``(eigenvalue estimates, Q, iterations taken, order)``: column ``j`` of the returned ``Q``
+    continues column ``order[j]`` of the rotated start (a warm start rotates each column only a little), so
+    that the caller can permute per-column statistics alike. Raises :class:`LinAlgFailure` if a QR raises
+    (non-finite results are the caller's to check).
     """
     if B is None:
         B = Q.mT @ A @ Q
@@ -175,7 +177,7 @@ def qr_algorithm(A: Tensor, Q: Tensor, max_iterations: int, tolerance: float,
         Q = torch.where(keep, Q @ Qi, Q)
         iterations += active
     estimates, order = torch.diagonal(B, dim1=-2, dim2=-1).sort(stable=True)
-    return estimates, permute_columns(Q, order), iterations
+    return estimates, permute_columns(Q, order), iterations, order
 
 
 def _qr(X: Tensor) -> tuple[Tensor, Tensor]:

@@ -111,7 +111,7 @@ class EigenbasisRefresh:
             factor, basis = state[f"factor{i}"], state[f"basis{i}"]
             A = prepare(factor) if prepare is not None else factor
             new, order, changed_i = self.refresh(A, basis, state[f"stats{i}"], ok)
-            if self.method == "power_qr":  # the columns were re-sorted: the statistic follows them
+            if self.method in ("power_qr", "qr"):  # the columns were re-sorted: the statistic follows them
                 per_column.copy_(permute_dim(per_column, 1 + i, order))
             basis.copy_(new)
             changed |= changed_i
@@ -129,7 +129,7 @@ class EigenbasisRefresh:
             elif self.method == "power_qr":
                 Q_new, order = power_qr_step(A, Q)
             elif self.method == "qr":
-                _, Q_new, iterations = qr_algorithm(A, Q, self.max_iterations, self.tolerance, B)
+                _, Q_new, iterations, order = qr_algorithm(A, Q, self.max_iterations, self.tolerance, B)
             else:
                 Q_new, iterations = refine_eigenbasis(A, Q, self.max_iterations, self.tolerance, projected=B)
         except LinAlgFailure:
@@ -140,4 +140,6 @@ class EigenbasisRefresh:
             good = torch.isfinite(Q_new).flatten(1).all(1)
         if self.descending and self.method in ("eigh", "qr"):  # both sort ascending; refine keeps the order
             Q_new = torch.flip(Q_new, [-1])
+            if self.method == "qr":
+                order = torch.flip(order, [-1])
         return Q_new, order, good
