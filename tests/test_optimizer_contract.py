@@ -307,6 +307,35 @@ def test_invalid_hyper_parameters_name_the_argument(cls, kwargs, argument):
         cls([torch.nn.Parameter(torch.randn(3, 3))], **kwargs)
 
 
+# a hyper-parameter of each method's own, set to a bad value in a group
+OWN_BAD_VALUE = {"Muon": ("momentum", 1.0)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_group_values_are_checked_like_the_constructors(name):
+    p, q = torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"Invalid lr: -1.0 \(must be >= 0\) in param group 0"):
+        FACTORIES[name]([{"params": [p], "lr": -1.0}])
+    opt = FACTORIES[name]([p])
+    groups = len(opt.param_groups)
+    key, bad = OWN_BAD_VALUE.get(name, ("betas", (0.9, 1.5)))
+    for group in ({"params": [q], "weight_decay": -0.5}, {"params": [q], key: bad}):
+        with pytest.raises(ValueError, match=rf"Invalid {next(k for k in group if k != 'params')}.* in param group"):
+            opt.add_param_group(group)
+        assert len(opt.param_groups) == groups  # a group that fails is not added
+    opt.add_param_group({"params": [q], "lr": 0.5})  # a valid group still joins and steps
+    (p.sum() + q.sum()).backward()
+    opt.step()
+
+
+def test_the_adamw_half_of_a_matrix_optimizer_checks_its_own_keys():
+    bias = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"Invalid adamw_betas\[0\].* in param group 0"):
+        precond.Muon([{"params": [bias], "adamw_betas": (1.5, 0.9)}], lr=0.02)
+    with pytest.raises(ValueError, match="Invalid adamw_eps"):
+        precond.ASGO([bias], adamw_eps=0.0)
+
+
 def test_finite_mask_flags_nan_and_both_infinities_but_not_large_values():
     from precond.engine import finite_mask
     tensors = [torch.randn(3, 4), torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 0.0]),

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .blocks import BlockLayout
 from .engine import ADAM, BlockEngine, Bucket, bias_correction, commit_, per_block
-from .validation import check_betas, check_lr, check_nonneg, check_positive
+from .validation import STEP_RULES, betas_rule, check_positive
 
 __all__ = ["AdamW", "adam_state", "adam_directions"]
 
@@ -53,12 +53,10 @@ class AdamW(BlockEngine):
     FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
     """
 
+    _group_rules = {**STEP_RULES, "betas": betas_rule, "eps": check_positive}
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, distributed: Any = None) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_positive("eps", eps)
-        check_nonneg("weight_decay", weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
                          distributed=distributed)
 

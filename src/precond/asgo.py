@@ -13,7 +13,7 @@ from .kronecker import init_factor_state
 from .linalg import inverse_roots, inverse_sqrt_newton_schulz
 from .refresh import FAILURES, REFRESHES
 from .matrix import MatrixOptimizer
-from .validation import check_betas, check_choice, check_int, check_lr, check_nonneg, check_positive
+from .validation import STEP_RULES, betas_to_one_rule, check_choice, check_int, check_positive
 
 __all__ = ["ASGO"]
 
@@ -43,15 +43,14 @@ class ASGO(MatrixOptimizer):
     FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
     """
 
+    _group_rules = {**MatrixOptimizer._group_rules, **STEP_RULES, "betas": betas_to_one_rule,
+                    "epsilon": check_positive}
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.8),
                  epsilon: float = 1e-10, weight_decay: float = 0.1, precondition_frequency: int = 1,
                  side: str = "auto", root_method: str = "eigh", ns_steps: int = 10,
                  adamw_lr: float = 3e-4, adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
                  adamw_weight_decay: float = 0.1, *, distributed: Any = None) -> None:
-        check_lr(lr)
-        check_betas(betas, beta2_may_be_one=True)
-        check_positive("epsilon", epsilon)
-        check_nonneg("weight_decay", weight_decay)
         check_int("precondition_frequency", precondition_frequency, 1)
         check_choice("side", side, ("auto", "left", "right"))
         check_choice("root_method", root_method, ("eigh", "newton_schulz"))

@@ -22,7 +22,7 @@ from torch import Tensor
 from .adamw import adam_directions, adam_state
 from .blocks import BlockLayout
 from .engine import ADAM, BlockEngine, Bucket
-from .validation import check_betas, check_lr, check_nonneg, check_positive
+from .validation import betas_rule, check_lr, check_nonneg, check_positive
 
 __all__ = ["MatrixOptimizer", "split_groups"]
 
@@ -61,12 +61,12 @@ def split_groups(params: Iterable[Any], adamw: dict[str, Any]) -> list[dict[str,
 class MatrixOptimizer(BlockEngine):
     """Base of Muon and ASGO: the routing, the matrix view and the AdamW half."""
 
+    _group_rules = {"adamw_betas": betas_rule, "adamw_eps": check_positive}
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, adamw_lr: float,
                  adamw_betas: tuple[float, float], adamw_eps: float, adamw_weight_decay: float,
                  distributed: Any = None) -> None:
         check_lr(adamw_lr)
-        check_betas(adamw_betas, name="adamw_betas")
-        check_positive("adamw_eps", adamw_eps)
         check_nonneg("adamw_weight_decay", adamw_weight_decay)
         adamw = dict(lr=adamw_lr, weight_decay=adamw_weight_decay)
         defaults = dict(defaults, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps)

@@ -12,7 +12,7 @@ from torch import Tensor
 from .engine import ADAM, Bucket, per_block
 from .linalg import newton_schulz
 from .matrix import MatrixOptimizer
-from .validation import check_choice, check_in, check_int, check_lr, check_nonneg, check_positive
+from .validation import STEP_RULES, check_choice, check_int, check_positive, fraction_rule
 
 __all__ = ["Muon"]
 
@@ -49,18 +49,16 @@ class Muon(MatrixOptimizer):
     under FSDP2 whole matrices are gathered, so the update is one process's (:mod:`precond.engine.distributed`).
     """
 
+    _group_rules = {**MatrixOptimizer._group_rules, **STEP_RULES, "momentum": fraction_rule, "eps": check_positive}
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
                  eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None,
                  ns_dtype: str = "bfloat16", adamw_lr: float | None = None,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
                  adamw_weight_decay: float | None = None, *, distributed: Any = None) -> None:
-        check_lr(lr)
-        check_nonneg("weight_decay", weight_decay)
-        check_in("momentum", momentum, 0.0, 1.0, high_open=True)
         if not (isinstance(ns_coefficients, (tuple, list)) and len(ns_coefficients) == 3):
             raise ValueError(f"Invalid ns_coefficients: {ns_coefficients!r} (must be three numbers a, b, c)")
-        check_positive("eps", eps)
         check_int("ns_steps", ns_steps, 1)
         if ns_steps >= 100:
             raise ValueError(f"Invalid ns_steps: {ns_steps} (must be < 100)")

@@ -19,7 +19,7 @@ from .grafting import GRAFTING_KINDS, Diagonal, graft
 from .kronecker import factor_matrices, init_factor_state, mode_product, update_factors_
 from .linalg import LinAlgFailure, inverse_root_newton, inverse_roots
 from .refresh import FAILURES, REFRESHES
-from .validation import (check_betas, check_choice, check_int, check_lr, check_max_dim, check_nonneg,
+from .validation import (STEP_RULES, betas_to_one_rule, check_betas, check_choice, check_int, check_max_dim,
                          check_positive)
 
 __all__ = ["Shampoo", "ShampooFamily"]
@@ -45,6 +45,7 @@ class ShampooFamily(BlockEngine):
     # Shampoo: yes (its identity "preconditioner" would be plain momentum SGD). EShampoo: no, its
     # eigenvalue correction in the identity basis already is Adam.
     diagonal_for_unfactored = True
+    _group_rules = {**STEP_RULES, "betas": betas_to_one_rule, "epsilon": check_positive}
 
     def __init__(self, params: Iterable[Any], *, lr: float, betas: tuple[float, float], epsilon: float,
                  weight_decay: float, max_preconditioner_dim: int | float, precondition_frequency: int,
@@ -52,10 +53,6 @@ class ShampooFamily(BlockEngine):
                  grafting: str | None, grafting_beta2: float | None, grafting_epsilon: float,
                  precondition_1d: bool, merge_dims: bool, large_dim_policy: str, tf32: bool,
                  distributed: Any, extra: dict[str, Any]) -> None:
-        check_lr(lr)
-        check_betas(betas, beta2_may_be_one=True)
-        check_positive("epsilon", epsilon)
-        check_nonneg("weight_decay", weight_decay)
         check_max_dim("max_preconditioner_dim", max_preconditioner_dim)
         check_int("precondition_frequency", precondition_frequency, 1)
         if start_preconditioning_step != -1:

@@ -13,8 +13,7 @@ from .blocks import BlockLayout
 from .engine import BlockEngine, Bucket, bias_correction, commit_, per_block
 from .kronecker import factor_matrices, init_factor_state, mode_product, update_factors_
 from .refresh import REFRESH_METHODS, EigenbasisRefresh
-from .validation import (check_betas, check_choice, check_in, check_int, check_lr, check_max_dim, check_nonneg,
-                         check_positive)
+from .validation import STEP_RULES, betas_rule, check_choice, check_in, check_int, check_max_dim, check_positive
 
 __all__ = ["SOAP"]
 
@@ -63,18 +62,16 @@ class SOAP(BlockEngine):
             group: split the work between processes (:mod:`precond.engine.distributed`).
     """
 
+    _group_rules = {**STEP_RULES, "betas": betas_rule, "eps": check_positive}
+
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float = -1, eps: float = 1e-8, weight_decay: float = 0.01,
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
                  precondition_1d: bool = False, normalize_grads: bool = False, correct_bias: bool = True,
                  refresh_method: str = "power_qr", refresh_tolerance: float = 0.0, max_qr_iterations: int = 1,
                  large_dim_policy: str = "identity", tf32: bool = False, *, distributed: Any = None) -> None:
-        check_lr(lr)
-        check_betas(betas)
         if shampoo_beta != -1:
             check_in("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
-        check_positive("eps", eps)
-        check_nonneg("weight_decay", weight_decay)
         check_int("precondition_frequency", precondition_frequency, 1)
         check_max_dim("max_precond_dim", max_precond_dim)
         check_choice("refresh_method", refresh_method, REFRESH_METHODS)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .blocks import BlockLayout
 from .engine import BlockEngine, commit_, local
-from .validation import check_betas, check_choice, check_int, check_lr, check_nonneg, check_positive
+from .validation import STEP_RULES, betas_rule, check_choice, check_int, check_positive
 
 __all__ = ["Sophia"]
 
@@ -49,14 +49,11 @@ class Sophia(BlockEngine):
     FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
     """
 
+    _group_rules = {**STEP_RULES, "betas": betas_rule, "rho": check_positive, "eps": check_positive}
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.01, weight_decay: float = 0.1, eps: float = 1e-15, estimator: str = "gnb",
                  update_period: int = 10, *, distributed: Any = None) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_positive("rho", rho)
-        check_nonneg("weight_decay", weight_decay)
-        check_positive("eps", eps)
         check_choice("estimator", estimator, ("gnb", "hutchinson"))
         check_int("update_period", update_period, 1)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["check_lr", "check_in", "check_betas", "check_nonneg", "check_positive", "check_int", "check_choice",
-           "check_max_dim"]
+           "check_max_dim", "check_group", "Rule", "lr_rule", "betas_rule", "betas_to_one_rule", "fraction_rule", "STEP_RULES"]
 
 
 def _number(name: str, value: Any) -> float:
@@ -65,3 +65,41 @@ def check_max_dim(name: str, value: Any) -> None:
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r} (must be one of {tuple(choices)})")
+
+
+# A group rule checks one hyper-parameter that a param group may set: ``rule(key, value)`` raises
+# ``ValueError`` naming ``key``. Each optimizer lists its rules (``BlockEngine._group_rules``); the engine
+# applies them to the constructor's defaults and to every group, added at construction or later.
+Rule = Callable[[str, Any], None]
+
+
+def lr_rule(name: str, value: Any) -> None:
+    check_lr(value)
+
+
+def betas_rule(name: str, value: Any) -> None:
+    check_betas(value, name)
+
+
+def betas_to_one_rule(name: str, value: Any) -> None:
+    check_betas(value, name, beta2_may_be_one=True)
+
+
+def fraction_rule(name: str, value: Any) -> None:
+    check_in(name, value, 0.0, 1.0, high_open=True)
+
+
+# What every optimizer's groups may set.
+STEP_RULES: dict[str, Rule] = {"lr": lr_rule, "weight_decay": check_nonneg}
+
+
+def check_group(rules: dict[str, Rule], group: dict[str, Any], where: str | None = None) -> None:
+    """Applies every rule whose key ``group`` holds; ``where`` (e.g. "param group 2") ends the message."""
+    for key, rule in rules.items():
+        if key in group:
+            try:
+                rule(key, group[key])
+            except ValueError as err:
+                if where is None:
+                    raise
+                raise ValueError(f"{err} in {where}") from None

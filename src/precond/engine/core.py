@@ -41,6 +41,7 @@ from torch import Tensor
 
 from ..blocks import BlockLayout
 from ..linalg import tf32_matmuls
+from ..validation import Rule, check_group
 from .batched import finite_mask, per_block
 from .distributed import Topology, assign_owners, exchange_directions, local, resolve_topology
 from .plan import Bucket, Member, block_prefix, build_buckets, engine_entries, fresh_block_state, state_dtype
@@ -61,7 +62,11 @@ STATS_FIELDS = ("dim", "refreshes", "skipped", "qr_iterations", "failures")
 class BlockEngine(torch.optim.Optimizer):
     """Base class: see the module docstring. Not used directly."""
 
+    # The hyper-parameters a param group may set, each with its check (see precond.validation.check_group).
+    _group_rules: dict[str, Rule] = {}
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], distributed: Any = None) -> None:
+        check_group(self._group_rules, defaults)
         super().__init__(params, defaults)
         self._distributed = distributed
         self._topology: Topology = resolve_topology(self._all_params(), distributed)
@@ -120,6 +125,8 @@ class BlockEngine(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ planning
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # checked before it joins: a group that fails leaves the optimizer as it was
+        check_group(self._group_rules, {**self.defaults, **param_group}, f"param group {len(self.param_groups)}")
         super().add_param_group(param_group)
         self._plan_key = None
         self._owners = None
