@@ -167,6 +167,20 @@ def test_parameters_without_grad_are_skipped(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_a_parameter_with_no_elements_trains_beside_the_others(name):
+    empty, w = torch.nn.Parameter(torch.empty(0, 5)), torch.nn.Parameter(torch.randn(4, 5))
+    opt = FACTORIES[name]([empty, w])
+    before = w.detach().clone()
+    for _ in range(3):
+        (w.square().sum() + empty.sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(before, w) and torch.isfinite(w).all()
+    assert all(v.numel() == 0 for v in opt.state[empty].values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    opt.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_sparse_gradients_raise(name):
     emb = torch.nn.Embedding(10, 4, sparse=True)
     opt = FACTORIES[name](emb.parameters())
@@ -326,6 +340,20 @@ def test_group_values_are_checked_like_the_constructors(name):
     opt.add_param_group({"params": [q], "lr": 0.5})  # a valid group still joins and steps
     (p.sum() + q.sum()).backward()
     opt.step()
+
+
+@pytest.mark.parametrize("cls", [precond.Muon, precond.ASGO])
+def test_groups_of_one_kind_stay_one_to_one_for_per_group_schedulers(cls):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    groups = precond.param_groups(net)
+    opt = cls(groups, lr=0.02, adamw_lr=1e-3)
+    assert [g["matrix"] for g in opt.param_groups] == [g["matrix"] for g in groups]
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.02, 1e-3], total_steps=10)
+    net(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    scheduler.step()
+    first, second = (g["lr"] for g in opt.param_groups)
+    assert first == pytest.approx(20 * second)  # each group follows its own max_lr
 
 
 def test_the_adamw_half_of_a_matrix_optimizer_checks_its_own_keys():

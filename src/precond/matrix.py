@@ -8,6 +8,11 @@ AdamW. Hyper-parameters a group sets apply to all of its parameters; those it le
 constructor (the matrix rule's arguments, or ``adamw_*`` for the AdamW half). Routing happens when a group
 is added (by the constructor or ``add_param_group``), by splitting it in two, so an LR scheduler sees and
 scales both halves.
+
+A group that holds both kinds therefore becomes two, and a scheduler that takes one value per group
+(``OneCycleLR(max_lr=[...])``, ``CyclicLR``) needs ``len(optimizer.param_groups)`` values. Groups that are
+already of one kind, as :func:`precond.param_groups` returns them (``"matrix"`` set), stay one to one:
+``Muon(precond.param_groups(model), ...)`` with ``OneCycleLR(max_lr=[matrix_lr, adamw_lr])``.
 """
 
 from __future__ import annotations
