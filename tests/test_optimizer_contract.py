@@ -356,6 +356,30 @@ def test_groups_of_one_kind_stay_one_to_one_for_per_group_schedulers(cls):
     assert first == pytest.approx(20 * second)  # each group follows its own max_lr
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_explain_names_each_parameters_rule_and_predicts_its_state(name):
+    net = model()
+    opt = FACTORIES[name](net.parameters())
+    before = precond.explain(opt)
+    train(net, opt, 1)
+    assert precond.explain(opt) == before  # the same before and after the state exists
+    rows = [line.split(" | ") for line in before.splitlines()[2:-1]]
+    assert len(rows) == len(list(net.parameters()))
+    counters = {"step", "nonfinite"}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = sum(v.numel() * v.element_size() for k, v in opt.state[p].items()
+                        if torch.is_tensor(v) and k.rsplit(".", 1)[-1] not in counters)
+            row = next(r for r in rows if r[2] == str(tuple(p.shape)) and int(r[5].replace(",", "")) == state)
+            assert row[3]  # a rule is named
+    if name in ("Shampoo", "EShampoo", "SOAP"):
+        assert "Kronecker" in before
+    if name in ("Muon", "ASGO"):
+        assert "diagonal (fused AdamW)" in before  # the 1-D parameters went to AdamW
+    with pytest.raises(TypeError, match="precond optimizer"):
+        precond.explain(torch.optim.SGD(net.parameters(), lr=0.1))
+
+
 def test_the_adamw_half_of_a_matrix_optimizer_checks_its_own_keys():
     bias = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match=r"Invalid adamw_betas\[0\].* in param group 0"):

@@ -4,6 +4,7 @@ from .adamw import AdamW
 from .asgo import ASGO
 from .engine import BlockEngine
 from .eshampoo import EShampoo
+from .explain import explain
 from .muon import Muon
 from .refresh import EigenbasisRefresh
 from .routing import param_groups
@@ -12,5 +13,5 @@ from .soap import SOAP
 from .sophia import Sophia
 
 __all__ = ["ASGO", "AdamW", "BlockEngine", "EShampoo", "EigenbasisRefresh", "Muon", "SOAP", "Shampoo", "Sophia",
-           "param_groups"]
+           "explain", "param_groups"]
 __version__ = "0.1.0"
