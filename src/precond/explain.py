@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .engine import ADAM, BlockEngine
-from .engine.plan import Member, state_dtype
+from .engine.plan import Member, engine_entries
 
 __all__ = ["explain"]
 
@@ -28,9 +28,12 @@ def _rule(member: Member, factors: list[int]) -> str:
     return "diagonal"
 
 
-def _state_bytes(optimizer: BlockEngine, member: Member, shape: tuple[int, ...], group: dict) -> int:
-    state = optimizer._init_block(shape, member.kind, group, state_dtype(member.param), "meta")
-    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
+def _method_state_bytes(optimizer: BlockEngine, param: Tensor, group: dict) -> int:
+    """Bytes of the state the optimizer creates for ``param`` (every block's, as if one process held them
+    all), built as meta tensors by the engine's own :meth:`_expected_state`; the counters left out."""
+    counters = set(engine_entries("meta"))
+    state = optimizer._expected_state(param, group, owned_only=False)
+    return sum(v.numel() * v.element_size() for k, v in state.items() if k.rsplit(".", 1)[-1] not in counters)
 
 
 def explain(optimizer: BlockEngine) -> str:
@@ -45,14 +48,14 @@ def explain(optimizer: BlockEngine) -> str:
         names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
         for name, param in zip(names, group["params"]):
             members = optimizer._blocks_of(param, group)
-            rules, state = [], 0
+            rules = []
             for m in members:
                 shape = tuple(m.layout.block_shapes[m.block])
                 kind = m.kind if isinstance(m.kind, tuple) else ()
                 rule = _rule(m, [n for n, use in zip(shape, kind) if use])
                 if rule not in rules:
                     rules.append(rule)
-                state += _state_bytes(optimizer, m, shape, group)
+            state = _method_state_bytes(optimizer, param, group)
             own = param.numel() * param.element_size()
             ratio = f"{state / own:.2f}" if own else "—"
             lines.append(f"| {g} | {name} | {tuple(param.shape)} | {'; '.join(rules) or 'none (no elements)'} "
