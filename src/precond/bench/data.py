@@ -52,48 +52,47 @@ def _path_hash(name: str) -> float:
     return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 
 
-def split_documents(docs: dict[str, bytes], fraction: float = 0.1, keep: float = 1.0) -> tuple[bytes, bytes]:
-    """Concatenate documents into (train, validation) byte strings. A document is kept when the hash of its
-    name is below ``keep``, and goes to validation when it is below ``fraction``: a document is on one side
-    only, and the split is stable across machines."""
+def split_documents(docs: dict[str, bytes], fraction: float = 0.1) -> tuple[bytes, bytes]:
+    """Concatenate documents into (train, validation) byte strings; a document goes to validation when the
+    hash of its name falls in the first ``fraction`` of the hash range (stable across machines)."""
     train, val = [], []
     for name in sorted(docs):
-        h = _path_hash(name)
-        if h < keep:
-            (val if h < fraction else train).append(docs[name])
+        (val if _path_hash(name) < fraction else train).append(docs[name])
     return b"\n".join(train), b"\n".join(val)
 
 
-def _pydocs_documents(deb: Path, unpacked: Path) -> dict[str, bytes]:
-    _run(["dpkg", "-x", str(deb), str(unpacked)], unpacked.parent)
+def _pydocs_documents(unpacked: Path, keep: float) -> dict[str, bytes]:
     root = unpacked / "usr/share/doc/python3.11/html/_sources"
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*.rst.txt")}
+    return {name: p.read_bytes() for p in root.rglob("*.rst.txt")
+            if _path_hash(name := str(p.relative_to(root))) < keep}
 
 
-def _linux_documents(deb: Path, unpacked: Path) -> dict[str, bytes]:
-    _run(["dpkg", "-x", str(deb), str(unpacked)], unpacked.parent)
+def _linux_documents(unpacked: Path, keep: float) -> dict[str, bytes]:
     docs = {}
     with tarfile.open(unpacked / "usr/src/linux-source-6.1.tar.xz", "r|xz") as archive:
         for member in archive:  # streamed: only the kept files are read into memory
             name = member.name
             if (member.isfile() and name.endswith((".c", ".h")) and "/asic_reg/" not in name
-                    and _path_hash(name) < CORPORA["linux"].keep):
+                    and _path_hash(name) < keep):
                 docs[name] = archive.extractfile(member).read()
     return docs
 
 
 @dataclass(frozen=True)
 class Corpus:
+    title: str  # what a report calls it
     package: str  # the Debian package that holds it
-    documents: Callable[[Path, Path], dict[str, bytes]]  # (downloaded .deb, folder to unpack into) -> documents
+    documents: Callable[[Path, float], dict[str, bytes]]  # (unpacked package, keep) -> documents
     license: str
-    validation: float  # the hash range's share that goes to validation
-    keep: float = 1.0  # the hash range's share of documents kept at all
+    validation: float  # the hash range's share (of all documents) that goes to validation
+    keep: float = 1.0  # the hash range's share of documents kept at all (those whose hash is below it)
 
 
 CORPORA = {
-    "pydocs": Corpus("python3.11-doc", _pydocs_documents, "Python Software Foundation License", 0.1),
-    "linux": Corpus("linux-source-6.1", _linux_documents, "GPL-2.0 WITH Linux-syscall-note", 0.005, keep=0.36),
+    "pydocs": Corpus("Python 3.11 docs (Debian python3.11-doc)", "python3.11-doc", _pydocs_documents,
+                     "Python Software Foundation License", 0.1),
+    "linux": Corpus("Linux 6.1 C source (Debian linux-source-6.1)", "linux-source-6.1", _linux_documents,
+                    "GPL-2.0 WITH Linux-syscall-note", 0.005, keep=0.36),
 }
 
 
@@ -128,10 +127,11 @@ def prepare_corpus(data_dir: Path, name: str = "pydocs") -> Path:
         logger.warning("fetching Debian package %s (once)", corpus.package)
         _run(["apt-get", "download", corpus.package], tmp)
         deb = next(tmp.glob(f"{corpus.package}_*.deb"))
-        docs = corpus.documents(deb, tmp / "x")
+        _run(["dpkg", "-x", str(deb), "x"], tmp)
+        docs = corpus.documents(tmp / "x", corpus.keep)
         if not docs:
             raise RuntimeError(f"no documents found in {deb.name}")
-        train, val = split_documents(docs, corpus.validation, corpus.keep)
+        train, val = split_documents(docs, corpus.validation)
         out.mkdir(parents=True, exist_ok=True)
         (out / "train.bin").write_bytes(train)
         (out / "val.bin").write_bytes(val)

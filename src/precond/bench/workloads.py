@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import load_corpus, load_digits
+from .data import CORPORA, load_corpus, load_digits
 from .model import GPT, GPTConfig
 
 __all__ = ["Workload", "LanguageModel", "Digits", "PRESETS", "make_workload"]
@@ -92,9 +92,7 @@ class LanguageModel(Workload):
 
     def describe(self):
         n = sum(p.numel() for p in GPT(self.config).parameters())
-        source = {"pydocs": "Python 3.11 docs (Debian python3.11-doc)", "linux": "Linux 6.1 C source "
-                  "(Debian linux-source-6.1)"}[self.corpus]
-        return {"workload": "lm", "data": f"{source}, bytes", "corpus": self.corpus,
+        return {"workload": "lm", "data": f"{CORPORA[self.corpus].title}, bytes", "corpus": self.corpus,
                 "train_bytes": len(self.train), "val_bytes": len(self.val), "parameters": n,
                 "batch_size": self.batch_size, **self.config.__dict__}
 
