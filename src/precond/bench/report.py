@@ -4,7 +4,6 @@ bands, the target line) and a bar chart of steps- and time-to-target ratios."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +92,10 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    fig.clf()
+    plt.close(fig)
     return path
 
 
@@ -109,6 +108,8 @@ def plot_curves(summary: dict[str, dict[str, Any]], out_dir: Path, title: str,
     if plt is None:
         return []
     colour = curve_colours(summary)
+    # the last two thirds of the runs decide the ranking: zoom on them
+    lows = [p[2] for row in summary.values() for p in row["curve"][len(row["curve"]) // 3:]]
     paths = []
     for axis, index, label in (("steps", 0, "step"), ("time", 1, "wall-clock seconds (training only)")):
         fig, ax = plt.subplots(figsize=(8, 5))
@@ -128,13 +129,10 @@ def plot_curves(summary: dict[str, dict[str, Any]], out_dir: Path, title: str,
         ax.set_ylabel(f"validation loss ({unit})")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        finals = [row["final_val_mean"] for row in summary.values() if math.isfinite(row["final_val_mean"])]
-        if finals:  # the last two thirds of the run decide the ranking: zoom on them
-            lows = [p[2] for row in summary.values() for p in row["curve"][len(row["curve"]) // 3:]]
+        if lows:
             ax.set_ylim(min(lows) - 0.02, max(lows) + 0.02)
         ax.legend(fontsize="small")
-        paths.append(_save(fig, Path(out_dir) / f"val_loss_vs_{axis}.png"))
-        plt.close(fig)
+        paths.append(_save(plt, fig, Path(out_dir) / f"val_loss_vs_{axis}.png"))
     return paths
 
 
@@ -161,9 +159,7 @@ def plot_ratios(summary: dict[str, dict[str, Any]], out_dir: Path, title: str) -
     ax.set_ylabel("× AdamW (lower is better)")
     ax.set_title(title)
     ax.legend(fontsize="small")
-    path = _save(fig, Path(out_dir) / "ratios_to_target.png")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, Path(out_dir) / "ratios_to_target.png")
 
 
 def write_report(result: dict[str, Any], out_dir: Path, plots: bool = True) -> str:
