@@ -235,11 +235,13 @@ def refine_eigenbasis(A: Tensor, X: Tensor, iterations: int = 1, tolerance: floa
     quadratic form) are damped towards no rotation, and every angle is clipped at ``ρ = max_angle``, so
     they cannot swamp the step; ``μ = κ·‖off-diagonal‖_F`` (``κ = damping``) vanishes as the basis
     converges, which restores the quadratic convergence of the undamped correction. Bounding ``‖W‖₂``
-    (a power-iteration estimate) keeps ``I + W + W²/2`` within ``‖W‖⁴/4`` of orthogonal. ``R/2`` restores orthogonality lost earlier to first order. A matrix stops
-    once ``off_diagonal_ratio(S) ≤ tolerance``; no host sync. A final Newton–Schulz step
-    ``X ← X(3I - XᵀX)/2`` squares what is left of the orthogonality error. Columns keep their order, so
-    per-column statistics stay aligned. About ``5·iterations + 2`` batched matmuls of size ``n``, two
-    fewer when ``projected`` (``XᵀAX``, already computed by the caller's criterion) is passed. Returns ``(X, iterations taken per matrix)``; non-finite results are the caller's to check.
+    (a power-iteration estimate) keeps ``I + W + W²/2`` within ``‖W‖⁴/4`` of orthogonal. ``R/2`` restores
+    orthogonality lost earlier to first order. A matrix stops once ``off_diagonal_ratio(S) ≤ tolerance``;
+    no host sync. A final Newton–Schulz step ``X ← X(3I - XᵀX)/2`` squares what is left of the
+    orthogonality error. Columns keep their order, so per-column statistics stay aligned. About
+    ``5·iterations + 2`` batched matmuls of size ``n``, two fewer when ``projected`` (``XᵀAX``, already
+    computed by the caller's criterion) is passed. Returns ``(X, iterations taken per matrix)``; non-finite
+    results are the caller's to check.
     """
     n = A.shape[-1]
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
