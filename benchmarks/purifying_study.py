@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import precond
-from precond.bench.optimizers import OptimizerSpec
+from precond.bench.optimizers import AdamWSetting, OptimizerSpec
 from precond.bench.runner import train_run
 from precond.bench.workloads import LanguageModel
 from precond.bench.model import GPTConfig
@@ -100,7 +100,7 @@ def run_study(args: argparse.Namespace) -> None:
                 return holder["opt"]
 
             result = train_run(workload, OptimizerSpec(name, lr, make), lr, 0, args.steps, args.eval_every,
-                               args.device, lr)
+                               args.device, AdamWSetting(lr))  # constant rate, as the study was made
             per_type: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
             if hasattr(holder["opt"], "preconditioner_stats"):
                 for f in holder["opt"].preconditioner_stats()["factors"]:

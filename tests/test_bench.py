@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -386,3 +387,21 @@ def test_an_optimizer_keeps_its_plot_colour_in_any_subset():
     assert all(subset[name] == everything[name] for name in subset)
     assert len(set(everything.values())) == len(everything)  # no two optimizers share a colour
     assert curve_colours(["Custom"]) == {"Custom": None}
+
+
+def test_purifying_study_script_runs_a_configuration_and_reports_it(data_dir, tmp_path):
+    # the study lives outside the package; this keeps it in step with the harness it calls
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "purifying_study", Path(__file__).resolve().parent.parent / "benchmarks" / "purifying_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    out = tmp_path / "study.json"
+    argv = ["--device", "cpu", "--out", str(out), "--data-dir", str(data_dir), "--steps", "2", "--eval-every", "1",
+            "--width", "16", "--depth", "1", "--heads", "2", "--context", "8", "--batch-size", "2",
+            "--findings", "b", "--match", "qr I=3 F=100"]
+    assert study.main(argv) == 0
+    runs = json.loads(out.read_text())
+    assert [r["config"] for r in runs] == ["EShampoo qr I=3 F=100"]
+    assert math.isfinite(runs[0]["final_val_loss"])
+    assert "EShampoo qr I=3 F=100" in study.report(out)

@@ -67,6 +67,25 @@ def test_qr_algorithm_takes_no_step_when_the_basis_already_fits():
     assert iterations == 0
 
 
+@pytest.mark.parametrize("start_order", ["ascending", "descending"])
+def test_qr_algorithm_improves_a_warm_start_in_either_order(start_order):
+    # eigh's ascending order is the one an unshifted QR step makes worse unless the columns are re-sorted
+    A, _ = spd(32, seed=7, cond=1e3)
+    _, V = torch.linalg.eigh(A)
+    g = torch.Generator().manual_seed(8)
+    E = 1e-2 * torch.randn(32, 32, generator=g, dtype=torch.float64)
+    Q0 = V @ torch.linalg.matrix_exp(E - E.T)
+    if start_order == "descending":
+        Q0 = Q0.flip(-1)
+    before = float(linalg.off_diagonal_ratio(Q0.T @ A @ Q0))
+    estimates, Q, _, order = linalg.qr_algorithm(A, Q0, 1, 0.0)
+    assert float(linalg.off_diagonal_ratio(Q.T @ A @ Q)) < 0.5 * before
+    assert bool((estimates[1:] >= estimates[:-1]).all())
+    # column j of the result continues column order[j] of the start
+    overlap = (linalg.permute_columns(Q0, order) * Q).sum(0).abs()
+    assert float(overlap.min()) > 0.99
+
+
 def test_power_qr_step_is_orthonormal_and_sorted():
     A, _ = spd(7, seed=5)
     Q0 = torch.linalg.qr(torch.randn(7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(6)))[0]

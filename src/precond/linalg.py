@@ -154,10 +154,15 @@ def qr_algorithm(A: Tensor, Q: Tensor, max_iterations: int, tolerance: float,
                  B: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""Warm-started QR algorithm for the eigenbases of symmetric matrices ``A`` (``[..., n, n]``).
 
-    ``B = QᵀAQ``; while fewer than ``max_iterations`` steps were taken and
-    ``off_diagonal_ratio(B) > tolerance``: ``Q', R' = qr(B); B = R'Q'; Q = Q Q'``, each matrix of a stack
-    stopping on its own (the loop ends early once all have converged, a host read per iteration).
-    The estimates ``diag(B)`` are then sorted ascending (stable) and ``Q``'s columns permuted alike.
+    ``B = QᵀAQ``, its rows and columns (and ``Q``'s columns) first sorted by ``diag(B)`` descending; then,
+    while fewer than ``max_iterations`` steps were taken and ``off_diagonal_ratio(B) > tolerance``:
+    ``Q', R' = qr(B); B = R'Q'; Q = Q Q'``, each matrix of a stack stopping on its own (the loop ends early
+    once all have converged, a host read per iteration). The estimates ``diag(B)`` are then sorted ascending
+    (stable) and ``Q``'s columns permuted alike.
+
+    Why the first sort: an unshifted QR step scales the entry ``B[i, j]`` below the diagonal by about
+    ``λᵢ/λⱼ``, so it shrinks the off-diagonal part only when the diagonal decreases; from a basis ordered
+    ascending (as ``eigh`` returns it) each step would rotate the columns away from the eigenvectors.
     ``B`` may be passed in when the caller already computed ``QᵀAQ``.
     Returns ``(eigenvalue estimates, Q, iterations taken, order)``: column ``j`` of the returned ``Q``
     continues column ``order[j]`` of the rotated start (a warm start rotates each column only a little), so
@@ -166,6 +171,9 @@ def qr_algorithm(A: Tensor, Q: Tensor, max_iterations: int, tolerance: float,
     """
     if B is None:
         B = Q.mT @ A @ Q
+    first = torch.diagonal(B, dim1=-2, dim2=-1).argsort(dim=-1, descending=True, stable=True)
+    Q = permute_columns(Q, first)
+    B = permute_columns(B, first).gather(-2, first.unsqueeze(-1).expand_as(B))
     iterations = torch.zeros(A.shape[:-2], dtype=torch.int64, device=A.device)
     for _ in range(max_iterations):
         active = off_diagonal_ratio(B) > tolerance
@@ -176,8 +184,8 @@ def qr_algorithm(A: Tensor, Q: Tensor, max_iterations: int, tolerance: float,
         B = torch.where(keep, Ri @ Qi, B)
         Q = torch.where(keep, Q @ Qi, Q)
         iterations += active
-    estimates, order = torch.diagonal(B, dim1=-2, dim2=-1).sort(stable=True)
-    return estimates, permute_columns(Q, order), iterations, order
+    estimates, last = torch.diagonal(B, dim1=-2, dim2=-1).sort(stable=True)
+    return estimates, permute_columns(Q, last), iterations, first.gather(-1, last)
 
 
 def _qr(X: Tensor) -> tuple[Tensor, Tensor]:
