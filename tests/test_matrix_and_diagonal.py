@@ -303,3 +303,73 @@ def test_add_param_group_routes_the_new_parameters(cls):
     assert "exp_avg" in opt.state[second.bias] and "exp_avg" not in opt.state[second.weight]
     # AdamW's first step moves every coordinate by lr (up to eps): the bias took the AdamW rule at adamw_lr
     torch.testing.assert_close((before - second.bias.detach()).abs(), torch.full((4,), 0.01), rtol=1e-4, atol=0)
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's layer: a raw ``[in, out]`` weight on a module that is not an ``nn.Linear``."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+
+class TinyViT(nn.Module):
+    """The head registered first, raw position table and tokens, a custom raw matrix."""
+
+    def __init__(self, dim=16, classes=10, patches=9):
+        super().__init__()
+        self.head = nn.Linear(dim, classes)
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.pos_embed = nn.Parameter(torch.zeros(1, patches + 1, dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.w_mix = nn.Parameter(torch.randn(dim, dim))
+        self.attn = Conv1D(dim, 3 * dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+
+def test_param_groups_route_raw_tables_tokens_and_a_head_registered_first():
+    by_kind = {g["matrix"]: set(g["param_names"]) for g in precond.param_groups(TinyViT())}
+    assert by_kind[True] == {"patch.weight", "w_mix", "attn.weight", "mlp.0.weight", "mlp.2.weight"}
+    assert {"head.weight", "head.bias", "pos_embed", "cls_token", "attn.bias"} <= by_kind[False]
+
+
+class Unnamed(nn.Module):
+    def __init__(self, outputs=(10,)):
+        super().__init__()
+        self.final = nn.ModuleList(nn.Linear(32, n) for n in outputs)  # registered before the body
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32))
+
+
+def test_find_head_by_output_width_and_error_when_ambiguous():
+    from precond.routing import find_head
+    assert find_head(Unnamed()) == {"final.0"}
+    assert find_head(TinyLM(tie=False)) == {"lm_head"}
+    with pytest.raises(ValueError, match=r"several candidates.*final\.0.*final\.1.*head="):
+        precond.param_groups(Unnamed(outputs=(10, 12)))
+    with pytest.raises(ValueError, match="no candidate"):
+        precond.param_groups(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
+    groups = precond.param_groups(Unnamed(outputs=(10, 12)), head=r"final\.\d")
+    assert {n for g in groups if not g["matrix"] for n in g["param_names"]} >= {"final.0.weight", "final.1.weight"}
+
+
+def test_tied_head_is_the_head_even_when_not_named_so():
+    from precond.routing import find_head
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = nn.Linear(16, 50, bias=False)
+            self.tokens = nn.Embedding(50, 16)
+            self.decoder.weight = self.tokens.weight
+            self.proj = nn.Linear(16, 16)
+
+    assert find_head(Tied()) == {"decoder"}
+
+
+def test_muon_adamw_lr_default_is_adamw_sized():
+    w, b = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4))
+    opt = precond.Muon([w, b], lr=0.02)
+    assert [(g["matrix"], g["lr"]) for g in opt.param_groups] == [(True, 0.02), (False, 3e-4)]
+    shared = precond.Muon([w, b], lr=1e-3, adjust_lr_fn="match_rms_adamw")
+    assert [g["lr"] for g in shared.param_groups] == [1e-3, 1e-3]

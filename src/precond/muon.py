@@ -16,6 +16,7 @@ from .validation import STEP_RULES, check_choice, check_int, check_positive, fra
 
 __all__ = ["Muon"]
 
+DEFAULT_ADAMW_LR = 3e-4  # Muon's reference recipe (Jordan et al. 2024) for the parameters it routes to AdamW
 _NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -43,8 +44,10 @@ class Muon(MatrixOptimizer):
 
     Beyond torch: parameters that should not be orthogonalised (1-D ones, and those in a group with
     ``"matrix": False``, e.g. embeddings and the output head from :func:`precond.param_groups`) run AdamW
-    with ``adamw_lr`` (default: ``lr``), ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``; torch's Muon
-    refuses them. ``ns_dtype`` selects the Newton–Schulz precision ("bfloat16" as torch, or "float32").
+    with ``adamw_lr``, ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay`` (default: ``weight_decay``);
+    torch's Muon refuses them. ``adamw_lr`` defaults to 3e-4, the AdamW rate of Keller Jordan's reference
+    Muon recipe, since Muon's own rate (0.02 there) would be far too large for Adam; with
+    ``adjust_lr_fn="match_rms_adamw"`` Muon's rate is AdamW-sized already and both share ``lr`` (Moonlight). ``ns_dtype`` selects the Newton–Schulz precision ("bfloat16" as torch, or "float32").
     ``distributed`` (``None``, ``"ddp"`` or a process group) splits the Newton–Schulz work between processes;
     under FSDP2 whole matrices are gathered, so the update is one process's (:mod:`precond.engine.distributed`).
     """
@@ -67,7 +70,9 @@ class Muon(MatrixOptimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)
-        super().__init__(params, defaults, adamw_lr=lr if adamw_lr is None else adamw_lr, adamw_betas=adamw_betas,
+        if adamw_lr is None:
+            adamw_lr = lr if adjust_lr_fn == "match_rms_adamw" else DEFAULT_ADAMW_LR
+        super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
                          adamw_eps=adamw_eps,
                          adamw_weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay,
                          distributed=distributed)

@@ -13,12 +13,49 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["param_groups", "NORM_TYPES"]
+__all__ = ["param_groups", "find_head", "NORM_TYPES", "LAYER_TYPES"]
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
+# Modules whose weight is a layer's weight matrix. A parameter owned by any other module is "raw": it may
+# be a position table, a class token or a custom layer's matrix, which the name and shape decide.
+LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
+# Leaf names of raw parameters that are tables or tokens rather than layer weights (ViT's pos_embed,
+# cls_token, reg_token, mask_token; GPT's wpe/wte; "position_table", "register_tokens", ...).
+_TABLE_NAME = re.compile(r"emb|wte|wpe|pos|token|cls|register|table", re.IGNORECASE)
+# Module names that say "output head" (lm_head, head, classifier, cls_head, logits, fc_out, output, score).
+_HEAD_NAME = re.compile(r"(^|_)(head|classifier|logits)$|^(fc_out|output|output_layer|score)$")
+
+
+def find_head(model: nn.Module) -> set[str]:
+    """The output head(s) of ``model``, as module names, found without relying on registration order.
+
+    1. ``nn.Linear`` modules whose weight is an embedding's weight (a tied head);
+    2. else ``nn.Linear`` modules whose own name says head (``lm_head``, ``head``, ``classifier``,
+       ``cls_head``, ``logits``, ``fc_out``, ``output``, ``output_layer``, ``score``): all of them;
+    3. else the ``nn.Linear`` whose output width is no ``nn.Linear``'s input width (its output feeds no
+       other layer: the classes or the vocabulary), if exactly one has that property.
+
+    Raises ``ValueError`` when none of these decides (no candidate, or several by shape): pass
+    ``head="<module name>"`` (or ``head=None``) to :func:`param_groups` then.
+    """
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    tied = {name for name, m in linears.items() if id(m.weight) in tables}
+    if tied:
+        return tied
+    named = {name for name in linears if _HEAD_NAME.search(name.rsplit(".", 1)[-1])}
+    if named:
+        return named
+    inputs = {m.in_features for m in linears.values()}
+    by_shape = sorted(name for name, m in linears.items() if m.out_features not in inputs)
+    if len(by_shape) == 1:
+        return set(by_shape)
+    found = f"several candidates by output width: {by_shape}" if by_shape else "no candidate"
+    raise ValueError(f"Cannot tell the output head of {type(model).__name__} ({found}); pass head='<module "
+                     "name>' (a name or regex, or a list of them) or head=None to param_groups")
 
 
 def param_groups(model: nn.Module, *, head: str | Iterable[str] | None = "auto",
@@ -32,22 +69,24 @@ def param_groups(model: nn.Module, *, head: str | Iterable[str] | None = "auto",
     1. a name matching one of ``matrix_patterns`` / ``other_patterns`` (regular expressions,
        ``re.search`` on the dotted parameter name) goes where the pattern says;
     2. parameters of ``nn.Embedding`` / ``nn.EmbeddingBag`` modules → other;
-    3. the output head → other: the modules named by ``head`` (names or regexes); ``"auto"`` takes the
-       last ``nn.Linear`` registered in the model, which is the head of nanoGPT-style language models and
-       of most classifiers (a head tied to the embedding is the embedding's parameter anyway);
-       ``None`` marks no head;
+    3. the output head → other: the modules named by ``head`` (names or regexes); ``"auto"`` finds it by
+       :func:`find_head` (tied weights, then a head-like name, then the one output width no layer reads;
+       an error asks for ``head=`` when that is ambiguous); ``None`` marks no head;
     4. parameters of normalisation layers (LayerNorm, RMSNorm, BatchNorm, GroupNorm, …) → other;
     5. parameters with fewer than 2 dims (biases, gains, scalars) → other;
-    6. everything else (linear and convolution weights) → matrix.
+    6. raw parameters (owned by a module that is not a Linear, Bilinear or convolution) → other when their
+       own name reads as a table or token (``pos_embed``, ``cls_token``, ``wpe``, ``register_tokens``, …)
+       or when fewer than 2 of their dims exceed 1 (a ``[1, 1, d]`` token); other raw matrices (a custom
+       layer's ``weight``, Hugging Face's ``Conv1D``) → matrix;
+    7. everything else (linear and convolution weights) → matrix.
 
     Returns standard param-group dicts, ``{"params", "param_names", "matrix": True/False, **options}``,
     empty groups dropped. A parameter shared by several modules is listed once.
     """
     matrix_re = [re.compile(p) for p in matrix_patterns]
     other_re = [re.compile(p) for p in other_patterns]
-    linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if head == "auto":
-        head_modules = set(linear_names[-1:])
+        head_modules = find_head(model)
     elif head is None:
         head_modules = set()
     else:
@@ -77,6 +116,9 @@ def param_groups(model: nn.Module, *, head: str | Iterable[str] | None = "auto",
             is_matrix = False
         elif isinstance(module, NORM_TYPES) or p.dim() < 2:
             is_matrix = False
+        elif not isinstance(module, LAYER_TYPES):
+            leaf = name.rsplit(".", 1)[-1]
+            is_matrix = not _TABLE_NAME.search(leaf) and sum(size > 1 for size in p.shape) >= 2
         else:
             is_matrix = True
         groups[is_matrix]["params"].append(p)
