@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[bench,test]"
+	$(PY) -m pip install -q -e ".[bench,test,integrations]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -38,10 +38,13 @@ class Sophia(BlockEngine):
 
         loss.backward(); opt.step(); opt.zero_grad()
         if opt.hessian_update_due():
-            logits = model(x)
-            sampled = torch.distributions.Categorical(logits=logits).sample()
-            F.cross_entropy(logits.flatten(0, -2), sampled.flatten()).backward()
-            opt.update_hessian(batch_size=x.shape[0]); opt.zero_grad()
+            logits = model(x).flatten(0, -2)           # [labels, classes]: tokens of a language model
+            sampled = torch.distributions.Categorical(logits=logits.detach()).sample()
+            F.cross_entropy(logits, sampled).backward()
+            opt.update_hessian(batch_size=sampled.numel()); opt.zero_grad()
+
+    ``B`` is the number of labels sampled, which the mean loss averages over: the tokens of a language
+    model's batch (``batch × sequence``), as the authors' code scales by its tokens per step.
 
     Defaults: the paper's ``β = (0.965, 0.99)``, ``ρ = 0.01``, ``k = 10``; ``lr`` 1e-4, ``weight_decay``
     0.1 and ``eps`` 1e-15 as in the authors' code.
@@ -104,7 +107,8 @@ class Sophia(BlockEngine):
         """Fold the current gradients into the curvature EMA ``H``.
 
         ``gnb``: the gradients must come from a loss on sampled labels; ``batch_size`` is ``B`` in
-        ``ĥ = B·ĝ²`` (required). ``hutchinson``: the gradients must carry a graph
+        ``ĥ = B·ĝ²`` (required): the number of labels the mean loss averaged over (tokens, for a
+        language model). ``hutchinson``: the gradients must carry a graph
         (``backward(create_graph=True)``); a Hessian-vector product is taken through them. A parameter
         whose estimate is not finite keeps its ``H``.
         """
