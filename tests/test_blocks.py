@@ -62,3 +62,22 @@ def test_one_dimensional_parameters_get_a_factor_only_on_request():
 def test_infinite_max_dim_never_splits():
     layout = BlockLayout.build((5000, 3), math.inf, "none", "split")
     assert layout.block_shapes == ((5000, 3),)
+
+
+# ---------------------------------------------------------------------------------- memory guard
+@pytest.mark.parametrize("shape, merge, ratio, view, dims", [
+    ((32, 32), "trailing", 64.0, (32, 32), (True, True)),       # merging would give one 1024² factor
+    ((32, 32), "trailing", math.inf, (1024,), (True,)),          # Distributed Shampoo's layout
+    ((8, 8), "trailing", 64.0, (64,), (True,)),                 # 64² = 64·64: within the ratio
+    ((64, 3, 3, 3), "leading", 64.0, (192, 9), (True, True)),   # 576² > 64·1728: the merge stops at 192
+    ((1, 5000), "trailing", 64.0, (5000,), (False,)),           # blocks of 1024 elements, no 1024² factor
+    ((4096, 16), "trailing", 64.0, (4096, 16), (True, True)),   # 1024² = 64·(1024·16): kept
+    ((4096, 8), "trailing", 64.0, (4096, 8), (False, True)),    # 1024² > 64·(1024·8): the long dim is not
+])
+def test_memory_guard_bounds_every_factor(shape, merge, ratio, view, dims):
+    layout = BlockLayout.build(shape, 1024, merge, "split", ratio)
+    assert layout.view_shape == view
+    assert layout.preconditioned_dims(0, precondition_1d=False) == dims
+    for b, block in enumerate(layout.block_shapes):
+        for n, use in zip(block, layout.preconditioned_dims(b, False)):
+            assert not use or n * n <= ratio * math.prod(block)

@@ -180,3 +180,34 @@ def test_soap_split_policy_blocks_long_dims():
                                                   large_dim_policy="split"), W0, grads)
     ref = run_blocked_reference(soap, W0, grads, 8, lr=0.01, betas=(0.95, 0.95), eps=1e-8, wd=0.01, freq=4)
     assert_trajectories_close(ours, ref, 1e-9)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps, **kw: precond.Shampoo(ps, grafting="adam", **kw),
+    lambda ps, **kw: precond.EShampoo(ps, **kw),
+    lambda ps, **kw: precond.SOAP(ps, merge_dims=True, **kw),
+], ids=["Shampoo", "EShampoo", "SOAP"])
+def test_memory_guard_keeps_vector_like_and_merged_state_small_and_says_so_once(make, caplog):
+    wide = torch.nn.Parameter(torch.randn(1, 5000))
+    square = torch.nn.Parameter(torch.randn(32, 32))
+    opt = make([wide, square])
+    with caplog.at_level("WARNING", logger="precond"):
+        for _ in range(3):
+            wide.grad, square.grad = torch.randn_like(wide), torch.randn_like(square)
+            opt.step()
+    messages = [r.getMessage() for r in caplog.records if "memory guard" in r.getMessage()]
+    assert len(messages) == 2 and "(1, 5000)" in messages[0] + messages[1] and "(32, 32)" in "".join(messages)
+    ratio = {id(p): sum(v.numel() for v in opt.state[p].values()) / p.numel() for p in (wide, square)}
+    assert ratio[id(wide)] < 5 and ratio[id(square)] < 8   # without the guard: > 1024 (1024² factors)
+    assert torch.isfinite(wide).all() and torch.isfinite(square).all()
+    unguarded = make([torch.nn.Parameter(torch.randn(32, 32))], max_factor_ratio=float("inf"))
+    p = unguarded.param_groups[0]["params"][0]
+    p.grad = torch.randn_like(p)
+    unguarded.step()
+    assert sum(v.numel() for v in unguarded.state[p].values()) > 1024 * 1024
+
+
+@pytest.mark.parametrize("cls", [precond.Shampoo, precond.EShampoo, precond.SOAP])
+def test_invalid_max_factor_ratio_is_named(cls):
+    with pytest.raises(ValueError, match="Invalid max_factor_ratio"):
+        cls([torch.nn.Parameter(torch.randn(3, 3))], max_factor_ratio=0)

@@ -66,20 +66,33 @@ def merge_dims(shape: tuple[int, ...], max_dim: int | float, rule: str) -> tuple
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """The blocks of one parameter: its merged view and, per block, slices and preconditioned dims."""
+    """The blocks of one parameter: its merged view and, per block, slices and preconditioned dims.
+
+    ``max_factor_ratio`` is the memory guard: a dim of length ``n`` in a block of ``m`` elements gets a
+    Kronecker factor only if ``n² <= max_factor_ratio · m`` (so each factor holds at most that many times
+    the block's elements), and dims are not merged when the merged dim would break that bound (a 32×32
+    weight stays 32×32 instead of one 1024×1024 factor). ``inf`` turns the guard off.
+    """
 
     param_shape: tuple[int, ...]
     view_shape: tuple[int, ...]
     slices: tuple[tuple[slice, ...], ...]
     block_shapes: tuple[tuple[int, ...], ...]
     max_dim: int | float
+    max_factor_ratio: float = math.inf
+    merge_undone: bool = False  # the guard kept the dims apart that the merge rule would have joined
 
     @classmethod
     @functools.lru_cache(maxsize=4096)  # a pure function of hashable arguments, asked for at every step
-    def build(cls, shape: tuple[int, ...], max_dim: int | float, merge: str, large_dims: str) -> "BlockLayout":
+    def build(cls, shape: tuple[int, ...], max_dim: int | float, merge: str, large_dims: str,
+              max_factor_ratio: float = math.inf) -> "BlockLayout":
         if large_dims not in LARGE_DIM_RULES:
             raise ValueError(f"large-dim rule must be one of {LARGE_DIM_RULES}, got {large_dims!r}")
-        view = merge_dims(tuple(shape), max_dim, merge)
+        # A merged dim n must keep n² <= max_factor_ratio · numel: merging stops at √(ratio · numel).
+        bound = max_dim if math.isinf(max_factor_ratio) else min(
+            max_dim, math.isqrt(int(max_factor_ratio * math.prod(shape))))
+        view = merge_dims(tuple(shape), bound, merge)
+        merge_undone = view != merge_dims(tuple(shape), max_dim, merge)
         if large_dims == "split" and not math.isinf(max_dim):
             step = int(max_dim)
             per_dim = [[slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)] for n in view]
@@ -87,7 +100,7 @@ class BlockLayout:
             per_dim = [[slice(0, n)] for n in view]
         slices = tuple(itertools.product(*per_dim))
         block_shapes = tuple(tuple(s.stop - s.start for s in sl) for sl in slices)
-        return cls(tuple(shape), view, slices, block_shapes, max_dim)
+        return cls(tuple(shape), view, slices, block_shapes, max_dim, max_factor_ratio, merge_undone)
 
     def blocks(self, tensor: Tensor) -> list[Tensor]:
         """Views of ``tensor`` (which must be contiguous and of ``param_shape``), one per block."""
@@ -95,9 +108,22 @@ class BlockLayout:
         return [view[sl] for sl in self.slices]
 
     def preconditioned_dims(self, block_index: int, precondition_1d: bool) -> tuple[bool, ...]:
-        """Which dims of a block get a Kronecker factor: those of length ``<= max_dim``. A parameter that is
-        1-D (or 0-D) to begin with gets none unless ``precondition_1d``; a matrix merged into one dim does."""
+        """Which dims of a block get a Kronecker factor: those of length ``<= max_dim`` whose factor keeps
+        within ``max_factor_ratio``. A parameter that is 1-D (or 0-D) to begin with gets none unless
+        ``precondition_1d``; a matrix merged into one dim does."""
         shape = self.block_shapes[block_index]
         if len(self.param_shape) <= 1 and not precondition_1d:
             return tuple(False for _ in shape)
-        return tuple(n <= self.max_dim for n in shape)
+        limit = self.max_factor_ratio * math.prod(shape)
+        return tuple(n <= self.max_dim and n * n <= limit for n in shape)
+
+    def guard_note(self, precondition_1d: bool) -> str | None:
+        """What the memory guard changed in this layout, in words (``None`` when nothing)."""
+        if self.merge_undone:
+            return f"its dims are merged only as far as {self.view_shape} (further, a factor would exceed the ratio)"
+        lost = sorted({n for b, shape in enumerate(self.block_shapes)
+                       for n, use in zip(shape, self.preconditioned_dims(b, precondition_1d))
+                       if not use and n <= self.max_dim and (len(self.param_shape) > 1 or precondition_1d)})
+        if lost:
+            return f"dims of length {lost} get no factor (each would hold more than the ratio times its block)"
+        return None

@@ -30,7 +30,7 @@ _GRAFTING_BETA2 = {"adam": 0.999, "rmsprop": 0.99, "adagrad": 1.0, "sgd": 1.0}
 SHARED_ARGUMENTS = ("lr", "betas", "epsilon", "weight_decay", "max_preconditioner_dim", "precondition_frequency",
                     "start_preconditioning_step", "use_bias_correction", "use_decoupled_weight_decay", "grafting",
                     "grafting_beta2", "grafting_epsilon", "precondition_1d", "merge_dims", "large_dim_policy",
-                    "tf32", "distributed")
+                    "max_factor_ratio", "tf32", "distributed")
 
 
 def shared_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -45,14 +45,15 @@ class ShampooFamily(BlockEngine):
     # Shampoo: yes (its identity "preconditioner" would be plain momentum SGD). EShampoo: no, its
     # eigenvalue correction in the identity basis already is Adam.
     diagonal_for_unfactored = True
-    _group_rules = {**STEP_RULES, "betas": betas_to_one_rule, "epsilon": check_positive}
+    _group_rules = {**STEP_RULES, "betas": betas_to_one_rule, "epsilon": check_positive,
+                    "max_factor_ratio": check_positive}
 
     def __init__(self, params: Iterable[Any], *, lr: float, betas: tuple[float, float], epsilon: float,
                  weight_decay: float, max_preconditioner_dim: int | float, precondition_frequency: int,
                  start_preconditioning_step: int, use_bias_correction: bool, use_decoupled_weight_decay: bool,
                  grafting: str | None, grafting_beta2: float | None, grafting_epsilon: float,
-                 precondition_1d: bool, merge_dims: bool, large_dim_policy: str, tf32: bool,
-                 distributed: Any, extra: dict[str, Any]) -> None:
+                 precondition_1d: bool, merge_dims: bool, large_dim_policy: str, max_factor_ratio: float,
+                 tf32: bool, distributed: Any, extra: dict[str, Any]) -> None:
         check_max_dim("max_preconditioner_dim", max_preconditioner_dim)
         check_int("precondition_frequency", precondition_frequency, 1)
         if start_preconditioning_step != -1:
@@ -74,7 +75,7 @@ class ShampooFamily(BlockEngine):
                         use_decoupled_weight_decay=use_decoupled_weight_decay, grafting=grafting,
                         grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
                         precondition_1d=precondition_1d, merge_dims=merge_dims,
-                        large_dim_policy=large_dim_policy, tf32=tf32, **extra)
+                        large_dim_policy=large_dim_policy, max_factor_ratio=max_factor_ratio, tf32=tf32, **extra)
         super().__init__(params, defaults, distributed=distributed)
 
     # ---------------------------------------------------------------------- engine hooks
@@ -82,8 +83,10 @@ class ShampooFamily(BlockEngine):
         return "decoupled" if group["use_decoupled_weight_decay"] else "l2"
 
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
-        return BlockLayout.build(tuple(param.shape), group["max_preconditioner_dim"],
-                                 "trailing" if group["merge_dims"] else "none", group["large_dim_policy"])
+        layout = BlockLayout.build(tuple(param.shape), group["max_preconditioner_dim"],
+                                   "trailing" if group["merge_dims"] else "none", group["large_dim_policy"],
+                                   group["max_factor_ratio"])
+        return self._note_guard(param, layout, group["precondition_1d"])
 
     def _diagonal(self, group: dict[str, Any], has_factors: bool) -> Diagonal | None:
         """The grafted method; for a block with no Kronecker factor it is also the method itself
@@ -202,6 +205,11 @@ class Shampoo(ShampooFamily):
         merge_dims: merge adjacent small dims as Distributed Shampoo does (default True).
         large_dim_policy: ``"split"`` dims longer than ``max_preconditioner_dim`` into blocks (default) or
             leave them un-preconditioned (``"identity"``).
+        max_factor_ratio: memory guard (default 64): a dim of length ``n`` in a block of ``m`` elements gets
+            a factor only if ``n² <= max_factor_ratio·m``, and dims merge only while that holds, so a 1×N
+            matrix runs the diagonal method and a 32×32 one keeps two 32×32 factors (Distributed Shampoo
+            gives them 1024×1024 factors: 1024× the block). Said once per parameter (logging).
+            ``float("inf")`` is Distributed Shampoo's layout.
         tf32: compute this optimizer's float32 matmuls with TF32 tensor cores on CUDA (default False: full
             float32); the global PyTorch setting is left as it was.
         distributed: ``None`` (one process, or FSDP2 ``DTensor`` parameters), ``"ddp"`` or a process
@@ -215,7 +223,8 @@ class Shampoo(ShampooFamily):
                  grafting: str | None = None, grafting_beta2: float | None = None,
                  grafting_epsilon: float = 1e-10, inverse_exponent_override: float | dict[int, float] | None = None,
                  root_method: str = "eigh", precondition_1d: bool = False, merge_dims: bool = True,
-                 large_dim_policy: str = "split", tf32: bool = False, *, distributed: Any = None) -> None:
+                 large_dim_policy: str = "split", max_factor_ratio: float = 64.0, tf32: bool = False, *,
+                 distributed: Any = None) -> None:
         check_choice("root_method", root_method, ("eigh", "newton"))
         if isinstance(inverse_exponent_override, dict):
             for order, exponent in inverse_exponent_override.items():

@@ -57,19 +57,23 @@ class SOAP(BlockEngine):
         normalize_grads: divide the update by its RMS (default False).
         correct_bias: Adam's bias correction (default True).
         large_dim_policy: ``"identity"`` (default, the reference) or ``"split"`` into blocks.
+        max_factor_ratio: memory guard (default 64; :class:`~precond.Shampoo`'s): a dim of length ``n`` in a
+            block of ``m`` elements gets a factor only if ``n² <= max_factor_ratio·m`` (a 1×N matrix runs
+            Adam); the reference SOAP has none (``float("inf")``).
         tf32: compute this optimizer's float32 matmuls with TF32 tensor cores on CUDA (default False).
         distributed: ``None`` (one process, or FSDP2 ``DTensor`` parameters), ``"ddp"`` or a process
             group: split the work between processes (:mod:`precond.engine.distributed`).
     """
 
-    _group_rules = {**STEP_RULES, "betas": betas_rule, "eps": check_positive}
+    _group_rules = {**STEP_RULES, "betas": betas_rule, "eps": check_positive, "max_factor_ratio": check_positive}
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float = -1, eps: float = 1e-8, weight_decay: float = 0.01,
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
                  precondition_1d: bool = False, normalize_grads: bool = False, correct_bias: bool = True,
                  refresh_method: str = "power_qr", refresh_tolerance: float = 0.0, max_qr_iterations: int = 1,
-                 large_dim_policy: str = "identity", tf32: bool = False, *, distributed: Any = None) -> None:
+                 large_dim_policy: str = "identity", max_factor_ratio: float = 64.0, tf32: bool = False, *,
+                 distributed: Any = None) -> None:
         if shampoo_beta != -1:
             check_in("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
         check_int("precondition_frequency", precondition_frequency, 1)
@@ -84,15 +88,17 @@ class SOAP(BlockEngine):
                         merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads,
                         correct_bias=correct_bias, refresh_method=refresh_method,
                         refresh_tolerance=refresh_tolerance, max_qr_iterations=max_qr_iterations,
-                        large_dim_policy=large_dim_policy, tf32=tf32)
+                        large_dim_policy=large_dim_policy, max_factor_ratio=max_factor_ratio, tf32=tf32)
         super().__init__(params, defaults, distributed=distributed)
 
     def _weight_decay_mode(self, group: dict[str, Any]) -> str:
         return "decoupled_after"
 
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
-        return BlockLayout.build(tuple(param.shape), group["max_precond_dim"],
-                                 "leading" if group["merge_dims"] else "none", group["large_dim_policy"])
+        layout = BlockLayout.build(tuple(param.shape), group["max_precond_dim"],
+                                   "leading" if group["merge_dims"] else "none", group["large_dim_policy"],
+                                   group["max_factor_ratio"])
+        return self._note_guard(param, layout, group["precondition_1d"])
 
     @staticmethod
     def _policy(group: dict[str, Any]) -> EigenbasisRefresh:

@@ -13,6 +13,9 @@ and gradients, whatever the state's layout; on a CPU: the bytes of its state ten
 its steps. Our optimizers' non-refresh steps are also run under ``torch.cuda.set_sync_debug_mode("error")``
 to check that they never wait for the device.
 
+Rows ending in "compiled" (listed by ``--list``, run only when named) wrap ``opt.step`` in ``torch.compile``
+after its first, eager call; their last column adds the graphs compiled and the graph breaks met.
+
 Peers are optional: ``torch.optim`` (AdamW fused and foreach, Muon) always; ``pytorch_optimizer`` and
 ``heavyball`` when installed; Distributed Shampoo, the reference SOAP and NVIDIA's emerging-optimizers from
 their public sources in ``.peers/`` (``optimizers``, ``SOAP``, ``emerging``), which the project never commits.
@@ -63,6 +66,34 @@ def _ours(max_dim: int) -> dict[str, Callable]:
                                                            max_preconditioner_dim=max_dim, tf32=True),
         **_refine_rows(max_dim),
     }
+
+
+class CompiledStep:
+    """``opt.step`` under ``torch.compile`` from its second call on: the first, which creates the state, runs
+    eagerly (state creation is host-side work that would break the graph once)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.eager, self.compiled, self.calls = optimizer.step, torch.compile(optimizer.step), 0
+
+    def __call__(self, closure: Any = None) -> Any:
+        self.calls += 1
+        return (self.eager if self.calls == 1 else self.compiled)(closure)
+
+
+def compiled(make: Callable) -> Callable:
+    def build(ps):
+        optimizer = make(ps)
+        optimizer.step = CompiledStep(optimizer)  # an instance attribute: the class's step stays as it is
+        return optimizer
+    return build
+
+
+def _compiled_rows(max_dim: int) -> dict[str, Callable]:
+    """Our optimizers and torch's AdamW with their step compiled (``torch.compile(opt.step)``)."""
+    rows = {f"{name} compiled": compiled(make) for name, make in _ours(max_dim).items()
+            if name in ("precond AdamW", "precond Muon", "precond SOAP", "precond Shampoo", "precond EShampoo")}
+    rows["torch AdamW foreach compiled"] = compiled(lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True))
+    return rows
 
 
 def _refine_rows(max_dim: int) -> dict[str, Callable]:
@@ -149,7 +180,7 @@ def _peers(max_dim: int) -> dict[str, Callable]:
 def optimizers(width: int = 768) -> dict[str, Callable]:
     """Every optimizer by name, configured for a body of ``width``: full factors (``max_dim = 4·width``, the
     longest dim, so nothing is blocked and no two dims of a matrix are merged into one factor)."""
-    return {**_ours(4 * width), **_peers(4 * width)}
+    return {**_ours(4 * width), **_compiled_rows(4 * width), **_peers(4 * width)}
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -204,6 +235,8 @@ def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    from torch._dynamo.utils import counters
+    graphs_before, breaks_before = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     opt = make(params)
 
     def step(i: int) -> None:
@@ -246,6 +279,10 @@ def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.
         "peak_mib": peak / 2**20 if peak is not None else None,
         "sync_free": sync_free,
     }
+    if isinstance(opt.step, CompiledStep):
+        from torch._dynamo.utils import counters  # what compiling cost: graphs made, breaks met
+        result["graphs"] = counters["stats"]["unique_graphs"] - graphs_before
+        result["graph_breaks"] = sum(counters["graph_break"].values()) - breaks_before
     del opt, params, grads
     return result
 
@@ -290,6 +327,8 @@ def markdown(results: dict[str, Any]) -> str:
             ratio = f"{r['mean_ms'] / fused:.2f}" if fused else "—"
             peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "—"
             sync = {None: "—", True: "yes"}.get(r["sync_free"], r["sync_free"])
+            if "graphs" in r:
+                sync = f"{sync}; {r['graphs']} graphs, {r['graph_breaks']} breaks"
             lines.append(f"| {name} | {r['mean_ms']:.2f} | {r['median_ms']:.2f} | {r['max_ms']:.1f} | {ratio} | "
                          f"{r['state_mib']:.0f} | {peak} | {sync} |")
     return "\n".join(lines)
@@ -310,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(names))
         return 0
-    chosen = args.optimizers or [n for n in names if not n.startswith("heavyball")]
+    chosen = args.optimizers or [n for n in names if not n.startswith("heavyball") and not n.endswith("compiled")]
     unknown = [n for n in chosen if n not in names]
     if unknown:
         parser.error(f"unknown optimizer(s) {unknown}; --list shows the names")

@@ -50,6 +50,23 @@ __all__ = ["BlockEngine", "WEIGHT_DECAY_MODES"]
 
 logger = logging.getLogger("precond")
 
+
+def _traced_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                  steps: list[Tensor], lr: float | Tensor, beta1: float, beta2: float, weight_decay: float,
+                  eps: float, found_inf: Tensor) -> None:
+    """``torch._fused_adamw_``'s update written with plain tensor ops, for ``torch.compile`` to fuse: the
+    step counts (already advanced) are read, ``found_inf`` skips every update."""
+    skip = found_inf.bool()
+    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        g = g.to(m.dtype)
+        m_new = torch.lerp(m, g, 1.0 - beta1)
+        v_new = v * beta2 + (1.0 - beta2) * g * g
+        denom = (v_new / (1.0 - beta2 ** t)).sqrt() + eps
+        p_new = p * (1.0 - lr * weight_decay) - (lr / (1.0 - beta1 ** t)) * m_new / denom
+        m.copy_(torch.where(skip, m, m_new))
+        v.copy_(torch.where(skip, v, v_new))
+        p.copy_(torch.where(skip, p, p_new.to(p.dtype)))
+
 # "decoupled": W ← W - lr·(P + wd·W), the decay uses W before the step (AdamW, Distributed Shampoo).
 # "decoupled_after": W ← W - lr·P, then W ← W - lr·wd·W (the reference SOAP's order).
 # "l2": the gradient becomes G + wd·W before anything else sees it.
@@ -74,6 +91,7 @@ class BlockEngine(torch.optim.Optimizer):
         self._plan_key: tuple | None = None
         self._buckets: list[Bucket] = []
         self._warned: set[int] = set()
+        self._guard_noted: set[int] = set()
         self._nonfinite_seen = 0
         self._nonfinite_total: Tensor | None = None
         self._nonfinite_copy: tuple[Tensor, Any] | None = None  # a host copy of the total in flight, its event
@@ -326,10 +344,14 @@ class BlockEngine(torch.optim.Optimizer):
             lr = lr.to(bucket.device)
         params = self._param_blocks(bucket, contiguous)
         bucket.state["step"].add_(1.0)  # the kernel reads the step and never advances it (torch's order)
-        torch._fused_adamw_(params, grads, bucket.state["exp_avg"], bucket.state["exp_avg_sq"], [],
-                            bucket.state["steps"], lr=lr, beta1=beta1, beta2=beta2,
-                            weight_decay=group["weight_decay"], eps=eps, amsgrad=False, maximize=False,
-                            grad_scale=None, found_inf=found_inf)
+        if torch.compiler.is_compiling():  # the fused kernel does not trace: the same arithmetic, for inductor
+            _traced_adamw(params, grads, bucket.state["exp_avg"], bucket.state["exp_avg_sq"], bucket.state["steps"],
+                          lr, beta1, beta2, group["weight_decay"], eps, found_inf)
+        else:
+            torch._fused_adamw_(params, grads, bucket.state["exp_avg"], bucket.state["exp_avg_sq"], [],
+                                bucket.state["steps"], lr=lr, beta1=beta1, beta2=beta2,
+                                weight_decay=group["weight_decay"], eps=eps, amsgrad=False, maximize=False,
+                                grad_scale=None, found_inf=found_inf)
         bucket.state["step"].sub_(found_inf)
         bucket.calls += 1
 
@@ -347,7 +369,8 @@ class BlockEngine(torch.optim.Optimizer):
         if self._nonfinite_total is None:
             self._nonfinite_total = torch.zeros((), dtype=torch.int64, device=bad.device)
         self._nonfinite_total.add_(bad)
-        self._check_nonfinite_warnings(wait=False)
+        if not torch.compiler.is_compiling():  # a compiled step only counts; the next eager call reads them
+            self._check_nonfinite_warnings(wait=False)
 
     def _check_nonfinite_warnings(self, wait: bool) -> None:
         total = self._nonfinite_total
@@ -371,6 +394,18 @@ class BlockEngine(torch.optim.Optimizer):
         if seen > self._nonfinite_seen:
             self._nonfinite_seen = seen
             self._warn_new_nonfinite()
+
+    def _note_guard(self, param: Tensor, layout: BlockLayout, precondition_1d: bool) -> BlockLayout:
+        """Says once per parameter (logging) what the memory guard changed in its layout."""
+        if id(param) not in self._guard_noted:
+            self._guard_noted.add(id(param))
+            note = layout.guard_note(precondition_1d)
+            if note is not None:
+                logger.warning("%s: parameter of shape %s: %s. The memory guard max_factor_ratio=%g keeps each "
+                               "Kronecker factor within that many times its block's elements; Distributed "
+                               "Shampoo has none (max_factor_ratio=float('inf') for its layout)",
+                               type(self).__name__, tuple(param.shape), note, layout.max_factor_ratio)
+        return layout
 
     def _warn_new_nonfinite(self) -> None:
         for gi, group in enumerate(self.param_groups):

@@ -1,0 +1,54 @@
+"""``torch.compile(opt.step)``: a step that refreshes nothing traces whole (no graph break) and once (no
+recompile per step), and computes what the eager step computes. ``aot_eager`` keeps the test free of a C
+compiler; the inductor timings are in the step-time benchmark (``... compiled`` rows)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import precond
+
+SHAPES = [(24, 16), (16,), (40, 12), (3, 4, 5)]
+
+
+def params_and_grads(steps):
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=g) for s in SHAPES]
+    grads = [[torch.randn(s, generator=g) for s in SHAPES] for _ in range(steps)]
+    grads[3][1][0] = float("nan")  # skipped alike by both: the guards live in the traced step too
+    return init, grads
+
+
+def trajectory(make, init, grads, compile_step):
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = make(params)
+    step = torch.compile(opt.step, backend="aot_eager") if compile_step else opt.step
+    for i, gs in enumerate(grads):
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        (opt.step if i == 0 else step)()  # the first step creates the state eagerly
+    return [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: precond.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    lambda ps: precond.SOAP(ps, lr=1e-2, precondition_frequency=100),
+    lambda ps: precond.Shampoo(ps, lr=1e-2, precondition_frequency=100, grafting="adam", max_preconditioner_dim=16),
+    lambda ps: precond.EShampoo(ps, lr=1e-2, precondition_frequency=100),
+    lambda ps: precond.Sophia(ps, lr=1e-2),
+    lambda ps: precond.Muon(ps, lr=1e-2, ns_dtype="float32"),
+], ids=["AdamW", "SOAP", "Shampoo", "EShampoo", "Sophia", "Muon"])
+def test_compiled_step_has_no_graph_break_no_recompile_and_equals_eager(make):
+    torch._dynamo.reset()
+    counters.clear()
+    init, grads = params_and_grads(6)
+    compiled = trajectory(make, init, grads, compile_step=True)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    # one graph, plus at most one re-trace at the second compiled call (a counter turning dynamic)
+    assert counters["stats"]["unique_graphs"] <= 2
+    eager = trajectory(make, init, grads, compile_step=False)
+    for a, b in zip(compiled, eager):
+        assert bool(torch.isfinite(a).all())
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
