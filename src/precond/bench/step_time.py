@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -73,6 +74,9 @@ class CompiledStep:
     eagerly (state creation is host-side work that would break the graph once)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        # Every optimizer's step is one code object (BlockEngine.step): without a reset, the rows compiled
+        # before would use up its recompile limit and a later row would silently run eagerly.
+        torch._dynamo.reset()
         self.eager, self.compiled, self.calls = optimizer.step, torch.compile(optimizer.step), 0
 
     def __call__(self, closure: Any = None) -> Any:
@@ -244,6 +248,8 @@ def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.
             p.grad = g
         opt.step()
 
+    if isinstance(opt.step, CompiledStep):  # the second refresh still re-traces once (a step count turns dynamic)
+        warmup = max(warmup, 2 * FREQUENCY + 2)
     for i in range(warmup):
         step(i)
     sync_free = None
@@ -327,10 +333,12 @@ def markdown(results: dict[str, Any]) -> str:
             ratio = f"{r['mean_ms'] / fused:.2f}" if fused else "—"
             peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "—"
             sync = {None: "—", True: "yes"}.get(r["sync_free"], r["sync_free"])
-            if "graphs" in r:
+            if "graphs" in r:  # compiling frees and caches memory of its own: the memory columns would mislead
                 sync = f"{sync}; {r['graphs']} graphs, {r['graph_breaks']} breaks"
+                r = dict(r, state_mib=math.nan)
+                peak = "—"
             lines.append(f"| {name} | {r['mean_ms']:.2f} | {r['median_ms']:.2f} | {r['max_ms']:.1f} | {ratio} | "
-                         f"{r['state_mib']:.0f} | {peak} | {sync} |")
+                         f"{'—' if math.isnan(r['state_mib']) else format(r['state_mib'], '.0f')} | {peak} | {sync} |")
     return "\n".join(lines)
 
 

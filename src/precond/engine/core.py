@@ -54,18 +54,21 @@ logger = logging.getLogger("precond")
 def _traced_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                   steps: list[Tensor], lr: float | Tensor, beta1: float, beta2: float, weight_decay: float,
                   eps: float, found_inf: Tensor) -> None:
-    """``torch._fused_adamw_``'s update written with plain tensor ops, for ``torch.compile`` to fuse: the
-    step counts (already advanced) are read, ``found_inf`` skips every update."""
-    skip = found_inf.bool()
-    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        g = g.to(m.dtype)
-        m_new = torch.lerp(m, g, 1.0 - beta1)
-        v_new = v * beta2 + (1.0 - beta2) * g * g
-        denom = (v_new / (1.0 - beta2 ** t)).sqrt() + eps
-        p_new = p * (1.0 - lr * weight_decay) - (lr / (1.0 - beta1 ** t)) * m_new / denom
-        m.copy_(torch.where(skip, m, m_new))
-        v.copy_(torch.where(skip, v, v_new))
-        p.copy_(torch.where(skip, p, p_new.to(p.dtype)))
+    """``torch._fused_adamw_``'s update written with multi-tensor ops, for ``torch.compile`` to fuse: the
+    step counts (already advanced) are read; ``found_inf`` (0 or 1) skips every update: each change is
+    scaled by ``keep = 1 - found_inf`` and the gradients are zeroed first, so nothing non-finite enters."""
+    keep = 1.0 - found_inf
+    grads = [torch.where(found_inf.bool(), 0.0, g.to(m.dtype)) for g, m in zip(grads, exp_avgs)]
+    torch._foreach_lerp_(exp_avgs, grads, keep * (1.0 - beta1))
+    torch._foreach_mul_(exp_avg_sqs, 1.0 - keep * (1.0 - beta2))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)  # zero gradients add nothing
+    torch._foreach_mul_(params, 1.0 - keep * (lr * weight_decay))
+    bias1 = [1.0 - beta1 ** t for t in steps]
+    bias2 = [(1.0 - beta2 ** t).sqrt() for t in steps]
+    denoms = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(exp_avg_sqs), bias2), eps)
+    step_sizes = [(-keep * lr) / b for b in bias1]
+    torch._foreach_addcdiv_(params, torch._foreach_mul(exp_avgs, step_sizes), denoms)
+
 
 # "decoupled": W ← W - lr·(P + wd·W), the decay uses W before the step (AdamW, Distributed Shampoo).
 # "decoupled_after": W ← W - lr·P, then W ← W - lr·wd·W (the reference SOAP's order).
