@@ -1,0 +1,170 @@
+"""Does the best learning rate stay put as the model widens? Standard parametrisation against precond.scaling.
+
+    python benchmarks/transfer_study.py --device cuda                       # widths 128-1024, the GPU version
+    python benchmarks/transfer_study.py --widths 32 64 128 256 --steps 60  # a quick CPU version
+    python benchmarks/transfer_study.py --report benchmarks/results/transfer/runs.json
+
+For AdamW, SOAP, Shampoo (Adam grafting, as in the benchmark) and Muon, each width of a byte-level GPT (depth
+2, head dim 32, the benchmark's warmup + cosine schedule) is trained at rates spaced by 2× around the
+optimizer's benchmark rate, twice: "SP" gives every parameter the same rate (and weight decay) at every
+width; "scaled" takes the groups of :func:`precond.scaling.scaled_param_groups` with the narrowest width as
+base. The report gives each case's best rate per width and its drift, the ratio of the largest to the
+smallest best rate across widths (1 = perfect transfer; the grid's resolution is 2×). Runs are appended to
+``--out`` as they finish, and a rerun skips those already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import precond
+from precond.bench.model import GPT, GPTConfig
+from precond.bench.optimizers import AdamWSetting, OptimizerSpec
+from precond.bench.runner import train_run
+from precond.bench.workloads import COSINE, LanguageModel
+from precond.scaling import scaled_param_groups
+
+# name: (class, keyword arguments, centre rate, weight decay); Muon's AdamW part runs at MUON_ADAMW_LR
+OPTIMIZERS = {
+    "AdamW": (precond.AdamW, dict(betas=(0.9, 0.95)), 3e-3, 0.1),
+    "SOAP": (precond.SOAP, dict(betas=(0.95, 0.95), precondition_frequency=10), 3e-3, 0.01),
+    "Shampoo": (precond.Shampoo, dict(betas=(0.9, 0.999), epsilon=1e-12, precondition_frequency=10, grafting="adam",
+                                      grafting_beta2=0.95, grafting_epsilon=1e-8), 3e-3, 0.0),
+    "Muon": (precond.Muon, dict(momentum=0.95, adamw_betas=(0.9, 0.95)), 2e-2, 0.1),
+}
+MUON_ADAMW_LR = 3e-3
+
+
+def config(width: int, context: int) -> GPTConfig:
+    return GPTConfig(width=width, depth=2, heads=max(1, width // 32), context=context)
+
+
+def build(name: str, scaled: bool, base_width: int, context: int):
+    cls, kwargs, _, wd = OPTIMIZERS[name]
+
+    def make(model, lr, _adamw):
+        width = model.cfg.width
+        if scaled:
+            torch.manual_seed(0)
+            base = GPT(config(base_width, context))
+            groups = scaled_param_groups(model, base, name, lr=lr, weight_decay=wd, width=width, base_width=base_width,
+                                         grafting=kwargs.get("grafting"), adamw_lr=MUON_ADAMW_LR)
+        else:
+            groups = precond.param_groups(model, other_options={"lr": MUON_ADAMW_LR}) if name == "Muon" else [
+                {"params": list(model.parameters())}]
+        extra = {"adamw_lr": MUON_ADAMW_LR} if name == "Muon" else {}
+        return cls(groups, lr=lr, weight_decay=wd, **kwargs, **extra)
+    return make
+
+
+def run_study(args: argparse.Namespace) -> None:
+    out: Path = args.out
+    done = json.loads(out.read_text()) if out.exists() else []
+    seen = {(r["optimizer"], r["scaled"], r["width"], r["lr"]) for r in done}
+    base_width = min(args.widths)
+    for name in args.optimizers:
+        centre = OPTIMIZERS[name][2]
+        for width in args.widths:
+            workload = LanguageModel(Path(args.data_dir), config(width, args.context), batch_size=args.batch_size,
+                                     device=args.device)
+            for scaled in (False, True):
+                if scaled and width == base_width:
+                    continue  # the base width's groups are SP's
+                for k in args.exponents:
+                    lr = centre * 2.0 ** k
+                    if (name, scaled, width, lr) in seen:
+                        continue
+                    spec = OptimizerSpec(name, lr, build(name, scaled, base_width, args.context))
+                    r = train_run(workload, spec, lr, 0, args.steps, args.steps, args.device, AdamWSetting(lr),
+                                  schedule=COSINE)
+                    done.append({"optimizer": name, "scaled": scaled, "width": width, "lr": lr,
+                                 "final_val_loss": r["final_val_loss"], "diverged": r.get("diverged", False),
+                                 "train_seconds": r["train_seconds"], "steps": args.steps, "device": args.device})
+                    print(f"{name} {'scaled' if scaled else 'SP'} width={width} lr={lr:.3g}: "
+                          f"{r['final_val_loss']:.4f}", file=sys.stderr, flush=True)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps(done, indent=1))
+
+
+def curves(runs: list[dict]) -> dict[tuple[str, str], dict[int, list[tuple[float, float]]]]:
+    """(optimizer, "SP"/"scaled") → width → sorted (lr, loss); the base width serves both."""
+    base_width = min(r["width"] for r in runs)
+    out: dict = {}
+    for r in runs:
+        cases = ["SP", "scaled"] if r["width"] == base_width else ["scaled" if r["scaled"] else "SP"]
+        for case in cases:
+            out.setdefault((r["optimizer"], case), {}).setdefault(r["width"], []).append(
+                (r["lr"], r["final_val_loss"]))
+    return {k: {w: sorted(v) for w, v in sorted(ws.items())} for k, ws in out.items()}
+
+
+def report(path: Path) -> str:
+    table = curves(json.loads(path.read_text()))
+    widths = sorted({w for ws in table.values() for w in ws})
+    lines = ["| optimizer | parametrisation | " + " | ".join(f"best lr, width {w}" for w in widths)
+             + " | drift (max/min best lr) | loss at the widest |",
+             "|---|---|" + "---|" * len(widths) + "---|---|"]
+    for (name, case), ws in sorted(table.items()):
+        best = {w: min(points, key=lambda p: p[1] if p[1] == p[1] else float("inf")) for w, points in ws.items()}
+        rates = [best[w][0] for w in widths if w in best]
+        drift = max(rates) / min(rates)
+        edge = {w for w in best if best[w][0] in (ws[w][0][0], ws[w][-1][0])}
+        cells = [f"{best[w][0]:.3g}{' †' if w in edge else ''}" if w in best else "—" for w in widths]
+        lines.append(f"| {name} | {case} | " + " | ".join(cells) + f" | {drift:.0f}× | {best[max(best)][1]:.4f} |")
+    lines.append("\n† the best rate is an end of the swept grid: the true optimum may lie beyond it.")
+    return "\n".join(lines)
+
+
+def plot(path: Path, image: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    table = curves(json.loads(path.read_text()))
+    names = sorted({name for name, _ in table})
+    fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 7), squeeze=False)
+    for col, name in enumerate(names):
+        for row, case in enumerate(("SP", "scaled")):
+            ax = axes[row][col]
+            for width, points in table.get((name, case), {}).items():
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"width {width}")
+            ax.set_xscale("log")
+            ax.set_title(f"{name}, {case}")
+            ax.set_xlabel("learning rate (base)")
+            ax.set_ylabel("final validation loss")
+            finite = [p[1] for ws in table.get((name, case), {}).values() for p in ws if p[1] == p[1]]
+            if finite:
+                ax.set_ylim(min(finite) - 0.05, min(finite) + 1.0)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(image, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/transfer/runs.json"))
+    p.add_argument("--report", type=Path, default=None, help="print the table of a finished study and plot it")
+    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    p.add_argument("--widths", nargs="+", type=int, default=[128, 256, 512, 1024])
+    p.add_argument("--exponents", nargs="+", type=int, default=[-3, -2, -1, 0, 1],
+                   help="rates are the optimizer's centre rate times 2**k")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args(argv)
+    if args.report is not None:
+        print(report(args.report))
+        plot(args.report, args.report.with_suffix(".png"))
+        return 0
+    run_study(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+r"""Learning-rate and weight-decay multipliers that carry hyper-parameters tuned on a narrow model to a wide one.
+
+The rules follow the spectral condition for feature learning (Yang, Simon & Bernstein 2023,
+arXiv:2310.17813), the form of μP that Qiu, Chen, Phan, Lei & Wilson ("Hyperparameter Transfer Enables
+Consistent Gains of Matrix-Preconditioned Optimizers Across Scales", arXiv:2512.05620) extend to Shampoo,
+SOAP and Muon: a hidden weight's update should keep a spectral norm of order :math:`\sqrt{d_{out}/d_{in}}`
+as the width grows. How a rate must scale for that depends on how the optimizer's update scales:
+
+- **entrywise-normalised updates** (AdamW, Sophia, SOAP — Adam in a rotated basis — and anything grafted
+  onto Adam's norm: Shampoo/EShampoo with ``grafting="adam"``): the entries of the update are of order 1,
+  and on the nearly low-rank gradients of wide layers the update's spectral norm grows as
+  :math:`\sqrt{d_{out} d_{in}}`, so the rate scales as :math:`1/d_{in}` (μP for Adam, Tensor Programs V);
+- **spectrally normalised updates** (Muon, ASGO, Shampoo/EShampoo without grafting — with exponents
+  :math:`-1/4` on each side the update is invariant to the gradient's scale and of spectral norm order 1):
+  the rate scales as :math:`\sqrt{d_{out}/d_{in}}`;
+- embeddings (a one-hot input) keep their rate under Adam, and so do biases and gains (vectors); the output
+  head, a hidden-like matrix whose output dim does not grow, follows its optimizer's hidden rule.
+
+Multipliers are relative to a *base* model (the one the hyper-parameters were tuned on): each parameter is
+matched to the base parameter of the same name, and only the ratios ``d/d_base`` enter. Independent weight
+decay is scaled as ``1/width`` (the paper's compute-optimal finding); since PyTorch's decay is coupled to the
+rate (``W ← W(1 - lr·wd)``), a group's ``weight_decay`` is divided by its rate multiplier too. The depth rule
+(residual branches multiplied by ``1/L``, relative to the base depth) is :func:`residual_multiplier`, for
+model code. These multipliers were derived here from the spectral condition; the transfer experiment
+(``benchmarks/transfer_study.py``) measures whether the optimal rate stays put.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from .routing import param_groups as route
+
+__all__ = ["RULES", "rule_of", "lr_multiplier", "scaled_param_groups", "residual_multiplier"]
+
+# optimizer name → how its update's spectral norm scales ("entrywise" like Adam, "spectral" like Muon)
+RULES = {"AdamW": "entrywise", "Sophia": "entrywise", "SOAP": "entrywise", "Muon": "spectral", "ASGO": "spectral",
+         "Shampoo": "spectral", "EShampoo": "spectral"}
+
+
+def rule_of(optimizer: str, grafting: str | None = None) -> str:
+    """``"entrywise"`` or ``"spectral"`` for an optimizer class name; Shampoo/EShampoo grafted onto Adam,
+    RMSprop or AdaGrad take their graft's norm, hence its entrywise rule."""
+    if optimizer not in RULES:
+        raise ValueError(f"Invalid optimizer: {optimizer!r} (one of {sorted(RULES)})")
+    if optimizer in ("Shampoo", "EShampoo") and grafting in ("adam", "rmsprop", "adagrad"):
+        return "entrywise"
+    return RULES[optimizer]
+
+
+def lr_multiplier(role: str, rule: str, fan_in: int, fan_out: int, base_fan_in: int, base_fan_out: int) -> float:
+    """The rate multiplier of one parameter.
+
+    ``role`` is ``"hidden"`` (a preconditioned matrix, or the output head), ``"embedding"`` or ``"vector"``;
+    ``rule`` is ``"entrywise"`` or ``"spectral"``; fans are those of the parameter and of its base.
+    """
+    if role in ("embedding", "vector"):
+        return 1.0
+    if role != "hidden":
+        raise ValueError(f"Invalid role: {role!r} (hidden, embedding or vector)")
+    r_in, r_out = fan_in / base_fan_in, fan_out / base_fan_out
+    if rule == "entrywise":
+        return 1.0 / r_in
+    if rule == "spectral":
+        return math.sqrt(r_out / r_in)
+    raise ValueError(f"Invalid rule: {rule!r} (entrywise or spectral)")
+
+
+def _fans(p: nn.Parameter) -> tuple[int, int]:
+    """(fan_in, fan_out) of a weight in ``nn.Linear``/conv layout ``[out, in, *kernel]``."""
+    return (math.prod(p.shape[1:]) if p.dim() > 1 else 1), int(p.shape[0]) if p.dim() > 0 else 1
+
+
+def scaled_param_groups(model: nn.Module, base: nn.Module, optimizer: str, *, lr: float, weight_decay: float = 0.0,
+                        width: int | None = None, base_width: int | None = None, grafting: str | None = None,
+                        adamw_lr: float | None = None, head: str | Iterable[str] | None = "auto"
+                        ) -> list[dict[str, Any]]:
+    """Param groups for ``model`` carrying ``lr``/``weight_decay`` tuned on ``base`` (same architecture,
+    another width), one group per distinct multiplier, in :func:`precond.param_groups`'s routing.
+
+    Matrices (the ``"matrix": True`` group of the routing, and the head) get the hidden rule of
+    ``optimizer`` (see the module docstring); for Muon and ASGO the parameters routed to AdamW (embeddings,
+    head, vectors) take AdamW's rules and ``adamw_lr``. ``width``/``base_width`` (default: inferred as the
+    most common fan-in ratio) scale independent weight decay as ``1/width``. Each group carries
+    ``lr_multiplier`` for reference.
+    """
+    rule = rule_of(optimizer, grafting)
+    splits_adamw = optimizer in ("Muon", "ASGO")
+    base_shapes = {name: tuple(p.shape) for name, p in base.named_parameters()}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    entries = []
+    for group in route(model, head=head):
+        for name, p in zip(group["param_names"], group["params"]):
+            if name not in base_shapes:
+                raise ValueError(f"parameter {name!r} has no namesake in the base model")
+            base_shape = base_shapes[name]
+            if p.dim() != len(base_shape):
+                raise ValueError(f"parameter {name!r}: shape {tuple(p.shape)} and base shape {base_shape} differ in rank")
+            if p.dim() < 2:
+                role = "vector"
+            elif id(p) in embeddings:
+                role = "embedding"
+            else:
+                role = "hidden"
+            fan_in, fan_out = _fans(p)
+            base_fan_in = math.prod(base_shape[1:]) if len(base_shape) > 1 else 1
+            base_fan_out = base_shape[0] if base_shape else 1
+            to_adamw = splits_adamw and not group["matrix"]
+            param_rule = "entrywise" if to_adamw else rule
+            multiplier = lr_multiplier(role, param_rule, fan_in, fan_out, base_fan_in, base_fan_out)
+            entries.append((name, p, group["matrix"], to_adamw, multiplier, fan_in / base_fan_in))
+    if width is None or base_width is None:
+        ratios = [r for *_, r in entries if r != 1.0] or [1.0]
+        width_ratio = max(set(ratios), key=ratios.count)
+    else:
+        width_ratio = width / base_width
+    groups: dict[tuple, dict[str, Any]] = {}
+    for name, p, matrix, to_adamw, multiplier, _ in entries:
+        key = (matrix, to_adamw, multiplier)
+        if key not in groups:
+            base_lr = (adamw_lr if adamw_lr is not None else lr) if to_adamw else lr
+            groups[key] = {"params": [], "param_names": [], "matrix": matrix, "lr": base_lr * multiplier,
+                           "weight_decay": weight_decay / (width_ratio * multiplier), "lr_multiplier": multiplier}
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    return list(groups.values())
+
+
+def residual_multiplier(depth: int, base_depth: int) -> float:
+    """The ``1/L`` depth rule: multiply each residual branch's output by ``base_depth / depth``."""
+    if depth < 1 or base_depth < 1:
+        raise ValueError(f"Invalid depth: {depth}, {base_depth} (must be >= 1)")
+    return base_depth / depth
