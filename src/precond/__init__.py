@@ -8,6 +8,7 @@ from .explain import explain
 from .muon import Muon
 from .refresh import EigenbasisRefresh
 from .routing import param_groups
+from . import scaling
 from .shampoo import Shampoo
 from .soap import SOAP
 from .sophia import Sophia
