@@ -158,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
-    if args.report is not None:
+    if args.report is None:
+        run_study(args)
+    else:  # a finished study: its table, and the plot beside the runs
         print(report(args.report))
         plot(args.report, args.report.with_suffix(".png"))
-        return 0
-    run_study(args)
     return 0
 
 

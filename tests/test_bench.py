@@ -405,3 +405,19 @@ def test_purifying_study_script_runs_a_configuration_and_reports_it(data_dir, tm
     assert [r["config"] for r in runs] == ["EShampoo qr I=3 F=100"]
     assert math.isfinite(runs[0]["final_val_loss"])
     assert "EShampoo qr I=3 F=100" in study.report(out)
+
+
+def test_transfer_study_script_runs_both_parametrisations_and_reports_drift(data_dir, tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "transfer_study", Path(__file__).resolve().parent.parent / "benchmarks" / "transfer_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    out = tmp_path / "transfer.json"
+    argv = ["--device", "cpu", "--out", str(out), "--data-dir", str(data_dir), "--steps", "2", "--context", "8",
+            "--batch-size", "2", "--widths", "32", "64", "--exponents", "0", "--optimizers", "SOAP"]
+    assert study.main(argv) == 0
+    runs = json.loads(out.read_text())
+    assert {(r["width"], r["scaled"]) for r in runs} == {(32, False), (64, False), (64, True)}
+    table = study.report(out)
+    assert "| SOAP | SP |" in table and "| SOAP | scaled |" in table
