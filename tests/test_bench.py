@@ -389,13 +389,19 @@ def test_an_optimizer_keeps_its_plot_colour_in_any_subset():
     assert curve_colours(["Custom"]) == {"Custom": None}
 
 
-def test_purifying_study_script_runs_a_configuration_and_reports_it(data_dir, tmp_path):
-    # the study lives outside the package; this keeps it in step with the harness it calls
+def study_script(name):
+    """A script of ``benchmarks/`` as a module: the studies live outside the package, and these tests keep
+    them in step with the harness they call."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "purifying_study", Path(__file__).resolve().parent.parent / "benchmarks" / "purifying_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "benchmarks"
+                                                  / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_purifying_study_script_runs_a_configuration_and_reports_it(data_dir, tmp_path):
+    study = study_script("purifying_study")
     out = tmp_path / "study.json"
     argv = ["--device", "cpu", "--out", str(out), "--data-dir", str(data_dir), "--steps", "2", "--eval-every", "1",
             "--width", "16", "--depth", "1", "--heads", "2", "--context", "8", "--batch-size", "2",
@@ -408,11 +414,7 @@ def test_purifying_study_script_runs_a_configuration_and_reports_it(data_dir, tm
 
 
 def test_transfer_study_script_runs_both_parametrisations_and_reports_drift(data_dir, tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "transfer_study", Path(__file__).resolve().parent.parent / "benchmarks" / "transfer_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = study_script("transfer_study")
     out = tmp_path / "transfer.json"
     argv = ["--device", "cpu", "--out", str(out), "--data-dir", str(data_dir), "--steps", "2", "--context", "8",
             "--batch-size", "2", "--widths", "32", "64", "--exponents", "0", "--optimizers", "SOAP"]
