@@ -70,9 +70,9 @@ def lr_multiplier(role: str, rule: str, fan_in: int, fan_out: int, base_fan_in: 
     raise ValueError(f"Invalid rule: {rule!r} (entrywise or spectral)")
 
 
-def _fans(p: nn.Parameter) -> tuple[int, int]:
+def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
     """(fan_in, fan_out) of a weight in ``nn.Linear``/conv layout ``[out, in, *kernel]``."""
-    return (math.prod(p.shape[1:]) if p.dim() > 1 else 1), int(p.shape[0]) if p.dim() > 0 else 1
+    return (math.prod(shape[1:]) if len(shape) > 1 else 1), (int(shape[0]) if shape else 1)
 
 
 def scaled_param_groups(model: nn.Module, base: nn.Module, optimizer: str, *, lr: float, weight_decay: float = 0.0,
@@ -106,9 +106,8 @@ def scaled_param_groups(model: nn.Module, base: nn.Module, optimizer: str, *, lr
                 role = "embedding"
             else:
                 role = "hidden"
-            fan_in, fan_out = _fans(p)
-            base_fan_in = math.prod(base_shape[1:]) if len(base_shape) > 1 else 1
-            base_fan_out = base_shape[0] if base_shape else 1
+            fan_in, fan_out = _fans(tuple(p.shape))
+            base_fan_in, base_fan_out = _fans(base_shape)
             to_adamw = splits_adamw and not group["matrix"]
             param_rule = "entrywise" if to_adamw else rule
             multiplier = lr_multiplier(role, param_rule, fan_in, fan_out, base_fan_in, base_fan_out)
