@@ -2,14 +2,18 @@
 
     python benchmarks/transfer_study.py --device cuda                       # widths 128-1024, the GPU version
     python benchmarks/transfer_study.py --widths 32 64 128 256 --steps 60  # a quick CPU version
+    python benchmarks/transfer_study.py --device cuda --optimizers SOAP Shampoo --cases normalized blocked
     python benchmarks/transfer_study.py --report benchmarks/results/transfer/runs.json
 
 For AdamW, SOAP, Shampoo (Adam grafting, as in the benchmark) and Muon, each width of a byte-level GPT (depth
 2, head dim 32, the benchmark's warmup + cosine schedule) is trained at rates spaced by 2× around the
-optimizer's benchmark rate, twice: "SP" gives every parameter the same rate (and weight decay) at every
-width; "scaled" takes the groups of :func:`precond.scaling.scaled_param_groups` with the narrowest width as
-base. The report gives each case's best rate per width and its drift, the ratio of the largest to the
-smallest best rate across widths (1 = perfect transfer; the grid's resolution is 2×). Runs are appended to
+optimizer's benchmark rate, in each case asked for: "SP" gives every parameter the same rate (and weight
+decay) at every width; "scaled" takes the groups of :func:`precond.scaling.scaled_param_groups` with the
+narrowest width as base; for SOAP and Shampoo, "normalized" adds the explicit spectral normalisation of each
+block's update (``spectral_normalize=True``, its own rate grid) and "blocked" cuts the factors at the base
+width, the two transfer aids of Qiu et al. (arXiv:2512.05620). The report gives each case's best rate per
+width and its drift, the ratio of the largest to the smallest best rate across widths (1 = perfect
+transfer; the grid's resolution is 2×). Runs are appended to
 ``--out`` as they finish, and a rerun skips those already there.
 """
 
@@ -40,23 +44,40 @@ OPTIMIZERS = {
 MUON_ADAMW_LR = 3e-3
 
 
+# How each case builds its param groups: "SP" the same rate everywhere; the others scale from the base width.
+# "normalized" adds spectral_normalize (its rates are those of a spectral-norm step, centred at 2e-2);
+# "blocked" cuts every factor at the base width, so blocks keep one size as the model widens.
+CASES = ("SP", "scaled", "normalized", "blocked")
+SHAMPOO_LIKE = ("SOAP", "Shampoo")  # the optimizers the last two cases apply to
+NORMALIZED_CENTRE = 2e-2
+
+
 def config(width: int, context: int) -> GPTConfig:
     return GPTConfig(width=width, depth=2, heads=max(1, width // 32), context=context)
 
 
-def build(name: str, scaled: bool, base_width: int, context: int):
+def case_of(run: dict) -> str:
+    return run.get("case", "scaled" if run["scaled"] else "SP")  # runs saved before cases had names
+
+
+def build(name: str, case: str, base_width: int, context: int):
     cls, kwargs, _, wd = OPTIMIZERS[name]
+    kwargs = dict(kwargs)
+    if case == "blocked":
+        kwargs.update(dict(max_precond_dim=base_width, large_dim_policy="split") if name == "SOAP"
+                      else dict(max_preconditioner_dim=base_width))
 
     def make(model, lr, _adamw):
         width = model.cfg.width
-        if scaled:
+        if case == "SP":
+            groups = precond.param_groups(model, other_options={"lr": MUON_ADAMW_LR}) if name == "Muon" else [
+                {"params": list(model.parameters())}]
+        else:
             torch.manual_seed(0)
             base = GPT(config(base_width, context))
             groups = scaled_param_groups(model, base, name, lr=lr, weight_decay=wd, width=width, base_width=base_width,
-                                         grafting=kwargs.get("grafting"), adamw_lr=MUON_ADAMW_LR)
-        else:
-            groups = precond.param_groups(model, other_options={"lr": MUON_ADAMW_LR}) if name == "Muon" else [
-                {"params": list(model.parameters())}]
+                                         grafting=kwargs.get("grafting"), adamw_lr=MUON_ADAMW_LR,
+                                         spectral_normalize=case == "normalized")
         extra = {"adamw_lr": MUON_ADAMW_LR} if name == "Muon" else {}
         return cls(groups, lr=lr, weight_decay=wd, **kwargs, **extra)
     return make
@@ -65,41 +86,41 @@ def build(name: str, scaled: bool, base_width: int, context: int):
 def run_study(args: argparse.Namespace) -> None:
     out: Path = args.out
     done = json.loads(out.read_text()) if out.exists() else []
-    seen = {(r["optimizer"], r["scaled"], r["width"], r["lr"]) for r in done}
+    seen = {(r["optimizer"], case_of(r), r["width"], r["lr"]) for r in done}
     base_width = min(args.widths)
     for name in args.optimizers:
-        centre = OPTIMIZERS[name][2]
+        cases = [c for c in args.cases if c in ("SP", "scaled") or name in SHAMPOO_LIKE]
         for width in args.widths:
             workload = LanguageModel(Path(args.data_dir), config(width, args.context), batch_size=args.batch_size,
                                      device=args.device)
-            for scaled in (False, True):
-                if scaled and width == base_width:
+            for case in cases:
+                if case == "scaled" and width == base_width:
                     continue  # the base width's groups are SP's
+                centre = NORMALIZED_CENTRE if case == "normalized" else OPTIMIZERS[name][2]
                 for k in args.exponents:
                     lr = centre * 2.0 ** k
-                    if (name, scaled, width, lr) in seen:
+                    if (name, case, width, lr) in seen:
                         continue
-                    spec = OptimizerSpec(name, lr, build(name, scaled, base_width, args.context))
+                    spec = OptimizerSpec(name, lr, build(name, case, base_width, args.context))
                     r = train_run(workload, spec, lr, 0, args.steps, args.steps, args.device, AdamWSetting(lr),
                                   schedule=COSINE)
-                    done.append({"optimizer": name, "scaled": scaled, "width": width, "lr": lr,
+                    done.append({"optimizer": name, "case": case, "scaled": case != "SP", "width": width, "lr": lr,
                                  "final_val_loss": r["final_val_loss"], "diverged": r.get("diverged", False),
                                  "train_seconds": r["train_seconds"], "steps": args.steps, "device": args.device})
-                    print(f"{name} {'scaled' if scaled else 'SP'} width={width} lr={lr:.3g}: "
-                          f"{r['final_val_loss']:.4f}", file=sys.stderr, flush=True)
+                    print(f"{name} {case} width={width} lr={lr:.3g}: {r['final_val_loss']:.4f}", file=sys.stderr,
+                          flush=True)
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps(done, indent=1))
 
 
 def curves(runs: list[dict]) -> dict[tuple[str, str], dict[int, list[tuple[float, float]]]]:
-    """(optimizer, "SP"/"scaled") → width → sorted (lr, loss); the base width serves both."""
+    """(optimizer, case) → width → sorted (lr, loss); SP's base width serves "scaled" too."""
     base_width = min(r["width"] for r in runs)
     out: dict = {}
     for r in runs:
-        cases = ["SP", "scaled"] if r["width"] == base_width else ["scaled" if r["scaled"] else "SP"]
-        for case in cases:
-            out.setdefault((r["optimizer"], case), {}).setdefault(r["width"], []).append(
-                (r["lr"], r["final_val_loss"]))
+        case = case_of(r)
+        for c in (["SP", "scaled"] if case == "SP" and r["width"] == base_width else [case]):
+            out.setdefault((r["optimizer"], c), {}).setdefault(r["width"], []).append((r["lr"], r["final_val_loss"]))
     return {k: {w: sorted(v) for w, v in sorted(ws.items())} for k, ws in out.items()}
 
 
@@ -109,7 +130,7 @@ def report(path: Path) -> str:
     lines = ["| optimizer | parametrisation | " + " | ".join(f"best lr, width {w}" for w in widths)
              + " | drift (max/min best lr) | loss at the widest |",
              "|---|---|" + "---|" * len(widths) + "---|---|"]
-    for (name, case), ws in sorted(table.items()):
+    for (name, case), ws in sorted(table.items(), key=lambda kv: (kv[0][0], CASES.index(kv[0][1]))):
         best = {w: min(points, key=lambda p: p[1] if p[1] == p[1] else float("inf")) for w, points in ws.items()}
         rates = [best[w][0] for w in widths if w in best]
         drift = max(rates) / min(rates)
@@ -126,9 +147,10 @@ def plot(path: Path, image: Path) -> None:
     import matplotlib.pyplot as plt
     table = curves(json.loads(path.read_text()))
     names = sorted({name for name, _ in table})
-    fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 7), squeeze=False)
+    cases = [c for c in CASES if any(case == c for _, case in table)]
+    fig, axes = plt.subplots(len(cases), len(names), figsize=(4 * len(names), 3.5 * len(cases)), squeeze=False)
     for col, name in enumerate(names):
-        for row, case in enumerate(("SP", "scaled")):
+        for row, case in enumerate(cases):
             ax = axes[row][col]
             for width, points in table.get((name, case), {}).items():
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"width {width}")
@@ -150,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/transfer/runs.json"))
     p.add_argument("--report", type=Path, default=None, help="print the table of a finished study and plot it")
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    p.add_argument("--cases", nargs="+", default=["SP", "scaled"], choices=CASES,
+                   help="normalized and blocked apply to SOAP and Shampoo")
     p.add_argument("--widths", nargs="+", type=int, default=[128, 256, 512, 1024])
     p.add_argument("--exponents", nargs="+", type=int, default=[-3, -2, -1, 0, 1],
                    help="rates are the optimizer's centre rate times 2**k")

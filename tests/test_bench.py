@@ -417,9 +417,14 @@ def test_transfer_study_script_runs_both_parametrisations_and_reports_drift(data
     study = study_script("transfer_study")
     out = tmp_path / "transfer.json"
     argv = ["--device", "cpu", "--out", str(out), "--data-dir", str(data_dir), "--steps", "2", "--context", "8",
-            "--batch-size", "2", "--widths", "32", "64", "--exponents", "0", "--optimizers", "SOAP"]
+            "--batch-size", "2", "--widths", "32", "64", "--exponents", "0", "--optimizers", "SOAP", "AdamW",
+            "--cases", "SP", "scaled", "normalized", "blocked"]
     assert study.main(argv) == 0
     runs = json.loads(out.read_text())
-    assert {(r["width"], r["scaled"]) for r in runs} == {(32, False), (64, False), (64, True)}
+    soap = {(r["width"], r["case"]) for r in runs if r["optimizer"] == "SOAP"}
+    aids = {(w, c) for w in (32, 64) for c in ("normalized", "blocked")}
+    assert soap == {(32, "SP"), (64, "SP"), (64, "scaled")} | aids
+    assert {r["case"] for r in runs if r["optimizer"] == "AdamW"} == {"SP", "scaled"}  # the aids are SOAP/Shampoo's
     table = study.report(out)
-    assert "| SOAP | SP |" in table and "| SOAP | scaled |" in table
+    for case in ("SP", "scaled", "normalized", "blocked"):
+        assert f"| SOAP | {case} |" in table

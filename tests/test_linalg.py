@@ -182,3 +182,15 @@ def test_symmetric_eigh_raises_linalg_failure_when_both_attempts_fail(monkeypatc
         linalg.symmetric_eigh(torch.eye(3))
     with pytest.raises(linalg.LinAlgFailure):
         linalg.symmetric_eigh(torch.tensor([[float("nan")]]))
+
+
+def test_spectral_normalize_keeps_zero_blocks_and_low_precision():
+    x = torch.randn(3, 4, 2, 3, dtype=torch.float64)
+    x[1] = 0.0
+    y = linalg.spectral_normalize(x)
+    assert torch.equal(y[1], x[1])
+    norms = torch.linalg.matrix_norm(y.reshape(3, 4, 6), ord=2)
+    torch.testing.assert_close(norms[[0, 2]], torch.full((2,), (4 / 6) ** 0.5, dtype=torch.float64))
+    low = linalg.spectral_normalize(x.to(torch.bfloat16))
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), y, rtol=2e-2, atol=2e-2)

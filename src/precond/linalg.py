@@ -29,6 +29,7 @@ __all__ = [
     "newton_schulz",
     "inverse_sqrt_newton_schulz",
     "inverse_root_newton",
+    "spectral_normalize",
 ]
 
 
@@ -348,3 +349,20 @@ def inverse_root_newton(A: Tensor, root: int, epsilon: float, max_iterations: in
                 break
             return X
     raise LinAlgFailure(f"coupled Newton did not converge in {max_iterations} iterations")
+
+
+def spectral_normalize(directions: Tensor) -> Tensor:
+    r"""Each block ``P`` of a stack ``[B, d_out, *rest]`` rescaled to spectral norm :math:`\sqrt{d_{out}/d_{in}}`
+    (``d_in = prod(rest)``; the block is read as the matrix ``[d_out, d_in]``), the size the spectral condition
+    for feature learning asks of a hidden layer's update. A zero block stays zero.
+
+    The norm is exact (singular values, computed in float32 at least): on a GPU a batched SVD costs about as
+    much as a batched ``eigh`` of the smaller side, which is why normalisation is an option.
+    """
+    b, d_out = directions.shape[:2]
+    mats = directions.reshape(b, d_out, -1)
+    compute = torch.promote_types(directions.dtype, torch.float32)
+    norms = torch.linalg.matrix_norm(mats.to(compute), ord=2)
+    target = (d_out / mats.shape[-1]) ** 0.5
+    scale = torch.where(norms > 0, target / norms, 0.0).to(directions.dtype)
+    return directions * scale.view((b,) + (1,) * (directions.dim() - 1))

@@ -13,6 +13,10 @@ as the width grows. How a rate must scale for that depends on how the optimizer'
 - **spectrally normalised updates** (Muon, ASGO, Shampoo/EShampoo without grafting — with exponents
   :math:`-1/4` on each side the update is invariant to the gradient's scale and of spectral norm order 1):
   the rate scales as :math:`\sqrt{d_{out}/d_{in}}`;
+- **explicitly normalised updates** (Shampoo, EShampoo or SOAP with ``spectral_normalize=True``: each block's
+  update is rescaled to spectral norm :math:`\sqrt{d_{out}/d_{in}}`, the spectral condition itself): a
+  hidden matrix's rate needs no multiplier; an embedding, stored ``[vocab, width]`` and so normalised to
+  :math:`\sqrt{vocab/width}` where the condition asks :math:`\sqrt{width/vocab}`, takes ``width/base``;
 - embeddings (a one-hot input) keep their rate under Adam, and so do biases and gains (vectors); the output
   head, a hidden-like matrix whose output dim does not grow, follows its optimizer's hidden rule.
 
@@ -35,18 +39,26 @@ from torch import nn
 
 from .routing import param_groups as route
 
-__all__ = ["RULES", "rule_of", "lr_multiplier", "scaled_param_groups", "residual_multiplier"]
+__all__ = ["RULES", "NORMALIZABLE", "rule_of", "lr_multiplier", "scaled_param_groups", "residual_multiplier"]
 
 # optimizer name → how its update's spectral norm scales ("entrywise" like Adam, "spectral" like Muon)
 RULES = {"AdamW": "entrywise", "Sophia": "entrywise", "SOAP": "entrywise", "Muon": "spectral", "ASGO": "spectral",
          "Shampoo": "spectral", "EShampoo": "spectral"}
 
 
-def rule_of(optimizer: str, grafting: str | None = None) -> str:
-    """``"entrywise"`` or ``"spectral"`` for an optimizer class name; Shampoo/EShampoo grafted onto Adam,
-    RMSprop or AdaGrad take their graft's norm, hence its entrywise rule."""
+NORMALIZABLE = ("Shampoo", "EShampoo", "SOAP")  # the optimizers with a spectral_normalize option
+
+
+def rule_of(optimizer: str, grafting: str | None = None, spectral_normalize: bool = False) -> str:
+    """``"entrywise"``, ``"spectral"`` or ``"normalized"`` for an optimizer class name; Shampoo/EShampoo
+    grafted onto Adam, RMSprop or AdaGrad take their graft's norm, hence its entrywise rule; with
+    ``spectral_normalize`` (Shampoo, EShampoo, SOAP) the update's norm is set explicitly."""
     if optimizer not in RULES:
         raise ValueError(f"Invalid optimizer: {optimizer!r} (one of {sorted(RULES)})")
+    if spectral_normalize:
+        if optimizer not in NORMALIZABLE:
+            raise ValueError(f"Invalid spectral_normalize: {optimizer} has no such option (one of {NORMALIZABLE})")
+        return "normalized"
     if optimizer in ("Shampoo", "EShampoo") and grafting in ("adam", "rmsprop", "adagrad"):
         return "entrywise"
     return RULES[optimizer]
@@ -56,18 +68,21 @@ def lr_multiplier(role: str, rule: str, fan_in: int, fan_out: int, base_fan_in: 
     """The rate multiplier of one parameter.
 
     ``role`` is ``"hidden"`` (a preconditioned matrix, or the output head), ``"embedding"`` or ``"vector"``;
-    ``rule`` is ``"entrywise"`` or ``"spectral"``; fans are those of the parameter and of its base.
+    ``rule`` is ``"entrywise"``, ``"spectral"`` or ``"normalized"``; fans are those of the parameter and of
+    its base.
     """
-    if role in ("embedding", "vector"):
-        return 1.0
-    if role != "hidden":
+    if role not in ("hidden", "embedding", "vector"):
         raise ValueError(f"Invalid role: {role!r} (hidden, embedding or vector)")
     r_in, r_out = fan_in / base_fan_in, fan_out / base_fan_out
+    if rule == "normalized":
+        return r_in if role == "embedding" else 1.0
+    if role in ("embedding", "vector"):
+        return 1.0
     if rule == "entrywise":
         return 1.0 / r_in
     if rule == "spectral":
         return math.sqrt(r_out / r_in)
-    raise ValueError(f"Invalid rule: {rule!r} (entrywise or spectral)")
+    raise ValueError(f"Invalid rule: {rule!r} (entrywise, spectral or normalized)")
 
 
 def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -77,18 +92,19 @@ def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
 
 def scaled_param_groups(model: nn.Module, base: nn.Module, optimizer: str, *, lr: float, weight_decay: float = 0.0,
                         width: int | None = None, base_width: int | None = None, grafting: str | None = None,
-                        adamw_lr: float | None = None, head: str | Iterable[str] | None = "auto"
-                        ) -> list[dict[str, Any]]:
+                        adamw_lr: float | None = None, head: str | Iterable[str] | None = "auto",
+                        spectral_normalize: bool = False) -> list[dict[str, Any]]:
     """Param groups for ``model`` carrying ``lr``/``weight_decay`` tuned on ``base`` (same architecture,
     another width), one group per distinct multiplier, in :func:`precond.param_groups`'s routing.
 
     Matrices (the ``"matrix": True`` group of the routing, and the head) get the hidden rule of
     ``optimizer`` (see the module docstring); for Muon and ASGO the parameters routed to AdamW (embeddings,
     head, vectors) take AdamW's rules and ``adamw_lr``. ``width``/``base_width`` (default: inferred as the
-    most common fan-in ratio) scale independent weight decay as ``1/width``. Each group carries
-    ``lr_multiplier`` for reference.
+    most common fan-in ratio) scale independent weight decay as ``1/width``. ``spectral_normalize=True``
+    (Shampoo, EShampoo, SOAP) takes the normalised rule and sets the option in every group, so the optimizer's
+    updates are normalised as the multipliers assume. Each group carries ``lr_multiplier`` for reference.
     """
-    rule = rule_of(optimizer, grafting)
+    rule = rule_of(optimizer, grafting, spectral_normalize)
     splits_adamw = optimizer in ("Muon", "ASGO")
     base_shapes = {name: tuple(p.shape) for name, p in base.named_parameters()}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
@@ -99,7 +115,8 @@ def scaled_param_groups(model: nn.Module, base: nn.Module, optimizer: str, *, lr
                 raise ValueError(f"parameter {name!r} has no namesake in the base model")
             base_shape = base_shapes[name]
             if p.dim() != len(base_shape):
-                raise ValueError(f"parameter {name!r}: shape {tuple(p.shape)} and base shape {base_shape} differ in rank")
+                raise ValueError(f"parameter {name!r}: shape {tuple(p.shape)} and base shape {base_shape} "
+                                 "differ in rank")
             if p.dim() < 2:
                 role = "vector"
             elif id(p) in embeddings:
@@ -124,6 +141,8 @@ def scaled_param_groups(model: nn.Module, base: nn.Module, optimizer: str, *, lr
             base_lr = (adamw_lr if adamw_lr is not None else lr) if to_adamw else lr
             groups[key] = {"params": [], "param_names": [], "matrix": matrix, "lr": base_lr * multiplier,
                            "weight_decay": weight_decay / (width_ratio * multiplier), "lr_multiplier": multiplier}
+            if spectral_normalize:
+                groups[key]["spectral_normalize"] = True
         groups[key]["params"].append(p)
         groups[key]["param_names"].append(name)
     return list(groups.values())

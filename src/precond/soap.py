@@ -13,7 +13,8 @@ from .blocks import BlockLayout
 from .engine import BlockEngine, Bucket, bias_correction, commit_, per_block
 from .kronecker import factor_matrices, init_factor_state, mode_product, update_factors_
 from .refresh import REFRESH_METHODS, EigenbasisRefresh
-from .validation import STEP_RULES, betas_rule, check_choice, check_in, check_int, check_max_dim, check_positive
+from .validation import (STEP_RULES, betas_rule, check_choice, check_in, check_int, check_max_dim, check_positive,
+                         flag_rule)
 
 __all__ = ["SOAP"]
 
@@ -61,11 +62,14 @@ class SOAP(BlockEngine):
             block of ``m`` elements gets a factor only if ``n² <= max_factor_ratio·m`` (a 1×N matrix runs
             Adam); the reference SOAP has none (``float("inf")``).
         tf32: compute this optimizer's float32 matmuls with TF32 tensor cores on CUDA (default False).
+        spectral_normalize: rescale each block's update to spectral norm ``sqrt(d_out/d_in)`` (default False;
+            see :class:`~precond.Shampoo`).
         distributed: ``None`` (one process, or FSDP2 ``DTensor`` parameters), ``"ddp"`` or a process
             group: split the work between processes (:mod:`precond.engine.distributed`).
     """
 
-    _group_rules = {**STEP_RULES, "betas": betas_rule, "eps": check_positive, "max_factor_ratio": check_positive}
+    _group_rules = {**STEP_RULES, "betas": betas_rule, "eps": check_positive, "max_factor_ratio": check_positive,
+                    "spectral_normalize": flag_rule}
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float = -1, eps: float = 1e-8, weight_decay: float = 0.01,
@@ -73,7 +77,7 @@ class SOAP(BlockEngine):
                  precondition_1d: bool = False, normalize_grads: bool = False, correct_bias: bool = True,
                  refresh_method: str = "power_qr", refresh_tolerance: float = 0.0, max_qr_iterations: int = 1,
                  large_dim_policy: str = "identity", max_factor_ratio: float = 64.0, tf32: bool = False, *,
-                 distributed: Any = None) -> None:
+                 spectral_normalize: bool = False, distributed: Any = None) -> None:
         if shampoo_beta != -1:
             check_in("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
         check_int("precondition_frequency", precondition_frequency, 1)
@@ -88,7 +92,8 @@ class SOAP(BlockEngine):
                         merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads,
                         correct_bias=correct_bias, refresh_method=refresh_method,
                         refresh_tolerance=refresh_tolerance, max_qr_iterations=max_qr_iterations,
-                        large_dim_policy=large_dim_policy, max_factor_ratio=max_factor_ratio, tf32=tf32)
+                        large_dim_policy=large_dim_policy, max_factor_ratio=max_factor_ratio, tf32=tf32,
+                        spectral_normalize=spectral_normalize)
         super().__init__(params, defaults, distributed=distributed)
 
     def _weight_decay_mode(self, group: dict[str, Any]) -> str:

@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["check_lr", "check_in", "check_betas", "check_nonneg", "check_positive", "check_int", "check_choice",
-           "check_max_dim", "check_group", "Rule", "lr_rule", "betas_rule", "betas_to_one_rule", "fraction_rule", "STEP_RULES"]
+           "check_max_dim", "check_group", "Rule", "lr_rule", "betas_rule", "betas_to_one_rule", "flag_rule",
+           "fraction_rule", "STEP_RULES"]
 
 
 def _number(name: str, value: Any) -> float:
@@ -83,6 +84,10 @@ def betas_rule(name: str, value: Any) -> None:
 
 def betas_to_one_rule(name: str, value: Any) -> None:
     check_betas(value, name, beta2_may_be_one=True)
+
+
+def flag_rule(name: str, value: Any) -> None:
+    check_choice(name, value, (False, True))
 
 
 def fraction_rule(name: str, value: Any) -> None:

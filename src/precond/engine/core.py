@@ -18,7 +18,10 @@ gradients, (b) compute the directions of the blocks this process owns, (c) excha
 between processes (nothing to do in one process), (d) apply weight decay and ``W ← W - lr·P``. How work
 and state are split between processes (DDP, FSDP2) is described in :mod:`~precond.engine.distributed`.
 Nothing in a step that does not refresh a preconditioner waits for the device. A group with ``"tf32": True``
-computes its directions with TF32 float32 matmuls on CUDA (the global setting is restored afterwards).
+computes its directions with TF32 float32 matmuls on CUDA (the global setting is restored afterwards); a group
+with ``"spectral_normalize": True`` (offered by Shampoo, EShampoo and SOAP) rescales each direction block of
+two or more dims to spectral norm ``sqrt(d_out/d_in)`` (:func:`~precond.linalg.spectral_normalize`) before
+the rate multiplies it; blocks cut from an FSDP2 shard are normalised as the pieces they are.
 
 Non-finite gradients: a block whose gradient holds NaN/Inf leaves its state (its step count included)
 and its parameter block unchanged, decided on the device by a per-block mask, and is counted; the first
@@ -40,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ..blocks import BlockLayout
-from ..linalg import tf32_matmuls
+from ..linalg import spectral_normalize, tf32_matmuls
 from ..validation import Rule, check_group
 from .batched import finite_mask, per_block
 from .distributed import Topology, assign_owners, exchange_directions, local, resolve_topology
@@ -248,6 +251,8 @@ class BlockEngine(torch.optim.Optimizer):
             grads, ok = grads.index_select(0, bucket.owned), ok.index_select(0, bucket.owned)
         with tf32_matmuls(bool(bucket.group.get("tf32", False))):
             direction = self._directions(sub, grads, ok, bucket.group)
+        if direction is not None and bucket.group.get("spectral_normalize", False) and len(bucket.shape) >= 2:
+            direction = spectral_normalize(direction)
         if sub is not bucket:
             if (direction is None) == self._makes_update(bucket):
                 raise RuntimeError(f"{type(self).__name__}._makes_update disagrees with _directions")
