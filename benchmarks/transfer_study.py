@@ -45,11 +45,11 @@ MUON_ADAMW_LR = 3e-3
 
 
 # How each case builds its param groups: "SP" the same rate everywhere; the others scale from the base width.
-# "normalized" adds spectral_normalize (its rates are those of a spectral-norm step, centred at 2e-2);
+# "normalized" adds spectral_normalize (its rates are those of a spectral-norm step, centred at 8e-2);
 # "blocked" cuts every factor at the base width, so blocks keep one size as the model widens.
 CASES = ("SP", "scaled", "normalized", "blocked")
 SHAMPOO_LIKE = ("SOAP", "Shampoo")  # the optimizers the last two cases apply to
-NORMALIZED_CENTRE = 2e-2
+NORMALIZED_CENTRE = 8e-2
 
 
 def config(width: int, context: int) -> GPTConfig:

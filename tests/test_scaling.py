@@ -126,4 +126,4 @@ def test_spectral_normalize_rescales_each_block_to_the_spectral_condition(name, 
         for b_plain, b_norm in zip(layout.blocks(d_plain.contiguous()), layout.blocks(d_norm.contiguous())):
             m = b_plain.reshape(b_plain.shape[0], -1)
             expected = lr * math.sqrt(m.shape[0] / m.shape[1]) * b_plain / torch.linalg.matrix_norm(m, ord=2)
-            torch.testing.assert_close(b_norm, expected, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(b_norm, expected, rtol=1e-2, atol=1e-12)  # the norm is estimated
