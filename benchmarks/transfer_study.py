@@ -131,13 +131,18 @@ def report(path: Path) -> str:
              + " | drift (max/min best lr) | loss at the widest |",
              "|---|---|" + "---|" * len(widths) + "---|---|"]
     for (name, case), ws in sorted(table.items(), key=lambda kv: (kv[0][0], CASES.index(kv[0][1]))):
-        best = {w: min(points, key=lambda p: p[1] if p[1] == p[1] else float("inf")) for w, points in ws.items()}
+        # a width with fewer than three rates run (a study cut short) has no best rate to speak of
+        best = {w: min(points, key=lambda p: p[1] if p[1] == p[1] else float("inf")) for w, points in ws.items()
+                if len(points) >= 3}
         rates = [best[w][0] for w in widths if w in best]
+        if not rates:
+            continue
         drift = max(rates) / min(rates)
         edge = {w for w in best if best[w][0] in (ws[w][0][0], ws[w][-1][0])}
         cells = [f"{best[w][0]:.3g}{' †' if w in edge else ''}" if w in best else "—" for w in widths]
         lines.append(f"| {name} | {case} | " + " | ".join(cells) + f" | {drift:.0f}× | {best[max(best)][1]:.4f} |")
-    lines.append("\n† the best rate is an end of the swept grid: the true optimum may lie beyond it.")
+    lines.append("\n† the best rate is an end of the swept grid: the true optimum may lie beyond it. — fewer than three "
+                 "rates were run at that width.")
     return "\n".join(lines)
 
 
@@ -161,7 +166,8 @@ def plot(path: Path, image: Path) -> None:
             finite = [p[1] for ws in table.get((name, case), {}).values() for p in ws if p[1] == p[1]]
             if finite:
                 ax.set_ylim(min(finite) - 0.05, min(finite) + 1.0)
-            ax.legend(fontsize=7)
+            if table.get((name, case)):
+                ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(image, dpi=110)
 

@@ -417,7 +417,7 @@ def test_transfer_study_script_runs_both_parametrisations_and_reports_drift(data
     study = study_script("transfer_study")
     out = tmp_path / "transfer.json"
     argv = ["--device", "cpu", "--out", str(out), "--data-dir", str(data_dir), "--steps", "2", "--context", "8",
-            "--batch-size", "2", "--widths", "32", "64", "--exponents", "0", "--optimizers", "SOAP", "AdamW",
+            "--batch-size", "2", "--widths", "32", "64", "--exponents", "-1", "0", "1", "--optimizers", "SOAP", "AdamW",
             "--cases", "SP", "scaled", "normalized", "blocked"]
     assert study.main(argv) == 0
     runs = json.loads(out.read_text())
