@@ -428,3 +428,17 @@ def test_transfer_study_script_runs_both_parametrisations_and_reports_drift(data
     table = study.report(out)
     for case in ("SP", "scaled", "normalized", "blocked"):
         assert f"| SOAP | {case} |" in table
+
+
+def test_bias_correction_study_script_runs_every_mode_on_equal_tokens(data_dir, tmp_path):
+    study = study_script("bias_correction_study")
+    out = tmp_path / "bc.json"
+    argv = ["--out", str(out), "--data-dir", str(data_dir), "--steps", "2", "--eval-every", "1", "--width", "16",
+            "--depth", "1", "--context", "8", "--batch-size", "2", "--microbatches", "3", "--seeds", "0", "1",
+            "--modes", "std", "full"]
+    assert study.main(argv) == 0
+    runs = json.loads(out.read_text())
+    assert {(r["mode"], r["seed"]) for r in runs} == {(m, s) for m in ("std", "full") for s in (0, 1)}
+    assert all(math.isfinite(r["final_val_loss"]) for r in runs)
+    table = study.report(out)
+    assert "| std |" in table and "| full |" in table

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import bias_correction as bc
 from .blocks import BlockLayout
 from .engine import ADAM, BlockEngine, Bucket, bias_correction, commit_, per_block
 from .validation import STEP_RULES, betas_rule, check_positive
@@ -36,7 +37,10 @@ def adam_directions(bucket: Bucket, grads: Tensor, ok: Tensor, betas: tuple[floa
     return exp_avg / bias1 / denom
 
 
-class AdamW(BlockEngine):
+CORRECTED = "adam_corrected"  # the block kind of a group with bias_correction other than "std" (not fused)
+
+
+class AdamW(bc.MicrobatchCorrection, BlockEngine):
     r"""AdamW (Loshchilov & Hutter 2019) on precond's engine, a drop-in for ``torch.optim.AdamW``.
 
     .. math::
@@ -51,23 +55,65 @@ class AdamW(BlockEngine):
     does) and the offending parameters are counted in ``preconditioner_stats()``.
     ``distributed`` (``None``, ``"ddp"`` or a process group) splits the work between processes under DDP;
     FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
+
+    ``bias_correction`` (per group; :mod:`precond.bias_correction`, Nayak et al. 2026) corrects the bias of
+    ``m̂/(√v̂+ε)`` from microbatch statistics collected by :meth:`accumulate`: ``"std"`` (default) is the
+    rule above; ``"cross_fit"`` feeds ``M`` the mean gradient of group A (the first ``cross_fit_fraction``
+    of the microbatches) and ``V`` the mean of ``ĝ_j²`` over group B; ``"variance_corrected"`` replaces
+    ``1/(√v̂+ε)`` by ``max(0, 1/d − Var(p̄)/d³)``, ``d = √v̂+ε``, where ``p_j = √((β₂V_{t-1} + (1-β₂)ĝ_j²)
+    /(1-β₂ᵗ))`` is the denominator microbatch ``j`` alone would give and ``Var(p̄)`` their sample variance
+    over the count; ``"full"`` does both (variance over group B). Extra memory per parameter, during the
+    accumulation only: 3 tensors of its size (``cross_fit``, ``variance_corrected``), 5 (``full``).
     """
 
-    _group_rules = {**STEP_RULES, "betas": betas_rule, "eps": check_positive}
+    _group_rules = {**STEP_RULES, "betas": betas_rule, "eps": check_positive, **bc.RULES}
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, distributed: Any = None) -> None:
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, bias_correction: str = "std",
+                 cross_fit_fraction: float = 0.5, distributed: Any = None) -> None:
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      bias_correction=bias_correction, cross_fit_fraction=cross_fit_fraction),
                          distributed=distributed)
 
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
         return BlockLayout.build(tuple(param.shape), math.inf, "none", "identity")
 
     def _block_kind(self, layout, index, group):
-        return ADAM
+        return ADAM if group["bias_correction"] == "std" else CORRECTED
 
     def _init_block(self, shape, kind, group, dtype, device):
         return adam_state(shape, dtype, device)
 
     def _directions(self, bucket, grads, ok, group):
+        if bucket.kind == CORRECTED:
+            return self._corrected_directions(bucket, grads, ok, group)
         return adam_directions(bucket, grads, ok, group["betas"], group["eps"])
+
+    # ----------------------------------------------------------------- bias correction
+    def _fold_microbatch(self, bucket: Bucket, grad: Tensor, index: int, n_a: int) -> None:
+        mode, micro = bucket.group["bias_correction"], bucket.micro
+        if bc.crosses(mode):
+            name = "numer_sum" if index < n_a else "square_sum"
+            value = grad if index < n_a else grad * grad
+            micro[name] = micro[name] + value if name in micro else value
+        if bc.corrects_variance(mode) and index >= n_a:  # the variance group: B, or every microbatch
+            beta2 = bucket.group["betas"][1]
+            step = bucket.state["step"] + 1.0  # the coming step's t, per block
+            bias2 = per_block(bias_correction(beta2, step, grad.dtype), grad)
+            denominator = ((bucket.state["exp_avg_sq"] * beta2).addcmul_(grad, grad, value=1.0 - beta2) / bias2).sqrt_()
+            bc.welford_(micro, "p", denominator, index + 1 - n_a)
+
+    def _corrected_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
+        (beta1, beta2), mode = group["betas"], group["bias_correction"]
+        micro = self._micro_state(bucket)
+        n, n_a = micro["n"], micro["n_a"]
+        numerator, square = ((micro["numer_sum"] / n_a, micro["square_sum"] / (n - n_a)) if bc.crosses(mode)
+                             else (grads, grads * grads))
+        variance = bc.variance_of_mean(micro, "p", n - n_a) if bc.corrects_variance(mode) else None
+        step, exp_avg, exp_avg_sq = bucket.state["step"], bucket.state["exp_avg"], bucket.state["exp_avg_sq"]
+        commit_(exp_avg, exp_avg.lerp(numerator, 1.0 - beta1), ok)
+        commit_(exp_avg_sq, (exp_avg_sq * beta2).add_(square, alpha=1.0 - beta2), ok)
+        bias1 = per_block(bias_correction(beta1, step, grads.dtype), grads)
+        bias2 = per_block(bias_correction(beta2, step, grads.dtype), grads)
+        denominator = (exp_avg_sq / bias2).sqrt_().add_(group["eps"])
+        return exp_avg / bias1 * bc.corrected_inverse(denominator, variance)

@@ -105,6 +105,7 @@ class Bucket:
     counts: list[int] = field(default_factory=list)
     order: Tensor | None = None
     rows: tuple[int, int] | None = None  # mode "full": the flat range of a block this process's shard holds
+    micro: dict[str, Any] = field(default_factory=dict)  # microbatch accumulators of one step (bias_correction)
 
     @functools.cached_property
     def contiguous(self) -> bool:
