@@ -174,3 +174,17 @@ def test_state_dict_round_trip_continues_identically():
         resumed.step()
         resumed.zero_grad()
     assert torch.equal(w.detach(), straight)
+
+
+def test_a_checkpoint_saved_before_the_option_existed_loads_with_its_default():
+    w = torch.nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+    opt = precond.AdamW([w])
+    w.grad = torch.ones_like(w)
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["bias_correction"], group["cross_fit_fraction"]
+    resumed = precond.AdamW([w])
+    resumed.load_state_dict(saved)
+    resumed.step()
+    assert resumed.param_groups[0]["bias_correction"] == "std"

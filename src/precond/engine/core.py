@@ -493,6 +493,9 @@ class BlockEngine(torch.optim.Optimizer):
             p, group = by_id[key]
             loaded[p] = self._check_saved_state(value, p, group, key)
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        for group in self.param_groups:  # a checkpoint from before an option existed takes its default
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         for p, value in loaded.items():
             self.state[p] = {k: v.detach().to(device=p.device, copy=True) if isinstance(v, Tensor) else v
                              for k, v in value.items()}
