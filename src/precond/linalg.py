@@ -210,11 +210,12 @@ def power_qr_step(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _spectral_norm_estimate(W: Tensor, iterations: int = 8) -> Tensor:
-    """Power-iteration estimate of ``‖W‖₂`` for each matrix of ``[..., n, n]`` (matrix-vector products only,
-    from a fixed start so that no random stream is consumed). A lower bound; callers add a margin."""
+    """Power-iteration estimate of ``‖W‖₂`` (shape ``[..., 1, 1]``) for each matrix of ``[..., m, n]``
+    (matrix-vector products only, from a fixed start so that no random stream is consumed). A lower bound;
+    callers add a margin."""
     n = W.shape[-1]
     v = 1.0 + 0.5 * torch.sin(torch.arange(n, dtype=W.dtype, device=W.device))
-    v = v.expand(W.shape[:-1]).unsqueeze(-1)
+    v = v.expand(W.shape[:-2] + (n,)).unsqueeze(-1)
     for _ in range(iterations):
         v = W.mT @ (W @ v)
         v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp(min=torch.finfo(W.dtype).tiny)
@@ -356,22 +357,16 @@ def spectral_normalize(directions: Tensor, iterations: int = 32) -> Tensor:
     (``d_in = prod(rest)``; the block is read as the matrix ``[d_out, d_in]``), the size the spectral condition
     for feature learning asks of a hidden layer's update. A zero block stays zero.
 
-    ``‖P‖₂`` is estimated with matmuls only (an SVD is ~100× slower on a GPU): ``iterations`` power steps on
-    the Gram matrix of the shorter side, in float32 at least, from a fixed start, then the Rayleigh
-    quotient. The estimate never exceeds the true norm, so a normalised block's norm is at or a little above
-    the target: on Gaussian matrices (close top singular values, a hard case) at most 3% above it, measured
-    for 64×64 to 1024×1024; on the optimizers' directions within 1% (tested against the SVD).
+    ``‖P‖₂`` is estimated with matrix-vector products only (an SVD is ~100× slower on a GPU):
+    ``iterations`` power steps ``v ← Pᵀ(Pv)`` over the shorter side, in float32 at least, from a fixed start
+    (:func:`_spectral_norm_estimate`). The estimate never exceeds the true norm, so a normalised block's
+    norm is at or a little above the target: on Gaussian matrices (close top singular values, a hard case)
+    up to 3.1% above it, measured for 64×64 to 1024×1024; on the optimizers' directions within 1% (tested against the SVD).
     """
     b, d_out = directions.shape[:2]
     compute = torch.promote_types(directions.dtype, torch.float32)
     mats = directions.reshape(b, d_out, -1).to(compute)
     d_in = mats.shape[-1]
-    gram = mats @ mats.mT if d_out <= d_in else mats.mT @ mats
-    n = gram.shape[-1]
-    v = (1.0 + 0.5 * torch.sin(torch.arange(n, dtype=compute, device=gram.device))).expand(b, n).unsqueeze(-1)
-    for _ in range(iterations):
-        v = gram @ v
-        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp(min=torch.finfo(compute).tiny)
-    norms = (v.mT @ gram @ v).reshape(b).clamp(min=0.0).sqrt()
+    norms = _spectral_norm_estimate(mats if d_in <= d_out else mats.mT, iterations).reshape(b)
     scale = torch.where(norms > 0, (d_out / d_in) ** 0.5 / norms, 0.0).to(directions.dtype)
     return directions * scale.view((b,) + (1,) * (directions.dim() - 1))

@@ -216,7 +216,7 @@ class Shampoo(ShampooFamily):
         spectral_normalize: rescale each block's update (after grafting) to spectral norm
             ``sqrt(d_out/d_in)`` (default False), the explicit normalisation that Qiu et al. (arXiv:2512.05620)
             find steadies the best rate across widths; with it a hidden layer's rate needs no width
-            multiplier (:mod:`precond.scaling`). Costs a Gram matrix and 32 matrix-vector products per block.
+            multiplier (:mod:`precond.scaling`). Costs 32 pairs of matrix-vector products per block.
         distributed: ``None`` (one process, or FSDP2 ``DTensor`` parameters), ``"ddp"`` or a process
             group: split the work between processes (:mod:`precond.engine.distributed`).
     """
