@@ -10,14 +10,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import bias_correction as bc
 from .blocks import BlockLayout
-from .engine import BlockEngine, commit_, local
+from .engine import BlockEngine, Bucket, commit_, local
 from .validation import STEP_RULES, betas_rule, check_choice, check_int, check_positive
 
 __all__ = ["Sophia"]
 
 
-class Sophia(BlockEngine):
+CORRECTED = "sophia_corrected"  # the block kind of a group with bias_correction other than "std"
+
+
+class Sophia(bc.MicrobatchCorrection, BlockEngine):
     r"""Sophia (Liu et al. 2023, arXiv:2305.14342): second-order clipped stochastic optimization.
 
     .. math::
@@ -48,34 +52,101 @@ class Sophia(BlockEngine):
 
     Defaults: the paper's ``β = (0.965, 0.99)``, ``ρ = 0.01``, ``k = 10``; ``lr`` 1e-4, ``weight_decay``
     0.1 and ``eps`` 1e-15 as in the authors' code.
+
+    ``bias_correction`` (per group, Sophia-G only; :mod:`precond.bias_correction`, Nayak et al. 2026) uses
+    microbatch statistics: call :meth:`accumulate` after each microbatch's backward, in the step's pass
+    *and* in the sampled-label pass before :meth:`update_hessian`. With ``n`` microbatches of ``b = B/n``
+    labels, ``ĝ_j`` microbatch ``j``'s gradient and ``r_j = b·ĝ_j²`` its own GNB estimate:
+    ``"cross_fit"`` feeds ``M`` the mean gradient of group A (the first ``cross_fit_fraction`` of the
+    step's microbatches) and ``H`` the mean of ``r_j`` over group B of the sampled-label pass;
+    ``"variance_corrected"`` replaces ``1/max(ρH, ε)`` by ``max(0, 1/d − Var(p̄)/d³)``, ``d = max(ρH, ε)``,
+    with ``p_j = ρ(β₂H + (1-β₂)r_j)`` the denominator microbatch ``j`` alone would give and ``Var(p̄)``
+    their sample variance over the count, kept with ``H`` until the next curvature update; ``"full"``
+    does both (variance over group B). Extra memory: one tensor per parameter (``hessian_variance``) for
+    the variance modes, and 2–4 per parameter while accumulating.
     ``distributed`` (``None``, ``"ddp"`` or a process group) splits the work between processes under DDP;
     FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
     """
 
-    _group_rules = {**STEP_RULES, "betas": betas_rule, "rho": check_positive, "eps": check_positive}
+    _group_rules = {**STEP_RULES, "betas": betas_rule, "rho": check_positive, "eps": check_positive, **bc.RULES}
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.01, weight_decay: float = 0.1, eps: float = 1e-15, estimator: str = "gnb",
-                 update_period: int = 10, *, distributed: Any = None) -> None:
+                 update_period: int = 10, *, bias_correction: str = "std", cross_fit_fraction: float = 0.5,
+                 distributed: Any = None) -> None:
         check_choice("estimator", estimator, ("gnb", "hutchinson"))
         check_int("update_period", update_period, 1)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
-                                      estimator=estimator, update_period=update_period), distributed=distributed)
+                                      estimator=estimator, update_period=update_period,
+                                      bias_correction=bias_correction, cross_fit_fraction=cross_fit_fraction),
+                         distributed=distributed)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["bias_correction"] != "std" and group["estimator"] != "gnb":
+            raise ValueError(f"Invalid bias_correction: {group['bias_correction']!r} (needs estimator='gnb': "
+                             "Hutchinson's estimate takes a Hessian-vector product per microbatch)")
 
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
         return BlockLayout.build(tuple(param.shape), math.inf, "none", "identity")
 
+    def _block_kind(self, layout, index, group):
+        return None if group["bias_correction"] == "std" else CORRECTED
+
     def _init_block(self, shape, kind, group, dtype, device):
-        return {"exp_avg": torch.zeros(shape, dtype=dtype, device=device),
-                "hessian": torch.zeros(shape, dtype=dtype, device=device),
-                "hessian_updates": torch.zeros((), dtype=torch.int64, device=device)}
+        state = {"exp_avg": torch.zeros(shape, dtype=dtype, device=device),
+                 "hessian": torch.zeros(shape, dtype=dtype, device=device),
+                 "hessian_updates": torch.zeros((), dtype=torch.int64, device=device)}
+        if bc.corrects_variance(group["bias_correction"]):
+            state["hessian_variance"] = torch.zeros(shape, dtype=dtype, device=device)
+        return state
 
     def _directions(self, bucket, grads, ok, group):
-        beta1 = group["betas"][0]
+        beta1, mode = group["betas"][0], group["bias_correction"]
+        if bc.crosses(mode):
+            micro = self._micro_state(bucket)
+            grads = micro["numer_sum"] / micro["n_a"]
         exp_avg, hessian = bucket.state["exp_avg"], bucket.state["hessian"]
         commit_(exp_avg, torch.add(exp_avg * beta1, grads, alpha=1.0 - beta1), ok)
         denom = torch.clamp(group["rho"] * hessian, min=group["eps"])
+        if bc.corrects_variance(mode):
+            return torch.clamp(exp_avg * bc.corrected_inverse(denom, bucket.state["hessian_variance"]), -1.0, 1.0)
         return torch.clamp(exp_avg / denom, -1.0, 1.0)
+
+    # ----------------------------------------------------------------- bias correction
+    def _fold_microbatch(self, bucket: Bucket, grad: Tensor, index: int, n_a: int) -> None:
+        # Both passes fold the same statistics: the step reads group A's gradient sum, update_hessian the
+        # squares of group B (the ``b`` of r_j = b·ĝ_j² is applied there, where B is known).
+        mode, micro = bucket.group["bias_correction"], bucket.micro
+        if bc.crosses(mode):
+            name, value = ("numer_sum", grad) if index < n_a else ("square_sum", grad * grad)
+            micro[name] = micro[name] + value if name in micro else value
+        if bc.corrects_variance(mode) and index >= n_a:
+            bc.welford_(micro, "s", grad * grad, index + 1 - n_a)
+
+    def _corrected_hessian_update(self, batch_size: int) -> None:
+        """:meth:`update_hessian` for the groups with bias correction, from the accumulated microbatches."""
+        self._check_accumulated()
+        try:
+            for bucket in self._plan():
+                mode = bucket.group["bias_correction"]
+                if mode == "std":
+                    continue
+                micro = self._micro_state(bucket)
+                n, n_a, beta2, rho = micro["n"], micro["n_a"], bucket.group["betas"][1], bucket.group["rho"]
+                labels = batch_size / n  # b, the labels of one microbatch
+                estimate = (labels * micro["square_sum"] / (n - n_a) if bc.crosses(mode)
+                            else batch_size * micro["sum"].to(bucket.dtype).square())
+                ok = torch.isfinite(estimate).flatten(1).all(1)
+                state = bucket.state
+                commit_(state["hessian"], torch.add(state["hessian"] * beta2, estimate, alpha=1.0 - beta2), ok)
+                if bc.corrects_variance(mode):  # Var(p̄) = (ρ(1-β₂)b)² Var(mean of ĝ_j²)
+                    variance = bc.variance_of_mean(micro, "s", n - n_a) * (rho * (1.0 - beta2) * labels) ** 2
+                    commit_(state["hessian_variance"], variance, ok & torch.isfinite(variance).flatten(1).all(1))
+                state["hessian_updates"].add_(ok)
+        finally:
+            self._end_accumulation()
 
     def hessian_update_due(self) -> bool:
         """True right after every ``update_period``-th step: time to call :meth:`update_hessian`.
@@ -112,9 +183,14 @@ class Sophia(BlockEngine):
         (``backward(create_graph=True)``); a Hessian-vector product is taken through them. A parameter
         whose estimate is not finite keeps its ``H``.
         """
+        if any(g["bias_correction"] != "std" for g in self.param_groups):
+            if batch_size is None:
+                raise ValueError("Invalid batch_size: None (Sophia-G's estimator B·ĝ² needs the batch size)")
+            check_int("batch_size", batch_size, 1)
+            self._corrected_hessian_update(batch_size)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
+            if not params or group["bias_correction"] != "std":
                 continue
             if group["estimator"] == "gnb":
                 if batch_size is None:
