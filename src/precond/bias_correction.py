@@ -37,9 +37,11 @@ import torch
 from torch import Tensor
 
 from .engine import Bucket
+from .linalg import shifted_eigh
 from .validation import Rule, check_choice, check_in, check_int
 
-__all__ = ["MODES", "RULES", "MicrobatchCorrection", "split", "corrected_inverse", "welford_", "variance_of_mean"]
+__all__ = ["MODES", "RULES", "MicrobatchCorrection", "split", "corrected_inverse", "corrected_inverse_roots",
+           "welford_", "variance_of_mean"]
 
 MODES = ("std", "cross_fit", "variance_corrected", "full")
 
@@ -84,6 +86,24 @@ def corrected_inverse(denominator: Tensor, variance: Tensor | None) -> Tensor:
     if variance is None:
         return inverse
     return (inverse - variance / denominator.pow(3)).clamp_(min=0.0)
+
+
+def corrected_inverse_roots(A: Tensor, exponent: float, epsilon: float, variance: Tensor,
+                            basis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Shampoo's ``(A + εI)^{-p}`` with each eigenvalue's inverse root corrected to second order (delta
+    method): ``d_k = max(0, λ_k^{-p} − ½p(p+1) λ_k^{-p-2} Var(λ̄_k))``; returns ``(roots, Q, ok)``.
+
+    ``variance`` ``[B, n]`` is the variance of the mean eigenvalue along the columns of ``basis`` (the
+    eigenvectors of the last refresh, along which the microbatches were measured); it is carried to the
+    new eigenvectors ``Q`` by their overlaps, ``Var_k = Σ_i (q_kᵀ b_i)² Var_i``, exact when the eigenvectors
+    did not move. The eigenvalues follow :func:`~precond.linalg.inverse_roots`' shift rule.
+    """
+    L, Q, ok = shifted_eigh(A, epsilon)
+    carried = (Q.mT @ basis).square() @ variance.unsqueeze(-1)
+    second_order = 0.5 * exponent * (exponent + 1.0) * L.pow(-exponent - 2.0) * carried.squeeze(-1)
+    d = (L.pow(-exponent) - second_order).clamp_(min=0.0)
+    roots = (Q * d.unsqueeze(-2)) @ Q.mT
+    return roots, Q, ok & torch.isfinite(roots).flatten(-2).all(-1)
 
 
 def welford_(stats: dict[str, Tensor], prefix: str, value: Tensor, count: int) -> None:

@@ -45,13 +45,15 @@ def factor_outer(grads: Tensor, i: int) -> Tensor:
     return torch.bmm(unfolded, unfolded.mT)
 
 
-def update_factors_(state: dict[str, Tensor], grads: Tensor, beta: float, weight: float, ok: Tensor) -> None:
-    """``F_i ← beta·F_i + weight·G_(i)G_(i)ᵀ`` for every factor of the bucket, blocks with ``ok`` only."""
+def update_factors_(state: dict[str, Tensor], grads: Tensor, beta: float, weight: float, ok: Tensor,
+                    outers: dict[int, Tensor] | None = None) -> None:
+    """``F_i ← beta·F_i + weight·G_(i)G_(i)ᵀ`` for every factor of the bucket, blocks with ``ok`` only;
+    ``outers[i]`` replaces ``G_(i)G_(i)ᵀ`` where given (a cross-fitted statistic)."""
     for i in range(grads.dim() - 1):
         factor = state.get(f"factor{i}")
         if factor is None:
             continue
-        outer = factor_outer(grads, i)
+        outer = outers[i] if outers is not None else factor_outer(grads, i)
         new = torch.add(factor * beta, outer, alpha=weight) if beta != 1.0 else torch.add(factor, outer,
                                                                                             alpha=weight)
         commit_(factor, new, ok)

@@ -20,6 +20,7 @@ __all__ = [
     "symmetric_eigh",
     "batched_eigh",
     "inverse_roots",
+    "shifted_eigh",
     "inverse_root",
     "permute_columns",
     "off_diagonal_ratio",
@@ -117,13 +118,19 @@ def inverse_roots(A: Tensor, exponent: float, epsilon: float) -> tuple[Tensor, T
     ``λ - λ_min + ε`` (so every eigenvalue is at least ε), then ``Q diag(λ^{-exponent}) Qᵀ``.
     This is the perturbation rule of Distributed Shampoo's default root-inverse configuration.
     """
-    n = A.shape[-1]
-    L, Q, ok = batched_eigh(A + epsilon * torch.eye(n, dtype=A.dtype, device=A.device))
-    lam_min = L.min(-1, keepdim=True).values
-    L = torch.where(lam_min < epsilon, L - lam_min + epsilon, L)
+    L, Q, ok = shifted_eigh(A, epsilon)
     roots = (Q * L.pow(-exponent).unsqueeze(-2)) @ Q.mT
     ok = ok & torch.isfinite(roots).flatten(-2).all(-1)
     return roots, ok
+
+
+def shifted_eigh(A: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`batched_eigh` of ``A + εI`` with the spectrum shifted so that every eigenvalue is at least ε
+    (the rule of :func:`inverse_roots`): ``(L, Q, ok)``."""
+    n = A.shape[-1]
+    L, Q, ok = batched_eigh(A + epsilon * torch.eye(n, dtype=A.dtype, device=A.device))
+    lam_min = L.min(-1, keepdim=True).values
+    return torch.where(lam_min < epsilon, L - lam_min + epsilon, L), Q, ok
 
 
 def inverse_root(A: Tensor, exponent: float, epsilon: float) -> Tensor:

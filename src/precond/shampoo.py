@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import bias_correction as bc
 from .blocks import BlockLayout
 from .engine import BlockEngine, Bucket, bias_correction, commit_, per_block
 from .grafting import GRAFTING_KINDS, Diagonal, graft
-from .kronecker import factor_matrices, init_factor_state, mode_product, update_factors_
+from .kronecker import factor_matrices, factor_outer, init_factor_state, mode_product, update_factors_
 from .linalg import LinAlgFailure, inverse_root_newton, inverse_roots
 from .refresh import FAILURES, REFRESHES
 from .validation import (STEP_RULES, betas_to_one_rule, check_betas, check_choice, check_int, check_max_dim,
@@ -115,15 +116,15 @@ class ShampooFamily(BlockEngine):
     def _directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
         beta1, beta2 = group["betas"]
         state, step, t = bucket.state, bucket.state["step"], bucket.calls
-        update_factors_(state, grads, beta2, 1.0 if beta2 == 1.0 else 1.0 - beta2, ok)
+        grads, outers = self._statistics(bucket, grads)
+        update_factors_(state, grads, beta2, 1.0 if beta2 == 1.0 else 1.0 - beta2, ok, outers)
         has_factors = any(bucket.kind)
         diagonal = self._diagonal(group, has_factors)
         if diagonal is not None:
             diagonal.update_(state.get("diagonal"), grads, ok)
         bias2 = (bias_correction(beta2, step, grads.dtype) if group["use_bias_correction"] and beta2 < 1.0
                  else torch.ones(len(bucket), dtype=grads.dtype, device=grads.device))
-        start, freq = group["start_preconditioning_step"], group["precondition_frequency"]
-        if has_factors and ((t % freq == 0 and t > start) or t == start):
+        if self._refreshes(bucket, t):
             self._refresh(bucket, bias2, ok, group)
         self._update_preconditioner(bucket, grads, bias2, ok, group)
 
@@ -135,14 +136,25 @@ class ShampooFamily(BlockEngine):
         else:
             m_hat = grads
         unfactored = not has_factors and self.diagonal_for_unfactored
-        if unfactored or (t < start and group["grafting"] is not None):  # the diagonal method alone
+        if unfactored or (t < group["start_preconditioning_step"] and group["grafting"] is not None):  # the diagonal method alone
             return diagonal.apply(state.get("diagonal"), m_hat, step)
         direction = self._precondition(bucket, m_hat, bias2, group)
         if group["grafting"] is not None:
             direction = graft(direction, diagonal.apply(state.get("diagonal"), m_hat, step))
         return direction
 
+    @staticmethod
+    def _refreshes(bucket: Bucket, t: int) -> bool:
+        """Whether step ``t`` (from 1) recomputes the bucket's roots or bases."""
+        start, freq = bucket.group["start_preconditioning_step"], bucket.group["precondition_frequency"]
+        return any(bucket.kind) and ((t % freq == 0 and t > start) or t == start)
+
     # ------------------------------------------------------------ what a family member supplies
+    def _statistics(self, bucket: Bucket, grads: Tensor) -> tuple[Tensor, dict[int, Tensor] | None]:
+        """The gradient the first moment and grafting see, and the factors' outer products where they do not
+        come from it (``None``); bias-corrected Shampoo cross-fits them."""
+        return grads, None
+
     _factor_matrix = "root"  # the per-factor matrix a member keeps next to each factor ("root" or "basis")
 
     def _init_preconditioner(self, shape: tuple[int, ...], dtype: torch.dtype,
@@ -163,7 +175,7 @@ class ShampooFamily(BlockEngine):
         raise NotImplementedError
 
 
-class Shampoo(ShampooFamily):
+class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
     r"""Shampoo (Gupta et al. 2018) as in Distributed Shampoo (Shi et al. 2023, arXiv:2309.06497).
 
     Per block ``G`` of order ``k`` (after merging small dims and splitting dims longer than
@@ -217,9 +229,24 @@ class Shampoo(ShampooFamily):
             ``sqrt(d_out/d_in)`` (default False), the explicit normalisation that Qiu et al. (arXiv:2512.05620)
             find steadies the best rate across widths; with it a hidden layer's rate needs no width
             multiplier (:mod:`precond.scaling`). Costs 32 pairs of matrix-vector products per block.
+        bias_correction: ``"std"`` (default), ``"cross_fit"``, ``"variance_corrected"`` or ``"full"``, per
+            group (:mod:`precond.bias_correction`, Nayak et al. 2026), from microbatch statistics collected by
+            :meth:`accumulate`. With ``Ĝ_j`` microbatch ``j``'s gradient: ``"cross_fit"`` feeds the first
+            moment and grafting the mean ``Ĝ`` of group A and each factor the mean of ``Ĝ_jĜ_jᵀ`` (its
+            unfolding) over group B; ``"variance_corrected"`` replaces each eigenvalue's inverse root
+            at a refresh by ``max(0, λ^{-p} − ½p(p+1)λ^{-p-2} Var(λ̄))``, ``Var(λ̄)`` the variance over the
+            microbatches (divided by their count) of ``q_kᵀ(β₂L + (1-β₂)Ĝ_jĜ_jᵀ)q_k`` (bias-corrected like
+            ``L``) measured along the last refresh's eigenvectors ``q_k``; ``"full"`` does both (variance
+            over group B). Needs ``root_method="eigh"`` for the variance modes. Extra memory while
+            accumulating: a gradient and one matrix per factor; the variance modes keep each factor's
+            eigenvectors (one more matrix per factor). Blocks without a factor (1-D parameters unless
+            ``precondition_1d``) run their diagonal method on group A's gradient, uncorrected.
+        cross_fit_fraction: the share of a step's microbatches in group A (default 0.5).
         distributed: ``None`` (one process, or FSDP2 ``DTensor`` parameters), ``"ddp"`` or a process
             group: split the work between processes (:mod:`precond.engine.distributed`).
     """
+
+    _group_rules = {**ShampooFamily._group_rules, **bc.RULES}
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, betas: tuple[float, float] = (0.9, 1.0),
                  epsilon: float = 1e-12, weight_decay: float = 0.0, max_preconditioner_dim: int | float = 1024,
@@ -229,7 +256,8 @@ class Shampoo(ShampooFamily):
                  grafting_epsilon: float = 1e-10, inverse_exponent_override: float | dict[int, float] | None = None,
                  root_method: str = "eigh", precondition_1d: bool = False, merge_dims: bool = True,
                  large_dim_policy: str = "split", max_factor_ratio: float = 64.0, tf32: bool = False, *,
-                 spectral_normalize: bool = False, distributed: Any = None) -> None:
+                 spectral_normalize: bool = False, bias_correction: str = "std", cross_fit_fraction: float = 0.5,
+                 distributed: Any = None) -> None:
         check_choice("root_method", root_method, ("eigh", "newton"))
         if isinstance(inverse_exponent_override, dict):
             for order, exponent in inverse_exponent_override.items():
@@ -243,7 +271,23 @@ class Shampoo(ShampooFamily):
                 raise ValueError(f"Invalid inverse_exponent_override: {inverse_exponent_override} "
                                  "(root_method='newton' needs exponents 1/p with p an integer)")
         super().__init__(params, **shared_arguments(locals()),
-                         extra=dict(inverse_exponent_override=inverse_exponent_override, root_method=root_method))
+                         extra=dict(inverse_exponent_override=inverse_exponent_override, root_method=root_method,
+                                    bias_correction=bias_correction, cross_fit_fraction=cross_fit_fraction))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if bc.corrects_variance(group["bias_correction"]) and group["root_method"] != "eigh":
+            raise ValueError(f"Invalid bias_correction: {group['bias_correction']!r} (the variance correction "
+                             "acts on eigenvalues: it needs root_method='eigh')")
+
+    def _init_block(self, shape, kind, group, dtype, device):
+        state = super()._init_block(shape, kind, group, dtype, device)
+        if bc.corrects_variance(group["bias_correction"]):  # the eigenvectors the variance is measured along
+            for i, use in enumerate(kind):
+                if use:
+                    state[f"basis{i}"] = torch.eye(shape[i], dtype=dtype, device=device)
+        return state
 
     @staticmethod
     def _exponent(order: int, group: dict[str, Any]) -> float:
@@ -259,7 +303,12 @@ class Shampoo(ShampooFamily):
                 continue
             factor, stats = bucket.state[f"factor{i}"], bucket.state[f"stats{i}"]
             factor = factor / per_block(bias2, factor)
-            if group["root_method"] == "newton":
+            if bc.corrects_variance(group["bias_correction"]):
+                root, basis, good = bc.corrected_inverse_roots(factor, exponent, group["epsilon"],
+                                                               self._eigenvalue_variance(bucket, i, bias2),
+                                                               bucket.state[f"basis{i}"])
+                commit_(bucket.state[f"basis{i}"], basis, ok & good)
+            elif group["root_method"] == "newton":
                 try:
                     root = inverse_root_newton(factor, round(1.0 / exponent), group["epsilon"])
                     good = torch.ones_like(ok)
@@ -273,3 +322,34 @@ class Shampoo(ShampooFamily):
 
     def _precondition(self, bucket, m_hat, bias2, group):
         return mode_product(m_hat, factor_matrices(bucket, "root"))
+
+    # ----------------------------------------------------------------- bias correction
+    def _statistics(self, bucket, grads):
+        if not bc.crosses(bucket.group["bias_correction"]):
+            return grads, None
+        micro = self._micro_state(bucket)
+        n_b = micro["n"] - micro["n_a"]
+        outers = {i: micro[f"outer{i}"] / n_b for i, use in enumerate(bucket.kind) if use}
+        return micro["numer_sum"] / micro["n_a"], outers
+
+    def _fold_microbatch(self, bucket: Bucket, grad: Tensor, index: int, n_a: int) -> None:
+        mode, micro, kind = bucket.group["bias_correction"], bucket.micro, bucket.kind
+        factored = [i for i, use in enumerate(kind) if use]
+        if bc.crosses(mode):
+            sums = {"numer_sum": grad} if index < n_a else {f"outer{i}": factor_outer(grad, i) for i in factored}
+            for name, value in sums.items():
+                micro[name] = micro[name] + value if name in micro else value
+        # the variance is needed at refreshes only, along the eigenvectors kept from the last one
+        if bc.corrects_variance(mode) and index >= n_a and self._refreshes(bucket, bucket.calls + 1):
+            for i in factored:
+                unfolded = grad.movedim(1 + i, 1).reshape(grad.shape[0], grad.shape[1 + i], -1)
+                along = (bucket.state[f"basis{i}"].mT @ unfolded).square().sum(-1)  # ‖q_kᵀ Ĝ_j,(i)‖²
+                bc.welford_(micro, f"s{i}", along, index + 1 - n_a)
+
+    def _eigenvalue_variance(self, bucket: Bucket, i: int, bias2: Tensor) -> Tensor:
+        """``Var(λ̄)`` of factor ``i`` along its kept eigenvectors: the variance of ``‖q_kᵀĜ_j‖²`` times the
+        factor's weight, bias-corrected as the factor is."""
+        micro, beta2 = self._micro_state(bucket), bucket.group["betas"][1]
+        weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
+        variance = bc.variance_of_mean(micro, f"s{i}", micro["n"] - micro["n_a"])
+        return variance * (weight / bias2).square().unsqueeze(-1)
