@@ -136,7 +136,8 @@ class ShampooFamily(BlockEngine):
         else:
             m_hat = grads
         unfactored = not has_factors and self.diagonal_for_unfactored
-        if unfactored or (t < group["start_preconditioning_step"] and group["grafting"] is not None):  # the diagonal method alone
+        before_start = t < group["start_preconditioning_step"] and group["grafting"] is not None
+        if unfactored or before_start:  # the diagonal method alone
             return diagonal.apply(state.get("diagonal"), m_hat, step)
         direction = self._precondition(bucket, m_hat, bias2, group)
         if group["grafting"] is not None:
