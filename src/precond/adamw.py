@@ -70,10 +70,10 @@ class AdamW(bc.MicrobatchCorrection, BlockEngine):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, bias_correction: str = "std",
-                 cross_fit_fraction: float = 0.5, distributed: Any = None) -> None:
+                 cross_fit_fraction: float = 0.5, distributed: Any = None, strict: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       bias_correction=bias_correction, cross_fit_fraction=cross_fit_fraction),
-                         distributed=distributed)
+                         distributed=distributed, strict=strict)
 
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
         return BlockLayout.build(tuple(param.shape), math.inf, "none", "identity")

@@ -50,7 +50,7 @@ class ASGO(MatrixOptimizer):
                  epsilon: float = 1e-10, weight_decay: float = 0.1, precondition_frequency: int = 1,
                  side: str = "auto", root_method: str = "eigh", ns_steps: int = 10,
                  adamw_lr: float = 3e-4, adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
-                 adamw_weight_decay: float = 0.1, *, distributed: Any = None) -> None:
+                 adamw_weight_decay: float = 0.1, *, distributed: Any = None, strict: bool = False) -> None:
         check_int("precondition_frequency", precondition_frequency, 1)
         check_choice("side", side, ("auto", "left", "right"))
         check_choice("root_method", root_method, ("eigh", "newton_schulz"))
@@ -59,7 +59,7 @@ class ASGO(MatrixOptimizer):
                         precondition_frequency=precondition_frequency, side=side, root_method=root_method,
                         ns_steps=ns_steps)
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-                         adamw_weight_decay=adamw_weight_decay, distributed=distributed)
+                         adamw_weight_decay=adamw_weight_decay, distributed=distributed, strict=strict)
 
     def _matrix_kind(self, shape: tuple[int, ...], group: dict[str, Any]) -> str:
         left = shape[0] <= shape[1] if group["side"] == "auto" else group["side"] == "left"

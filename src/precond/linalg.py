@@ -21,6 +21,7 @@ __all__ = [
     "batched_eigh",
     "inverse_roots",
     "shifted_eigh",
+    "pseudo_inverse_roots",
     "inverse_root",
     "permute_columns",
     "off_diagonal_ratio",
@@ -122,6 +123,23 @@ def inverse_roots(A: Tensor, exponent: float, epsilon: float) -> tuple[Tensor, T
     roots = (Q * L.pow(-exponent).unsqueeze(-2)) @ Q.mT
     ok = ok & torch.isfinite(roots).flatten(-2).all(-1)
     return roots, ok
+
+
+def pseudo_inverse_roots(A: Tensor, exponent: float, rank_rtol: float | None = None) -> tuple[Tensor, Tensor]:
+    r"""``A_b^{+exponent}``, the pseudo-inverse root of each PSD matrix of a stack ``[B, n, n]``: ``(roots, ok)``.
+
+    Eigenvalues at or below ``rank_rtol · λ_max`` (``None``: ``n · machine epsilon``, the rule of
+    ``torch.linalg.matrix_rank`` and of Distributed Shampoo's ``PseudoInverseConfig``) count as zero and
+    get a zero root, so a rank-deficient factor leaves its null space alone instead of amplifying it by
+    ``ε^{-exponent}``; an all-zero factor gives a zero root.
+    """
+    L, Q, ok = batched_eigh(A)
+    rtol = A.shape[-1] * torch.finfo(A.dtype).eps if rank_rtol is None else rank_rtol
+    cutoff = rtol * L.max(-1, keepdim=True).values.clamp(min=0.0)
+    kept = L > cutoff
+    powers = torch.where(kept, L.clamp(min=torch.finfo(A.dtype).tiny).pow(-exponent), 0.0)
+    roots = (Q * powers.unsqueeze(-2)) @ Q.mT
+    return roots, ok & torch.isfinite(roots).flatten(-2).all(-1)
 
 
 def shifted_eigh(A: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:

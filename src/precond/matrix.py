@@ -27,7 +27,7 @@ from torch import Tensor
 from .adamw import adam_directions, adam_state
 from .blocks import BlockLayout
 from .engine import ADAM, BlockEngine, Bucket
-from .validation import betas_rule, check_lr, check_nonneg, check_positive
+from .validation import STEP_RULES, betas_rule, check_group, check_lr, check_positive
 
 __all__ = ["MatrixOptimizer", "split_groups"]
 
@@ -70,13 +70,14 @@ class MatrixOptimizer(BlockEngine):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, adamw_lr: float,
                  adamw_betas: tuple[float, float], adamw_eps: float, adamw_weight_decay: float,
-                 distributed: Any = None) -> None:
-        check_lr(adamw_lr)
-        check_nonneg("adamw_weight_decay", adamw_weight_decay)
-        adamw = dict(lr=adamw_lr, weight_decay=adamw_weight_decay)
+                 distributed: Any = None, strict: bool = False) -> None:
         defaults = dict(defaults, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps)
+        check_group(self._group_rules, defaults)  # the method's own arguments are named first
+        check_lr(adamw_lr)
+        STEP_RULES["weight_decay"]("adamw_weight_decay", adamw_weight_decay)
+        adamw = dict(lr=adamw_lr, weight_decay=adamw_weight_decay)
         self._adamw_defaults = adamw
-        super().__init__(params, defaults, distributed=distributed)
+        super().__init__(params, defaults, distributed=distributed, strict=strict)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group, routed like the constructor's: its matrices and its other parameters become two

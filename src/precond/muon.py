@@ -59,7 +59,7 @@ class Muon(MatrixOptimizer):
                  eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None,
                  ns_dtype: str = "bfloat16", adamw_lr: float | None = None,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
-                 adamw_weight_decay: float | None = None, *, distributed: Any = None) -> None:
+                 adamw_weight_decay: float | None = None, *, distributed: Any = None, strict: bool = False) -> None:
         if not (isinstance(ns_coefficients, (tuple, list)) and len(ns_coefficients) == 3):
             raise ValueError(f"Invalid ns_coefficients: {ns_coefficients!r} (must be three numbers a, b, c)")
         check_int("ns_steps", ns_steps, 1)
@@ -75,7 +75,7 @@ class Muon(MatrixOptimizer):
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
                          adamw_eps=adamw_eps,
                          adamw_weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay,
-                         distributed=distributed)
+                         distributed=distributed, strict=strict)
 
     def _init_matrix(self, shape, kind, group, dtype, device):
         return {"momentum_buffer": torch.zeros(shape, dtype=dtype, device=device)}

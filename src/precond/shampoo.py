@@ -18,10 +18,10 @@ from .blocks import BlockLayout
 from .engine import BlockEngine, Bucket, bias_correction, commit_, per_block
 from .grafting import GRAFTING_KINDS, Diagonal, graft
 from .kronecker import factor_matrices, factor_outer, init_factor_state, mode_product, update_factors_
-from .linalg import LinAlgFailure, inverse_root_newton, inverse_roots
+from .linalg import LinAlgFailure, inverse_root_newton, inverse_roots, pseudo_inverse_roots
 from .refresh import FAILURES, REFRESHES
 from .validation import (STEP_RULES, betas_to_one_rule, check_betas, check_choice, check_int, check_max_dim,
-                         check_positive, flag_rule)
+                         check_nonneg, check_positive, flag_rule)
 
 __all__ = ["Shampoo", "ShampooFamily"]
 
@@ -31,7 +31,7 @@ _GRAFTING_BETA2 = {"adam": 0.999, "rmsprop": 0.99, "adagrad": 1.0, "sgd": 1.0}
 SHARED_ARGUMENTS = ("lr", "betas", "epsilon", "weight_decay", "max_preconditioner_dim", "precondition_frequency",
                     "start_preconditioning_step", "use_bias_correction", "use_decoupled_weight_decay", "grafting",
                     "grafting_beta2", "grafting_epsilon", "precondition_1d", "merge_dims", "large_dim_policy",
-                    "max_factor_ratio", "tf32", "spectral_normalize", "distributed")
+                    "max_factor_ratio", "tf32", "spectral_normalize", "distributed", "strict")
 
 
 def shared_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +54,8 @@ class ShampooFamily(BlockEngine):
                  start_preconditioning_step: int, use_bias_correction: bool, use_decoupled_weight_decay: bool,
                  grafting: str | None, grafting_beta2: float | None, grafting_epsilon: float,
                  precondition_1d: bool, merge_dims: bool, large_dim_policy: str, max_factor_ratio: float,
-                 tf32: bool, spectral_normalize: bool, distributed: Any, extra: dict[str, Any]) -> None:
+                 tf32: bool, spectral_normalize: bool, distributed: Any, strict: bool,
+                 extra: dict[str, Any]) -> None:
         check_max_dim("max_preconditioner_dim", max_preconditioner_dim)
         check_int("precondition_frequency", precondition_frequency, 1)
         if start_preconditioning_step != -1:
@@ -78,7 +79,7 @@ class ShampooFamily(BlockEngine):
                         precondition_1d=precondition_1d, merge_dims=merge_dims,
                         large_dim_policy=large_dim_policy, max_factor_ratio=max_factor_ratio, tf32=tf32,
                         spectral_normalize=spectral_normalize, **extra)
-        super().__init__(params, defaults, distributed=distributed)
+        super().__init__(params, defaults, distributed=distributed, strict=strict)
 
     # ---------------------------------------------------------------------- engine hooks
     def _weight_decay_mode(self, group: dict[str, Any]) -> str:
@@ -243,11 +244,18 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
             eigenvectors (one more matrix per factor). Blocks without a factor (1-D parameters unless
             ``precondition_1d``) run their diagonal method on group A's gradient, uncorrected.
         cross_fit_fraction: the share of a step's microbatches in group A (default 0.5).
+        pseudo_inverse: use the pseudo-inverse root (default False): eigenvalues at or below ``rank_rtol · λ_max``
+            count as zero and get a zero root, as Distributed Shampoo's ``PseudoInverseConfig`` does; for
+            rank-deficient factors (a gradient of low rank for many steps). Takes ``epsilon=0.0``.
+        rank_rtol: the relative cutoff of ``pseudo_inverse`` (default ``None``: ``n`` times the machine epsilon).
+        strict: raise ``FloatingPointError`` naming the parameter and block when a gradient or an update is not
+            finite, instead of skipping that block's step and counting it (default False).
         distributed: ``None`` (one process, or FSDP2 ``DTensor`` parameters), ``"ddp"`` or a process
             group: split the work between processes (:mod:`precond.engine.distributed`).
     """
 
-    _group_rules = {**ShampooFamily._group_rules, **bc.RULES}
+    _group_rules = {**ShampooFamily._group_rules, **bc.RULES, "epsilon": check_nonneg, "pseudo_inverse": flag_rule,
+                    "rank_rtol": lambda name, v: v is None or check_nonneg(name, v)}
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, betas: tuple[float, float] = (0.9, 1.0),
                  epsilon: float = 1e-12, weight_decay: float = 0.0, max_preconditioner_dim: int | float = 1024,
@@ -257,8 +265,9 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
                  grafting_epsilon: float = 1e-10, inverse_exponent_override: float | dict[int, float] | None = None,
                  root_method: str = "eigh", precondition_1d: bool = False, merge_dims: bool = True,
                  large_dim_policy: str = "split", max_factor_ratio: float = 64.0, tf32: bool = False, *,
-                 spectral_normalize: bool = False, bias_correction: str = "std", cross_fit_fraction: float = 0.5,
-                 distributed: Any = None) -> None:
+                 spectral_normalize: bool = False, pseudo_inverse: bool = False, rank_rtol: float | None = None,
+                 bias_correction: str = "std", cross_fit_fraction: float = 0.5, distributed: Any = None,
+                 strict: bool = False) -> None:
         check_choice("root_method", root_method, ("eigh", "newton"))
         if isinstance(inverse_exponent_override, dict):
             for order, exponent in inverse_exponent_override.items():
@@ -273,11 +282,21 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
                                  "(root_method='newton' needs exponents 1/p with p an integer)")
         super().__init__(params, **shared_arguments(locals()),
                          extra=dict(inverse_exponent_override=inverse_exponent_override, root_method=root_method,
+                                    pseudo_inverse=pseudo_inverse, rank_rtol=rank_rtol,
                                     bias_correction=bias_correction, cross_fit_fraction=cross_fit_fraction))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if group["pseudo_inverse"]:
+            if group["epsilon"] != 0.0:
+                raise ValueError(f"Invalid epsilon: {group['epsilon']} (pseudo_inverse=True takes epsilon=0.0: "
+                                 "rank_rtol decides which eigenvalues count as zero)")
+            if group["root_method"] != "eigh" or bc.corrects_variance(group["bias_correction"]):
+                raise ValueError("Invalid pseudo_inverse: True (it needs root_method='eigh' and no variance "
+                                 "bias correction)")
+        elif group["epsilon"] <= 0.0:
+            raise ValueError(f"Invalid epsilon: {group['epsilon']} (must be > 0, or 0.0 with pseudo_inverse=True)")
         if bc.corrects_variance(group["bias_correction"]) and group["root_method"] != "eigh":
             raise ValueError(f"Invalid bias_correction: {group['bias_correction']!r} (the variance correction "
                              "acts on eigenvalues: it needs root_method='eigh')")
@@ -309,6 +328,8 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
                                                                self._eigenvalue_variance(bucket, i, bias2),
                                                                bucket.state[f"basis{i}"])
                 commit_(bucket.state[f"basis{i}"], basis, ok & good)
+            elif group["pseudo_inverse"]:
+                root, good = pseudo_inverse_roots(factor, exponent, group["rank_rtol"])
             elif group["root_method"] == "newton":
                 try:
                     root = inverse_root_newton(factor, round(1.0 / exponent), group["epsilon"])

@@ -77,7 +77,7 @@ class SOAP(BlockEngine):
                  precondition_1d: bool = False, normalize_grads: bool = False, correct_bias: bool = True,
                  refresh_method: str = "power_qr", refresh_tolerance: float = 0.0, max_qr_iterations: int = 1,
                  large_dim_policy: str = "identity", max_factor_ratio: float = 64.0, tf32: bool = False, *,
-                 spectral_normalize: bool = False, distributed: Any = None) -> None:
+                 spectral_normalize: bool = False, distributed: Any = None, strict: bool = False) -> None:
         if shampoo_beta != -1:
             check_in("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
         check_int("precondition_frequency", precondition_frequency, 1)
@@ -94,7 +94,7 @@ class SOAP(BlockEngine):
                         refresh_tolerance=refresh_tolerance, max_qr_iterations=max_qr_iterations,
                         large_dim_policy=large_dim_policy, max_factor_ratio=max_factor_ratio, tf32=tf32,
                         spectral_normalize=spectral_normalize)
-        super().__init__(params, defaults, distributed=distributed)
+        super().__init__(params, defaults, distributed=distributed, strict=strict)
 
     def _weight_decay_mode(self, group: dict[str, Any]) -> str:
         return "decoupled_after"

@@ -73,13 +73,13 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.01, weight_decay: float = 0.1, eps: float = 1e-15, estimator: str = "gnb",
                  update_period: int = 10, *, bias_correction: str = "std", cross_fit_fraction: float = 0.5,
-                 distributed: Any = None) -> None:
+                 distributed: Any = None, strict: bool = False) -> None:
         check_choice("estimator", estimator, ("gnb", "hutchinson"))
         check_int("update_period", update_period, 1)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
                                       estimator=estimator, update_period=update_period,
                                       bias_correction=bias_correction, cross_fit_fraction=cross_fit_fraction),
-                         distributed=distributed)
+                         distributed=distributed, strict=strict)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

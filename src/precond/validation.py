@@ -24,6 +24,14 @@ def check_lr(lr: Any) -> None:
     value = float(lr.item()) if hasattr(lr, "item") else _number("lr", lr)
     if not value >= 0.0:
         raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
+    if math.isinf(value):
+        raise ValueError(f"Invalid lr: {lr} (must be finite)")
+
+
+def _finite_nonneg(name: str, value: Any) -> None:
+    check_nonneg(name, value)
+    if math.isinf(value):
+        raise ValueError(f"Invalid {name}: {value} (must be finite)")
 
 
 def check_in(name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
@@ -95,7 +103,7 @@ def fraction_rule(name: str, value: Any) -> None:
 
 
 # What every optimizer's groups may set.
-STEP_RULES: dict[str, Rule] = {"lr": lr_rule, "weight_decay": check_nonneg}
+STEP_RULES: dict[str, Rule] = {"lr": lr_rule, "weight_decay": _finite_nonneg}
 
 
 def check_group(rules: dict[str, Rule], group: dict[str, Any], where: str | None = None) -> None:

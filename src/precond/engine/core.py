@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..blocks import BlockLayout
 from ..linalg import spectral_normalize, tf32_matmuls
-from ..validation import Rule, check_group
+from ..validation import Rule, check_choice, check_group
 from .batched import finite_mask, per_block
 from .distributed import Topology, assign_owners, exchange_directions, local, resolve_topology
 from .plan import Bucket, Member, block_prefix, build_buckets, engine_entries, fresh_block_state, state_dtype
@@ -88,10 +88,13 @@ class BlockEngine(torch.optim.Optimizer):
     # The hyper-parameters a param group may set, each with its check (see precond.validation.check_group).
     _group_rules: dict[str, Rule] = {}
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], distributed: Any = None) -> None:
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], distributed: Any = None,
+                 strict: bool = False) -> None:
         check_group(self._group_rules, defaults)
+        check_choice("strict", strict, (False, True))
         super().__init__(params, defaults)
         self._distributed = distributed
+        self._strict = strict
         self._topology: Topology = resolve_topology(self._all_params(), distributed)
         self._owners: dict[tuple[int, int], int] | None = None
         self._plan_key: tuple | None = None
@@ -221,6 +224,9 @@ class BlockEngine(torch.optim.Optimizer):
         buckets = self._plan()
         contiguous: dict[Tensor, Tensor] = {}  # non-contiguous parameters are updated through a copy
         gathered = [self._gather(bucket, contiguous) for bucket in buckets]                    # (a)
+        if self._strict:
+            for bucket, (_, ok) in zip(buckets, gathered):
+                self._raise_if_any(bucket, ~ok, "its gradient is not finite")
         directions: dict[int, Tensor | None] = {}
         for i, (bucket, (grads, ok)) in enumerate(zip(buckets, gathered)):                     # (b)
             if not bucket.fused:
@@ -228,14 +234,15 @@ class BlockEngine(torch.optim.Optimizer):
                 bucket.state["step"].add_(ok.to(torch.float32))
                 directions[i] = self._owned_directions(bucket, grads, ok)
         self._exchange(buckets, directions)                                                    # (c)
+        applied = [ok for _, ok in gathered]
         for i, (bucket, (grads, ok)) in enumerate(zip(buckets, gathered)):                     # (d)
             if bucket.fused:
                 self._fused_adam(bucket, grads, ok, contiguous)
             elif directions.get(i) is not None:
-                self._apply(bucket, directions[i], ok, contiguous)
+                applied[i] = self._apply(bucket, directions[i], ok, contiguous)
         for p, work in contiguous.items():
             p.data.copy_(work)
-        self._note_nonfinite(buckets, [ok for _, ok in gathered])
+        self._note_nonfinite(buckets, applied)
         return loss
 
     def _owned_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor) -> Tensor | None:
@@ -305,11 +312,15 @@ class BlockEngine(torch.optim.Optimizer):
     def _param_stack(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> Tensor:
         return torch.stack(self._param_blocks(bucket, contiguous))
 
-    def _apply(self, bucket: Bucket, direction: Tensor, ok: Tensor, contiguous: dict[Tensor, Tensor]) -> None:
-        """(d): weight decay and ``W ← W - lr·s·P`` on the blocks with ``ok``; the others stay as they are.
+    def _apply(self, bucket: Bucket, direction: Tensor, ok: Tensor, contiguous: dict[Tensor, Tensor]) -> Tensor:
+        """(d): weight decay and ``W ← W - lr·s·P`` on the blocks with ``ok`` and a sound update; the others
+        stay as they are. Returns the mask of the blocks updated.
 
         ``s`` is the optimizer's per-bucket :meth:`_direction_scale`. Decoupled decay is applied as
-        ``W ← W·(1 - lr·wd)`` before (``"decoupled"``) or after (``"decoupled_after"``) the update.
+        ``W ← W·(1 - lr·wd)`` before (``"decoupled"``) or after (``"decoupled_after"``) the update. An
+        update is sound when it is finite and its RMS is at most :data:`UPDATE_BOUND` times
+        ``max(RMS(W), 1)`` for the block: no step of any rate a model survives comes near that, so a block
+        past it has diverged, and writing it would turn the weights into Inf or NaN.
         """
         group = bucket.group
         lr, wd, mode = group["lr"], group["weight_decay"], self._weight_decay_mode(group)
@@ -319,6 +330,12 @@ class BlockEngine(torch.optim.Optimizer):
         weights = torch.stack(blocks)
         if bucket.rows is not None:
             direction = direction.flatten(1)[:, bucket.rows[0]:bucket.rows[1]].reshape(weights.shape)
+        scale = self._direction_scale(bucket, group)
+        unsound = ok & ~_sound_update(direction, weights, lr, scale)
+        if self._strict:
+            self._raise_if_any(bucket, unsound, f"its update is not finite or its RMS exceeds {UPDATE_BOUND:g}×"
+                               "max(RMS(W), 1)")
+        ok = ok & ~unsound
         decay = wd != 0.0 and mode != "l2"
         if decay:
             if isinstance(lr, Tensor):
@@ -332,7 +349,6 @@ class BlockEngine(torch.optim.Optimizer):
         direction = torch.where(per_block(ok, direction), direction, 0.0)
         if weights.dtype in (torch.bfloat16, torch.float16):  # low-precision parameters take a rounded update
             direction = direction.to(weights.dtype)
-        scale = self._direction_scale(bucket, group)
         if isinstance(lr, Tensor):  # a tensor lr (as torch allows) is used without reading it on the host
             weights.sub_(direction * (lr.to(direction.device) * scale))
         else:
@@ -340,6 +356,26 @@ class BlockEngine(torch.optim.Optimizer):
         if decay and mode == "decoupled_after":
             weights.mul_(factors)
         torch._foreach_copy_(blocks, list(weights.unbind(0)))
+        return ok
+
+    def _raise_if_any(self, bucket: Bucket, bad: Tensor, what: str) -> None:
+        """``strict=True``: raise naming the first parameter and block of ``bad`` (reads ``bad`` on the host)."""
+        if not bool(bad.any()):
+            return
+        member = bucket.members[int(bad.nonzero()[0, 0])] if bucket.local is bucket else None
+        if member is None:  # an exchanged bucket: positions index the owned blocks
+            member = bucket.local.members[int(bad.nonzero()[0, 0])] if len(bad) == len(bucket.local) else None
+        where = ("a block" if member is None else
+                 f"parameter {self._index_of(member.param)} (shape {tuple(member.param.shape)}), block {member.block}")
+        raise FloatingPointError(f"{type(self).__name__} (strict=True): {where}: {what}; nothing was updated "
+                                 "for it. Lower lr, or for Shampoo set grafting or raise epsilon")
+
+    def _index_of(self, param: Tensor) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p is param:
+                    return f"{pi} of group {gi}"
+        return "?"
 
     def _fused_adam(self, bucket: Bucket, grads: list[Tensor], ok: Tensor,
                     contiguous: dict[Tensor, Tensor]) -> None:
@@ -423,9 +459,12 @@ class BlockEngine(torch.optim.Optimizer):
                 count = sum(int(v) for k, v in self.state.get(p, {}).items() if k.endswith("nonfinite"))
                 if count:
                     self._warned.add(id(p))
-                    logger.warning("%s: non-finite gradient in parameter %d of group %d (shape %s): its blocks "
-                                   "were skipped; further skips are only counted (preconditioner_stats())",
-                                   type(self).__name__, pi, gi, tuple(p.shape))
+                    logger.warning("%s: parameter %d of group %d (shape %s): a step was skipped for some of its "
+                                   "blocks, whose gradient or update was not finite (or the update's RMS passed "
+                                   "%g× the weights'); their weights were left as they were. If it repeats, lower "
+                                   "lr (for Shampoo: set grafting or raise epsilon). Said once per parameter; "
+                                   "preconditioner_stats() counts every skip (strict=True raises instead)",
+                                   type(self).__name__, pi, gi, tuple(p.shape), UPDATE_BOUND)
 
     # -------------------------------------------------------------------------- statistics
     def time_communication(self, enabled: bool = True) -> None:
@@ -445,7 +484,8 @@ class BlockEngine(torch.optim.Optimizer):
     def preconditioner_stats(self) -> dict[str, Any]:
         """Per-factor counters and guard counts, for people to read and benchmarks to report.
 
-        Returns ``{"factors": [...], "nonfinite_skipped_blocks": int}``; each factor record holds
+        Returns ``{"factors": [...], "nonfinite_skipped_blocks": int}`` (block steps skipped for a non-finite
+        gradient, or an update that was not finite or passed :data:`UPDATE_BOUND`); each factor record holds
         ``group, param, block, factor, dim`` and the counters ``refreshes`` (recomputed), ``skipped``
         (kept by the adaptive criterion), ``qr_iterations`` and ``failures`` (kept the last good result).
         Reading them waits for the device.
@@ -542,6 +582,18 @@ class BlockEngine(torch.optim.Optimizer):
                 fresh = fresh_block_state(self, shape, m.kind, group, state_dtype(p), "meta")
             expected.update({m.prefix + k: v for k, v in fresh.items()})
         return expected
+
+
+UPDATE_BOUND = 1e4  # an update whose RMS exceeds this × max(RMS(W), 1) is not applied (BlockEngine._apply)
+
+
+def _sound_update(direction: Tensor, weights: Tensor, lr: float | Tensor, scale: float) -> Tensor:
+    """Per block: the update ``lr·scale·P`` is finite and within :data:`UPDATE_BOUND` (see ``_apply``)."""
+    numel = max(1, math.prod(direction.shape[1:]))
+    step_rms = direction.flatten(1).float().norm(dim=1) / math.sqrt(numel)
+    step_rms = step_rms * (lr.to(step_rms.device).abs() if isinstance(lr, Tensor) else abs(lr)) * abs(scale)
+    weight_rms = weights.flatten(1).float().norm(dim=1) / math.sqrt(numel)
+    return torch.isfinite(step_rms) & (step_rms <= UPDATE_BOUND * weight_rms.clamp(min=1.0))
 
 
 def _natural(key: str) -> list[Any]:
