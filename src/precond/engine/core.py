@@ -237,7 +237,7 @@ class BlockEngine(torch.optim.Optimizer):
         applied = [ok for _, ok in gathered]
         for i, (bucket, (grads, ok)) in enumerate(zip(buckets, gathered)):                     # (d)
             if bucket.fused:
-                self._fused_adam(bucket, grads, ok, contiguous)
+                applied[i] = self._fused_adam(bucket, grads, ok, contiguous)
             elif directions.get(i) is not None:
                 applied[i] = self._apply(bucket, directions[i], ok, contiguous)
         for p, work in contiguous.items():
@@ -378,15 +378,23 @@ class BlockEngine(torch.optim.Optimizer):
         return "?"
 
     def _fused_adam(self, bucket: Bucket, grads: list[Tensor], ok: Tensor,
-                    contiguous: dict[Tensor, Tensor]) -> None:
-        """AdamW by torch's fused kernel; a non-finite gradient anywhere in the bucket skips the bucket."""
+                    contiguous: dict[Tensor, Tensor]) -> Tensor:
+        """AdamW by torch's fused kernel; a non-finite gradient anywhere in the bucket skips the bucket, and so
+        does a rate past :data:`UPDATE_BOUND` × ``max(RMS(W), 1)`` (an Adam step's RMS is about the rate).
+        Returns the mask of the blocks whose step was not refused for a reason of their own."""
         group = bucket.group
         beta1, beta2, eps = self._adam_hyper(group)
-        found_inf = (~ok).any().to(torch.float32)
+        params = self._param_blocks(bucket, contiguous)
         lr = group["lr"]
         if isinstance(lr, Tensor):
             lr = lr.to(bucket.device)
-        params = self._param_blocks(bucket, contiguous)
+        elif lr > UPDATE_BOUND:  # only then can a step pass the bound: the weights' RMS is read
+            rms = torch.stack([torch.linalg.vector_norm(p.float()) / math.sqrt(max(1, p.numel())) for p in params])
+            too_big = lr > UPDATE_BOUND * rms.clamp(min=1.0)
+            if self._strict:
+                self._raise_if_any(bucket, too_big, f"its rate {lr:g} passes {UPDATE_BOUND:g}× max(RMS(W), 1)")
+            ok = ok & ~too_big
+        found_inf = (~ok).any().to(torch.float32)
         bucket.state["step"].add_(1.0)  # the kernel reads the step and never advances it (torch's order)
         if torch.compiler.is_compiling():  # the fused kernel does not trace: the same arithmetic, for inductor
             _traced_adamw(params, grads, bucket.state["exp_avg"], bucket.state["exp_avg_sq"], bucket.state["steps"],
@@ -398,6 +406,7 @@ class BlockEngine(torch.optim.Optimizer):
                                 grad_scale=None, found_inf=found_inf)
         bucket.state["step"].sub_(found_inf)
         bucket.calls += 1
+        return ok
 
     def _note_nonfinite(self, buckets: list[Bucket], oks: list[Tensor]) -> None:
         """Count blocks with non-finite gradients on the device; warn once per parameter.
