@@ -110,7 +110,7 @@ def soak(name: str, steps: int, device: str, nan_every: int = 997, spike_every: 
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 trace.append({"step": step, "state_bytes": state_bytes(opt), "memory_bytes": memory(device),
-                              "loss": float(loss)})
+                              "loss": float(loss.detach())})
     finally:
         logging.getLogger("precond").removeHandler(counter)
     finite = all(bool(torch.isfinite(p).all()) for p in net.parameters())
@@ -147,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.optimizers:
         runs.append(soak(name, args.steps, args.device, args.nan_every, args.spike_every))
         print(f"{name}: {runs[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
+        if args.out is not None:  # written as each finishes
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(runs, indent=1))
     print(table(runs))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(runs, indent=1))
     bad = [r["optimizer"] for r in runs if not r["finite"] or r["state_growth_bytes"] != 0
            or r["warnings"] > 2 * PARAMETERS or not r["last_loss"] < r["first_loss"]]
     if bad:
