@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch first, pinned: a bare `torch` requirement on an empty venv would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test bench clean
+.PHONY: venv test bench fuzz clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest
+
+fuzz: venv
+	PRECOND_FUZZ=long $(PY) -m pytest tests/test_reliability.py
+	$(PY) benchmarks/soak.py
 
 bench: venv
 	$(PY) -m precond.bench

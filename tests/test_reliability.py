@@ -238,7 +238,6 @@ def run(name, params, grads, kw, steps):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=12, deadline=None)
 @given(shape_list=st.lists(shapes(), min_size=1, max_size=3), dtype=st.sampled_from(["float32", "float64", "bfloat16"]),
        lr=st.floats(1e-4, 0.1), weight_decay=st.floats(0.0, 0.2), seed=st.integers(0, 1000))
 def test_fuzzed_shapes_dtypes_and_rates_stay_finite_deterministic_and_resumable(name, shape_list, dtype, lr,
@@ -277,7 +276,7 @@ INVALID_VALUES = {"lr": [-1.0, float("nan"), float("inf")], "weight_decay": [-0.
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=8)
 @given(argument=st.sampled_from(sorted(INVALID_VALUES)), data=st.data())
 def test_fuzzed_invalid_hyper_parameters_raise_naming_the_argument(name, argument, data):
     value = data.draw(st.sampled_from(INVALID_VALUES[argument]))
