@@ -48,9 +48,12 @@ def reference(mode, w, steps, fraction=0.5):
     return w, clamped
 
 
-def train(opt_factory, w0, steps, accumulate=True):
+def train(opt_factory, w0, steps, accumulate=True, resume_from=None):
+    """Runs ``steps`` of microbatches through an accumulation loop; ``resume_from``: a state_dict to load."""
     w = w0.clone().requires_grad_(True)
     opt = opt_factory([w])
+    if resume_from is not None:
+        opt.load_state_dict(resume_from)
     for grads in steps:
         n = len(grads)
         for g in grads:  # what backward of loss_j / n adds to .grad
@@ -159,21 +162,18 @@ def test_bad_input_is_named():
         opt.step()  # one of four
 
 
+def check_round_trip(factory, shape=(4, 5), steps=6, split=3):
+    """Stopping after ``split`` steps and resuming from the state_dict continues bit-identically."""
+    grads = microbatch_grads(shape, steps, 4)
+    w0 = torch.randn(shape, dtype=torch.float64)
+    straight, _ = train(factory, w0, grads)
+    first, opt = train(factory, w0, grads[:split])
+    resumed, _ = train(factory, first, grads[split:], resume_from=opt.state_dict())
+    assert torch.equal(resumed, straight)
+
+
 def test_state_dict_round_trip_continues_identically():
-    steps = microbatch_grads((4, 5), 6, 4)
-    w0 = torch.randn(4, 5, dtype=torch.float64)
-    straight, _ = train(make("full"), w0, steps)
-    first, opt = train(make("full"), w0, steps[:3])
-    w = first.clone().requires_grad_(True)
-    resumed = make("full")([w])
-    resumed.load_state_dict(opt.state_dict())
-    for grads in steps[3:]:
-        for g in grads:
-            w.grad = g / 4 if w.grad is None else w.grad + g / 4
-            resumed.accumulate(4)
-        resumed.step()
-        resumed.zero_grad()
-    assert torch.equal(w.detach(), straight)
+    check_round_trip(make("full"))
 
 
 def test_a_checkpoint_saved_before_the_option_existed_loads_with_its_default():

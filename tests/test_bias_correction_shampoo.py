@@ -6,17 +6,9 @@ import pytest
 import torch
 
 import precond
+from test_bias_correction import check_round_trip, microbatch_grads, train
 
 BETAS, EPS, LR, WD = (0.9, 0.95), 1e-3, 0.05, 0.1
-
-
-def microbatch_grads(shape, steps, n, seed=0, spread=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(steps):
-        mean = torch.randn(shape, generator=gen, dtype=torch.float64)
-        out.append([mean + spread * torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(n)])
-    return out
 
 
 def unfold(g, i):
@@ -62,20 +54,6 @@ def reference(mode, w, steps, frequency=1, fraction=0.5):
             p = torch.tensordot(roots[i], p, dims=([1], [i])).movedim(0, i)
         w = w * (1 - LR * WD) - LR * p
     return w
-
-
-def train(opt_factory, w0, steps, accumulate=True):
-    w = w0.clone().requires_grad_(True)
-    opt = opt_factory([w])
-    for grads in steps:
-        n = len(grads)
-        for g in grads:  # what backward of loss_j / n adds to .grad
-            w.grad = g / n if w.grad is None else w.grad + g / n
-            if accumulate:
-                opt.accumulate(n)
-        opt.step()
-        opt.zero_grad()
-    return w.detach(), opt
 
 
 def make(mode, frequency=1, **kw):
@@ -135,17 +113,4 @@ def test_bad_input_is_named():
 
 
 def test_state_dict_round_trip_continues_identically():
-    steps = microbatch_grads((4, 5), 6, 4)
-    w0 = torch.randn(4, 5, dtype=torch.float64)
-    straight, _ = train(make("full"), w0, steps)
-    first, opt = train(make("full"), w0, steps[:3])
-    w = first.clone().requires_grad_(True)
-    resumed = make("full")([w])
-    resumed.load_state_dict(opt.state_dict())
-    for grads in steps[3:]:
-        for g in grads:
-            w.grad = g / 4 if w.grad is None else w.grad + g / 4
-            resumed.accumulate(4)
-        resumed.step()
-        resumed.zero_grad()
-    assert torch.equal(w.detach(), straight)
+    check_round_trip(make("full"))

@@ -54,15 +54,17 @@ def backward_pass(w, opt, grads, accumulate=True):
             opt.accumulate(n)
 
 
-def train(opt_factory, w0, steps):
+def train(opt_factory, w0, steps, resume_from=None, accumulate=True):
     w = w0.clone().requires_grad_(True)
     opt = opt_factory([w])
+    if resume_from is not None:
+        opt.load_state_dict(resume_from)
     for grads, sampled in steps:
-        backward_pass(w, opt, grads)
+        backward_pass(w, opt, grads, accumulate)
         opt.step()
         opt.zero_grad()
         if opt.hessian_update_due():
-            backward_pass(w, opt, sampled)
+            backward_pass(w, opt, sampled, accumulate)
             opt.update_hessian(batch_size=LABELS)
             opt.zero_grad()
     return w.detach(), opt
@@ -88,17 +90,7 @@ def test_each_mode_matches_the_float64_reference(mode, shape):
 def test_std_equals_the_plain_loop_without_accumulate():
     steps = passes((4, 6), 6, 3)
     w0 = torch.randn(4, 6, dtype=torch.float64)
-    w = w0.clone().requires_grad_(True)
-    opt = make("std")([w])
-    for grads, sampled in steps:
-        backward_pass(w, opt, grads, accumulate=False)
-        opt.step()
-        opt.zero_grad()
-        if opt.hessian_update_due():
-            backward_pass(w, opt, sampled, accumulate=False)
-            opt.update_hessian(batch_size=LABELS)
-            opt.zero_grad()
-    assert torch.equal(w.detach(), train(make("std"), w0, steps)[0])
+    assert torch.equal(train(make("std"), w0, steps, accumulate=False)[0], train(make("std"), w0, steps)[0])
 
 
 def test_hessian_update_needs_the_microbatches_and_gnb():
@@ -117,15 +109,5 @@ def test_state_dict_round_trip_keeps_the_variance():
     straight, _ = train(make("full"), w0, steps)
     first, opt = train(make("full"), w0, steps[:5])
     assert opt.state_dict()["state"][0]["hessian_variance"].abs().max() > 0
-    w = first.clone().requires_grad_(True)
-    resumed = make("full")([w])
-    resumed.load_state_dict(opt.state_dict())
-    for grads, sampled in steps[5:]:
-        backward_pass(w, resumed, grads)
-        resumed.step()
-        resumed.zero_grad()
-        if resumed.hessian_update_due():
-            backward_pass(w, resumed, sampled)
-            resumed.update_hessian(batch_size=LABELS)
-            resumed.zero_grad()
-    assert torch.equal(w.detach(), straight)
+    resumed, _ = train(make("full"), first, steps[5:], resume_from=opt.state_dict())
+    assert torch.equal(resumed, straight)
