@@ -1,7 +1,7 @@
 """Does the best learning rate stay put as the model widens? Standard parametrisation against precond.scaling.
 
     python benchmarks/transfer_study.py --device cuda                       # widths 128-1024, the GPU version
-    python benchmarks/transfer_study.py --widths 32 64 128 256 --steps 60  # a quick CPU version
+    python benchmarks/transfer_study.py --widths 32 64 128 256 --steps 60 --seeds 0 1  # a quick CPU version
     python benchmarks/transfer_study.py --device cuda --optimizers SOAP Shampoo --cases normalized blocked
     python benchmarks/transfer_study.py --report benchmarks/results/transfer/runs.json
 
@@ -20,7 +20,9 @@ transfer; the grid's resolution is 2×). Runs are appended to
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -86,7 +88,7 @@ def build(name: str, case: str, base_width: int, context: int):
 def run_study(args: argparse.Namespace) -> None:
     out: Path = args.out
     done = json.loads(out.read_text()) if out.exists() else []
-    seen = {(r["optimizer"], case_of(r), r["width"], r["lr"]) for r in done}
+    seen = {(r["optimizer"], case_of(r), r["width"], r["lr"], r.get("seed", 0)) for r in done}
     base_width = min(args.widths)
     for name in args.optimizers:
         cases = [c for c in args.cases if c in ("SP", "scaled") or name in SHAMPOO_LIKE]
@@ -97,31 +99,35 @@ def run_study(args: argparse.Namespace) -> None:
                 if case == "scaled" and width == base_width:
                     continue  # the base width's groups are SP's
                 centre = NORMALIZED_CENTRE if case == "normalized" else OPTIMIZERS[name][2]
-                for k in args.exponents:
+                for k, seed in itertools.product(args.exponents, args.seeds):
                     lr = centre * 2.0 ** k
-                    if (name, case, width, lr) in seen:
+                    if (name, case, width, lr, seed) in seen:
                         continue
                     spec = OptimizerSpec(name, lr, build(name, case, base_width, args.context))
-                    r = train_run(workload, spec, lr, 0, args.steps, args.steps, args.device, AdamWSetting(lr),
+                    r = train_run(workload, spec, lr, seed, args.steps, args.steps, args.device, AdamWSetting(lr),
                                   schedule=COSINE)
                     done.append({"optimizer": name, "case": case, "scaled": case != "SP", "width": width, "lr": lr,
-                                 "final_val_loss": r["final_val_loss"], "diverged": r.get("diverged", False),
-                                 "train_seconds": r["train_seconds"], "steps": args.steps, "device": args.device})
-                    print(f"{name} {case} width={width} lr={lr:.3g}: {r['final_val_loss']:.4f}", file=sys.stderr,
-                          flush=True)
+                                 "seed": seed, "final_val_loss": r["final_val_loss"],
+                                 "diverged": r.get("diverged", False), "train_seconds": r["train_seconds"],
+                                 "steps": args.steps, "device": args.device})
+                    print(f"{name} {case} width={width} lr={lr:.3g} seed={seed}: {r['final_val_loss']:.4f}",
+                          file=sys.stderr, flush=True)
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps(done, indent=1))
 
 
 def curves(runs: list[dict]) -> dict[tuple[str, str], dict[int, list[tuple[float, float]]]]:
-    """(optimizer, case) → width → sorted (lr, loss); SP's base width serves "scaled" too."""
+    """(optimizer, case) → width → sorted (lr, loss averaged over seeds; NaN if any seed diverged); SP's base
+    width serves "scaled" too."""
     base_width = min(r["width"] for r in runs)
-    out: dict = {}
+    losses: dict = {}
     for r in runs:
         case = case_of(r)
         for c in (["SP", "scaled"] if case == "SP" and r["width"] == base_width else [case]):
-            out.setdefault((r["optimizer"], c), {}).setdefault(r["width"], []).append((r["lr"], r["final_val_loss"]))
-    return {k: {w: sorted(v) for w, v in sorted(ws.items())} for k, ws in out.items()}
+            losses.setdefault((r["optimizer"], c), {}).setdefault(r["width"], {}).setdefault(r["lr"], []).append(
+                r["final_val_loss"])
+    return {k: {w: sorted((lr, statistics.fmean(v)) for lr, v in by_lr.items()) for w, by_lr in sorted(ws.items())}
+            for k, ws in losses.items()}
 
 
 def report(path: Path) -> str:
@@ -183,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", nargs="+", type=int, default=[128, 256, 512, 1024])
     p.add_argument("--exponents", nargs="+", type=int, default=[-3, -2, -1, 0, 1],
                    help="rates are the optimizer's centre rate times 2**k")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="the best rate is taken on the mean over seeds")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--context", type=int, default=128)
