@@ -7,9 +7,10 @@
 Each optimizer trains an MLP with a layer norm (a 3-D weight reshaped on the way in, so every kind of
 block appears) on a fixed teacher. Every 997th step one gradient entry is NaN and every 1,999th the rate is
 1e12 for a step: the optimizer must skip those blocks (count them), keep the weights finite, and say so
-once per parameter, not once per step; the loss must still have gone down. Sampled 20 times: the optimizer's state bytes, the process's resident memory
-(CPU) or the allocator's bytes (CUDA). Growth is measured from the sample after step 10% to the last:
-state bytes must not grow at all; resident/allocated memory is reported.
+once per parameter, not once per step; the loss must still have gone down. Sampled 20 times: the
+optimizer's state bytes, the process's resident memory (CPU) or the allocator's bytes (CUDA). Growth is
+measured from the first sample at or after 10% of the steps to the last: state bytes must not grow at all;
+resident/allocated memory is reported.
 """
 
 from __future__ import annotations

@@ -147,8 +147,8 @@ def report(path: Path) -> str:
         edge = {w for w in best if best[w][0] in (ws[w][0][0], ws[w][-1][0])}
         cells = [f"{best[w][0]:.3g}{' †' if w in edge else ''}" if w in best else "—" for w in widths]
         lines.append(f"| {name} | {case} | " + " | ".join(cells) + f" | {drift:.0f}× | {best[max(best)][1]:.4f} |")
-    lines.append("\n† the best rate is an end of the swept grid: the true optimum may lie beyond it. — fewer than three "
-                 "rates were run at that width.")
+    lines.append("\n† the best rate is an end of the swept grid: the true optimum may lie beyond it. — fewer than "
+                 "three rates were run at that width.")
     return "\n".join(lines)
 
 
