@@ -232,16 +232,23 @@ def shapes():
 
 
 def run(name, params, grads, kw, steps, groups=lambda ps: ps):
+    """``steps`` steps; odd ones through a closure that sets the gradients (its return value is checked)."""
     opt = FACTORIES[name](groups(params), **kw)
     for step in range(steps):
-        for p, g in zip(params, grads[step]):
-            p.grad = g.clone()
-        opt.step()
+        def closure(step=step):
+            for p, g in zip(params, grads[step]):
+                p.grad = g.clone()
+            return float(step)
+        if step % 2:
+            assert opt.step(closure) == float(step)
+        else:
+            closure()
+            opt.step()
     return opt
 
 
 @pytest.mark.parametrize("name", NAMES)
-@given(shape_list=st.lists(shapes(), min_size=1, max_size=3), dtype=st.sampled_from(["float32", "float64", "bfloat16"]),
+@given(shape_list=st.lists(shapes(), min_size=1, max_size=3), dtype=st.sampled_from(["float32", "float64", "bfloat16", "float16"]),
        lr=st.floats(1e-4, 0.1), weight_decay=st.floats(0.0, 0.2), seed=st.integers(0, 1000))
 def test_fuzzed_shapes_dtypes_and_rates_stay_finite_deterministic_and_resumable(name, shape_list, dtype, lr,
                                                                                 weight_decay, seed):
