@@ -30,7 +30,8 @@ def adam_directions(bucket: Bucket, grads: Tensor, ok: Tensor, betas: tuple[floa
     beta1, beta2 = betas
     step, exp_avg, exp_avg_sq = bucket.state["step"], bucket.state["exp_avg"], bucket.state["exp_avg_sq"]
     commit_(exp_avg, exp_avg.lerp(grads, 1.0 - beta1), ok)
-    commit_(exp_avg_sq, (exp_avg_sq * beta2).addcmul_(grads, grads, value=1.0 - beta2), ok)
+    commit_(exp_avg_sq, (exp_avg_sq * beta2).addcmul_(grads, grads, value=1.0 - beta2), ok,
+            require_finite=True)
     bias1 = per_block(bias_correction(beta1, step, grads.dtype), grads)
     bias2 = per_block(bias_correction(beta2, step, grads.dtype), grads)
     denom = (exp_avg_sq.sqrt() / bias2.sqrt()).add_(eps)
@@ -112,7 +113,7 @@ class AdamW(bc.MicrobatchCorrection, BlockEngine):
         variance = bc.variance_of_mean(micro, "p", n - n_a) if bc.corrects_variance(mode) else None
         step, exp_avg, exp_avg_sq = bucket.state["step"], bucket.state["exp_avg"], bucket.state["exp_avg_sq"]
         commit_(exp_avg, exp_avg.lerp(numerator, 1.0 - beta1), ok)
-        commit_(exp_avg_sq, (exp_avg_sq * beta2).add_(square, alpha=1.0 - beta2), ok)
+        commit_(exp_avg_sq, (exp_avg_sq * beta2).add_(square, alpha=1.0 - beta2), ok, require_finite=True)
         bias1 = per_block(bias_correction(beta1, step, grads.dtype), grads)
         bias2 = per_block(bias_correction(beta2, step, grads.dtype), grads)
         denominator = (exp_avg_sq / bias2).sqrt_().add_(group["eps"])

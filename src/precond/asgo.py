@@ -77,7 +77,8 @@ class ASGO(MatrixOptimizer):
         state = bucket.state
         V, root, momentum = state["factor0"], state["root0"], state["momentum"]
         outer = grads @ grads.mT if left else grads.mT @ grads
-        commit_(V, V + outer if beta2 == 1.0 else torch.add(V * beta2, outer, alpha=1.0 - beta2), ok)
+        commit_(V, V + outer if beta2 == 1.0 else torch.add(V * beta2, outer, alpha=1.0 - beta2), ok,
+                require_finite=True)
         commit_(momentum, torch.add(momentum * beta1, grads, alpha=1.0 - beta1), ok)
         if (bucket.calls - 1) % group["precondition_frequency"] == 0:
             if group["root_method"] == "eigh":

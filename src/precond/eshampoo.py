@@ -98,7 +98,7 @@ class EShampoo(ShampooFamily):
             new = eigenvalues.addcmul(rotated, rotated)
         else:
             new = (eigenvalues * beta2).addcmul_(rotated, rotated, value=1.0 - beta2)
-        commit_(eigenvalues, new, ok)
+        commit_(eigenvalues, new, ok, require_finite=True)
 
     def _precondition(self, bucket, m_hat, bias2, group):
         bases = factor_matrices(bucket, "basis")

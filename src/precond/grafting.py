@@ -49,7 +49,7 @@ class Diagonal:
             new = v.addcmul(grad, grad)
         else:
             new = (v * self.beta2).addcmul_(grad, grad, value=1.0 - self.beta2)
-        commit_(v, new, ok)
+        commit_(v, new, ok, require_finite=True)
 
     def apply(self, v: Tensor | None, x: Tensor, step: Tensor) -> Tensor:
         """The direction for ``x``; ``step`` holds each block's step count (Adam's bias correction)."""

@@ -56,7 +56,7 @@ def update_factors_(state: dict[str, Tensor], grads: Tensor, beta: float, weight
         outer = outers[i] if outers is not None else factor_outer(grads, i)
         new = torch.add(factor * beta, outer, alpha=weight) if beta != 1.0 else torch.add(factor, outer,
                                                                                             alpha=weight)
-        commit_(factor, new, ok)
+        commit_(factor, new, ok, require_finite=True)
 
 
 def mode_product(x: Tensor, matrices: Sequence[Tensor | None], transpose: bool = False) -> Tensor:

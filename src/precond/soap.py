@@ -142,7 +142,8 @@ class SOAP(BlockEngine):
         projected = mode_product(grads, bases)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         commit_(exp_avg, torch.add(exp_avg * beta1, projected, alpha=1.0 - beta1), ok)
-        commit_(exp_avg_sq, torch.add(exp_avg_sq * beta2, projected.square(), alpha=1.0 - beta2), ok)
+        commit_(exp_avg_sq, torch.add(exp_avg_sq * beta2, projected.square(), alpha=1.0 - beta2), ok,
+                require_finite=True)
         direction = mode_product(exp_avg / (exp_avg_sq.sqrt() + group["eps"]), bases, transpose=True)
         if group["normalize_grads"]:
             rms = direction.square().flatten(1).mean(1).sqrt()

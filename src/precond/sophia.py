@@ -143,7 +143,7 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
                 commit_(state["hessian"], torch.add(state["hessian"] * beta2, estimate, alpha=1.0 - beta2), ok)
                 if bc.corrects_variance(mode):  # Var(p̄) = (ρ(1-β₂)b)² Var(mean of ĝ_j²)
                     variance = bc.variance_of_mean(micro, "s", n - n_a) * (rho * (1.0 - beta2) * labels) ** 2
-                    commit_(state["hessian_variance"], variance, ok & torch.isfinite(variance).flatten(1).all(1))
+                    commit_(state["hessian_variance"], variance, ok, require_finite=True)
                 state["hessian_updates"].add_(ok)
         finally:
             self._end_accumulation()

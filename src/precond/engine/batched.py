@@ -2,7 +2,9 @@
 
 Every state update in a bucket is guarded by a per-block mask ``ok`` (the block's gradient was finite).
 A masked update leaves the state of a block with ``ok = False`` bit-for-bit unchanged, without a host
-sync: the new value is computed for every block and committed with ``torch.where``.
+sync: the new value is computed for every block and committed with ``torch.where``. Squared statistics (a
+Kronecker factor, a second moment) are committed only where the new value is finite: a finite gradient
+past ~1e19 overflows them in float32, and an Inf there would stay for good.
 """
 
 from __future__ import annotations
@@ -18,8 +20,15 @@ def per_block(values: Tensor, like: Tensor) -> Tensor:
     return values.view(values.shape + (1,) * (like.dim() - values.dim()))
 
 
-def commit_(target: Tensor, new: Tensor, ok: Tensor) -> None:
-    """``target[b] ← new[b]`` for the blocks with ``ok[b]``; the others keep their value exactly."""
+def commit_(target: Tensor, new: Tensor, ok: Tensor, require_finite: bool = False) -> None:
+    """``target[b] ← new[b]`` for the blocks with ``ok[b]``; the others keep their value exactly.
+
+    ``require_finite``: a block whose new value is not finite keeps its value too. For squared statistics
+    (Kronecker factors, second moments), which a finite gradient past ~1e19 overflows in float32; elsewhere
+    the check is left out, as it costs a pass over the tensor.
+    """
+    if require_finite:
+        ok = ok & (torch.isfinite(new).flatten(1).all(1) if new.dim() > 1 else torch.isfinite(new))
     torch.where(per_block(ok, target), new, target, out=target)
 
 
