@@ -362,11 +362,8 @@ class BlockEngine(torch.optim.Optimizer):
         """``strict=True``: raise naming the first parameter and block of ``bad`` (reads ``bad`` on the host)."""
         if not bool(bad.any()):
             return
-        member = bucket.members[int(bad.nonzero()[0, 0])] if bucket.local is bucket else None
-        if member is None:  # an exchanged bucket: positions index the owned blocks
-            member = bucket.local.members[int(bad.nonzero()[0, 0])] if len(bad) == len(bucket.local) else None
-        where = ("a block" if member is None else
-                 f"parameter {self._index_of(member.param)} (shape {tuple(member.param.shape)}), block {member.block}")
+        member = bucket.members[int(bad.nonzero()[0, 0])]  # masks follow the members (exchanged buckets too)
+        where = f"parameter {self._index_of(member.param)} (shape {tuple(member.param.shape)}), block {member.block}"
         raise FloatingPointError(f"{type(self).__name__} (strict=True): {where}: {what}; nothing was updated "
                                  "for it. Lower lr, or for Shampoo set grafting or raise epsilon")
 
