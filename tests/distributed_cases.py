@@ -171,6 +171,49 @@ def case_trajectory(mode: str, name: str, rank: int, world: int) -> dict:
             "state_numel": [int(c) for c in counts], "reference_numel": method_state_numel(ref.opt)}
 
 
+def nonfinite_counts(opt: torch.optim.Optimizer) -> list[int]:
+    return [int(v) for s in opt.state.values() for k, v in sorted(s.items()) if k.endswith("nonfinite")]
+
+
+def case_guards(mode: str, name: str, rank: int, world: int) -> dict:
+    """Under DDP each process updates only the blocks it owns: a non-finite gradient (step 1) and refused
+    updates (step 2: a rate of 1e12) must leave the same weights and counters everywhere as in one process,
+    and ``strict=True`` must raise in every process alike (none waits alone in a collective)."""
+    net, opt = ddp_pair(name)
+    ref = Reference(name, world, chunked=False)
+    trained = [p for p in net.module.parameters() if p.requires_grad]
+    for step in range(4):
+        x, y = (my_rows(t, rank, world) for t in data(step, world))
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()
+        if step == 1:
+            trained[0].grad.view(-1)[0] = float("nan")
+        for o in (opt, ref.opt):
+            for group in o.param_groups:
+                group["lr"] = group.setdefault("base_lr", group["lr"]) * (1e12 if step == 2 else 1.0)
+        ref.step([p.grad.clone() for p in trained])
+        opt.step()
+    counts = nonfinite_counts(opt)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, counts)
+    strict_net, strict_opt = ddp_pair(name)
+    strict_opt._strict = True
+    raised = ""
+    for step in range(2):  # SOAP's first step makes no update
+        x, y = (my_rows(t, rank, world) for t in data(step, world))
+        strict_opt.zero_grad()
+        nn.functional.mse_loss(strict_net(x), y).backward()
+        for group in strict_opt.param_groups:
+            group["lr"] *= 1e12 if step == 1 else 1.0
+        try:
+            strict_opt.step()
+        except FloatingPointError as error:
+            raised = str(error)
+    dist.barrier()
+    return {"max_rel": max_rel(full_params(net.module), ref.result()), "counts": everyone,
+            "reference_counts": nonfinite_counts(ref.opt), "raised": raised}
+
+
 def _save(net: nn.Module, opt: torch.optim.Optimizer, path: str) -> None:
     model_sd, optim_sd = get_state_dict(net, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
@@ -212,7 +255,8 @@ def case_resume(mode: str, name: str, rank: int, world: int, root: str) -> dict:
 
 CASES = ([("trajectory", mode, name) for mode in ("ddp", "fsdp") for name in FACTORIES]
          + [("resume", "ddp", "SOAP"), ("resume", "ddp", "Muon"), ("resume", "fsdp", "SOAP"),
-            ("resume", "fsdp", "Muon")])
+            ("resume", "fsdp", "Muon")]
+         + [("guards", "ddp", name) for name in ("Shampoo", "SOAP", "Muon")])
 
 
 def worker(rank: int, world: int, port: int, root: str) -> None:
@@ -227,6 +271,8 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
             try:
                 if kind == "trajectory":
                     out = case_trajectory(mode, name, rank, world)
+                elif kind == "guards":
+                    out = case_guards(mode, name, rank, world)
                 else:
                     out = case_resume(mode, name, rank, world, root)
             except Exception:  # noqa: BLE001 - reported per case by the test

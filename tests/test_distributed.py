@@ -52,6 +52,19 @@ def test_ddp_matches_one_process_and_splits_state(results, name):
         assert sum(counts) == total and max(counts) <= 0.75 * total
 
 
+@pytest.mark.parametrize("name", ["Shampoo", "SOAP", "Muon"])
+def test_ddp_guards_agree_between_processes(results, name):
+    """A NaN gradient and refused updates: the same weights and skip counts as one process, in every
+    process; strict=True raises in every process."""
+    outs = _case(results, f"guards-ddp-{name}")
+    for out in outs:
+        assert out["max_rel"] <= TOLERANCE
+        assert out["raised"].startswith(f"{name} (strict=True)")
+    counts = outs[0]["counts"]
+    assert all(c == counts[0] for c in counts)  # every process counts every block alike
+    assert sorted(counts[0]) == sorted(outs[0]["reference_counts"]) and sum(counts[0]) > 1
+
+
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_fsdp_matches_its_reference(results, name):
     for out in _case(results, f"trajectory-fsdp-{name}"):

@@ -46,7 +46,7 @@ from ..blocks import BlockLayout
 from ..linalg import spectral_normalize, tf32_matmuls
 from ..validation import Rule, check_choice, check_group
 from .batched import finite_mask, per_block
-from .distributed import Topology, assign_owners, exchange_directions, local, resolve_topology
+from .distributed import Topology, all_gather_blocks, assign_owners, local, resolve_topology
 from .plan import Bucket, Member, block_prefix, build_buckets, engine_entries, fresh_block_state, state_dtype
 
 __all__ = ["BlockEngine", "WEIGHT_DECAY_MODES"]
@@ -235,11 +235,20 @@ class BlockEngine(torch.optim.Optimizer):
                 directions[i] = self._owned_directions(bucket, grads, ok)
         self._exchange(buckets, directions)                                                    # (c)
         applied = [ok for _, ok in gathered]
+        replicas: list[tuple[int, Tensor, Tensor]] = []  # DDP: (bucket, its owned blocks' new weights, applied)
         for i, (bucket, (grads, ok)) in enumerate(zip(buckets, gathered)):                     # (d)
             if bucket.fused:
                 applied[i] = self._fused_adam(bucket, grads, ok, contiguous)
-            elif directions.get(i) is not None:
-                applied[i] = self._apply(bucket, directions[i], ok, contiguous)
+            elif directions.get(i) is None:
+                continue
+            elif bucket.exchanged and bucket.rows is None:
+                replicas.append((i, *self._apply_owned(bucket, directions[i], ok, contiguous)))
+            else:
+                applied[i] = self._apply(bucket, directions[i], ok, contiguous)[0]
+        for i, done in self._share_weights(buckets, replicas, contiguous):                      # (e)
+            if self._strict:
+                self._raise_if_any(buckets[i], applied[i] & ~done, _UNSOUND)
+            applied[i] = done
         for p, work in contiguous.items():
             p.data.copy_(work)
         self._note_nonfinite(buckets, applied)
@@ -255,7 +264,7 @@ class BlockEngine(torch.optim.Optimizer):
                 return grads.new_empty((0, *bucket.shape), dtype=self._direction_dtype(bucket))
             sub.calls = bucket.calls
             sub.state["step"] = bucket.state["step"].index_select(0, bucket.owned)
-            grads, ok = grads.index_select(0, bucket.owned), ok.index_select(0, bucket.owned)
+            ok = ok.index_select(0, bucket.owned)  # the gradients are the owned blocks' already
         with tf32_matmuls(bool(bucket.group.get("tf32", False))):
             direction = self._directions(sub, grads, ok, bucket.group)
         if direction is not None and bucket.group.get("spectral_normalize", False) and len(bucket.shape) >= 2:
@@ -268,15 +277,52 @@ class BlockEngine(torch.optim.Optimizer):
         return direction
 
     def _exchange(self, buckets: list[Bucket], directions: dict[int, Tensor | None]) -> None:
-        """(c): every process gets the full direction of every exchanged bucket."""
-        pending = [i for i, b in enumerate(buckets) if b.exchanged and directions.get(i) is not None]
+        """(c) for whole matrices gathered from FSDP2 shards: every process gets the full direction, of which
+        it applies the rows it holds."""
+        pending = [i for i, b in enumerate(buckets) if b.rows is not None and directions.get(i) is not None]
         if pending:
-            full = exchange_directions(self._topology, [(buckets[i], directions[i]) for i in pending])
-            directions.update(zip(pending, full))
+            full = all_gather_blocks(self._topology, [(buckets[i], directions[i]) for i in pending])
+            for i, stack in zip(pending, full):
+                order = buckets[i].order
+                directions[i] = stack if order is None else stack.index_select(0, order)
+
+    def _apply_owned(self, bucket: Bucket, direction: Tensor, ok: Tensor,
+                     contiguous: dict[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """(d) under DDP: the update of the blocks this process owns; their new weights and applied mask."""
+        sub = bucket.local
+        if not sub.members:
+            return direction.new_empty((0, *bucket.shape), dtype=bucket.param_dtype), ok.new_empty(0)
+        done, weights = self._apply(sub, direction, ok.index_select(0, bucket.owned), contiguous, may_raise=False)
+        return weights.to(bucket.param_dtype), done
+
+    def _share_weights(self, buckets: list[Bucket], replicas: list[tuple[int, Tensor, Tensor]],
+                       contiguous: dict[Tensor, Tensor]) -> list[tuple[int, Tensor]]:
+        """(e) under DDP: one ``all_gather`` hands every process the new weights of the blocks others own
+        (written into its parameters) and every block's applied mask, so that all replicas stay identical.
+
+        Exchanging weights rather than directions splits the update itself between processes too; it
+        sends as many elements. Returns ``(bucket index, applied mask in member order)``.
+        """
+        if not replicas:
+            return []
+        pieces = []
+        for i, weights, done in replicas:
+            pieces += [(buckets[i], weights), (buckets[i], done.to(weights.dtype))]
+        received = all_gather_blocks(self._topology, pieces)
+        out = []
+        for k, (i, _, _) in enumerate(replicas):
+            bucket, weights, done = buckets[i], received[2 * k], received[2 * k + 1]
+            blocks = self._param_blocks(bucket, contiguous)
+            others = [j for j, m in enumerate(bucket.members) if m.owner != self._topology.rank]
+            if others:
+                torch._foreach_copy_([blocks[j] for j in others], [weights[bucket.positions[j]] for j in others])
+            done = done > 0.5
+            out.append((i, done if bucket.order is None else done.index_select(0, bucket.order)))
+        return out
 
     def _gather(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> tuple[Any, Tensor]:
-        """The bucket's gradients (a stack in the state dtype, non-finite blocks zeroed; a list for a fused
-        bucket) and the mask of blocks whose gradient is finite."""
+        """The bucket's gradients (a stack in the state dtype, non-finite blocks zeroed, of the owned blocks
+        only when exchanged; a list for a fused bucket) and the mask of every block whose gradient is finite."""
         if bucket.fused:
             grads = [m.grad() for m in bucket.members]
             return grads, finite_mask(grads)
@@ -286,13 +332,18 @@ class BlockEngine(torch.optim.Optimizer):
         if bucket.rows is not None:
             self._topology.stop(bucket.device)
         ok = finite_mask(views)
-        grads = torch.stack(views).to(bucket.dtype)
-        grads.masked_fill_(per_block(~ok, grads), 0.0)
+        kept, kept_ok = views, ok
+        if bucket.exchanged:  # a process steps only the blocks it owns; every block's mask is kept
+            kept, kept_ok = [views[j] for j in bucket.owned_list], ok.index_select(0, bucket.owned)
+        if not kept:
+            return views[0].new_empty((0, *bucket.shape), dtype=bucket.dtype), ok
+        grads = torch.stack(kept).to(bucket.dtype)
+        grads.masked_fill_(per_block(~kept_ok, grads), 0.0)
         group = bucket.group
         if self._weight_decay_mode(group) == "l2" and group["weight_decay"] != 0.0:
             if bucket.rows is not None:
                 raise NotImplementedError("L2 weight decay on whole matrices gathered from FSDP2 shards")
-            grads = grads + group["weight_decay"] * self._param_stack(bucket, contiguous).to(bucket.dtype)
+            grads = grads + group["weight_decay"] * self._param_stack(bucket.local, contiguous).to(bucket.dtype)
         return grads, ok
 
     def _param_blocks(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> list[Tensor]:
@@ -312,9 +363,10 @@ class BlockEngine(torch.optim.Optimizer):
     def _param_stack(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> Tensor:
         return torch.stack(self._param_blocks(bucket, contiguous))
 
-    def _apply(self, bucket: Bucket, direction: Tensor, ok: Tensor, contiguous: dict[Tensor, Tensor]) -> Tensor:
+    def _apply(self, bucket: Bucket, direction: Tensor, ok: Tensor, contiguous: dict[Tensor, Tensor],
+               may_raise: bool = True) -> tuple[Tensor, Tensor]:
         """(d): weight decay and ``W ← W - lr·s·P`` on the blocks with ``ok`` and a sound update; the others
-        stay as they are. Returns the mask of the blocks updated.
+        stay as they are. Returns the mask of the blocks updated and the stack of their new weights.
 
         ``s`` is the optimizer's per-bucket :meth:`_direction_scale`. Decoupled decay is applied as
         ``W ← W·(1 - lr·wd)`` before (``"decoupled"``) or after (``"decoupled_after"``) the update. An
@@ -332,9 +384,8 @@ class BlockEngine(torch.optim.Optimizer):
             direction = direction.flatten(1)[:, bucket.rows[0]:bucket.rows[1]].reshape(weights.shape)
         scale = self._direction_scale(bucket, group)
         unsound = ok & ~_sound_update(direction, weights, lr, scale)
-        if self._strict:
-            self._raise_if_any(bucket, unsound, f"its update is not finite or its RMS exceeds {UPDATE_BOUND:g}×"
-                               "max(RMS(W), 1)")
+        if self._strict and may_raise:  # under DDP raised after the exchange, in every process alike
+            self._raise_if_any(bucket, unsound, _UNSOUND)
         ok = ok & ~unsound
         decay = wd != 0.0 and mode != "l2"
         if decay:
@@ -356,7 +407,7 @@ class BlockEngine(torch.optim.Optimizer):
         if decay and mode == "decoupled_after":
             weights.mul_(factors)
         torch._foreach_copy_(blocks, list(weights.unbind(0)))
-        return ok
+        return ok, weights
 
     def _raise_if_any(self, bucket: Bucket, bad: Tensor, what: str) -> None:
         """``strict=True``: raise naming the first parameter and block of ``bad`` (reads ``bad`` on the host)."""
@@ -591,6 +642,7 @@ class BlockEngine(torch.optim.Optimizer):
 
 
 UPDATE_BOUND = 1e4  # an update whose RMS exceeds this × max(RMS(W), 1) is not applied (BlockEngine._apply)
+_UNSOUND = f"its update is not finite or its RMS exceeds {UPDATE_BOUND:g}× max(RMS(W), 1)"
 
 
 def _sound_update(direction: Tensor, weights: Tensor, lr: float | Tensor, scale: float) -> Tensor:

@@ -28,6 +28,7 @@ every process then applies its rows, so Muon under FSDP2 equals Muon in one proc
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Topology", "resolve_topology", "assign_owners", "local", "row_range", "exchange_directions"]
+__all__ = ["Topology", "resolve_topology", "assign_owners", "local", "row_range", "all_gather_blocks"]
 
 
 def _dtensor_type() -> type | None:
@@ -150,21 +151,22 @@ def row_range(param: Tensor) -> tuple[int, int]:
 _all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
 
-def exchange_directions(topology: Topology, pieces: list[tuple[Any, Tensor]]) -> list[Tensor]:
-    """Every bucket's full direction stack from the stacks of the blocks each process owns.
+def all_gather_blocks(topology: Topology, pieces: list[tuple[Any, Tensor]]) -> list[Tensor]:
+    """Every bucket's full stack, in rank-major order, from the stacks of the blocks each process owns.
 
-    ``pieces``: ``(bucket, stack of this process's blocks)`` for the same buckets, in the same order, in
-    every process (a process owning none of a bucket's blocks passes an empty stack). ``bucket.counts[r]``
-    is how many blocks rank ``r`` owns, ``bucket.order`` the permutation from rank-major to member order.
-    One ``all_gather_into_tensor`` per dtype and device; the buffers are padded to the longest rank.
+    ``pieces``: ``(bucket, stack of this process's blocks)``, for the same buckets in the same order and
+    with the same per-block shape and dtype in every process (a process owning none of a bucket's blocks
+    passes an empty stack). ``bucket.counts[r]`` is how many blocks rank ``r`` owns; a result's block of
+    member ``j`` is at ``bucket.positions[j]`` (``index_select(0, bucket.order)`` puts them in member
+    order). One ``all_gather_into_tensor`` per dtype and device; the buffers are padded to the longest rank.
     """
     out: list[Tensor | None] = [None] * len(pieces)
     by_kind: dict[tuple, list[int]] = {}
     for i, (bucket, piece) in enumerate(pieces):
         by_kind.setdefault((piece.dtype, piece.device), []).append(i)
     for (dtype, device), indices in by_kind.items():
-        sizes = [sum(pieces[i][0].counts[r] * pieces[i][0].block_numel for i in indices)
-                 for r in range(topology.world)]
+        numels = {i: math.prod(pieces[i][1].shape[1:]) for i in indices}
+        sizes = [sum(pieces[i][0].counts[r] * numels[i] for i in indices) for r in range(topology.world)]
         width = max(sizes)
         send = torch.zeros(width, dtype=dtype, device=device)
         flat = [pieces[i][1].reshape(-1) for i in indices]
@@ -177,12 +179,11 @@ def exchange_directions(topology: Topology, pieces: list[tuple[Any, Tensor]]) ->
         received = received.view(topology.world, width)
         offsets = [0] * topology.world
         for i in indices:
-            bucket = pieces[i][0]
+            bucket, piece = pieces[i]
             parts = []
             for r in range(topology.world):
-                n = bucket.counts[r] * bucket.block_numel
+                n = bucket.counts[r] * numels[i]
                 parts.append(received[r, offsets[r]:offsets[r] + n])
                 offsets[r] += n
-            stacked = torch.cat(parts).view(len(bucket), *bucket.shape)
-            out[i] = stacked if bucket.order is None else stacked.index_select(0, bucket.order)
+            out[i] = torch.cat(parts).view(len(bucket), *piece.shape[1:])
     return out  # type: ignore[return-value]

@@ -97,19 +97,27 @@ class Bucket:
     state: dict[str, Any] = field(default_factory=dict)  # name -> stack [B, ...] (or list, fused Adam)
     # Exchanged buckets (work split between processes): ``local`` is the sub-bucket of the blocks this
     # process owns (it holds their method state; this bucket holds every block's step counters),
-    # ``owned`` their positions, ``counts[r]`` how many rank r owns, ``order`` the permutation from
-    # rank-major to member order (None: the identity). Otherwise ``local`` is the bucket itself.
+    # ``owned`` their positions (also as a list, ``owned_list``), ``counts[r]`` how many rank r owns,
+    # ``order`` the permutation from rank-major to member order (None: the identity), ``positions[j]``
+    # member j's place in rank-major order. Otherwise ``local`` is the bucket itself.
     exchanged: bool = False
     local: Bucket | None = None
     owned: Tensor | None = None
+    owned_list: list[int] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
     order: Tensor | None = None
+    positions: list[int] = field(default_factory=list)
     rows: tuple[int, int] | None = None  # mode "full": the flat range of a block this process's shard holds
     micro: dict[str, Any] = field(default_factory=dict)  # microbatch accumulators of one step (bias_correction)
 
     @functools.cached_property
     def contiguous(self) -> bool:
         return all(m.data().is_contiguous() for m in self.members)
+
+    @functools.cached_property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype the members' weights stack to (the same in every process)."""
+        return functools.reduce(torch.promote_types, (m.param.dtype for m in self.members))
 
     @property
     def block_numel(self) -> int:
@@ -154,13 +162,14 @@ def _split(bucket: Bucket, rank: int, world: int) -> None:
     bucket.exchanged = True
     bucket.counts = [owners.count(r) for r in range(world)]
     rank_major = sorted(range(len(owners)), key=lambda j: (owners[j], j))
+    bucket.positions = [0] * len(owners)
+    for position, j in enumerate(rank_major):
+        bucket.positions[j] = position
     if rank_major != list(range(len(owners))):
-        inverse = [0] * len(owners)
-        for position, j in enumerate(rank_major):
-            inverse[j] = position
-        bucket.order = torch.tensor(inverse, dtype=torch.long, device=bucket.device)
+        bucket.order = torch.tensor(bucket.positions, dtype=torch.long, device=bucket.device)
     owned = [j for j in range(len(owners)) if owners[j] == rank]
     bucket.owned = torch.tensor(owned, dtype=torch.long, device=bucket.device)
+    bucket.owned_list = owned
     bucket.local = Bucket(bucket.group, bucket.group_index, bucket.kind, bucket.shape, bucket.dtype, bucket.device,
                           [bucket.members[j] for j in owned], bucket.calls)
     bucket.local.local = bucket.local
