@@ -13,9 +13,10 @@ preconditioner keeps and how it turns a stack of gradients into a stack of searc
 - ``_directions(bucket, grads, ok, group)``: the directions ``P`` of a bucket (``[B, *shape]``), or
   ``None`` when the method makes no update this step (SOAP's first step).
 
-A step runs in four phases: (a) gather the gradients into buckets and flag blocks with non-finite
-gradients, (b) compute the directions of the blocks this process owns, (c) exchange directions
-between processes (nothing to do in one process), (d) apply weight decay and ``W ← W - lr·P``. How work
+A step runs in five phases: (a) gather the gradients into buckets and flag blocks with non-finite
+gradients, (b) compute the directions of the blocks this process owns, (c) exchange the directions of
+whole matrices gathered from FSDP2 shards, (d) apply weight decay and ``W ← W - lr·P``, (e) under DDP,
+exchange the new weights of the blocks each process owns (in one process (c) and (e) do nothing). How work
 and state are split between processes (DDP, FSDP2) is described in :mod:`~precond.engine.distributed`.
 Nothing in a step that does not refresh a preconditioner waits for the device. A group with ``"tf32": True``
 computes its directions with TF32 float32 matmuls on CUDA (the global setting is restored afterwards); a group
@@ -46,7 +47,7 @@ from ..blocks import BlockLayout
 from ..linalg import spectral_normalize, tf32_matmuls
 from ..validation import Rule, check_choice, check_group
 from .batched import finite_mask, per_block
-from .distributed import Topology, all_gather_blocks, assign_owners, local, resolve_topology
+from .distributed import Topology, all_gather_blocks, assign_owners, gather_whole, local, resolve_topology
 from .plan import Bucket, Member, block_prefix, build_buckets, engine_entries, fresh_block_state, state_dtype
 
 __all__ = ["BlockEngine", "WEIGHT_DECAY_MODES"]
@@ -326,11 +327,11 @@ class BlockEngine(torch.optim.Optimizer):
         if bucket.fused:
             grads = [m.grad() for m in bucket.members]
             return grads, finite_mask(grads)
-        if bucket.rows is not None:
-            self._topology.start(bucket.device)
-        views = [m.view(m.grad().contiguous()) for m in bucket.members]
-        if bucket.rows is not None:
-            self._topology.stop(bucket.device)
+        if bucket.rows is not None:  # whole matrices from FSDP2 shards: one all_gather for the bucket
+            whole = gather_whole(self._topology, [m.param.grad for m in bucket.members])
+            views = [m.view(g) for m, g in zip(bucket.members, whole.unbind(0))]
+        else:
+            views = [m.view(m.grad().contiguous()) for m in bucket.members]
         ok = finite_mask(views)
         kept, kept_ok = views, ok
         if bucket.exchanged:  # a process steps only the blocks it owns; every block's mask is kept

@@ -7,9 +7,10 @@ Two set-ups, chosen from the parameters and the ``distributed`` argument of ever
 that is not run by the fused AdamW kernel gets an *owner*: blocks are dealt, most expensive first, to the
 process with the least work so far (the cost is :meth:`~precond.engine.core.BlockEngine._block_cost`,
 ``numel · Σ dims`` by default: factor updates and preconditioning scale as ``d²·n``). A process keeps the
-preconditioner state of the blocks it owns only (its memory for it is about ``1/world``), computes their
-directions, and one ``all_gather`` per dtype hands every process every direction, so that every replica
-applies the same update. The step counters of all blocks are kept everywhere (they are a few bytes and
+preconditioner state of the blocks it owns only (its memory for it is about ``1/world``), stacks only their
+gradients, computes their directions and updates their weights; one ``all_gather`` per dtype then hands
+every process the new weights of every block (and whether each was updated), so that the replicas stay
+identical. Sending weights rather than directions sends as many elements and splits the update too. The step counters of all blocks are kept everywhere (they are a few bytes and
 decide the bucketing, which must agree between processes). Ownership depends only on the parameters'
 shapes and order, so it is the same in every process and after a restart; a checkpoint of owned blocks
 (keys ``"block{b}.name"``) can therefore be loaded at another world size with ``torch.distributed.checkpoint``.
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Topology", "resolve_topology", "assign_owners", "local", "row_range", "all_gather_blocks"]
+__all__ = ["Topology", "resolve_topology", "assign_owners", "local", "row_range", "all_gather_blocks", "gather_whole"]
 
 
 def _dtensor_type() -> type | None:
@@ -145,6 +146,22 @@ def row_range(param: Tensor) -> tuple[int, int]:
     chunk = -(-rows // world)  # torch.chunk's split, which FSDP2 uses
     start = min(rank * chunk, rows)
     return start, min(start + chunk, rows)
+
+
+def gather_whole(topology: Topology, shards: list[Tensor]) -> Tensor:
+    """The stack ``[B, *shape]`` of whole tensors from their ``Shard(0)`` DTensors (all of one shape), by one
+    ``all_gather``: each process sends its rows of all of them, padded to ``torch.chunk``'s chunk."""
+    shape = tuple(shards[0].shape)
+    rows, world = shape[0], topology.world
+    chunk = -(-rows // world)
+    mine = torch.stack([local(t) for t in shards])  # [B, my rows, *rest]
+    send = mine.new_zeros((len(shards), chunk, *shape[1:]))
+    send[:, :mine.shape[1]] = mine
+    received = send.new_empty((world, *send.shape))
+    topology.start(send.device)
+    _all_gather(received.view(-1), send.view(-1), group=topology.group)
+    topology.stop(send.device)
+    return received.transpose(0, 1).reshape(len(shards), world * chunk, *shape[1:])[:, :rows]
 
 
 # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name)
