@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -130,12 +131,26 @@ def curves(runs: list[dict]) -> dict[tuple[str, str], dict[int, list[tuple[float
             for k, ws in losses.items()}
 
 
+def interpolated_best(points: list[tuple[float, float]]) -> float:
+    """The rate at the vertex of the parabola through the best grid point and its two neighbours, in log lr
+    (the grid's 2× steps are too coarse to tell near-ties apart); the grid's end when the best point is one."""
+    finite = [(lr, loss if loss == loss else float("inf")) for lr, loss in points]
+    i = min(range(len(finite)), key=lambda j: finite[j][1])
+    if i in (0, len(finite) - 1) or not all(math.isfinite(finite[j][1]) for j in (i - 1, i + 1)):
+        return finite[i][0]
+    (x0, y0), (x1, y1), (x2, y2) = ((math.log(lr), loss) for lr, loss in finite[i - 1:i + 2])
+    # vertex of the parabola through three points (unequal spacing allowed); y1 is the smallest, so it is a minimum
+    num = (x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)
+    den = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
+    return math.exp(x1 - 0.5 * num / den) if den != 0 else finite[i][0]
+
+
 def report(path: Path) -> str:
     table = curves(json.loads(path.read_text()))
     widths = sorted({w for ws in table.values() for w in ws})
-    lines = ["| optimizer | parametrisation | " + " | ".join(f"best lr, width {w}" for w in widths)
-             + " | drift (max/min best lr) | loss at the widest |",
-             "|---|---|" + "---|" * len(widths) + "---|---|"]
+    lines = ["| optimizer | parametrisation | " + " | ".join(f"best lr, width {w} (interpolated)" for w in widths)
+             + " | drift (max/min best lr): grid | interpolated | loss at the widest |",
+             "|---|---|" + "---|" * len(widths) + "---|---|---|"]
     for (name, case), ws in sorted(table.items(), key=lambda kv: (kv[0][0], CASES.index(kv[0][1]))):
         # a width with fewer than three rates run (a study cut short) has no best rate to speak of
         best = {w: min(points, key=lambda p: p[1] if p[1] == p[1] else float("inf")) for w, points in ws.items()
@@ -144,11 +159,16 @@ def report(path: Path) -> str:
         if not rates:
             continue
         drift = max(rates) / min(rates)
+        smooth = {w: interpolated_best(ws[w]) for w in best}
+        smooth_drift = max(smooth.values()) / min(smooth.values())
         edge = {w for w in best if best[w][0] in (ws[w][0][0], ws[w][-1][0])}
-        cells = [f"{best[w][0]:.3g}{' †' if w in edge else ''}" if w in best else "—" for w in widths]
-        lines.append(f"| {name} | {case} | " + " | ".join(cells) + f" | {drift:.0f}× | {best[max(best)][1]:.4f} |")
-    lines.append("\n† the best rate is an end of the swept grid: the true optimum may lie beyond it. — fewer than "
-                 "three rates were run at that width.")
+        cells = [f"{best[w][0]:.3g}{' †' if w in edge else f' ({smooth[w]:.2g})'}" if w in best else "—"
+                 for w in widths]
+        lines.append(f"| {name} | {case} | " + " | ".join(cells) + f" | {drift:.0f}× | {smooth_drift:.1f}× | "
+                     f"{best[max(best)][1]:.4f} |")
+    lines.append("\n† the best rate is an end of the swept grid: the true optimum may lie beyond it (the drift "
+                 "takes the end). — fewer than three rates were run at that width. In brackets: the vertex of the "
+                 "parabola through the best rate and its neighbours (in log lr).")
     return "\n".join(lines)
 
 

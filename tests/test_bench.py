@@ -430,6 +430,16 @@ def test_transfer_study_script_runs_both_parametrisations_and_reports_drift(data
         assert f"| SOAP | {case} |" in table
 
 
+def test_transfer_study_interpolates_the_optimum_between_grid_points():
+    study = study_script("transfer_study")
+    optimum = 0.0042
+    points = [(lr, 2.0 + (math.log(lr) - math.log(optimum)) ** 2) for lr in (0.001, 0.002, 0.004, 0.008, 0.016)]
+    assert study.interpolated_best(points) == pytest.approx(optimum, rel=1e-9)  # exact on a parabola
+    points[0] = (0.001, float("nan"))  # a diverged rate far from the optimum changes nothing
+    assert study.interpolated_best(points) == pytest.approx(optimum, rel=1e-9)
+    assert study.interpolated_best(points[:3]) == 0.004  # best at the grid's end: the end
+
+
 def test_bias_correction_study_script_runs_every_mode_on_equal_tokens(data_dir, tmp_path):
     study = study_script("bias_correction_study")
     out = tmp_path / "bc.json"
