@@ -67,6 +67,24 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def profile_step(trained, opt, workload, step, rank, share, device) -> None:
+    """One more training step whose optimizer step runs under ``torch.profiler``; rank 0 prints the table."""
+    from torch.profiler import ProfilerActivity, profile
+    x, y = workload.batch(step, seed=0)
+    opt.zero_grad(set_to_none=True)
+    logits = trained(x[rank * share:(rank + 1) * share])
+    F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y[rank * share:(rank + 1) * share].reshape(-1)
+                    ).backward()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if rank == 0:
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("ddp", "fsdp"), default="ddp")
@@ -83,6 +101,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32, help="global batch, split between processes")
     p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.add_argument("--profile", action="store_true", help="after training, profile one more step (rank 0 prints "
+                   "the kernels that took the most device time; the step changes the final parameters)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--save-params", type=Path, default=None)
     p.add_argument("--compare", type=Path, default=None)
@@ -146,6 +166,10 @@ def main() -> None:
             dist.all_reduce(mean_loss)
             mean_loss /= world
         losses.append(float(mean_loss))
+
+    if args.profile:
+        opt.time_communication(False)
+        profile_step(trained, opt, workload, args.steps, rank, share, device)
 
     timed, comm_timed = slice(min(args.warmup, comm_from - 1), comm_from), slice(comm_from, None)
     record = {"rank": rank, "world": world, "mode": args.mode if distributed else "single",
