@@ -96,7 +96,7 @@ class AdamW(bc.MicrobatchCorrection, BlockEngine):
         if bc.crosses(mode):
             name = "numer_sum" if index < n_a else "square_sum"
             value = grad if index < n_a else grad * grad
-            micro[name] = micro[name] + value if name in micro else value
+            bc.add_(micro, name, value)
         if bc.corrects_variance(mode) and index >= n_a:  # the variance group: B, or every microbatch
             beta2 = bucket.group["betas"][1]
             step = bucket.state["step"] + 1.0  # the coming step's t, per block

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .engine import Bucket
-from .linalg import shifted_eigh
+from .linalg import shifted_eigh, spectral_function
 from .validation import Rule, check_choice, check_in, check_int
 
 __all__ = ["MODES", "RULES", "MicrobatchCorrection", "split", "corrected_inverse", "corrected_inverse_roots",
@@ -102,8 +102,13 @@ def corrected_inverse_roots(A: Tensor, exponent: float, epsilon: float, variance
     carried = (Q.mT @ basis).square() @ variance.unsqueeze(-1)
     second_order = 0.5 * exponent * (exponent + 1.0) * L.pow(-exponent - 2.0) * carried.squeeze(-1)
     d = (L.pow(-exponent) - second_order).clamp_(min=0.0)
-    roots = (Q * d.unsqueeze(-2)) @ Q.mT
-    return roots, Q, ok & torch.isfinite(roots).flatten(-2).all(-1)
+    roots, ok = spectral_function(Q, d, ok)
+    return roots, Q, ok
+
+
+def add_(stats: dict[str, Tensor], name: str, value: Tensor) -> None:
+    """``stats[name] += value`` (a new sum starts at ``value``)."""
+    stats[name] = stats[name] + value if name in stats else value
 
 
 def welford_(stats: dict[str, Tensor], prefix: str, value: Tensor, count: int) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "batched_eigh",
     "inverse_roots",
     "shifted_eigh",
+    "spectral_function",
     "pseudo_inverse_roots",
     "inverse_root",
     "permute_columns",
@@ -120,9 +121,7 @@ def inverse_roots(A: Tensor, exponent: float, epsilon: float) -> tuple[Tensor, T
     This is the perturbation rule of Distributed Shampoo's default root-inverse configuration.
     """
     L, Q, ok = shifted_eigh(A, epsilon)
-    roots = (Q * L.pow(-exponent).unsqueeze(-2)) @ Q.mT
-    ok = ok & torch.isfinite(roots).flatten(-2).all(-1)
-    return roots, ok
+    return spectral_function(Q, L.pow(-exponent), ok)
 
 
 def pseudo_inverse_roots(A: Tensor, exponent: float, rank_rtol: float | None = None) -> tuple[Tensor, Tensor]:
@@ -138,7 +137,12 @@ def pseudo_inverse_roots(A: Tensor, exponent: float, rank_rtol: float | None = N
     cutoff = rtol * L.max(-1, keepdim=True).values.clamp(min=0.0)
     kept = L > cutoff
     powers = torch.where(kept, L.clamp(min=torch.finfo(A.dtype).tiny).pow(-exponent), 0.0)
-    roots = (Q * powers.unsqueeze(-2)) @ Q.mT
+    return spectral_function(Q, powers, ok)
+
+
+def spectral_function(Q: Tensor, values: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+    """``Q diag(values) Qᵀ`` per matrix of a stack, and ``ok`` cleared where the result is not finite."""
+    roots = (Q * values.unsqueeze(-2)) @ Q.mT
     return roots, ok & torch.isfinite(roots).flatten(-2).all(-1)
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from .adamw import adam_directions, adam_state
 from .blocks import BlockLayout
 from .engine import ADAM, BlockEngine, Bucket
-from .validation import STEP_RULES, betas_rule, check_group, check_lr, check_positive
+from .validation import betas_rule, check_finite_nonneg, check_group, check_lr, check_positive
 
 __all__ = ["MatrixOptimizer", "split_groups"]
 
@@ -74,7 +74,7 @@ class MatrixOptimizer(BlockEngine):
         defaults = dict(defaults, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps)
         check_group(self._group_rules, defaults)  # the method's own arguments are named first
         check_lr(adamw_lr)
-        STEP_RULES["weight_decay"]("adamw_weight_decay", adamw_weight_decay)
+        check_finite_nonneg("adamw_weight_decay", adamw_weight_decay)
         adamw = dict(lr=adamw_lr, weight_decay=adamw_weight_decay)
         self._adamw_defaults = adamw
         super().__init__(params, defaults, distributed=distributed, strict=strict)

@@ -360,7 +360,7 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
         if bc.crosses(mode):
             sums = {"numer_sum": grad} if index < n_a else {f"outer{i}": factor_outer(grad, i) for i in factored}
             for name, value in sums.items():
-                micro[name] = micro[name] + value if name in micro else value
+                bc.add_(micro, name, value)
         # the variance is needed at refreshes only, along the eigenvectors kept from the last one
         if bc.corrects_variance(mode) and index >= n_a and self._refreshes(bucket, bucket.calls + 1):
             for i in factored:

@@ -121,7 +121,7 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
         mode, micro = bucket.group["bias_correction"], bucket.micro
         if bc.crosses(mode):
             name, value = ("numer_sum", grad) if index < n_a else ("square_sum", grad * grad)
-            micro[name] = micro[name] + value if name in micro else value
+            bc.add_(micro, name, value)
         if bc.corrects_variance(mode) and index >= n_a:
             bc.welford_(micro, "s", grad * grad, index + 1 - n_a)
 
@@ -184,18 +184,13 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
         whose estimate is not finite keeps its ``H``.
         """
         if any(g["bias_correction"] != "std" for g in self.param_groups):
-            if batch_size is None:
-                raise ValueError("Invalid batch_size: None (Sophia-G's estimator B·ĝ² needs the batch size)")
-            check_int("batch_size", batch_size, 1)
-            self._corrected_hessian_update(batch_size)
+            self._corrected_hessian_update(_checked_batch_size(batch_size))
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params or group["bias_correction"] != "std":
                 continue
             if group["estimator"] == "gnb":
-                if batch_size is None:
-                    raise ValueError("Invalid batch_size: None (Sophia-G's estimator B·ĝ² needs the batch size)")
-                check_int("batch_size", batch_size, 1)
+                batch_size = _checked_batch_size(batch_size)
                 estimates = [batch_size * p.grad.detach() * p.grad.detach() for p in params]
             else:
                 if any(p.grad.grad_fn is None for p in params):
@@ -214,3 +209,10 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
                 finite = torch.isfinite(h).all()  # a non-finite estimate never reaches the state
                 hessian.copy_(torch.where(finite, torch.add(hessian * beta2, h, alpha=1.0 - beta2), hessian))
                 state[prefix + "hessian_updates"].add_(finite)
+
+
+def _checked_batch_size(batch_size: int | None) -> int:
+    if batch_size is None:
+        raise ValueError("Invalid batch_size: None (Sophia-G's estimator B·ĝ² needs the batch size)")
+    check_int("batch_size", batch_size, 1)
+    return batch_size

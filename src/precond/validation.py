@@ -6,9 +6,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["check_lr", "check_in", "check_betas", "check_nonneg", "check_positive", "check_int", "check_choice",
-           "check_max_dim", "check_group", "Rule", "lr_rule", "betas_rule", "betas_to_one_rule", "flag_rule",
-           "fraction_rule", "STEP_RULES"]
+__all__ = ["check_lr", "check_in", "check_betas", "check_nonneg", "check_finite_nonneg", "check_positive",
+           "check_int", "check_choice", "check_max_dim", "check_group", "Rule", "lr_rule", "betas_rule",
+           "betas_to_one_rule", "flag_rule", "fraction_rule", "STEP_RULES"]
 
 
 def _number(name: str, value: Any) -> float:
@@ -28,7 +28,7 @@ def check_lr(lr: Any) -> None:
         raise ValueError(f"Invalid lr: {lr} (must be finite)")
 
 
-def _finite_nonneg(name: str, value: Any) -> None:
+def check_finite_nonneg(name: str, value: Any) -> None:
     check_nonneg(name, value)
     if math.isinf(value):
         raise ValueError(f"Invalid {name}: {value} (must be finite)")
@@ -103,7 +103,7 @@ def fraction_rule(name: str, value: Any) -> None:
 
 
 # What every optimizer's groups may set.
-STEP_RULES: dict[str, Rule] = {"lr": lr_rule, "weight_decay": _finite_nonneg}
+STEP_RULES: dict[str, Rule] = {"lr": lr_rule, "weight_decay": check_finite_nonneg}
 
 
 def check_group(rules: dict[str, Rule], group: dict[str, Any], where: str | None = None) -> None:

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..blocks import BlockLayout
 from ..linalg import spectral_normalize, tf32_matmuls
-from ..validation import Rule, check_choice, check_group
+from ..validation import Rule, check_group, flag_rule
 from .batched import finite_mask, per_block
 from .distributed import Topology, all_gather_blocks, assign_owners, gather_whole, local, resolve_topology
 from .plan import Bucket, Member, block_prefix, build_buckets, engine_entries, fresh_block_state, state_dtype
@@ -92,7 +92,7 @@ class BlockEngine(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], distributed: Any = None,
                  strict: bool = False) -> None:
         check_group(self._group_rules, defaults)
-        check_choice("strict", strict, (False, True))
+        flag_rule("strict", strict)
         super().__init__(params, defaults)
         self._distributed = distributed
         self._strict = strict

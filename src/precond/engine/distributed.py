@@ -10,8 +10,9 @@ process with the least work so far (the cost is :meth:`~precond.engine.core.Bloc
 preconditioner state of the blocks it owns only (its memory for it is about ``1/world``), stacks only their
 gradients, computes their directions and updates their weights; one ``all_gather`` per dtype then hands
 every process the new weights of every block (and whether each was updated), so that the replicas stay
-identical. Sending weights rather than directions sends as many elements and splits the update too. The step counters of all blocks are kept everywhere (they are a few bytes and
-decide the bucketing, which must agree between processes). Ownership depends only on the parameters'
+identical. Sending weights rather than directions sends as many elements and splits the update too. The
+step counters of all blocks are kept everywhere (they are a few bytes and decide the bucketing, which must
+agree between processes). Ownership depends only on the parameters'
 shapes and order, so it is the same in every process and after a restart; a checkpoint of owned blocks
 (keys ``"block{b}.name"``) can therefore be loaded at another world size with ``torch.distributed.checkpoint``.
 
