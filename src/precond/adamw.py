@@ -57,6 +57,9 @@ class AdamW(bc.MicrobatchCorrection, BlockEngine):
     ``distributed`` (``None``, ``"ddp"`` or a process group) splits the work between processes under DDP;
     FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
 
+    ``strict=True`` raises ``FloatingPointError`` naming the parameter and block when a gradient or an update is
+    not finite, instead of skipping that block's step and counting it (``preconditioner_stats()``).
+
     ``bias_correction`` (per group; :mod:`precond.bias_correction`, Nayak et al. 2026) corrects the bias of
     ``m̂/(√v̂+ε)`` from microbatch statistics collected by :meth:`accumulate`: ``"std"`` (default) is the
     rule above; ``"cross_fit"`` feeds ``M`` the mean gradient of group A (the first ``cross_fit_fraction``

@@ -41,6 +41,9 @@ class ASGO(MatrixOptimizer):
     query/key matrices and the diagonal-other-side DASGO are not implemented.
     ``distributed`` (``None``, ``"ddp"`` or a process group) splits the work between processes under DDP;
     FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
+
+    ``strict=True`` raises ``FloatingPointError`` naming the parameter and block when a gradient or an update is
+    not finite, instead of skipping that block's step and counting it (``preconditioner_stats()``).
     """
 
     _group_rules = {**MatrixOptimizer._group_rules, **STEP_RULES, "betas": betas_to_one_rule,

@@ -54,6 +54,9 @@ class EShampoo(ShampooFamily):
     Grafting stays available but is off by default.
     ``distributed`` (``None``, ``"ddp"`` or a process group) splits the work between processes under DDP;
     FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
+
+    ``strict=True`` raises ``FloatingPointError`` naming the parameter and block when a gradient or an update is
+    not finite, instead of skipping that block's step and counting it (``preconditioner_stats()``).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

@@ -50,6 +50,9 @@ class Muon(MatrixOptimizer):
     ``adjust_lr_fn="match_rms_adamw"`` Muon's rate is AdamW-sized already and both share ``lr`` (Moonlight). ``ns_dtype`` selects the Newton–Schulz precision ("bfloat16" as torch, or "float32").
     ``distributed`` (``None``, ``"ddp"`` or a process group) splits the Newton–Schulz work between processes;
     under FSDP2 whole matrices are gathered, so the update is one process's (:mod:`precond.engine.distributed`).
+
+    ``strict=True`` raises ``FloatingPointError`` naming the parameter and block when a gradient or an update is
+    not finite, instead of skipping that block's step and counting it (``preconditioner_stats()``).
     """
 
     _group_rules = {**MatrixOptimizer._group_rules, **STEP_RULES, "momentum": fraction_rule, "eps": check_positive}

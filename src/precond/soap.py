@@ -64,6 +64,8 @@ class SOAP(BlockEngine):
         tf32: compute this optimizer's float32 matmuls with TF32 tensor cores on CUDA (default False).
         spectral_normalize: rescale each block's update to spectral norm ``sqrt(d_out/d_in)`` (default False;
             see :class:`~precond.Shampoo`).
+        strict: raise ``FloatingPointError`` naming the parameter and block when a gradient or an update is not
+            finite, instead of skipping that block's step and counting it (default False).
         distributed: ``None`` (one process, or FSDP2 ``DTensor`` parameters), ``"ddp"`` or a process
             group: split the work between processes (:mod:`precond.engine.distributed`).
     """

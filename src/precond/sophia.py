@@ -66,6 +66,9 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
     the variance modes, and 2–4 per parameter while accumulating.
     ``distributed`` (``None``, ``"ddp"`` or a process group) splits the work between processes under DDP;
     FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
+
+    ``strict=True`` raises ``FloatingPointError`` naming the parameter and block when a gradient or an update is
+    not finite, instead of skipping that block's step and counting it (``preconditioner_stats()``).
     """
 
     _group_rules = {**STEP_RULES, "betas": betas_rule, "rho": check_positive, "eps": check_positive, **bc.RULES}
