@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import precond
 from precond.bench.model import GPTConfig
 from precond.bench.runner import lr_factor
+from precond.bench.study import run_or_report, study_parser
 from precond.bench.workloads import COSINE, LanguageModel
 
 
@@ -161,14 +162,10 @@ def plot(path: Path, image: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/bias_correction/runs.json"))
-    p.add_argument("--report", type=Path, default=None, help="print the table of a finished study and plot it")
+    p = study_parser(__doc__, "benchmarks/results/bias_correction/runs.json", device="cpu")
     p.add_argument("--optimizer", nargs="+", default=["AdamW"], choices=list(OPTIMIZERS))
     p.add_argument("--modes", nargs="+", default=["std", "full"], choices=list(MODES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--data-dir", default="data")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--microbatches", type=int, default=8)
@@ -177,11 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--context", type=int, default=64)
-    args = p.parse_args(argv)
-    if args.report is not None:
-        print(report(args.report))
-        plot(args.report, args.report.with_suffix(".png"))
-        return 0
+    return run_or_report(p.parse_args(argv), run_study, report, plot)
+
+
+def run_study(args: argparse.Namespace) -> None:
     config = GPTConfig(width=args.width, depth=args.depth, heads=max(1, args.width // 32), context=args.context)
     workload = LanguageModel(Path(args.data_dir), config, batch_size=args.batch_size, device=args.device)
     done = json.loads(args.out.read_text()) if args.out.exists() else []
@@ -196,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} {mode} seed={seed}: {r['final_val_loss']:.4f}", file=sys.stderr, flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(done, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 import precond
 from precond.bench.optimizers import AdamWSetting, OptimizerSpec
 from precond.bench.runner import train_run
+from precond.bench.study import run_or_report, study_parser
 from precond.bench.workloads import LanguageModel
 from precond.bench.model import GPTConfig
 
@@ -177,13 +178,9 @@ def plot(path: Path, png: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/purifying/runs.json"))
-    p.add_argument("--report", type=Path, default=None, help="print the tables of a finished study and plot it")
+    p = study_parser(__doc__, "benchmarks/results/purifying/runs.json")
     p.add_argument("--findings", nargs="+", default=None, choices=list("abc"))
     p.add_argument("--match", default=None, help="only configurations whose name contains this")
-    p.add_argument("--data-dir", default="data")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--width", type=int, default=256)
@@ -191,13 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
-    args = p.parse_args(argv)
-    if args.report is not None:
-        print(report(args.report))
-        plot(args.report, args.report.with_suffix(".png"))
-        return 0
-    run_study(args)
-    return 0
+    return run_or_report(p.parse_args(argv), run_study, report, plot)
 
 
 if __name__ == "__main__":

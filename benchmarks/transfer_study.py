@@ -33,6 +33,7 @@ import precond
 from precond.bench.model import GPT, GPTConfig
 from precond.bench.optimizers import AdamWSetting, OptimizerSpec
 from precond.bench.runner import train_run
+from precond.bench.study import run_or_report, study_parser
 from precond.bench.workloads import COSINE, LanguageModel
 from precond.scaling import scaled_param_groups
 
@@ -199,10 +200,7 @@ def plot(path: Path, image: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/transfer/runs.json"))
-    p.add_argument("--report", type=Path, default=None, help="print the table of a finished study and plot it")
+    p = study_parser(__doc__, "benchmarks/results/transfer/runs.json")
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     p.add_argument("--cases", nargs="+", default=["SP", "scaled"], choices=CASES,
                    help="normalized and blocked apply to SOAP and Shampoo")
@@ -210,17 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exponents", nargs="+", type=int, default=[-3, -2, -1, 0, 1],
                    help="rates are the optimizer's centre rate times 2**k")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="the best rate is taken on the mean over seeds")
-    p.add_argument("--data-dir", default="data")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
-    args = p.parse_args(argv)
-    if args.report is None:
-        run_study(args)
-    else:  # a finished study: its table, and the plot beside the runs
-        print(report(args.report))
-        plot(args.report, args.report.with_suffix(".png"))
-    return 0
+    return run_or_report(p.parse_args(argv), run_study, report, plot)
 
 
 if __name__ == "__main__":
