@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["per_block", "commit_", "bias_correction", "finite_mask"]
+__all__ = ["per_block", "commit_", "bias_correction", "finite_mask", "finite_rows"]
 
 
 def per_block(values: Tensor, like: Tensor) -> Tensor:
@@ -41,12 +41,19 @@ def bias_correction(beta: float, step: Tensor, dtype: torch.dtype) -> Tensor:
     return 1.0 - torch.pow(beta, step.to(dtype))
 
 
-def finite_mask(tensors: list[Tensor]) -> Tensor:
-    """``[B]`` bools: whether every entry of ``tensors[b]`` is finite, reading each tensor once.
+def _order(device: torch.device) -> float:
+    # The inf-norm (max |x|, NaN-propagating) is exact; on a CPU its kernel is slow and the 1-norm is used:
+    # NaN and ±inf propagate into it, and a finite tensor only reads as non-finite if its absolute values
+    # sum past the dtype's largest number (~3e38 for float32).
+    return float("inf") if device.type == "cuda" else 1.0
 
-    On a GPU by the multi-tensor inf-norm (max |x|, NaN-propagating), exact. On a CPU that kernel is slow
-    and the 1-norm is used: NaN and ±inf propagate into it, and a finite tensor only reads as non-finite if
-    its absolute values sum past the dtype's largest number (~3e38 for float32).
-    """
-    order = float("inf") if tensors[0].device.type == "cuda" else 1.0
-    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, order)))
+
+def finite_mask(tensors: list[Tensor]) -> Tensor:
+    """``[B]`` bools: whether every entry of ``tensors[b]`` is finite, reading each tensor once (one
+    multi-tensor norm; see :func:`finite_rows` for a stack, which costs the host less)."""
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, _order(tensors[0].device))))
+
+
+def finite_rows(stack: Tensor) -> Tensor:
+    """``[B]`` bools: whether every entry of ``stack[b]`` is finite, by one reduction over the stack."""
+    return torch.isfinite(torch.linalg.vector_norm(stack.flatten(1), _order(stack.device), dim=1))
