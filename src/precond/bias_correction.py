@@ -198,6 +198,8 @@ class MicrobatchCorrection:
                                f"backward passes; step() came after {self._micro_seen} of {self._micro_total}")
 
     def _end_accumulation(self) -> None:
+        if self._micro_seen == 0 and self._micro_total == 0:
+            return  # nothing was accumulated: no attribute is written (a compiled step traces whole)
         for bucket in self._buckets:
             bucket.micro.clear()
         self._micro_seen = self._micro_total = 0
