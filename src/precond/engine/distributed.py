@@ -23,7 +23,8 @@ preconditioner of a matrix split by rows into shards is block-diagonal over the 
 one process's unless the blocks fall on shard boundaries (``max_preconditioner_dim`` dividing the shard
 rows). These states are per shard, under keys ``"shard{rank}of{world}.…"``, so resuming at another world
 size fails with a missing-key error. Methods whose update needs the whole matrix (Muon's Newton–Schulz)
-gather the full gradient, run it on an owner process as under DDP, and gather the full direction back;
+gather the full gradients (one ``all_gather`` per bucket of one shape), run each on an owner process as
+under DDP, and gather the full directions back;
 every process then applies its rows, so Muon under FSDP2 equals Muon in one process.
 """
 
