@@ -102,3 +102,41 @@ def test_owners_are_dealt_by_cost():
     assert loads == [15.0, 15.0]
     assert owners == assign_owners(costs, 2)  # deterministic: every process computes the same
     assert assign_owners([1.0, 1.0, 1.0], 4) == [0, 1, 2]
+
+
+def test_launcher_example_runs_ddp_and_fsdp_like_one_process(tmp_path):
+    """examples/distributed_lm.py on a tiny model: one process, then torchrun with 2 gloo processes under DDP
+    and FSDP2, each compared with the one-process run (Muon: whole matrices, so the same trajectory)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from precond.bench import data
+
+    docs = {f"doc{i}.txt": (f"Some text number {i} for the example. " * 30).encode() for i in range(30)}
+    train, val = data.split_documents(docs)
+    (tmp_path / "pydocs").mkdir()
+    (tmp_path / "pydocs" / "train.bin").write_bytes(train)
+    (tmp_path / "pydocs" / "val.bin").write_bytes(val)
+    root = Path(__file__).resolve().parents[1]
+    tiny = ["--optimizer", "Muon", "--width", "32", "--depth", "1", "--heads", "2", "--context", "16",
+            "--batch-size", "4", "--steps", "6", "--warmup", "2", "--device", "cpu", "--dtype", "float64",
+            "--data-dir", str(tmp_path)]
+    env = {"PYTHONPATH": str(root / "src"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    script = str(root / "examples" / "distributed_lm.py")
+    one = subprocess.run([sys.executable, script, *tiny, "--save-params", str(tmp_path / "one.pt"),
+                          "--out", str(tmp_path / "one.json")], capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert json.loads((tmp_path / "one.json").read_text())[0]["mode"] == "single"
+    for mode in ("ddp", "fsdp"):
+        out = tmp_path / f"{mode}.json"
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              "--master-port", str(_free_port()), script, "--mode", mode, *tiny,
+                              "--compare", str(tmp_path / "one.pt"), "--out", str(out)],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        records = json.loads(out.read_text())
+        assert [r["rank"] for r in records] == [0, 1] and all(r["mode"] == mode for r in records)
+        assert all(r["optimizer_ms"] > 0 and r["optimizer_state_mb"] > 0 for r in records)
+        diff = float(run.stdout.split("max relative parameter difference ")[1].split(",")[0])
+        assert diff <= 1e-12  # float64; the processes sum gradients in another order than one process
