@@ -101,6 +101,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32, help="global batch, split between processes")
     p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.add_argument("--compile", action="store_true", help="torch.compile(opt.step) after the first (eager) step; "
+                   "compilation falls in the warmup steps")
     p.add_argument("--profile", action="store_true", help="after training, profile one more step (rank 0 prints "
                    "the kernels that took the most device time; the step changes the final parameters)")
     p.add_argument("--out", type=Path, default=None)
@@ -140,6 +142,7 @@ def main() -> None:
     groups = precond.param_groups(model) if args.optimizer == "Muon" else list(model.parameters())
     ddp = distributed and args.mode == "ddp"
     opt = OPTIMIZERS[args.optimizer](groups, "ddp" if ddp else None)
+    step_fn = torch.compile(opt.step) if args.compile else opt.step
     comm_from = max(args.steps - args.comm_steps, min(args.warmup + 1, args.steps - 1))
 
     losses, step_seconds, comm_seconds = [], [], []
@@ -156,7 +159,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         comm_before, start = opt.communication_seconds, time.perf_counter()
-        opt.step()
+        step_fn() if step else opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_seconds.append(time.perf_counter() - start)
@@ -173,7 +176,7 @@ def main() -> None:
 
     timed, comm_timed = slice(min(args.warmup, comm_from - 1), comm_from), slice(comm_from, None)
     record = {"rank": rank, "world": world, "mode": args.mode if distributed else "single",
-              "optimizer": args.optimizer, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+              "optimizer": args.optimizer, "compiled": args.compile, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else "cpu", "dtype": args.dtype, "optimizer_ms": 1e3 * statistics.median(step_seconds[timed]),
               "comm_ms": 1e3 * statistics.median(comm_seconds[comm_timed] or [0.0]),
               "optimizer_state_mb": state_bytes(opt) / 2**20, "peak_memory_mb": peak_memory_mb(device),

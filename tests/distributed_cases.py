@@ -148,16 +148,21 @@ def fsdp_pair(name: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     return net, FACTORIES[name](net.parameters())
 
 
-def case_trajectory(mode: str, name: str, rank: int, world: int) -> dict:
+def case_trajectory(mode: str, name: str, rank: int, world: int, compiled: bool = False) -> dict:
+    """``compiled``: after the first (eager) step, ``torch.compile(opt.step)`` (``aot_eager``), the
+    collectives traced inside it."""
     net, opt = (ddp_pair if mode == "ddp" else fsdp_pair)(name)
     inner = net.module if mode == "ddp" else net
     ref = Reference(name, world, chunked=mode == "fsdp" and name != "Muon")  # Muon gathers whole matrices
+    if compiled:
+        torch._dynamo.reset()
+    step_fn = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
     for step in range(STEPS):
         x, y = (my_rows(t, rank, world) for t in data(step, world))
         opt.zero_grad()
         nn.functional.mse_loss(net(x), y).backward()
         ref.step(full_grads(inner))
-        opt.step()
+        step_fn() if step else opt.step()
         if isinstance(opt, precond.Sophia) and opt.hessian_update_due():
             opt.zero_grad()
             nn.functional.mse_loss(net(x), y).backward()
@@ -256,7 +261,8 @@ def case_resume(mode: str, name: str, rank: int, world: int, root: str) -> dict:
 CASES = ([("trajectory", mode, name) for mode in ("ddp", "fsdp") for name in FACTORIES]
          + [("resume", "ddp", "SOAP"), ("resume", "ddp", "Muon"), ("resume", "fsdp", "SOAP"),
             ("resume", "fsdp", "Muon")]
-         + [("guards", "ddp", name) for name in ("Shampoo", "SOAP", "Muon")])
+         + [("guards", "ddp", name) for name in ("Shampoo", "SOAP", "Muon")]
+         + [("compiled", "ddp", name) for name in ("SOAP", "Muon")])
 
 
 def worker(rank: int, world: int, port: int, root: str) -> None:
@@ -273,6 +279,8 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
                     out = case_trajectory(mode, name, rank, world)
                 elif kind == "guards":
                     out = case_guards(mode, name, rank, world)
+                elif kind == "compiled":
+                    out = case_trajectory(mode, name, rank, world, compiled=True)
                 else:
                     out = case_resume(mode, name, rank, world, root)
             except Exception:  # noqa: BLE001 - reported per case by the test

@@ -65,6 +65,13 @@ def test_ddp_guards_agree_between_processes(results, name):
     assert sorted(counts[0]) == sorted(outs[0]["reference_counts"]) and sum(counts[0]) > 1
 
 
+@pytest.mark.parametrize("name", ["SOAP", "Muon"])
+def test_compiled_ddp_step_matches_one_process(results, name):
+    """torch.compile(opt.step) under DDP traces the exchange's collectives and keeps the trajectory."""
+    for out in _case(results, f"compiled-ddp-{name}"):
+        assert out["max_rel"] <= TOLERANCE
+
+
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_fsdp_matches_its_reference(results, name):
     for out in _case(results, f"trajectory-fsdp-{name}"):

@@ -60,8 +60,12 @@ def _traced_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
                   eps: float, found_inf: Tensor) -> None:
     """``torch._fused_adamw_``'s update written with multi-tensor ops, for ``torch.compile`` to fuse: the
     step counts (already advanced) are read; ``found_inf`` (0 or 1) skips every update: each change is
-    scaled by ``keep = 1 - found_inf`` and the gradients are zeroed first, so nothing non-finite enters."""
-    keep = 1.0 - found_inf
+    scaled by ``keep = 1 - found_inf`` and the gradients are zeroed first, so nothing non-finite enters.
+    Scalars are computed in the state's dtype (float64 state: the bias corrections in float64, as the fused
+    kernel does), not in the float32 of the counters."""
+    dtype = exp_avgs[0].dtype
+    keep = (1.0 - found_inf).to(dtype)
+    steps = [t.to(dtype) for t in steps]
     grads = [torch.where(found_inf.bool(), 0.0, g.to(m.dtype)) for g, m in zip(grads, exp_avgs)]
     torch._foreach_lerp_(exp_avgs, grads, keep * (1.0 - beta1))
     torch._foreach_mul_(exp_avg_sqs, 1.0 - keep * (1.0 - beta2))
