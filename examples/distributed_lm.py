@@ -102,7 +102,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32, help="global batch, split between processes")
     p.add_argument("--data-dir", type=Path, default=Path("data"))
     p.add_argument("--compile", action="store_true", help="torch.compile(opt.step) after the first (eager) step; "
-                   "compilation falls in the warmup steps")
+                   "compilation falls in the warmup steps (under FSDP2, torch 2.11's inductor refuses the step: "
+                   "aliased inputs mutated in the graph)")
     p.add_argument("--profile", action="store_true", help="after training, profile one more step (rank 0 prints "
                    "the kernels that took the most device time; the step changes the final parameters)")
     p.add_argument("--out", type=Path, default=None)
