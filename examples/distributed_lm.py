@@ -178,7 +178,8 @@ def main() -> None:
     timed, comm_timed = slice(min(args.warmup, comm_from - 1), comm_from), slice(comm_from, None)
     record = {"rank": rank, "world": world, "mode": args.mode if distributed else "single",
               "optimizer": args.optimizer, "compiled": args.compile,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": args.dtype, "optimizer_ms": 1e3 * statistics.median(step_seconds[timed]),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": args.dtype,
+              "optimizer_ms": 1e3 * statistics.median(step_seconds[timed]),
               "comm_ms": 1e3 * statistics.median(comm_seconds[comm_timed] or [0.0]),
               "optimizer_state_mb": state_bytes(opt) / 2**20, "peak_memory_mb": peak_memory_mb(device),
               "losses": losses}
