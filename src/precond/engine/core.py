@@ -47,7 +47,8 @@ from ..blocks import BlockLayout
 from ..linalg import spectral_normalize, tf32_matmuls
 from ..validation import Rule, check_group, flag_rule
 from .batched import finite_mask, finite_rows, per_block
-from .distributed import Topology, all_gather_blocks, assign_owners, gather_whole, local, resolve_topology
+from .distributed import (Topology, all_gather_blocks, assign_owners, gather_whole, local, resolve_topology,
+                          scatter_rows)
 from .plan import Bucket, Member, block_prefix, build_buckets, engine_entries, fresh_block_state, state_dtype
 
 __all__ = ["BlockEngine", "WEIGHT_DECAY_MODES"]
@@ -282,12 +283,12 @@ class BlockEngine(torch.optim.Optimizer):
         return direction
 
     def _exchange(self, buckets: list[Bucket], directions: dict[int, Tensor | None]) -> None:
-        """(c) for whole matrices gathered from FSDP2 shards: every process gets the full direction, of which
-        it applies the rows it holds."""
+        """(c) for whole matrices gathered from FSDP2 shards: every process gets the rows it holds of every
+        block's direction (``[B, its flat range]``)."""
         pending = [i for i, b in enumerate(buckets) if b.rows is not None and directions.get(i) is not None]
         if pending:
-            full = all_gather_blocks(self._topology, [(buckets[i], directions[i]) for i in pending])
-            for i, stack in zip(pending, full):
+            mine = scatter_rows(self._topology, [(buckets[i], directions[i]) for i in pending])
+            for i, stack in zip(pending, mine):
                 order = buckets[i].order
                 directions[i] = stack if order is None else stack.index_select(0, order)
 
@@ -388,8 +389,8 @@ class BlockEngine(torch.optim.Optimizer):
         # The update runs on a stack of the blocks and is copied back by one multi-tensor kernel: a few
         # launches per bucket, whatever its size and the direction's dtype.
         weights = torch.stack(blocks)
-        if bucket.rows is not None:
-            direction = direction.flatten(1)[:, bucket.rows[0]:bucket.rows[1]].reshape(weights.shape)
+        if bucket.rows is not None:  # this process's rows of each whole-matrix direction (phase c)
+            direction = direction.reshape(weights.shape)
         scale = self._direction_scale(bucket, group)
         unsound = ok & ~_sound_update(direction, weights, lr, scale)
         if self._strict and may_raise:  # under DDP raised after the exchange, in every process alike

@@ -24,7 +24,7 @@ one process's unless the blocks fall on shard boundaries (``max_preconditioner_d
 rows). These states are per shard, under keys ``"shard{rank}of{world}.…"``, so resuming at another world
 size fails with a missing-key error. Methods whose update needs the whole matrix (Muon's Newton–Schulz)
 gather the full gradients (one ``all_gather`` per bucket of one shape), run each on an owner process as
-under DDP, and gather the full directions back;
+under DDP, and send every process only the rows of each direction it holds (one ``all_to_all`` per dtype);
 every process then applies its rows, so Muon under FSDP2 equals Muon in one process.
 """
 
@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Topology", "resolve_topology", "assign_owners", "local", "row_range", "all_gather_blocks", "gather_whole"]
+__all__ = ["Topology", "resolve_topology", "assign_owners", "local", "row_range", "all_gather_blocks", "gather_whole", "scatter_rows"]
 
 
 def _dtensor_type() -> type | None:
@@ -140,11 +140,11 @@ def assign_owners(costs: Sequence[float], world: int) -> list[int]:
     return owners
 
 
-def row_range(param: Tensor) -> tuple[int, int]:
-    """The rows ``[start, stop)`` of dim 0 that this process holds of a ``Shard(0)`` DTensor."""
+def row_range(param: Tensor, rank: int | None = None) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of dim 0 that this process (or ``rank``) holds of a ``Shard(0)`` DTensor."""
     rows = param.shape[0]
     mesh = param.device_mesh
-    world, rank = mesh.size(), mesh.get_local_rank()
+    world, rank = mesh.size(), mesh.get_local_rank() if rank is None else rank
     chunk = -(-rows // world)  # torch.chunk's split, which FSDP2 uses
     start = min(rank * chunk, rows)
     return start, min(start + chunk, rows)
@@ -164,6 +164,49 @@ def gather_whole(topology: Topology, shards: list[Tensor]) -> Tensor:
     _all_gather(received.view(-1), send.view(-1), group=topology.group)
     topology.stop(send.device)
     return received.transpose(0, 1).reshape(len(shards), world * chunk, *shape[1:])[:, :rows]
+
+
+def scatter_rows(topology: Topology, pieces: list[tuple[Any, Tensor]]) -> list[Tensor]:
+    """For whole matrices gathered from FSDP2 shards: every process receives, of every block's direction, the
+    rows it holds, from the block's owner (each sends each process only that process's rows).
+
+    ``pieces``: ``(bucket, stack [n, *shape] of this process's blocks)`` as for :func:`all_gather_blocks`;
+    ``bucket.row_ranges[r]`` is the flat range ``[lo, hi)`` of a block that rank ``r`` holds. One
+    ``all_to_all_single`` per dtype and device. Returns per bucket ``[B, hi - lo]`` for this process's range,
+    in rank-major order.
+    """
+    out: list[Tensor | None] = [None] * len(pieces)
+    by_kind: dict[tuple, list[int]] = {}
+    for i, (bucket, piece) in enumerate(pieces):
+        by_kind.setdefault((piece.dtype, piece.device), []).append(i)
+    world, rank = topology.world, topology.rank
+    for (dtype, device), indices in by_kind.items():
+        parts, send_sizes = [], []
+        for r in range(world):
+            size = 0
+            for i in indices:
+                lo, hi = pieces[i][0].row_ranges[r]
+                part = pieces[i][1].flatten(1)[:, lo:hi]
+                parts.append(part.reshape(-1))
+                size += part.numel()
+            send_sizes.append(size)
+        widths = {i: pieces[i][0].row_ranges[rank][1] - pieces[i][0].row_ranges[rank][0] for i in indices}
+        recv_sizes = [sum(pieces[i][0].counts[s] * widths[i] for i in indices) for s in range(world)]
+        send = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
+        received = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+        topology.start(device)
+        dist.all_to_all_single(received, send, recv_sizes, send_sizes, group=topology.group)
+        topology.stop(device)
+        by_bucket: dict[int, list[Tensor]] = {i: [] for i in indices}
+        offset = 0
+        for s in range(world):  # the buffer holds source 0's blocks of every bucket, then source 1's, ...
+            for i in indices:
+                n = pieces[i][0].counts[s] * widths[i]
+                by_bucket[i].append(received[offset:offset + n])
+                offset += n
+        for i in indices:
+            out[i] = torch.cat(by_bucket[i]).view(len(pieces[i][0]), widths[i])
+    return out  # type: ignore[return-value]
 
 
 # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name)

@@ -108,6 +108,7 @@ class Bucket:
     order: Tensor | None = None
     positions: list[int] = field(default_factory=list)
     rows: tuple[int, int] | None = None  # mode "full": the flat range of a block this process's shard holds
+    row_ranges: list[tuple[int, int]] = field(default_factory=list)  # mode "full": every rank's range
     micro: dict[str, Any] = field(default_factory=dict)  # microbatch accumulators of one step (bias_correction)
 
     @functools.cached_property
@@ -174,14 +175,15 @@ def _split(bucket: Bucket, rank: int, world: int) -> None:
                           [bucket.members[j] for j in owned], bucket.calls)
     bucket.local.local = bucket.local
     if bucket.members[0].mode == "full":
-        ranges = {_flat_rows(m.param, bucket.shape) for m in bucket.members}
-        if len(ranges) != 1:
+        every = {tuple(_flat_rows(m.param, bucket.shape, r) for r in range(world)) for m in bucket.members}
+        if len(every) != 1:
             raise RuntimeError(f"blocks of shape {bucket.shape} are sharded differently between parameters")
-        bucket.rows = ranges.pop()
+        bucket.row_ranges = list(every.pop())
+        bucket.rows = bucket.row_ranges[rank]
 
 
-def _flat_rows(param: Tensor, shape: tuple[int, ...]) -> tuple[int, int]:
-    start, stop = row_range(param)
+def _flat_rows(param: Tensor, shape: tuple[int, ...], rank: int) -> tuple[int, int]:
+    start, stop = row_range(param, rank)
     per_row = math.prod(shape) // param.shape[0]
     return start * per_row, stop * per_row
 
