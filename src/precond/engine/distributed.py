@@ -41,7 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Topology", "resolve_topology", "assign_owners", "local", "row_range", "all_gather_blocks", "gather_whole", "scatter_rows"]
+__all__ = ["Topology", "resolve_topology", "assign_owners", "local", "row_range", "all_gather_blocks", "gather_whole",
+           "scatter_rows"]
 
 
 def _dtensor_type() -> type | None:
