@@ -110,9 +110,9 @@ class Reference:
     ``chunked``: every parameter is cut by rows into ``world`` separate parameters (what FSDP2's
     per-shard blocks amount to)."""
 
-    def __init__(self, name: str, world: int, chunked: bool) -> None:
+    def __init__(self, name: str, world: int, chunked: bool, dtype: torch.dtype = torch.float64) -> None:
         self.world, self.chunked = world, chunked
-        self.params = [p for p in Net().parameters() if p.requires_grad]
+        self.params = [p for p in Net().to(dtype).parameters() if p.requires_grad]
         self.pieces = [[c.clone() for c in p.detach().chunk(world)] if chunked else [p] for p in self.params]
         self.opt = FACTORIES[name]([c for cs in self.pieces for c in cs])
 
@@ -134,8 +134,8 @@ def full_grads(net: nn.Module) -> list[torch.Tensor]:
             for p in net.parameters() if p.requires_grad]
 
 
-def ddp_pair(name: str) -> tuple[nn.Module, torch.optim.Optimizer]:
-    net = Net()
+def ddp_pair(name: str, dtype: torch.dtype = torch.float64) -> tuple[nn.Module, torch.optim.Optimizer]:
+    net = Net().to(dtype)
     wrapped = DistributedDataParallel(net)
     return wrapped, FACTORIES[name](net.parameters(), distributed="ddp")
 
@@ -148,17 +148,19 @@ def fsdp_pair(name: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     return net, FACTORIES[name](net.parameters())
 
 
-def case_trajectory(mode: str, name: str, rank: int, world: int, compiled: bool = False) -> dict:
+def case_trajectory(mode: str, name: str, rank: int, world: int, compiled: bool = False,
+                    dtype: torch.dtype = torch.float64) -> dict:
     """``compiled``: after the first (eager) step, ``torch.compile(opt.step)`` (``aot_eager``), the
-    collectives traced inside it."""
-    net, opt = (ddp_pair if mode == "ddp" else fsdp_pair)(name)
+    collectives traced inside it. ``dtype``: of the parameters (DDP only; the state stays float32 for
+    bfloat16, and processes exchange weights in the parameters' dtype)."""
+    net, opt = ddp_pair(name, dtype) if mode == "ddp" else fsdp_pair(name)
     inner = net.module if mode == "ddp" else net
-    ref = Reference(name, world, chunked=mode == "fsdp" and name != "Muon")  # Muon gathers whole matrices
+    ref = Reference(name, world, chunked=mode == "fsdp" and name != "Muon", dtype=dtype)  # Muon: whole matrices
     if compiled:
         torch._dynamo.reset()
     step_fn = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
     for step in range(STEPS):
-        x, y = (my_rows(t, rank, world) for t in data(step, world))
+        x, y = (my_rows(t, rank, world).to(dtype) for t in data(step, world))
         opt.zero_grad()
         nn.functional.mse_loss(net(x), y).backward()
         ref.step(full_grads(inner))
@@ -262,7 +264,8 @@ CASES = ([("trajectory", mode, name) for mode in ("ddp", "fsdp") for name in FAC
          + [("resume", "ddp", "SOAP"), ("resume", "ddp", "Muon"), ("resume", "fsdp", "SOAP"),
             ("resume", "fsdp", "Muon")]
          + [("guards", "ddp", name) for name in ("Shampoo", "SOAP", "Muon")]
-         + [("compiled", "ddp", name) for name in ("SOAP", "Muon")])
+         + [("compiled", "ddp", name) for name in ("SOAP", "Muon")]
+         + [("bfloat16", "ddp", name) for name in ("Shampoo", "Muon")])
 
 
 def worker(rank: int, world: int, port: int, root: str) -> None:
@@ -281,6 +284,8 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
                     out = case_guards(mode, name, rank, world)
                 elif kind == "compiled":
                     out = case_trajectory(mode, name, rank, world, compiled=True)
+                elif kind == "bfloat16":
+                    out = case_trajectory(mode, name, rank, world, dtype=torch.bfloat16)
                 else:
                     out = case_resume(mode, name, rank, world, root)
             except Exception:  # noqa: BLE001 - reported per case by the test
