@@ -332,19 +332,20 @@ class BlockEngine(torch.optim.Optimizer):
         if bucket.fused:
             grads = [m.grad() for m in bucket.members]
             return grads, finite_mask(grads)
-        if bucket.rows is not None:  # whole matrices from FSDP2 shards: one all_gather for the bucket
+        if bucket.rows is not None:  # whole matrices from FSDP2 shards (one block each): one all_gather
             whole = gather_whole(self._topology, [m.param.grad for m in bucket.members])
-            views = [m.view(g) for m, g in zip(bucket.members, whole.unbind(0))]
-        else:
+            stack = whole.reshape(len(bucket), *bucket.shape)  # the block's shape (Muon: the matrix view)
+            ok = finite_rows(stack)
+            grads, kept_ok = stack.index_select(0, bucket.owned), ok.index_select(0, bucket.owned)
+        elif bucket.exchanged:  # DDP: a process steps only the blocks it owns; every block's mask is kept
             views = [m.view(m.grad().contiguous()) for m in bucket.members]
-        if bucket.exchanged:  # a process steps only the blocks it owns; every block's mask is kept
             ok = finite_mask(views)
             kept, kept_ok = [views[j] for j in bucket.owned_list], ok.index_select(0, bucket.owned)
             if not kept:
                 return views[0].new_empty((0, *bucket.shape), dtype=bucket.dtype), ok
             grads = torch.stack(kept)
         else:  # one reduction over the stack: a multi-tensor norm costs the host ~10× more
-            grads = torch.stack(views)
+            grads = torch.stack([m.view(m.grad().contiguous()) for m in bucket.members])
             ok = kept_ok = finite_rows(grads)
         grads = grads.to(bucket.dtype)
         grads.masked_fill_(per_block(~kept_ok, grads), 0.0)

@@ -65,11 +65,9 @@ class Member:
         return self.kind == ADAM and self.param.dtype == state_dtype(self.param) and self.mode != "full"
 
     def grad(self) -> Tensor:
-        """The gradient this block is cut from (gathered from all processes in mode ``"full"``)."""
-        g = self.param.grad
-        if self.mode == "full":
-            return g.full_tensor()
-        return local(g)
+        """The gradient this block is cut from, or this process's shard of it (the whole gradients of mode
+        ``"full"`` are gathered a bucket at a time, by :func:`~precond.engine.distributed.gather_whole`)."""
+        return local(self.param.grad)
 
     def data(self) -> Tensor:
         """The tensor a step writes: the parameter, or this process's shard of it."""
