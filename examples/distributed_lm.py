@@ -67,14 +67,21 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def backward(trained, opt, workload, step, rank, share) -> torch.Tensor:
+    """Gradients of this process's rows of global batch ``step``; returns its loss."""
+    x, y = workload.batch(step, seed=0)
+    x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+    opt.zero_grad(set_to_none=True)
+    logits = trained(x)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+    loss.backward()
+    return loss
+
+
 def profile_step(trained, opt, workload, step, rank, share, device) -> None:
     """One more training step whose optimizer step runs under ``torch.profiler``; rank 0 prints the table."""
     from torch.profiler import ProfilerActivity, profile
-    x, y = workload.batch(step, seed=0)
-    opt.zero_grad(set_to_none=True)
-    logits = trained(x[rank * share:(rank + 1) * share])
-    F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y[rank * share:(rank + 1) * share].reshape(-1)
-                    ).backward()
+    backward(trained, opt, workload, step, rank, share)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         opt.step()
@@ -151,12 +158,7 @@ def main() -> None:
     for step in range(args.steps):
         if step == comm_from:
             opt.time_communication()
-        x, y = workload.batch(step, seed=0)
-        x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
-        opt.zero_grad(set_to_none=True)
-        logits = trained(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-        loss.backward()
+        loss = backward(trained, opt, workload, step, rank, share)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         comm_before, start = opt.communication_seconds, time.perf_counter()
