@@ -392,11 +392,18 @@ def test_the_adamw_half_of_a_matrix_optimizer_checks_its_own_keys():
         precond.ASGO([bias], adamw_eps=0.0)
 
 
-def test_finite_mask_flags_nan_and_both_infinities_but_not_large_values():
-    from precond.engine import finite_mask
+def test_gradient_mask_flags_nan_infinities_and_norms_past_the_bound():
+    from precond.engine import gradient_mask
+    from precond.engine.batched import gradient_bound, gradient_rows
+    bound = gradient_bound(torch.float32)
+    assert 1e17 < bound < 1e18  # 1% of √(3.4e38)
     tensors = [torch.randn(3, 4), torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 0.0]),
-               torch.tensor([-float("inf"), 2.0]), torch.full((5,), 1e30), torch.zeros(2, 2, dtype=torch.float64)]
-    assert finite_mask(tensors).tolist() == [True, False, False, False, True, True]
+               torch.tensor([-float("inf"), 2.0]), torch.full((4,), 0.49 * bound), torch.full((4,), 0.51 * bound)]
+    assert gradient_mask(tensors).tolist() == [True, False, False, False, True, False]  # norms 0.98, 1.02 × bound
+    assert gradient_rows(torch.stack([t.reshape(-1)[:2] for t in tensors])).tolist() == [
+        True, False, False, False, True, True]  # two entries of 0.51 × bound: norm 0.72 × bound
+    big = torch.full((2, 2), 1e30, dtype=torch.float64)  # far inside float64's bound
+    assert gradient_mask([big]).tolist() == [True] and gradient_rows(big[None]).tolist() == [True]
 
 
 @pytest.mark.parametrize("name", ["Shampoo", "EShampoo", "SOAP"])
@@ -458,3 +465,18 @@ def test_fused_adamw_skips_the_group_step_on_a_non_finite_gradient():
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(entry[key], state_before[index][key]), key
     assert opt.preconditioner_stats()["nonfinite_skipped_blocks"] == 1
+
+
+def test_ema_is_the_committed_formula_in_place_and_leaves_refused_blocks_exactly():
+    from precond.engine import ema_
+    gen = torch.Generator().manual_seed(0)
+    ok = torch.tensor([True, False, True])
+    for dtype in (torch.float32, torch.float64):
+        target = torch.randn(3, 4, 5, generator=gen, dtype=dtype)
+        increment = torch.randn(3, 4, 5, generator=gen, dtype=dtype)
+        increment[1] = 0.0  # the engine zeroes a refused block's gradient, so its statistics are zero
+        for beta, weight in ((0.95, 0.05), (1.0, 1.0), (0.9, 0.3)):
+            want = torch.where(ok[:, None, None], torch.add(target * beta, increment, alpha=weight), target)
+            got = target.clone()
+            ema_(got, increment, beta, weight, ok)
+            assert torch.equal(got, want) and torch.equal(got[1], target[1])

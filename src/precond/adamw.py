@@ -29,9 +29,10 @@ def adam_directions(bucket: Bucket, grads: Tensor, ok: Tensor, betas: tuple[floa
     """
     beta1, beta2 = betas
     step, exp_avg, exp_avg_sq = bucket.state["step"], bucket.state["exp_avg"], bucket.state["exp_avg_sq"]
-    commit_(exp_avg, exp_avg.lerp(grads, 1.0 - beta1), ok)
-    commit_(exp_avg_sq, (exp_avg_sq * beta2).addcmul_(grads, grads, value=1.0 - beta2), ok,
-            require_finite=True)
+    # In place: a refused block's gradient is zero, and its weights (0 and 1) leave it as it was.
+    exp_avg.lerp_(grads, per_block(ok.to(grads.dtype) * (1.0 - beta1), grads))
+    beta2s = torch.full(ok.shape, beta2, dtype=grads.dtype, device=grads.device).masked_fill_(~ok, 1.0)
+    exp_avg_sq.mul_(per_block(beta2s, grads)).addcmul_(grads, grads, value=1.0 - beta2)
     bias1 = per_block(bias_correction(beta1, step, grads.dtype), grads)
     bias2 = per_block(bias_correction(beta2, step, grads.dtype), grads)
     denom = (exp_avg_sq.sqrt() / bias2.sqrt()).add_(eps)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .engine import Bucket, commit_
+from .engine import Bucket, commit_, ema_
 from .kronecker import init_factor_state
 from .linalg import inverse_roots, inverse_sqrt_newton_schulz
 from .refresh import FAILURES, REFRESHES
@@ -80,9 +80,8 @@ class ASGO(MatrixOptimizer):
         state = bucket.state
         V, root, momentum = state["factor0"], state["root0"], state["momentum"]
         outer = grads @ grads.mT if left else grads.mT @ grads
-        commit_(V, V + outer if beta2 == 1.0 else torch.add(V * beta2, outer, alpha=1.0 - beta2), ok,
-                require_finite=True)
-        commit_(momentum, torch.add(momentum * beta1, grads, alpha=1.0 - beta1), ok)
+        ema_(V, outer, beta2, 1.0 if beta2 == 1.0 else 1.0 - beta2, ok)  # refused blocks' gradients are zero
+        ema_(momentum, grads, beta1, 1.0 - beta1, ok)
         if (bucket.calls - 1) % group["precondition_frequency"] == 0:
             if group["root_method"] == "eigh":
                 new, good = inverse_roots(V, 0.5, group["epsilon"])

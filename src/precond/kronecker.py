@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .engine import Bucket, commit_
+from .engine import Bucket, commit_, ema_
 
 __all__ = ["init_factor_state", "factor_outer", "update_factors_", "mode_product", "permute_dim", "factor_matrices",
            "STATS_WIDTH"]
@@ -48,15 +48,19 @@ def factor_outer(grads: Tensor, i: int) -> Tensor:
 def update_factors_(state: dict[str, Tensor], grads: Tensor, beta: float, weight: float, ok: Tensor,
                     outers: dict[int, Tensor] | None = None) -> None:
     """``F_i ← beta·F_i + weight·G_(i)G_(i)ᵀ`` for every factor of the bucket, blocks with ``ok`` only;
-    ``outers[i]`` replaces ``G_(i)G_(i)ᵀ`` where given (a cross-fitted statistic)."""
+    ``outers[i]`` replaces ``G_(i)G_(i)ᵀ`` where given (a cross-fitted statistic). ``grads`` are the engine's
+    (refused blocks zeroed), so the factors are updated in place (:func:`~precond.engine.ema_`); given outers
+    are not zero there, and their new factors are computed aside and committed where finite."""
     for i in range(grads.dim() - 1):
         factor = state.get(f"factor{i}")
         if factor is None:
             continue
-        outer = outers[i] if outers is not None else factor_outer(grads, i)
-        new = torch.add(factor * beta, outer, alpha=weight) if beta != 1.0 else torch.add(factor, outer,
-                                                                                            alpha=weight)
-        commit_(factor, new, ok, require_finite=True)
+        if outers is None:
+            ema_(factor, factor_outer(grads, i), beta, weight, ok)
+        else:
+            new = torch.add(factor * beta, outers[i], alpha=weight) if beta != 1.0 else torch.add(
+                factor, outers[i], alpha=weight)
+            commit_(factor, new, ok, require_finite=True)
 
 
 def mode_product(x: Tensor, matrices: Sequence[Tensor | None], transpose: bool = False) -> Tensor:

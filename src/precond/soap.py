@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .blocks import BlockLayout
-from .engine import BlockEngine, Bucket, bias_correction, commit_, per_block
+from .engine import BlockEngine, Bucket, bias_correction, commit_, ema_, per_block
 from .kronecker import factor_matrices, init_factor_state, mode_product, update_factors_
 from .refresh import REFRESH_METHODS, EigenbasisRefresh
 from .validation import (STEP_RULES, betas_rule, check_choice, check_in, check_int, check_max_dim, check_positive,
@@ -143,9 +143,8 @@ class SOAP(BlockEngine):
         bases = factor_matrices(bucket, "basis")
         projected = mode_product(grads, bases)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        commit_(exp_avg, torch.add(exp_avg * beta1, projected, alpha=1.0 - beta1), ok)
-        commit_(exp_avg_sq, torch.add(exp_avg_sq * beta2, projected.square(), alpha=1.0 - beta2), ok,
-                require_finite=True)
+        ema_(exp_avg, projected, beta1, 1.0 - beta1, ok)  # a refused block's projection is zero
+        ema_(exp_avg_sq, projected.square(), beta2, 1.0 - beta2, ok)
         direction = mode_product(exp_avg / (exp_avg_sq.sqrt() + group["eps"]), bases, transpose=True)
         if group["normalize_grads"]:
             rms = direction.square().flatten(1).mean(1).sqrt()

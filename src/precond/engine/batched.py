@@ -1,18 +1,21 @@
 """Small helpers for arithmetic on bucket stacks: tensors whose leading dim indexes blocks.
 
-Every state update in a bucket is guarded by a per-block mask ``ok`` (the block's gradient was finite).
-A masked update leaves the state of a block with ``ok = False`` bit-for-bit unchanged, without a host
-sync: the new value is computed for every block and committed with ``torch.where``. Squared statistics (a
-Kronecker factor, a second moment) are committed only where the new value is finite: a finite gradient
-past ~1e19 overflows them in float32, and an Inf there would stay for good.
+Every state update in a bucket is guarded by a per-block mask ``ok`` (the block's gradient was usable). A
+masked update leaves the state of a block with ``ok = False`` bit-for-bit unchanged, without a host sync:
+either in place, with that block's decay undone (:func:`ema_`, for statistics of the engine's gradients,
+whose refused blocks are zero), or by computing the new value for every block and selecting it with
+``torch.where`` (:func:`commit_`). The engine refuses a gradient that is not finite or whose norm passes
+:func:`gradient_bound`: its squares would overflow a float32 statistic, and an Inf there would stay for good.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["per_block", "commit_", "bias_correction", "finite_mask", "finite_rows"]
+__all__ = ["per_block", "commit_", "ema_", "bias_correction", "gradient_bound", "gradient_mask", "gradient_rows"]
 
 
 def per_block(values: Tensor, like: Tensor) -> Tensor:
@@ -41,19 +44,39 @@ def bias_correction(beta: float, step: Tensor, dtype: torch.dtype) -> Tensor:
     return 1.0 - torch.pow(beta, step.to(dtype))
 
 
-def _order(device: torch.device) -> float:
-    # The inf-norm (max |x|, NaN-propagating) is exact; on a CPU its kernel is slow and the 1-norm is used:
-    # NaN and ±inf propagate into it, and a finite tensor only reads as non-finite if its absolute values
-    # sum past the dtype's largest number (~3e38 for float32).
-    return float("inf") if device.type == "cuda" else 1.0
+def gradient_bound(dtype: torch.dtype) -> float:
+    """The largest gradient norm a block may have: 1% of the square root of ``dtype``'s largest number
+    (1.8e17 in float32). Its squares, the Kronecker factors and second moments built from them, and their
+    products in a refresh, then stay finite."""
+    return math.sqrt(torch.finfo(dtype).max) * 1e-2
 
 
-def finite_mask(tensors: list[Tensor]) -> Tensor:
-    """``[B]`` bools: whether every entry of ``tensors[b]`` is finite, reading each tensor once (one
-    multi-tensor norm; see :func:`finite_rows` for a stack, which costs the host less)."""
-    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, _order(tensors[0].device))))
+def gradient_mask(tensors: list[Tensor]) -> Tensor:
+    """``[B]`` bools: whether ``tensors[b]`` is a gradient the engine takes: finite, with its norm within
+    :func:`gradient_bound`. One multi-tensor norm (see :func:`gradient_rows` for a stack, which costs the host
+    less); NaN and ±inf propagate into the norm and fail the comparison."""
+    norms = torch.stack(torch._foreach_norm(tensors))
+    return norms <= gradient_bound(tensors[0].dtype)
 
 
-def finite_rows(stack: Tensor) -> Tensor:
-    """``[B]`` bools: whether every entry of ``stack[b]`` is finite, by one reduction over the stack."""
-    return torch.isfinite(torch.linalg.vector_norm(stack.flatten(1), _order(stack.device), dim=1))
+def gradient_rows(stack: Tensor) -> Tensor:
+    """``[B]`` bools: :func:`gradient_mask` for the blocks of a stack, by one reduction over it."""
+    return torch.linalg.vector_norm(stack.flatten(1), dim=1) <= gradient_bound(stack.dtype)
+
+
+def ema_(target: Tensor, increment: Tensor, beta: float, weight: float, ok: Tensor) -> None:
+    """``target ← beta·target + weight·increment`` in place, for the blocks with ``ok``; the others keep
+    their value exactly.
+
+    ``increment`` must be zero on the blocks without ``ok``: it is computed from the engine's gradients (a
+    projection, a square, an outer product), whose refused blocks the engine zeroes. Such a block then only
+    needs its decay undone: it is multiplied by 1 instead of ``beta``. Two passes over ``target``, where
+    computing the new value and selecting it with :func:`commit_` costs five. Nothing overflows: the engine
+    refuses gradients past :func:`gradient_bound`, so a decaying average (``beta < 1``) of their squares
+    stays below the bound's square; a running sum (``beta = 1``) would need 10⁴ steps at the bound.
+    The arithmetic is ``commit_(target, torch.add(target * beta, increment, alpha=weight), ok)``'s, bit for bit.
+    """
+    if beta != 1.0:
+        factors = torch.full(ok.shape, beta, dtype=target.dtype, device=target.device).masked_fill_(~ok, 1.0)
+        target.mul_(per_block(factors, target))
+    target.add_(increment, alpha=weight)

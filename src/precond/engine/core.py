@@ -24,8 +24,9 @@ with ``"spectral_normalize": True`` (offered by Shampoo, EShampoo and SOAP) resc
 two or more dims to spectral norm ``sqrt(d_out/d_in)`` (:func:`~precond.linalg.spectral_normalize`) before
 the rate multiplies it; blocks cut from an FSDP2 shard are normalised as the pieces they are.
 
-Non-finite gradients: a block whose gradient holds NaN/Inf leaves its state (its step count included)
-and its parameter block unchanged, decided on the device by a per-block mask, and is counted; the first
+Non-finite gradients: a block whose gradient holds NaN/Inf, or whose norm passes
+:func:`~precond.engine.batched.gradient_bound` (1.8e17 in float32, where its squares would overflow the
+statistics), leaves its state (its step count included) and its parameter block unchanged, decided on the device by a per-block mask, and is counted; the first
 time a parameter is hit a warning is logged, later hits are only counted. A fused AdamW bucket (the
 parameters of one group, device and dtype) is skipped as a whole on such a step, as torch's fused kernel
 takes one skip flag per call (the behaviour of ``torch.amp.GradScaler``); the offending blocks are counted.
@@ -46,7 +47,7 @@ from torch import Tensor
 from ..blocks import BlockLayout
 from ..linalg import spectral_normalize, tf32_matmuls
 from ..validation import Rule, check_group, flag_rule
-from .batched import finite_mask, finite_rows, per_block
+from .batched import gradient_mask, gradient_rows, per_block
 from .distributed import (Topology, all_gather_blocks, assign_owners, gather_whole, local, resolve_topology,
                           scatter_rows)
 from .plan import Bucket, Member, block_prefix, build_buckets, engine_entries, fresh_block_state, state_dtype
@@ -232,7 +233,7 @@ class BlockEngine(torch.optim.Optimizer):
         gathered = [self._gather(bucket, contiguous) for bucket in buckets]                    # (a)
         if self._strict:
             for bucket, (_, ok) in zip(buckets, gathered):
-                self._raise_if_any(bucket, ~ok, "its gradient is not finite")
+                self._raise_if_any(bucket, ~ok, "its gradient is not finite (or its norm passes gradient_bound)")
         directions: dict[int, Tensor | None] = {}
         for i, (bucket, (grads, ok)) in enumerate(zip(buckets, gathered)):                     # (b)
             if not bucket.fused:
@@ -250,7 +251,7 @@ class BlockEngine(torch.optim.Optimizer):
             elif bucket.exchanged and bucket.rows is None:
                 replicas.append((i, *self._apply_owned(bucket, directions[i], ok, contiguous)))
             else:
-                applied[i] = self._apply(bucket, directions[i], ok, contiguous)[0]
+                applied[i] = self._apply(bucket, directions[i], ok, contiguous)
         for i, done in self._share_weights(buckets, replicas, contiguous):                      # (e)
             if self._strict:
                 self._raise_if_any(buckets[i], applied[i] & ~done, _UNSOUND)
@@ -298,8 +299,8 @@ class BlockEngine(torch.optim.Optimizer):
         sub = bucket.local
         if not sub.members:
             return direction.new_empty((0, *bucket.shape), dtype=bucket.param_dtype), ok.new_empty(0)
-        done, weights = self._apply(sub, direction, ok.index_select(0, bucket.owned), contiguous, may_raise=False)
-        return weights.to(bucket.param_dtype), done
+        done = self._apply(sub, direction, ok.index_select(0, bucket.owned), contiguous, may_raise=False)
+        return self._param_stack(sub, contiguous).to(bucket.param_dtype), done
 
     def _share_weights(self, buckets: list[Bucket], replicas: list[tuple[int, Tensor, Tensor]],
                        contiguous: dict[Tensor, Tensor]) -> list[tuple[int, Tensor]]:
@@ -327,33 +328,35 @@ class BlockEngine(torch.optim.Optimizer):
         return out
 
     def _gather(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> tuple[Any, Tensor]:
-        """The bucket's gradients (a stack in the state dtype, non-finite blocks zeroed, of the owned blocks
-        only when exchanged; a list for a fused bucket) and the mask of every block whose gradient is finite."""
+        """The bucket's gradients (a stack in the state dtype, refused blocks zeroed, of the owned blocks only
+        when exchanged; a list for a fused bucket) and the mask of every block whose gradient is usable
+        (finite, within :func:`~precond.engine.batched.gradient_bound`)."""
         if bucket.fused:
             grads = [m.grad() for m in bucket.members]
-            return grads, finite_mask(grads)
+            return grads, gradient_mask(grads)
         if bucket.rows is not None:  # whole matrices from FSDP2 shards (one block each): one all_gather
             whole = gather_whole(self._topology, [m.param.grad for m in bucket.members])
             stack = whole.reshape(len(bucket), *bucket.shape)  # the block's shape (Muon: the matrix view)
-            ok = finite_rows(stack)
+            ok = gradient_rows(stack)
             grads, kept_ok = stack.index_select(0, bucket.owned), ok.index_select(0, bucket.owned)
         elif bucket.exchanged:  # DDP: a process steps only the blocks it owns; every block's mask is kept
             views = [m.view(m.grad().contiguous()) for m in bucket.members]
-            ok = finite_mask(views)
+            ok = gradient_mask(views)
             kept, kept_ok = [views[j] for j in bucket.owned_list], ok.index_select(0, bucket.owned)
             if not kept:
                 return views[0].new_empty((0, *bucket.shape), dtype=bucket.dtype), ok
             grads = torch.stack(kept)
         else:  # one reduction over the stack: a multi-tensor norm costs the host ~10× more
             grads = torch.stack([m.view(m.grad().contiguous()) for m in bucket.members])
-            ok = kept_ok = finite_rows(grads)
+            ok = kept_ok = gradient_rows(grads)
         grads = grads.to(bucket.dtype)
-        grads.masked_fill_(per_block(~kept_ok, grads), 0.0)
         group = bucket.group
         if self._weight_decay_mode(group) == "l2" and group["weight_decay"] != 0.0:
             if bucket.rows is not None:
                 raise NotImplementedError("L2 weight decay on whole matrices gathered from FSDP2 shards")
             grads = grads + group["weight_decay"] * self._param_stack(bucket.local, contiguous).to(bucket.dtype)
+        # Refused blocks are zero, so that statistics of the gradient can be updated in place (batched.ema_).
+        grads.masked_fill_(per_block(~kept_ok, grads), 0.0)
         return grads, ok
 
     def _param_blocks(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> list[Tensor]:
@@ -374,9 +377,9 @@ class BlockEngine(torch.optim.Optimizer):
         return torch.stack(self._param_blocks(bucket, contiguous))
 
     def _apply(self, bucket: Bucket, direction: Tensor, ok: Tensor, contiguous: dict[Tensor, Tensor],
-               may_raise: bool = True) -> tuple[Tensor, Tensor]:
+               may_raise: bool = True) -> Tensor:
         """(d): weight decay and ``W ← W - lr·s·P`` on the blocks with ``ok`` and a sound update; the others
-        stay as they are. Returns the mask of the blocks updated and the stack of their new weights.
+        stay as they are. Returns the mask of the blocks updated.
 
         ``s`` is the optimizer's per-bucket :meth:`_direction_scale`. Decoupled decay is applied as
         ``W ← W·(1 - lr·wd)`` before (``"decoupled"``) or after (``"decoupled_after"``) the update. An
@@ -386,38 +389,37 @@ class BlockEngine(torch.optim.Optimizer):
         """
         group = bucket.group
         lr, wd, mode = group["lr"], group["weight_decay"], self._weight_decay_mode(group)
+        # Multi-tensor kernels write the parameters' blocks where they are: a stack of them, updated and
+        # copied back, would cost four more passes over the weights.
         blocks = self._param_blocks(bucket, contiguous)
-        # The update runs on a stack of the blocks and is copied back by one multi-tensor kernel: a few
-        # launches per bucket, whatever its size and the direction's dtype.
-        weights = torch.stack(blocks)
         if bucket.rows is not None:  # this process's rows of each whole-matrix direction (phase c)
-            direction = direction.reshape(weights.shape)
+            direction = direction.reshape(len(blocks), *blocks[0].shape)
         scale = self._direction_scale(bucket, group)
-        unsound = ok & ~_sound_update(direction, weights, lr, scale)
+        weight_norms = torch.stack(torch._foreach_norm(blocks))
+        unsound = ok & ~_sound_update(direction, weight_norms, lr, scale)
         if self._strict and may_raise:  # under DDP raised after the exchange, in every process alike
             self._raise_if_any(bucket, unsound, _UNSOUND)
         ok = ok & ~unsound
         decay = wd != 0.0 and mode != "l2"
         if decay:
             if isinstance(lr, Tensor):
-                factors = 1.0 - (lr.to(ok.device) * wd) * ok.to(weights.dtype)
+                factors = 1.0 - (lr.to(ok.device) * wd) * ok.to(blocks[0].dtype)
             else:
-                factors = torch.full(ok.shape, 1.0 - lr * wd, dtype=weights.dtype, device=ok.device)
+                factors = torch.full(ok.shape, 1.0 - lr * wd, dtype=blocks[0].dtype, device=ok.device)
                 factors.masked_fill_(~ok, 1.0)
-            factors = per_block(factors, weights)
+            factors = list(factors.unbind(0))
         if decay and mode == "decoupled":
-            weights.mul_(factors)
+            torch._foreach_mul_(blocks, factors)
         direction = torch.where(per_block(ok, direction), direction, 0.0)
-        if weights.dtype in (torch.bfloat16, torch.float16):  # low-precision parameters take a rounded update
-            direction = direction.to(weights.dtype)
+        if blocks[0].dtype in (torch.bfloat16, torch.float16):  # low-precision parameters take a rounded update
+            direction = direction.to(blocks[0].dtype)
         if isinstance(lr, Tensor):  # a tensor lr (as torch allows) is used without reading it on the host
-            weights.sub_(direction * (lr.to(direction.device) * scale))
+            torch._foreach_sub_(blocks, list((direction * (lr.to(direction.device) * scale)).unbind(0)))
         else:
-            weights.add_(direction, alpha=-lr * scale)
+            torch._foreach_add_(blocks, list(direction.unbind(0)), alpha=-lr * scale)
         if decay and mode == "decoupled_after":
-            weights.mul_(factors)
-        torch._foreach_copy_(blocks, list(weights.unbind(0)))
-        return ok, weights
+            torch._foreach_mul_(blocks, factors)
+        return ok
 
     def _raise_if_any(self, bucket: Bucket, bad: Tensor, what: str) -> None:
         """``strict=True``: raise naming the first parameter and block of ``bad`` (reads ``bad`` on the host)."""
@@ -655,12 +657,15 @@ UPDATE_BOUND = 1e4  # an update whose RMS exceeds this × max(RMS(W), 1) is not 
 _UNSOUND = f"its update is not finite or its RMS exceeds {UPDATE_BOUND:g}× max(RMS(W), 1)"
 
 
-def _sound_update(direction: Tensor, weights: Tensor, lr: float | Tensor, scale: float) -> Tensor:
-    """Per block: the update ``lr·scale·P`` is finite and within :data:`UPDATE_BOUND` (see ``_apply``)."""
+def _sound_update(direction: Tensor, weight_norms: Tensor, lr: float | Tensor, scale: float) -> Tensor:
+    """Per block: the update ``lr·scale·P`` is finite and within :data:`UPDATE_BOUND` (see ``_apply``);
+    ``weight_norms`` holds each block's Frobenius norm."""
     numel = max(1, math.prod(direction.shape[1:]))
-    step_rms = direction.flatten(1).float().norm(dim=1) / math.sqrt(numel)
+    # The norm in the direction's own dtype (accumulated in float32): a float32 copy of a bf16 stack would
+    # cost two passes more.
+    step_rms = torch.linalg.vector_norm(direction.flatten(1), dim=1).float() / math.sqrt(numel)
     step_rms = step_rms * (lr.to(step_rms.device).abs() if isinstance(lr, Tensor) else abs(lr)) * abs(scale)
-    weight_rms = weights.flatten(1).float().norm(dim=1) / math.sqrt(numel)
+    weight_rms = weight_norms.float() / math.sqrt(numel)
     return torch.isfinite(step_rms) & (step_rms <= UPDATE_BOUND * weight_rms.clamp(min=1.0))
 
 
