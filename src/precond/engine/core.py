@@ -454,8 +454,10 @@ class BlockEngine(torch.optim.Optimizer):
             if self._strict:
                 self._raise_if_any(bucket, too_big, f"its rate {lr:g} passes {UPDATE_BOUND:g}× max(RMS(W), 1)")
             ok = ok & ~too_big
-        found_inf = (~ok).any().to(torch.float32)
-        bucket.state["step"].add_(1.0)  # the kernel reads the step and never advances it (torch's order)
+        # The kernel reads the step and never advances it (torch's order); a skipped step is not counted.
+        keep = ok.all().to(torch.float32)
+        bucket.state["step"].add_(keep)
+        found_inf = 1.0 - keep
         if torch.compiler.is_compiling():  # the fused kernel does not trace: the same arithmetic, for inductor
             _traced_adamw(params, grads, bucket.state["exp_avg"], bucket.state["exp_avg_sq"], bucket.state["steps"],
                           lr, beta1, beta2, group["weight_decay"], eps, found_inf)
@@ -464,7 +466,6 @@ class BlockEngine(torch.optim.Optimizer):
                                 bucket.state["steps"], lr=lr, beta1=beta1, beta2=beta2,
                                 weight_decay=group["weight_decay"], eps=eps, amsgrad=False, maximize=False,
                                 grad_scale=None, found_inf=found_inf)
-        bucket.state["step"].sub_(found_inf)
         bucket.calls += 1
         return ok
 
@@ -476,9 +477,12 @@ class BlockEngine(torch.optim.Optimizer):
         """
         if not buckets:
             return
+        counts = []
         for bucket, ok in zip(buckets, oks):
-            bucket.state["nonfinite"].add_(~ok)
-        bad = torch.stack([(~ok).sum() for ok in oks]).sum()
+            bad = ~ok
+            bucket.state["nonfinite"].add_(bad)
+            counts.append(bad.sum())
+        bad = counts[0] if len(counts) == 1 else torch.stack(counts).sum()
         if self._nonfinite_total is None:
             self._nonfinite_total = torch.zeros((), dtype=torch.int64, device=bad.device)
         self._nonfinite_total.add_(bad)
@@ -661,9 +665,10 @@ def _sound_update(direction: Tensor, weight_norms: Tensor, lr: float | Tensor, s
     """Per block: the update ``lr·scale·P`` is finite and within :data:`UPDATE_BOUND` (see ``_apply``);
     ``weight_norms`` holds each block's Frobenius norm."""
     numel = max(1, math.prod(direction.shape[1:]))
-    # The norm in the direction's own dtype (accumulated in float32): a float32 copy of a bf16 stack would
-    # cost two passes more.
-    step_rms = torch.linalg.vector_norm(direction.flatten(1), dim=1).float() / math.sqrt(numel)
+    # The norm in the direction's own dtype (accumulated in float32) and layout: a float32 copy of a bf16
+    # stack, or a flattened copy of a transposed one (Muon's tall matrices), would cost two passes more.
+    dims = tuple(range(1, direction.dim()))
+    step_rms = torch.linalg.vector_norm(direction, dim=dims).float() / math.sqrt(numel)
     step_rms = step_rms * (lr.to(step_rms.device).abs() if isinstance(lr, Tensor) else abs(lr)) * abs(scale)
     weight_rms = weight_norms.float() / math.sqrt(numel)
     return torch.isfinite(step_rms) & (step_rms <= UPDATE_BOUND * weight_rms.clamp(min=1.0))
