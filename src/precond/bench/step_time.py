@@ -25,6 +25,7 @@ A peer that cannot be imported or built is listed with its error and skipped.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -235,6 +236,7 @@ def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.
     params = [torch.nn.Parameter(0.02 * torch.randn(s, generator=gen).to(device)) for s in shapes]
     grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(2)]
     if device.type == "cuda":
+        gc.collect()  # an earlier row's optimizer caught in a reference cycle would be freed during this row
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

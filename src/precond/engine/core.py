@@ -111,6 +111,7 @@ class BlockEngine(torch.optim.Optimizer):
         self._nonfinite_seen = 0
         self._nonfinite_total: Tensor | None = None
         self._nonfinite_copy: tuple[Tensor, Any] | None = None  # a host copy of the total in flight, its event
+        self._unchecked_steps = 0  # steps since that copy was made
 
     # ----------------------------------------------------------------------------------- hooks
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
@@ -472,8 +473,8 @@ class BlockEngine(torch.optim.Optimizer):
     def _note_nonfinite(self, buckets: list[Bucket], oks: list[Tensor]) -> None:
         """Count blocks with non-finite gradients on the device; warn once per parameter.
 
-        The per-step total is copied to the host without waiting; it is read once the copy has landed
-        (at a later step), and only then are the per-block counters looked at.
+        On a GPU the running total is copied to the host without waiting every :data:`_CHECK_EVERY` steps; it
+        is read once the copy has landed (at a later step), and only then are the per-block counters looked at.
         """
         if not buckets:
             return
@@ -500,7 +501,9 @@ class BlockEngine(torch.optim.Optimizer):
                 self._nonfinite_copy = None
             else:
                 seen = self._nonfinite_seen
-                if pending is None:
+                self._unchecked_steps += 1
+                if pending is None and self._unchecked_steps >= _CHECK_EVERY:
+                    self._unchecked_steps = 0
                     host = torch.empty((), dtype=torch.int64, pin_memory=True)
                     host.copy_(total, non_blocking=True)
                     event = torch.cuda.Event()
@@ -657,6 +660,9 @@ class BlockEngine(torch.optim.Optimizer):
         return expected
 
 
+# On a GPU the count of skipped blocks is copied to the host (without waiting) every this many steps, so a
+# warning comes at most about as many steps late; each copy is a transfer on the step's stream.
+_CHECK_EVERY = 8
 UPDATE_BOUND = 1e4  # an update whose RMS exceeds this × max(RMS(W), 1) is not applied (BlockEngine._apply)
 _UNSOUND = f"its update is not finite or its RMS exceeds {UPDATE_BOUND:g}× max(RMS(W), 1)"
 

@@ -30,6 +30,7 @@ every process then applies its rows, so Muon under FSDP2 equals Muon in one proc
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import time
@@ -45,6 +46,7 @@ __all__ = ["Topology", "resolve_topology", "assign_owners", "local", "row_range"
            "scatter_rows"]
 
 
+@functools.cache  # asked for every block of every step: the import machinery is not free
 def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
