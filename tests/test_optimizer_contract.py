@@ -399,11 +399,16 @@ def test_gradient_mask_flags_nan_infinities_and_norms_past_the_bound():
     assert 1e17 < bound < 1e18  # 1% of √(3.4e38)
     tensors = [torch.randn(3, 4), torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 0.0]),
                torch.tensor([-float("inf"), 2.0]), torch.full((4,), 0.49 * bound), torch.full((4,), 0.51 * bound)]
-    assert gradient_mask(tensors).tolist() == [True, False, False, False, True, False]  # norms 0.98, 1.02 × bound
-    assert gradient_rows(torch.stack([t.reshape(-1)[:2] for t in tensors])).tolist() == [
+    f32, f64 = torch.float32, torch.float64
+    assert gradient_mask(tensors, f32).tolist() == [True, False, False, False, True, False]  # 0.98, 1.02 × bound
+    assert gradient_rows(torch.stack([t.reshape(-1)[:2] for t in tensors]), f32).tolist() == [
         True, False, False, False, True, True]  # two entries of 0.51 × bound: norm 0.72 × bound
-    big = torch.full((2, 2), 1e30, dtype=torch.float64)  # far inside float64's bound
-    assert gradient_mask([big]).tolist() == [True] and gradient_rows(big[None]).tolist() == [True]
+    big = torch.full((2, 2), 1e30, dtype=f64)  # far inside float64's bound
+    assert gradient_mask([big], f64).tolist() == [True] and gradient_rows(big[None], f64).tolist() == [True]
+    # float16 gradients feed float32 statistics: measured in float32, past float16's own range (norm 1.2e5)
+    half = [torch.full((4,), 6e4, dtype=torch.float16), torch.tensor([1.0, float("inf")], dtype=torch.float16)]
+    assert gradient_mask(half, f32).tolist() == [True, False]
+    assert gradient_rows(torch.stack([h[:2] for h in half]), f32).tolist() == [True, False]
 
 
 @pytest.mark.parametrize("name", ["Shampoo", "EShampoo", "SOAP"])

@@ -51,17 +51,18 @@ def gradient_bound(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).max) * 1e-2
 
 
-def gradient_mask(tensors: list[Tensor]) -> Tensor:
-    """``[B]`` bools: whether ``tensors[b]`` is a gradient the engine takes: finite, with its norm within
-    :func:`gradient_bound`. One multi-tensor norm (see :func:`gradient_rows` for a stack, which costs the host
-    less); NaN and ±inf propagate into the norm and fail the comparison."""
-    norms = torch.stack(torch._foreach_norm(tensors))
-    return norms <= gradient_bound(tensors[0].dtype)
+def gradient_mask(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """``[B]`` bools: whether ``tensors[b]`` is a gradient the engine takes into statistics of ``dtype`` (the
+    state's): finite, with its norm, computed in ``dtype``, within :func:`gradient_bound`. One multi-tensor norm
+    (see :func:`gradient_rows` for a stack, which costs the host less); NaN and ±inf propagate into the norm
+    and fail the comparison. A float16 gradient is measured in float32: its own range ends at 65504."""
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
+    return norms <= gradient_bound(dtype)
 
 
-def gradient_rows(stack: Tensor) -> Tensor:
+def gradient_rows(stack: Tensor, dtype: torch.dtype) -> Tensor:
     """``[B]`` bools: :func:`gradient_mask` for the blocks of a stack, by one reduction over it."""
-    return torch.linalg.vector_norm(stack.flatten(1), dim=1) <= gradient_bound(stack.dtype)
+    return torch.linalg.vector_norm(stack.flatten(1), dim=1, dtype=dtype) <= gradient_bound(dtype)
 
 
 def ema_(target: Tensor, increment: Tensor, beta: float, weight: float, ok: Tensor) -> None:

@@ -28,9 +28,9 @@ Non-finite gradients: a block whose gradient holds NaN/Inf, or whose norm passes
 :func:`~precond.engine.batched.gradient_bound` (1.8e17 in float32, where its squares would overflow the
 statistics), leaves its state (its step count included) and its parameter block unchanged, decided on the
 device by a per-block mask, and is counted; the first time a parameter is hit a warning is logged, later hits
-are only counted. A fused AdamW bucket (the
-parameters of one group, device and dtype) is skipped as a whole on such a step, as torch's fused kernel
-takes one skip flag per call (the behaviour of ``torch.amp.GradScaler``); the offending blocks are counted.
+are only counted. A fused AdamW bucket (the parameters of one group, device and dtype) is skipped as a whole
+on such a step, as torch's fused kernel takes one skip flag per call (the behaviour of
+``torch.amp.GradScaler``); the offending blocks are counted.
 """
 
 from __future__ import annotations
@@ -335,22 +335,22 @@ class BlockEngine(torch.optim.Optimizer):
         (finite, within :func:`~precond.engine.batched.gradient_bound`)."""
         if bucket.fused:
             grads = [m.grad() for m in bucket.members]
-            return grads, gradient_mask(grads)
+            return grads, gradient_mask(grads, bucket.dtype)
         if bucket.rows is not None:  # whole matrices from FSDP2 shards (one block each): one all_gather
             whole = gather_whole(self._topology, [m.param.grad for m in bucket.members])
             stack = whole.reshape(len(bucket), *bucket.shape)  # the block's shape (Muon: the matrix view)
-            ok = gradient_rows(stack)
+            ok = gradient_rows(stack, bucket.dtype)
             grads, kept_ok = stack.index_select(0, bucket.owned), ok.index_select(0, bucket.owned)
         elif bucket.exchanged:  # DDP: a process steps only the blocks it owns; every block's mask is kept
             views = [m.view(m.grad().contiguous()) for m in bucket.members]
-            ok = gradient_mask(views)
+            ok = gradient_mask(views, bucket.dtype)
             kept, kept_ok = [views[j] for j in bucket.owned_list], ok.index_select(0, bucket.owned)
             if not kept:
                 return views[0].new_empty((0, *bucket.shape), dtype=bucket.dtype), ok
             grads = torch.stack(kept)
         else:  # one reduction over the stack: a multi-tensor norm costs the host ~10× more
             grads = torch.stack([m.view(m.grad().contiguous()) for m in bucket.members])
-            ok = kept_ok = gradient_rows(grads)
+            ok = kept_ok = gradient_rows(grads, bucket.dtype)
         grads = grads.to(bucket.dtype)
         group = bucket.group
         if self._weight_decay_mode(group) == "l2" and group["weight_decay"] != 0.0:
