@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["per_block", "commit_", "ema_", "bias_correction", "gradient_bound", "gradient_mask", "gradient_rows"]
+__all__ = ["per_block", "commit_", "ema_", "refusal_factors", "bias_correction", "gradient_bound", "gradient_mask", "gradient_rows"]
 
 
 def per_block(values: Tensor, like: Tensor) -> Tensor:
@@ -65,6 +65,12 @@ def gradient_rows(stack: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.linalg.vector_norm(stack.flatten(1), dim=1, dtype=dtype) <= gradient_bound(dtype)
 
 
+def refusal_factors(value: float, ok: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[B]``: ``value`` for the blocks with ``ok``, exactly 1 for the others; a per-block decay (of a
+    statistic, of the weights) that leaves a refused block as it was."""
+    return torch.full(ok.shape, value, dtype=dtype, device=ok.device).masked_fill_(~ok, 1.0)
+
+
 def ema_(target: Tensor, increment: Tensor, beta: float, weight: float, ok: Tensor) -> None:
     """``target ← beta·target + weight·increment`` in place, for the blocks with ``ok``; the others keep
     their value exactly.
@@ -78,6 +84,5 @@ def ema_(target: Tensor, increment: Tensor, beta: float, weight: float, ok: Tens
     The arithmetic is ``commit_(target, torch.add(target * beta, increment, alpha=weight), ok)``'s, bit for bit.
     """
     if beta != 1.0:
-        factors = torch.full(ok.shape, beta, dtype=target.dtype, device=target.device).masked_fill_(~ok, 1.0)
-        target.mul_(per_block(factors, target))
+        target.mul_(per_block(refusal_factors(beta, ok, target.dtype), target))
     target.add_(increment, alpha=weight)

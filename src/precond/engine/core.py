@@ -48,7 +48,7 @@ from torch import Tensor
 from ..blocks import BlockLayout
 from ..linalg import spectral_normalize, tf32_matmuls
 from ..validation import Rule, check_group, flag_rule
-from .batched import gradient_mask, gradient_rows, per_block
+from .batched import gradient_mask, gradient_rows, per_block, refusal_factors
 from .distributed import (Topology, all_gather_blocks, assign_owners, gather_whole, local, resolve_topology,
                           scatter_rows)
 from .plan import Bucket, Member, block_prefix, build_buckets, engine_entries, fresh_block_state, state_dtype
@@ -411,8 +411,7 @@ class BlockEngine(torch.optim.Optimizer):
             if isinstance(lr, Tensor):
                 factors = 1.0 - (lr.to(ok.device) * wd) * ok.to(dtype)
             else:
-                factors = torch.full(ok.shape, 1.0 - lr * wd, dtype=dtype, device=ok.device)
-                factors.masked_fill_(~ok, 1.0)
+                factors = refusal_factors(1.0 - lr * wd, ok, dtype)
 
         def decay_() -> None:
             if weights is None:
