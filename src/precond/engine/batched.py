@@ -15,7 +15,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["per_block", "commit_", "ema_", "refusal_factors", "bias_correction", "gradient_bound", "gradient_mask", "gradient_rows"]
+__all__ = ["per_block", "commit_", "ema_", "refusal_factors", "bias_correction", "gradient_bound", "gradient_mask",
+           "gradient_rows"]
 
 
 def per_block(values: Tensor, like: Tensor) -> Tensor:
