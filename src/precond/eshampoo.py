@@ -66,7 +66,7 @@ class EShampoo(ShampooFamily):
                  grafting: str | None = None, grafting_beta2: float | None = None,
                  grafting_epsilon: float = 1e-10, refresh_method: str = "eigh", refresh_tolerance: float = 0.0,
                  max_qr_iterations: int = 1, precondition_1d: bool = False, merge_dims: bool = True,
-                 large_dim_policy: str = "split", max_factor_ratio: float = 64.0, tf32: bool = False, *,
+                 large_dim_policy: str = "split", max_factor_ratio: float = 64.0, tf32: bool | str = False, *,
                  spectral_normalize: bool = False, distributed: Any = None, strict: bool = False) -> None:
         check_choice("refresh_method", refresh_method, REFRESH_METHODS)
         check_in("refresh_tolerance", refresh_tolerance, 0.0, 1.0)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .engine import Bucket, commit_, ema_
+from .precision import matmul
 
 __all__ = ["init_factor_state", "factor_outer", "update_factors_", "mode_product", "permute_dim", "factor_matrices",
            "STATS_WIDTH"]
@@ -42,7 +43,7 @@ def init_factor_state(shape: Sequence[int], preconditioned: Sequence[bool], dtyp
 def factor_outer(grads: Tensor, i: int) -> Tensor:
     """``G_(i) G_(i)ᵀ`` for every block of the stack ``grads`` (``[B, n_i, n_i]``)."""
     unfolded = grads.movedim(1 + i, 1).reshape(grads.shape[0], grads.shape[1 + i], -1)
-    return torch.bmm(unfolded, unfolded.mT)
+    return matmul(unfolded, unfolded.mT)
 
 
 def update_factors_(state: dict[str, Tensor], grads: Tensor, beta: float, weight: float, ok: Tensor,
@@ -76,7 +77,7 @@ def mode_product(x: Tensor, matrices: Sequence[Tensor | None], transpose: bool =
         x = x.movedim(1, -1)
         if m is not None:
             shape = x.shape
-            x = torch.bmm(x.reshape(batch, -1, shape[-1]), m.mT if transpose else m).view(shape)
+            x = matmul(x.reshape(batch, -1, shape[-1]), m.mT if transpose else m).view(shape)
     return x
 
 

@@ -8,11 +8,10 @@ counts the failure.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor
+
+from .precision import matmul, tf32_matmuls
 
 __all__ = [
     "LinAlgFailure",
@@ -34,30 +33,6 @@ __all__ = [
     "inverse_root_newton",
     "spectral_normalize",
 ]
-
-
-@contextlib.contextmanager
-def tf32_matmuls(enabled: bool) -> Iterator[None]:
-    """Within the block, float32 matmuls on CUDA may use TF32 tensor cores (when ``enabled``); the previous
-    setting is restored on exit, so the choice stays with the optimizer that asked for it."""
-    if not enabled:
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-        previous = matmul.fp32_precision
-        matmul.fp32_precision = "tf32"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = previous
-    else:
-        previous = matmul.allow_tf32
-        matmul.allow_tf32 = True
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = previous
 
 
 class LinAlgFailure(RuntimeError):
@@ -142,7 +117,7 @@ def pseudo_inverse_roots(A: Tensor, exponent: float, rank_rtol: float | None = N
 
 def spectral_function(Q: Tensor, values: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
     """``Q diag(values) Qᵀ`` per matrix of a stack, and ``ok`` cleared where the result is not finite."""
-    roots = (Q * values.unsqueeze(-2)) @ Q.mT
+    roots = matmul(Q * values.unsqueeze(-2), Q.mT)
     return roots, ok & torch.isfinite(roots).flatten(-2).all(-1)
 
 
@@ -232,9 +207,10 @@ def power_qr_step(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
     ``Q ← qr(A Q)``. Returns ``(new Q, order)`` so that the caller can permute per-column statistics
     (SOAP's second moment) the same way; raises :class:`LinAlgFailure` if the QR raises.
     """
-    estimates = torch.diagonal(Q.mT @ A @ Q, dim1=-2, dim2=-1)
+    AQ = matmul(A, Q)
+    estimates = (Q * AQ).sum(-2)  # diag(QᵀAQ) without a second product
     order = torch.argsort(estimates, dim=-1, descending=True)
-    Q_new, _ = _qr(A @ permute_columns(Q, order))
+    Q_new, _ = _qr(permute_columns(AQ, order))  # A·(Q's columns in order) = (AQ)'s columns in order
     return Q_new, order
 
 
@@ -287,8 +263,8 @@ def refine_eigenbasis(A: Tensor, X: Tensor, iterations: int = 1, tolerance: floa
     tiny = torch.finfo(A.dtype).tiny
     taken = torch.zeros(A.shape[:-2], dtype=torch.int64, device=A.device)
     for i in range(iterations):
-        S = projected if i == 0 and projected is not None else X.mT @ (A @ X)
-        R = eye - X.mT @ X
+        S = projected if i == 0 and projected is not None else matmul(X.mT, matmul(A, X))
+        R = eye - matmul(X.mT, X)
         lam = torch.diagonal(S, dim1=-2, dim2=-1) / (1.0 - torch.diagonal(R, dim1=-2, dim2=-1))
         gap = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # gap[i, j] = λ_j - λ_i
         coupling = S + 0.5 * (lam.unsqueeze(-2) + lam.unsqueeze(-1)) * R
@@ -299,9 +275,9 @@ def refine_eigenbasis(A: Tensor, X: Tensor, iterations: int = 1, tolerance: floa
         W = W - W.mT
         W = W * (max_rotation / (1.25 * _spectral_norm_estimate(W)).clamp(min=tiny)).clamp(max=1.0)
         active = ~(off_diagonal_ratio(S) <= tolerance)  # a non-finite S stays active and surfaces as NaN
-        X = torch.where(active[..., None, None], X + X @ (0.5 * R + W + 0.5 * (W @ W)), X)
+        X = torch.where(active[..., None, None], X + matmul(X, 0.5 * R + W + 0.5 * matmul(W, W)), X)
         taken += active
-    X = 1.5 * X - 0.5 * X @ (X.mT @ X)
+    X = 1.5 * X - 0.5 * matmul(X, matmul(X.mT, X))
     return X, taken
 
 

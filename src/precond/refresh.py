@@ -31,6 +31,7 @@ from torch import Tensor
 from .kronecker import permute_dim
 from .linalg import (LinAlgFailure, batched_eigh, off_diagonal_ratio, power_qr_step, qr_algorithm,
                      refine_eigenbasis)
+from .precision import matmul
 
 __all__ = ["EigenbasisRefresh", "REFRESH_METHODS"]
 
@@ -78,7 +79,7 @@ class EigenbasisRefresh:
         identity = torch.arange(n, device=A.device).expand(A.shape[0], n)
         stale = ok
         if self.tolerance > 0.0:
-            B = Q.mT @ A @ Q
+            B = matmul(Q.mT, matmul(A, Q))
             stale = ok & (off_diagonal_ratio(B) > self.tolerance)
             stats[:, SKIPPED] += ok & ~stale
             # Only the factors that drifted are recomputed: one host read of the mask per refresh.

@@ -19,6 +19,7 @@ from .engine import BlockEngine, Bucket, bias_correction, commit_, per_block
 from .grafting import GRAFTING_KINDS, Diagonal, graft
 from .kronecker import factor_matrices, factor_outer, init_factor_state, mode_product, update_factors_
 from .linalg import LinAlgFailure, inverse_root_newton, inverse_roots, pseudo_inverse_roots
+from .precision import TF32_MODES
 from .refresh import FAILURES, REFRESHES
 from .validation import (STEP_RULES, betas_to_one_rule, check_betas, check_choice, check_int, check_max_dim,
                          check_nonneg, check_positive, flag_rule)
@@ -54,7 +55,7 @@ class ShampooFamily(BlockEngine):
                  start_preconditioning_step: int, use_bias_correction: bool, use_decoupled_weight_decay: bool,
                  grafting: str | None, grafting_beta2: float | None, grafting_epsilon: float,
                  precondition_1d: bool, merge_dims: bool, large_dim_policy: str, max_factor_ratio: float,
-                 tf32: bool, spectral_normalize: bool, distributed: Any, strict: bool,
+                 tf32: bool | str, spectral_normalize: bool, distributed: Any, strict: bool,
                  extra: dict[str, Any]) -> None:
         check_max_dim("max_preconditioner_dim", max_preconditioner_dim)
         check_int("precondition_frequency", precondition_frequency, 1)
@@ -67,7 +68,7 @@ class ShampooFamily(BlockEngine):
             check_betas((0.0, grafting_beta2), name="grafting_beta2 (as betas)")
         check_positive("grafting_epsilon", grafting_epsilon)
         check_choice("large_dim_policy", large_dim_policy, ("split", "identity"))
-        check_choice("tf32", tf32, (False, True))
+        check_choice("tf32", tf32, TF32_MODES)
         defaults = dict(lr=lr, betas=tuple(betas), epsilon=epsilon, weight_decay=weight_decay,
                         max_preconditioner_dim=max_preconditioner_dim,
                         precondition_frequency=precondition_frequency,
@@ -225,8 +226,9 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
             matrix runs the diagonal method and a 32×32 one keeps two 32×32 factors (Distributed Shampoo
             gives them 1024×1024 factors: 1024× the block). Said once per parameter (logging).
             ``float("inf")`` is Distributed Shampoo's layout.
-        tf32: compute this optimizer's float32 matmuls with TF32 tensor cores on CUDA (default False: full
-            float32); the global PyTorch setting is left as it was.
+        tf32: float32 matmuls on CUDA (:mod:`precond.precision`): ``False`` (default) IEEE float32, ``True``
+            TF32 tensor cores (~1e-3 relative), ``"3x"`` three TF32 passes per product (float32 accuracy,
+            about half the time of ``False``); the global PyTorch setting is left as it was.
         spectral_normalize: rescale each block's update (after grafting) to spectral norm
             ``sqrt(d_out/d_in)`` (default False), the explicit normalisation that Qiu et al. (arXiv:2512.05620)
             find steadies the best rate across widths; with it a hidden layer's rate needs no width
@@ -264,7 +266,7 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
                  grafting: str | None = None, grafting_beta2: float | None = None,
                  grafting_epsilon: float = 1e-10, inverse_exponent_override: float | dict[int, float] | None = None,
                  root_method: str = "eigh", precondition_1d: bool = False, merge_dims: bool = True,
-                 large_dim_policy: str = "split", max_factor_ratio: float = 64.0, tf32: bool = False, *,
+                 large_dim_policy: str = "split", max_factor_ratio: float = 64.0, tf32: bool | str = False, *,
                  spectral_normalize: bool = False, pseudo_inverse: bool = False, rank_rtol: float | None = None,
                  bias_correction: str = "std", cross_fit_fraction: float = 0.5, distributed: Any = None,
                  strict: bool = False) -> None:

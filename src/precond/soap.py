@@ -12,6 +12,7 @@ from torch import Tensor
 from .blocks import BlockLayout
 from .engine import BlockEngine, Bucket, bias_correction, commit_, ema_, per_block
 from .kronecker import factor_matrices, init_factor_state, mode_product, update_factors_
+from .precision import TF32_MODES
 from .refresh import REFRESH_METHODS, EigenbasisRefresh
 from .validation import (STEP_RULES, betas_rule, check_choice, check_in, check_int, check_max_dim, check_positive,
                          flag_rule)
@@ -61,7 +62,9 @@ class SOAP(BlockEngine):
         max_factor_ratio: memory guard (default 64; :class:`~precond.Shampoo`'s): a dim of length ``n`` in a
             block of ``m`` elements gets a factor only if ``n² <= max_factor_ratio·m`` (a 1×N matrix runs
             Adam); the reference SOAP has none (``float("inf")``).
-        tf32: compute this optimizer's float32 matmuls with TF32 tensor cores on CUDA (default False).
+        tf32: float32 matmuls on CUDA (:mod:`precond.precision`): ``False`` (default) IEEE float32, ``True``
+            TF32 tensor cores (~1e-3 relative), ``"3x"`` three TF32 passes per product (float32 accuracy,
+            about half the time of ``False``).
         spectral_normalize: rescale each block's update to spectral norm ``sqrt(d_out/d_in)`` (default False;
             see :class:`~precond.Shampoo`).
         strict: raise ``FloatingPointError`` naming the parameter and block when a gradient or an update is not
@@ -78,7 +81,7 @@ class SOAP(BlockEngine):
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
                  precondition_1d: bool = False, normalize_grads: bool = False, correct_bias: bool = True,
                  refresh_method: str = "power_qr", refresh_tolerance: float = 0.0, max_qr_iterations: int = 1,
-                 large_dim_policy: str = "identity", max_factor_ratio: float = 64.0, tf32: bool = False, *,
+                 large_dim_policy: str = "identity", max_factor_ratio: float = 64.0, tf32: bool | str = False, *,
                  spectral_normalize: bool = False, distributed: Any = None, strict: bool = False) -> None:
         if shampoo_beta != -1:
             check_in("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
@@ -88,7 +91,7 @@ class SOAP(BlockEngine):
         check_in("refresh_tolerance", refresh_tolerance, 0.0, 1.0)
         check_int("max_qr_iterations", max_qr_iterations, 1)
         check_choice("large_dim_policy", large_dim_policy, ("split", "identity"))
-        check_choice("tf32", tf32, (False, True))
+        check_choice("tf32", tf32, TF32_MODES)
         defaults = dict(lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
                         merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads,

@@ -58,11 +58,14 @@ def methods() -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
     def eigh_each(A: Tensor, Q: Tensor) -> Tensor:
         return torch.stack([torch.linalg.eigh(a)[1] for a in A])
 
-    def refine(iterations: int, tf32: bool) -> Callable[[Tensor, Tensor], Tensor]:
+    def in_mode(mode: bool | str, method: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
         def run(A: Tensor, Q: Tensor) -> Tensor:
-            with tf32_matmuls(tf32):
-                return refine_eigenbasis(A, Q, iterations)[0]
+            with tf32_matmuls(mode):
+                return method(A, Q)
         return run
+
+    def refine(iterations: int, mode: bool | str) -> Callable[[Tensor, Tensor], Tensor]:
+        return in_mode(mode, lambda A, Q: refine_eigenbasis(A, Q, iterations)[0])
 
     return {
         "eigh, per factor": eigh_each,
@@ -73,6 +76,9 @@ def methods() -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
         "refine, 2 steps": refine(2, False),
         "refine, 1 step, TF32": refine(1, True),
         "refine, 2 steps, TF32": refine(2, True),
+        "refine, 1 step, 3×TF32": refine(1, "3x"),
+        "refine, 2 steps, 3×TF32": refine(2, "3x"),
+        "power-QR (SOAP), 3×TF32": in_mode("3x", lambda A, Q: power_qr_step(A, Q)[0]),
     }
 
 

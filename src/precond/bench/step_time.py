@@ -61,6 +61,7 @@ def _ours(max_dim: int) -> dict[str, Callable]:
                                                       precondition_frequency=FREQUENCY, grafting="adam",
                                                       max_preconditioner_dim=max_dim),
         "precond SOAP tf32": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=FREQUENCY, tf32=True),
+        "precond SOAP 3xtf32": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=FREQUENCY, tf32="3x"),
         "precond EShampoo tf32": lambda ps: precond.EShampoo(ps, lr=1e-3, precondition_frequency=FREQUENCY,
                                                              max_preconditioner_dim=max_dim, tf32=True),
         "precond Shampoo tf32": lambda ps: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12,
@@ -105,8 +106,9 @@ def _refine_rows(max_dim: int) -> dict[str, Callable]:
     """SOAP and EShampoo with the matmul-only refresh, at F=10 and refreshing every step (F=1)."""
     rows: dict[str, Callable] = {}
     for frequency in (FREQUENCY, 1):
-        for tf32 in (False, True):
-            suffix = f"refine{' tf32' if tf32 else ''}{' F=1' if frequency == 1 else ''}"
+        for tf32 in (False, True, "3x"):
+            precision = {False: "", True: " tf32", "3x": " 3xtf32"}[tf32]
+            suffix = f"refine{precision}{' F=1' if frequency == 1 else ''}"
             rows[f"precond SOAP {suffix}"] = (
                 lambda ps, f=frequency, t=tf32: precond.SOAP(ps, lr=3e-3, precondition_frequency=f, tf32=t,
                                                              refresh_method="refine"))

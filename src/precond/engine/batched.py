@@ -57,8 +57,22 @@ def gradient_mask(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     state's): finite, with its norm, computed in ``dtype``, within :func:`gradient_bound`. One multi-tensor norm
     (see :func:`gradient_rows` for a stack, which costs the host less); NaN and ±inf propagate into the norm
     and fail the comparison. A float16 gradient is measured in float32: its own range ends at 65504."""
-    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
+    norms = (_stacked_norms(tensors, dtype) if torch.compiler.is_compiling()
+             else torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)))
     return norms <= gradient_bound(dtype)
+
+
+@torch.library.custom_op("precond::stacked_norms", mutates_args=())
+def _stacked_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """The multi-tensor norm, stacked, as one operator that a compiled step calls as it is: inductor would
+    write a reduction kernel per tensor and a one-element copy per norm (about 100 launches for GPT-2
+    small's 50 tensors, a host-bound step three times slower than the eager one)."""
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
+
+
+@_stacked_norms.register_fake
+def _(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    return tensors[0].new_empty(len(tensors), dtype=dtype)
 
 
 def gradient_rows(stack: Tensor, dtype: torch.dtype) -> Tensor:

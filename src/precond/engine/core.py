@@ -18,8 +18,9 @@ gradients, (b) compute the directions of the blocks this process owns, (c) excha
 whole matrices gathered from FSDP2 shards, (d) apply weight decay and ``W ← W - lr·P``, (e) under DDP,
 exchange the new weights of the blocks each process owns (in one process (c) and (e) do nothing). How work
 and state are split between processes (DDP, FSDP2) is described in :mod:`~precond.engine.distributed`.
-Nothing in a step that does not refresh a preconditioner waits for the device. A group with ``"tf32": True``
-computes its directions with TF32 float32 matmuls on CUDA (the global setting is restored afterwards); a group
+Nothing in a step that does not refresh a preconditioner waits for the device. A group with ``"tf32"`` set
+computes its directions with TF32 (``True``) or three-pass TF32 (``"3x"``) float32 matmuls on CUDA
+(:mod:`~precond.precision`; the global setting is restored afterwards); a group
 with ``"spectral_normalize": True`` (offered by Shampoo, EShampoo and SOAP) rescales each direction block of
 two or more dims to spectral norm ``sqrt(d_out/d_in)`` (:func:`~precond.linalg.spectral_normalize`) before
 the rate multiplies it; blocks cut from an FSDP2 shard are normalised as the pieces they are.
@@ -274,7 +275,7 @@ class BlockEngine(torch.optim.Optimizer):
             sub.calls = bucket.calls
             sub.state["step"] = bucket.state["step"].index_select(0, bucket.owned)
             ok = ok.index_select(0, bucket.owned)  # the gradients are the owned blocks' already
-        with tf32_matmuls(bool(bucket.group.get("tf32", False))):
+        with tf32_matmuls(bucket.group.get("tf32", False)):
             direction = self._directions(sub, grads, ok, bucket.group)
         if direction is not None and bucket.group.get("spectral_normalize", False) and len(bucket.shape) >= 2:
             direction = spectral_normalize(direction)

@@ -30,7 +30,6 @@ every process then applies its rows, so Muon under FSDP2 equals Muon in one proc
 
 from __future__ import annotations
 
-import functools
 import heapq
 import math
 import time
@@ -46,8 +45,7 @@ __all__ = ["Topology", "resolve_topology", "assign_owners", "local", "row_range"
            "scatter_rows"]
 
 
-@functools.cache  # asked for every block of every step: the import machinery is not free
-def _dtensor_type() -> type | None:
+def _load_dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch built without distributed support
@@ -55,9 +53,13 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
+# Looked up once: is_dtensor is asked for every block of every step, and the import machinery is not free (a
+# module constant, where functools.cache would make torch.compile warn on every compiled step).
+_DTENSOR = _load_dtensor_type()
+
+
 def is_dtensor(t: Any) -> bool:
-    cls = _dtensor_type()
-    return cls is not None and isinstance(t, cls)
+    return _DTENSOR is not None and isinstance(t, _DTENSOR)
 
 
 def local(t: Tensor) -> Tensor:
