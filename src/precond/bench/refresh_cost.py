@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..linalg import batched_eigh, off_diagonal_ratio, power_qr_step, qr_algorithm, refine_eigenbasis, tf32_matmuls
+from ..linalg import batched_eigh, off_diagonal_ratio, power_qr_step, qr_algorithm, refine_eigenbasis
+from ..precision import TF32_MODES, matmul, tf32_matmuls
 from .step_time import BODIES, body_shapes
 
 
@@ -118,6 +119,41 @@ def run(size: str, device: torch.device, drift: int, history: int, noise: float,
             "factors": {n: int(A.shape[0]) for n, (A, _) in buckets.items()}, "rows": rows}
 
 
+def product_precision(size: str, device: torch.device, repeats: int) -> list[dict]:
+    """One batched product ``A·B`` per factor size of the body (as many as it has factors of that size; ``A``'s
+    columns of decaying scale) in each :data:`~precond.precision.TF32_MODES`: time (median, synchronised) and
+    relative Frobenius error against float64."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    counts: dict[int, int] = {}
+    for rows, cols in body_shapes(*BODIES[size]):
+        for n in (rows, cols):  # a factor per side, as factor_buckets
+            counts[n] = counts.get(n, 0) + 1
+    out = []
+    for n, count in sorted(counts.items()):
+        a = torch.randn(count, n, n, device=device, generator=gen) * torch.logspace(0, -3, n, device=device)
+        b = torch.randn(count, n, n, device=device, generator=gen)
+        exact = a.double() @ b.double()
+        for mode in TF32_MODES:
+            with tf32_matmuls(mode):
+                result = matmul(a, b)
+                times = []
+                for _ in range(repeats):
+                    _synchronize(device)
+                    start = time.perf_counter()
+                    matmul(a, b)
+                    _synchronize(device)
+                    times.append(1e3 * (time.perf_counter() - start))
+            error = torch.linalg.vector_norm(result.double() - exact) / torch.linalg.vector_norm(exact)
+            out.append({"stack": f"{count} × {n}²", "mode": str(mode), "ms": statistics.median(times),
+                        "relative_error": float(error)})
+    return out
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def markdown(results: dict) -> str:
     sizes = list(results["factors"])
     head = ", ".join(f"{c} × {n}²" for n, c in results["factors"].items())
@@ -146,7 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=None, help="default: all")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--products", action="store_true",
+                        help="instead: one batched product per factor size in each float32 matmul precision")
     args = parser.parse_args(argv)
+    if args.products:
+        rows = product_precision(args.size, torch.device(args.device), args.repeats)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(rows, indent=1))
+        print("| stack | tf32 | ms | relative error vs float64 |\n|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['stack']} | {row['mode']} | {row['ms']:.2f} | {row['relative_error']:.1e} |")
+        return 0
     names = args.methods or list(methods())
     unknown = [n for n in names if n not in methods()]
     if unknown:
