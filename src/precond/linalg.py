@@ -239,24 +239,25 @@ def refine_eigenbasis(A: Tensor, X: Tensor, iterations: int = 1, tolerance: floa
         S = X^T A X,\quad R = I - X^T X,\quad \tilde\lambda_i = S_{ii} / (1 - R_{ii}),\\
         C_{ij} = S_{ij} + \tfrac12(\tilde\lambda_i + \tilde\lambda_j) R_{ij},\quad
         g_{ij} = \tilde\lambda_j - \tilde\lambda_i,\quad
-        \theta_{ij} = \operatorname{clip}\big(C_{ij}\, g_{ij} / (g_{ij}^2 + \mu^2), \pm\rho\big),\quad
+        W_{ij} = \operatorname{clip}\big(C_{ij}\, g_{ij} / (g_{ij}^2 + \mu^2), \pm\rho\big),\quad
         \mu = \kappa\,\|C - \operatorname{diag} C\|_F,\\
-        W = \operatorname{triu}(\theta, 1) - \operatorname{triu}(\theta, 1)^T
-            \ \text{(scaled so that } \|W\|_2 \le w_{\max}\text{)},\quad
+        W \leftarrow W \cdot \min(1, w_{\max} / \|W\|_2),\quad
         X \leftarrow X\,(I + \tfrac12 R + W + \tfrac12 W^2).
 
-    ``θ`` is, for a pair ``(i, j)`` whose gap is large against ``μ``, the rotation that diagonalises it to
-    first order. Pairs closer than ``μ`` (the bulk of a dense spectrum, whose rotation barely changes the
-    quadratic form) are damped towards no rotation, and every angle is clipped at ``ρ = max_angle``, so
-    they cannot swamp the step; ``μ = κ·‖off-diagonal‖_F`` (``κ = damping``) vanishes as the basis
-    converges, which restores the quadratic convergence of the undamped correction. Bounding ``‖W‖₂``
-    (a power-iteration estimate) keeps ``I + W + W²/2`` within ``‖W‖⁴/4`` of orthogonal. ``R/2`` restores
-    orthogonality lost earlier to first order. A matrix stops once ``off_diagonal_ratio(S) ≤ tolerance``;
-    no host sync. A final Newton–Schulz step ``X ← X(3I - XᵀX)/2`` squares what is left of the
-    orthogonality error. Columns keep their order, so per-column statistics stay aligned. About
-    ``5·iterations + 2`` batched matmuls of size ``n``, two fewer when ``projected`` (``XᵀAX``, already
-    computed by the caller's criterion) is passed. Returns ``(X, iterations taken per matrix)``; non-finite
-    results are the caller's to check.
+    ``W`` is antisymmetric (``C`` is symmetric, ``g`` antisymmetric); for a pair ``(i, j)`` whose gap is large
+    against ``μ``, ``W_ij`` is the rotation that diagonalises it to first order. Pairs closer than ``μ`` (the
+    bulk of a dense spectrum, whose rotation barely changes the quadratic form) are damped towards no
+    rotation, and every angle is clipped at ``ρ = max_angle``, so they cannot swamp the step;
+    ``μ = κ·‖off-diagonal‖_F`` (``κ = damping``) vanishes as the basis converges, which restores the
+    quadratic convergence of the undamped correction. Bounding ``‖W‖₂`` (a power-iteration estimate) keeps
+    ``I + W + W²/2`` within ``‖W‖⁴/4`` of orthogonal. ``R/2`` restores orthogonality lost earlier to first
+    order; the first iteration takes ``X`` as orthonormal (``R = 0``: the caller's basis comes from ``eigh``,
+    a QR or an earlier refinement), which saves a product. A matrix stops once ``off_diagonal_ratio(S) ≤
+    tolerance``; no host sync. A final Newton–Schulz step ``X ← X(3I - XᵀX)/2`` squares what is left of the
+    orthogonality error (and of the rounding that makes ``W`` not exactly antisymmetric). Columns keep their
+    order, so per-column statistics stay aligned. Batched products of size ``n``: 6 for one iteration, 5 for
+    each further one, two fewer when ``projected`` (``XᵀAX``, already computed by the caller's criterion) is
+    passed. Returns ``(X, iterations taken per matrix)``; non-finite results are the caller's to check.
     """
     n = A.shape[-1]
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
@@ -264,21 +265,29 @@ def refine_eigenbasis(A: Tensor, X: Tensor, iterations: int = 1, tolerance: floa
     taken = torch.zeros(A.shape[:-2], dtype=torch.int64, device=A.device)
     for i in range(iterations):
         S = projected if i == 0 and projected is not None else matmul(X.mT, matmul(A, X))
-        R = eye - matmul(X.mT, X)
-        lam = torch.diagonal(S, dim1=-2, dim2=-1) / (1.0 - torch.diagonal(R, dim1=-2, dim2=-1))
+        lam = torch.diagonal(S, dim1=-2, dim2=-1)
+        R = None if i == 0 else eye - matmul(X.mT, X)
+        if R is None:
+            coupling = S
+        else:
+            lam = lam / (1.0 - torch.diagonal(R, dim1=-2, dim2=-1))
+            coupling = S + 0.5 * (lam.unsqueeze(-2) + lam.unsqueeze(-1)) * R
         gap = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # gap[i, j] = λ_j - λ_i
-        coupling = S + 0.5 * (lam.unsqueeze(-2) + lam.unsqueeze(-1)) * R
-        off = torch.diagonal_scatter(coupling, torch.zeros_like(lam), dim1=-2, dim2=-1)
-        mu = damping * torch.linalg.matrix_norm(off, keepdim=True)
-        theta = (coupling * gap / (gap.square() + mu.square()).clamp(min=tiny)).clamp(-max_angle, max_angle)
-        W = torch.triu(theta, 1)
-        W = W - W.mT
-        W = W * (max_rotation / (1.25 * _spectral_norm_estimate(W)).clamp(min=tiny)).clamp(max=1.0)
-        active = ~(off_diagonal_ratio(S) <= tolerance)  # a non-finite S stays active and surfaces as NaN
-        X = torch.where(active[..., None, None], X + matmul(X, 0.5 * R + W + 0.5 * matmul(W, W)), X)
+        total = torch.linalg.matrix_norm(coupling, keepdim=True)
+        diagonal = torch.linalg.vector_norm(torch.diagonal(coupling, dim1=-2, dim2=-1), dim=-1)[..., None, None]
+        off = torch.sqrt(torch.clamp(total.square() - diagonal.square(), min=0.0))  # ‖C - diag C‖_F
+        # C_ii·0 / μ² = 0 on the diagonal; in place on the temporaries: each pass here reads n² per matrix
+        W = (coupling * gap).div_(torch.addcmul((damping * off).square(), gap, gap).clamp_(min=tiny))
+        W.clamp_(-max_angle, max_angle)
+        W.mul_((max_rotation / (1.25 * _spectral_norm_estimate(W)).clamp(min=tiny)).clamp(max=1.0))
+        ratio = (off / total.clamp(min=tiny))[..., 0, 0] if R is None else off_diagonal_ratio(S)
+        active = ~(ratio <= tolerance)  # a non-finite S stays active and surfaces as NaN
+        step = torch.add(W, matmul(W, W), alpha=0.5)
+        if R is not None:
+            step.add_(R, alpha=0.5)
+        X = torch.where(active[..., None, None], X + matmul(X, step), X)
         taken += active
-    X = 1.5 * X - 0.5 * matmul(X, matmul(X.mT, X))
-    return X, taken
+    return matmul(X, matmul(X.mT, X)).mul_(-0.5).add_(X, alpha=1.5), taken
 
 
 def newton_schulz(
