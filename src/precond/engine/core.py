@@ -63,8 +63,9 @@ def _traced_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
                   steps: Tensor, lr: float | Tensor, beta1: float, beta2: float, weight_decay: float,
                   eps: float, found_inf: Tensor) -> None:
     """``torch._fused_adamw_``'s update written with multi-tensor ops, for ``torch.compile`` to fuse: the
-    step counts (one stack ``[B]``, already advanced) are read; ``found_inf`` (0 or 1) skips every update: each change is
-    scaled by ``keep = 1 - found_inf`` and the gradients are zeroed first, so nothing non-finite enters.
+    step counts (one stack ``[B]``, already advanced) are read; ``found_inf`` (0 or 1) skips every update:
+    each change is scaled by ``keep = 1 - found_inf`` and the gradients are zeroed first, so nothing
+    non-finite enters.
     Scalars are computed in the state's dtype (float64 state: the bias corrections in float64, as the fused
     kernel does), not in the float32 of the counters."""
     dtype = exp_avgs[0].dtype
