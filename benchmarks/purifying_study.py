@@ -4,9 +4,10 @@ error, and per-parameter-type drift, on the language model of ``python -m precon
     python benchmarks/purifying_study.py --device cuda --out benchmarks/results/purifying/runs.json
     python benchmarks/purifying_study.py --report benchmarks/results/purifying/runs.json   # tables + plots
 
-Each run trains one optimizer configuration at one learning rate for ``--steps`` steps (seed 0) and records
-the final validation loss (nats/byte), the training wall-clock, the optimizer's share of it, and the
-per-factor refresh counters. Runs already in ``--out`` are skipped, so an interrupted study resumes.
+Each run trains one optimizer configuration at one learning rate and seed (``--seeds``, default 0) for
+``--steps`` steps and records the final validation loss (nats/byte), the training wall-clock, the optimizer's
+share of it, and the per-factor refresh counters. Runs already in ``--out`` are skipped, so an interrupted
+study resumes.
 
 - ``a``: Shampoo without grafting over a grid of lr × epsilon, Shampoo with Adam grafting, EShampoo without
   grafting, AdamW, over the same learning rates.
@@ -20,7 +21,9 @@ per-factor refresh counters. Runs already in ``--out`` are skipped, so an interr
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Callable
@@ -83,15 +86,15 @@ def parameter_type(name: str) -> str:
 def run_study(args: argparse.Namespace) -> None:
     out: Path = args.out
     done = json.loads(out.read_text()) if out.exists() else []
-    seen = {(r["config"], r["lr"]) for r in done}
+    seen = {(r["config"], r["lr"], r.get("seed", 0)) for r in done}
     workload = LanguageModel(Path(args.data_dir), GPTConfig(context=args.context, width=args.width,
                                                             depth=args.depth, heads=args.heads),
                              batch_size=args.batch_size, device=args.device)
     for name, (finding, build, lrs) in configurations().items():
         if (args.findings and finding not in args.findings) or (args.match and args.match not in name):
             continue
-        for lr in lrs:
-            if (name, lr) in seen:
+        for lr, seed in itertools.product(lrs, args.seeds):
+            if (name, lr, seed) in seen:
                 continue
             holder: dict = {}
 
@@ -100,7 +103,7 @@ def run_study(args: argparse.Namespace) -> None:
                 holder["opt"] = build(model, lr_)
                 return holder["opt"]
 
-            result = train_run(workload, OptimizerSpec(name, lr, make), lr, 0, args.steps, args.eval_every,
+            result = train_run(workload, OptimizerSpec(name, lr, make), lr, seed, args.steps, args.eval_every,
                                args.device, AdamWSetting(lr))  # constant rate, as the study was made
             per_type: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
             if hasattr(holder["opt"], "preconditioner_stats"):
@@ -109,21 +112,23 @@ def run_study(args: argparse.Namespace) -> None:
                     per_type[t][0] += f["refreshes"]
                     per_type[t][1] += f["skipped"]
                     per_type[t][2] += 1
-            done.append({"config": name, "finding": finding, "lr": lr, "final_val_loss": result["final_val_loss"],
+            done.append({"config": name, "finding": finding, "lr": lr, "seed": seed,
+                         "final_val_loss": result["final_val_loss"],
                          "train_seconds": result["train_seconds"], "optimizer_seconds": result["optimizer_seconds"],
                          "refreshes": result["refreshes"], "skipped": result["skipped_refreshes"],
                          "failures": result["failures"], "curve": result["curve"], "per_type": dict(per_type),
                          "steps": args.steps, "device": args.device,
                          "model": dict(width=args.width, depth=args.depth, context=args.context,
                                        batch_size=args.batch_size)})
-            print(f"{name} lr={lr:g}: loss {result['final_val_loss']:.4f}, {result['train_seconds']:.1f} s, "
+            print(f"{name} lr={lr:g} seed={seed}: loss {result['final_val_loss']:.4f}, {result['train_seconds']:.1f} s, "
                   f"refreshes {result['refreshes']}", file=sys.stderr, flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(done, indent=1))
 
 
 def report(path: Path) -> str:
-    runs = json.loads(path.read_text())
+    every_seed = json.loads(path.read_text())
+    runs = [r for r in every_seed if r.get("seed", 0) == 0]  # the tables below are seed 0's; seeds: seed_table
     best: dict[str, dict] = {}
     for r in runs:
         if r["config"] not in best or r["final_val_loss"] < best[r["config"]]["final_val_loss"]:
@@ -147,7 +152,34 @@ def report(path: Path) -> str:
         for r in tau_runs:
             cells = [f"{v[0] / max(v[2], 1):.1f}" for _, v in sorted(r["per_type"].items())]
             lines.append(f"| {r['config']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + seed_table(every_seed))
+
+
+def seed_table(runs: list[dict]) -> list[str]:
+    """Finding b over seeds, for the configurations run with more than one: mean ± sample deviation of the
+    final loss and of the refreshes, and the seeds' mean loss difference to the method's F=1 run, paired by
+    seed (the adaptive criterion's saving is counted against F=1, the best fixed frequency here)."""
+    by_config: dict[str, dict[int, dict]] = defaultdict(dict)
+    for r in runs:
+        if r["finding"] == "b":
+            by_config[r["config"]][r.get("seed", 0)] = r
+    rows = {name: seeds for name, seeds in by_config.items() if len(seeds) > 1}
+    if not rows:
+        return []
+    lines = ["", "### finding b over seeds", "",
+             "| configuration | seeds | val loss, mean ± sd | Δ loss vs F=1 (paired), mean ± sd | "
+             "refreshes, mean | refreshes vs F=1 |", "|---|---|---|---|---|---|"]
+    for name, seeds in rows.items():
+        method = name.rsplit(" ", 1)[0]
+        base = by_config.get(f"{method} F=1", {})
+        losses = [seeds[k]["final_val_loss"] for k in sorted(seeds)]
+        refreshes = statistics.mean(seeds[k]["refreshes"] for k in seeds)
+        paired = [seeds[k]["final_val_loss"] - base[k]["final_val_loss"] for k in sorted(seeds) if k in base]
+        delta = f"{statistics.mean(paired):+.4f} ± {statistics.stdev(paired):.4f}" if len(paired) > 1 else "—"
+        share = (f"{refreshes / statistics.mean(base[k]['refreshes'] for k in base):.2f}×" if base else "—")
+        lines.append(f"| {name} | {len(seeds)} | {statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f} | "
+                     f"{delta} | {refreshes:.0f} | {share} |")
+    return lines
 
 
 def plot(path: Path, png: Path) -> None:
@@ -188,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
     return run_or_report(p.parse_args(argv), run_study, report, plot)
 
 

@@ -405,12 +405,14 @@ def test_purifying_study_script_runs_a_configuration_and_reports_it(data_dir, tm
     out = tmp_path / "study.json"
     argv = ["--device", "cpu", "--out", str(out), "--data-dir", str(data_dir), "--steps", "2", "--eval-every", "1",
             "--width", "16", "--depth", "1", "--heads", "2", "--context", "8", "--batch-size", "2",
-            "--findings", "b", "--match", "qr I=3 F=100"]
+            "--findings", "b", "--match", "qr I=3 F=100", "--seeds", "0", "1"]
     assert study.main(argv) == 0
     runs = json.loads(out.read_text())
-    assert [r["config"] for r in runs] == ["EShampoo qr I=3 F=100"]
-    assert math.isfinite(runs[0]["final_val_loss"])
-    assert "EShampoo qr I=3 F=100" in study.report(out)
+    assert [(r["config"], r["seed"]) for r in runs] == [("EShampoo qr I=3 F=100", 0), ("EShampoo qr I=3 F=100", 1)]
+    assert all(math.isfinite(r["final_val_loss"]) for r in runs)
+    assert runs[0]["curve"] != runs[1]["curve"]  # the seed reaches the model and the data
+    table = study.report(out)
+    assert "| EShampoo qr I=3 F=100 | 2 |" in table.split("### finding b over seeds")[1]
 
 
 def test_transfer_study_script_runs_both_parametrisations_and_reports_drift(data_dir, tmp_path):
