@@ -6,9 +6,10 @@ The ``tf32`` option of the Kronecker optimizers takes
 - ``True``: TF32 tensor cores, inputs rounded to 10 mantissa bits (relative error ~1e-3);
 - ``"3x"``: each product ``AB`` as ``A_lo B_hi + A_hi B_lo + A_hi B_hi`` in TF32, where
   ``A = A_hi + A_lo`` splits every float32 into its leading 11 significant bits (exact in TF32) and the
-  rest. Only ``A_lo B_lo`` (below ``2⁻²²`` relative) is dropped, and TF32 products accumulate in float32, so
-  the result is within a few float32 roundings of the IEEE product at about half its cost
-  (three tensor-core passes and the splits). This is the "3xTF32" of NVIDIA's CUTLASS.
+  rest. Only ``A_lo B_lo`` (below ``2⁻²²`` relative) is dropped, and TF32 products accumulate in float32.
+  Measured on an H100 against float64: 25× more accurate than TF32, 5–9× less than IEEE float32, at 0.6× the
+  time of IEEE float32 on stacks of 2304² and 3072² and the same time on 768² (three tensor-core passes and
+  the splits). This is the "3xTF32" of NVIDIA's CUTLASS.
 
 The choice stays with the optimizer that asked for it: :func:`tf32_matmuls` sets it for a block of code and
 restores the previous global setting on exit. Matmuls written as :func:`matmul` follow ``"3x"``; anything
