@@ -144,10 +144,15 @@ def off_diagonal_ratio(B: Tensor) -> Tensor:
     ``‖A - Q diag(B) Qᵀ‖_F = ‖B - diag(B)‖_F`` and ``‖B‖_F = ‖A‖_F``, so this is the relative error of
     approximating ``A`` in the basis ``Q`` ("Purifying Shampoo", Eschenhagen et al. 2025).
     """
+    off, total = _off_diagonal_norms(B)
+    return off / torch.clamp(total, min=torch.finfo(B.dtype).tiny)
+
+
+def _off_diagonal_norms(B: Tensor) -> tuple[Tensor, Tensor]:
+    """``(‖B - diag(B)‖_F, ‖B‖_F)`` of each matrix in ``[..., n, n]``, from two reductions (no masked copy)."""
     total = torch.linalg.matrix_norm(B)
     diag = torch.linalg.vector_norm(torch.diagonal(B, dim1=-2, dim2=-1), dim=-1)
-    off = torch.sqrt(torch.clamp(total.square() - diag.square(), min=0.0))
-    return off / torch.clamp(total, min=torch.finfo(B.dtype).tiny)
+    return torch.sqrt(torch.clamp(total.square() - diag.square(), min=0.0)), total
 
 
 def permute_columns(Q: Tensor, order: Tensor) -> Tensor:
@@ -273,14 +278,13 @@ def refine_eigenbasis(A: Tensor, X: Tensor, iterations: int = 1, tolerance: floa
             lam = lam / (1.0 - torch.diagonal(R, dim1=-2, dim2=-1))
             coupling = S + 0.5 * (lam.unsqueeze(-2) + lam.unsqueeze(-1)) * R
         gap = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # gap[i, j] = λ_j - λ_i
-        total = torch.linalg.matrix_norm(coupling, keepdim=True)
-        diagonal = torch.linalg.vector_norm(torch.diagonal(coupling, dim1=-2, dim2=-1), dim=-1)[..., None, None]
-        off = torch.sqrt(torch.clamp(total.square() - diagonal.square(), min=0.0))  # ‖C - diag C‖_F
+        off, total = _off_diagonal_norms(coupling)  # ‖C - diag C‖_F, ‖C‖_F
+        mu2 = (damping * off).square()[..., None, None]
         # C_ii·0 / μ² = 0 on the diagonal; in place on the temporaries: each pass here reads n² per matrix
-        W = (coupling * gap).div_(torch.addcmul((damping * off).square(), gap, gap).clamp_(min=tiny))
+        W = (coupling * gap).div_(torch.addcmul(mu2, gap, gap).clamp_(min=tiny))
         W.clamp_(-max_angle, max_angle)
         W.mul_((max_rotation / (1.25 * _spectral_norm_estimate(W)).clamp(min=tiny)).clamp(max=1.0))
-        ratio = (off / total.clamp(min=tiny))[..., 0, 0] if R is None else off_diagonal_ratio(S)
+        ratio = off / total.clamp(min=tiny) if R is None else off_diagonal_ratio(S)  # C = S when R = 0
         active = ~(ratio <= tolerance)  # a non-finite S stays active and surfaces as NaN
         step = torch.add(W, matmul(W, W), alpha=0.5)
         if R is not None:

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -102,17 +103,9 @@ def run(size: str, device: torch.device, drift: int, history: int, noise: float,
     rows: dict[str, dict] = {"stale basis": {"ms": 0.0, "per_size": stale}}
     table = methods()
     for name in names:
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = {n: table[name](A, Q) for n, (A, Q) in buckets.items()}
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(1e3 * (time.perf_counter() - start))
+        ms, out = _median_ms(lambda: {n: table[name](A, Q) for n, (A, Q) in buckets.items()}, repeats, device)
         per_size = {n: quality(buckets[n][0], out[n], references[n]) for n in buckets}
-        rows[name] = {"ms": statistics.median(times), "per_size": per_size}
+        rows[name] = {"ms": ms, "per_size": per_size}
         print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "size": size, "drift": drift, "noise": noise,
@@ -135,23 +128,25 @@ def product_precision(size: str, device: torch.device, repeats: int) -> list[dic
         exact = a.double() @ b.double()
         for mode in TF32_MODES:
             with tf32_matmuls(mode):
-                result = matmul(a, b)
-                times = []
-                for _ in range(repeats):
-                    _synchronize(device)
-                    start = time.perf_counter()
-                    matmul(a, b)
-                    _synchronize(device)
-                    times.append(1e3 * (time.perf_counter() - start))
+                result = matmul(a, b)  # also the warm-up
+                ms, _ = _median_ms(lambda: matmul(a, b), repeats, device)
             error = torch.linalg.vector_norm(result.double() - exact) / torch.linalg.vector_norm(exact)
-            out.append({"stack": f"{count} × {n}²", "mode": str(mode), "ms": statistics.median(times),
-                        "relative_error": float(error)})
+            out.append({"stack": f"{count} × {n}²", "mode": str(mode), "ms": ms, "relative_error": float(error)})
     return out
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _median_ms(work: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, Any]:
+    """Median wall time of ``work()`` over ``repeats`` calls, synchronised on CUDA, and its last result."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = work()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times), result
 
 
 def markdown(results: dict) -> str:

@@ -57,9 +57,8 @@ def gradient_mask(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     state's): finite, with its norm, computed in ``dtype``, within :func:`gradient_bound`. One multi-tensor norm
     (see :func:`gradient_rows` for a stack, which costs the host less); NaN and ±inf propagate into the norm
     and fail the comparison. A float16 gradient is measured in float32: its own range ends at 65504."""
-    norms = (_stacked_norms(tensors, dtype) if torch.compiler.is_compiling()
-             else torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)))
-    return norms <= gradient_bound(dtype)
+    stacked_norms = _STACKED_NORMS_OP if torch.compiler.is_compiling() else _stacked_norms
+    return stacked_norms(tensors, dtype) <= gradient_bound(dtype)
 
 
 # The multi-tensor norm, stacked, as one operator that a compiled step calls as it is: inductor would write a
@@ -69,11 +68,11 @@ _LIBRARY = torch.library.Library("precond", "FRAGMENT")
 _LIBRARY.define("stacked_norms(Tensor[] tensors, ScalarType dtype) -> Tensor")
 
 
-def _stacked_norms_impl(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+def _stacked_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
 
 
-_LIBRARY.impl("stacked_norms", _stacked_norms_impl, "CompositeExplicitAutograd")
+_LIBRARY.impl("stacked_norms", _stacked_norms, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("precond::stacked_norms")
@@ -81,7 +80,7 @@ def _(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     return tensors[0].new_empty(len(tensors), dtype=dtype)
 
 
-_stacked_norms = torch.ops.precond.stacked_norms.default
+_STACKED_NORMS_OP = torch.ops.precond.stacked_norms.default
 
 
 def gradient_rows(stack: Tensor, dtype: torch.dtype) -> Tensor:
