@@ -454,3 +454,26 @@ def test_bias_correction_study_script_runs_every_mode_on_equal_tokens(data_dir, 
     assert all(math.isfinite(r["final_val_loss"]) for r in runs)
     table = study.report(out)
     assert "| std |" in table and "| full |" in table
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("SOAP", dict(refresh_method="power_qr", precondition_frequency=10, tf32=False, betas=(0.95, 0.95))),
+    ("SOAP-F1-tf32", dict(refresh_method="refine", precondition_frequency=1, tf32=True, weight_decay=0.01)),
+    ("EShampoo", dict(refresh_method="eigh", precondition_frequency=10, epsilon=1e-8, betas=(0.95, 0.95))),
+    ("EShampoo-F1-tf32", dict(refresh_method="refine", precondition_frequency=1, tf32=True, epsilon=1e-8)),
+])
+def test_spec_variants_build_what_their_names_say_and_train(name, expected):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    opt = SPECS[name].build(model, 1e-2, AdamWSetting(1e-3))
+    group = opt.param_groups[0]
+    assert {k: group[k] for k in expected} == expected
+    x, y = torch.randn(32, 6), torch.randn(32, 3)
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0]
