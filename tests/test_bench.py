@@ -459,6 +459,7 @@ def test_bias_correction_study_script_runs_every_mode_on_equal_tokens(data_dir, 
 @pytest.mark.parametrize("name, expected", [
     ("SOAP", dict(refresh_method="power_qr", precondition_frequency=10, tf32=False, betas=(0.95, 0.95))),
     ("SOAP-F1-tf32", dict(refresh_method="refine", precondition_frequency=1, tf32=True, weight_decay=0.01)),
+    ("SOAP-refine-tf32", dict(refresh_method="refine", precondition_frequency=10, tf32=True)),
     ("EShampoo", dict(refresh_method="eigh", precondition_frequency=10, epsilon=1e-8, betas=(0.95, 0.95))),
     ("EShampoo-F1-tf32", dict(refresh_method="refine", precondition_frequency=1, tf32=True, epsilon=1e-8)),
 ])

@@ -61,3 +61,31 @@ def test_the_tf32_option_names_itself_when_wrong(make):
     make([p], tf32="3x")
     with pytest.raises(ValueError, match="tf32"):
         make([p], tf32="2x")
+
+
+@pytest.mark.parametrize("shape", [(6, 9, 5), (3, 6, 9, 5), (2, 2, 6, 9, 5)])
+def test_matmul_add_sums_in_place_like_add_of_the_product(shape):
+    g = torch.Generator().manual_seed(2)
+    *batch, m, k, n = shape
+    a = torch.randn(*batch, m, k, generator=g, dtype=torch.float64)
+    b = torch.randn(*batch, n, k, generator=g, dtype=torch.float64).mT  # strided, as the factor update's Gᵀ
+    out = torch.randn(*batch, m, n, generator=g, dtype=torch.float64)
+    expected = out + 0.25 * (a @ b)
+    storage = out.data_ptr()
+    assert precision.matmul_add_(out, a, b, alpha=0.25) is out and out.data_ptr() == storage
+    torch.testing.assert_close(out, expected, rtol=1e-14, atol=1e-14)
+
+
+def test_matmul_add_in_three_passes_adds_every_pass(monkeypatch):
+    """The "3x" branch on the CPU (plain products stand in for the tensor cores): the three partial
+    products, each scaled by alpha, add up to alpha·ab but for the dropped a_lo·b_lo (< 2⁻²⁰ relative)."""
+    g = torch.Generator().manual_seed(3)
+    a, b, out = torch.randn(4, 32, 48, generator=g), torch.randn(4, 48, 16, generator=g), torch.randn(4, 32, 16)
+    expected = out.double() + 0.5 * (a.double() @ b.double())
+    monkeypatch.setattr(precision, "_three_pass_wanted", lambda x, y: True)
+    precision.matmul_add_(out, a, b, alpha=0.5)
+    assert relative_error(out, expected) < 1e-6
+    monkeypatch.setattr(precision, "split_tf32", lambda x: (x, torch.zeros_like(x)))  # all in "hi": one pass
+    single = torch.zeros(4, 32, 16)
+    precision.matmul_add_(single, a, b, alpha=0.5)
+    torch.testing.assert_close(single, 0.5 * (a @ b))

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .engine import Bucket, commit_, ema_
-from .precision import matmul
+from .engine import Bucket, commit_, per_block
+from .engine.batched import refusal_factors
+from .precision import matmul, matmul_add_
 
 __all__ = ["init_factor_state", "factor_outer", "update_factors_", "mode_product", "permute_dim", "factor_matrices",
            "STATS_WIDTH"]
@@ -40,9 +41,14 @@ def init_factor_state(shape: Sequence[int], preconditioned: Sequence[bool], dtyp
     return state
 
 
+def _unfold(grads: Tensor, i: int) -> Tensor:
+    """``G_(i)``, the mode-``i`` unfolding of every block (``[B, n_i, ∏_{j≠i} n_j]``)."""
+    return grads.movedim(1 + i, 1).reshape(grads.shape[0], grads.shape[1 + i], -1)
+
+
 def factor_outer(grads: Tensor, i: int) -> Tensor:
     """``G_(i) G_(i)ᵀ`` for every block of the stack ``grads`` (``[B, n_i, n_i]``)."""
-    unfolded = grads.movedim(1 + i, 1).reshape(grads.shape[0], grads.shape[1 + i], -1)
+    unfolded = _unfold(grads, i)
     return matmul(unfolded, unfolded.mT)
 
 
@@ -50,14 +56,19 @@ def update_factors_(state: dict[str, Tensor], grads: Tensor, beta: float, weight
                     outers: dict[int, Tensor] | None = None) -> None:
     """``F_i ← beta·F_i + weight·G_(i)G_(i)ᵀ`` for every factor of the bucket, blocks with ``ok`` only;
     ``outers[i]`` replaces ``G_(i)G_(i)ᵀ`` where given (a cross-fitted statistic). ``grads`` are the engine's
-    (refused blocks zeroed), so the factors are updated in place (:func:`~precond.engine.ema_`); given outers
-    are not zero there, and their new factors are computed aside and committed where finite."""
+    (refused blocks zeroed), so the factors are updated in place: the decay is one pass (by 1 on refused
+    blocks, as in :func:`~precond.engine.ema_`) and the GEMM adds ``weight·G_(i)G_(i)ᵀ`` into the factor itself
+    (:func:`~precond.precision.matmul_add_`), never writing the outer product out. Given outers are not zero
+    on refused blocks: their new factors are computed aside and committed where finite."""
     for i in range(grads.dim() - 1):
         factor = state.get(f"factor{i}")
         if factor is None:
             continue
         if outers is None:
-            ema_(factor, factor_outer(grads, i), beta, weight, ok)
+            if beta != 1.0:
+                factor.mul_(per_block(refusal_factors(beta, ok, factor.dtype), factor))
+            unfolded = _unfold(grads, i)
+            matmul_add_(factor, unfolded, unfolded.mT, alpha=weight)
         else:
             new = torch.add(factor * beta, outers[i], alpha=weight) if beta != 1.0 else torch.add(
                 factor, outers[i], alpha=weight)

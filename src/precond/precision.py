@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["TF32_MODES", "tf32_matmuls", "matmul", "split_tf32", "three_pass_matmul"]
+__all__ = ["TF32_MODES", "tf32_matmuls", "matmul", "matmul_add_", "split_tf32", "three_pass_matmul"]
 
 TF32_MODES = (False, True, "3x")
 
@@ -78,6 +78,16 @@ def split_tf32(x: Tensor) -> tuple[Tensor, Tensor]:
     return hi, x - hi
 
 
+def _add_product_(out: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
+    """``out += alpha·(a @ b)``, added in the GEMM (``beta = 1``) where the shapes allow: no temporary."""
+    if out.dim() == a.dim() == b.dim() == 3:
+        out.baddbmm_(a, b, alpha=alpha)
+    elif out.dim() == a.dim() == b.dim() == 2:
+        out.addmm_(a, b, alpha=alpha)
+    else:
+        out.add_(a @ b, alpha=alpha)
+
+
 def three_pass_matmul(a: Tensor, b: Tensor, product: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
     """``a @ b`` for float32 ``a, b`` as three TF32 products, smallest terms first (see the module's text).
     ``product`` computes one of them (default: ``@`` with TF32 enabled)."""
@@ -86,19 +96,32 @@ def three_pass_matmul(a: Tensor, b: Tensor, product: Callable[[Tensor, Tensor], 
     if product is None:
         with _global_tf32(True):
             out = a_lo @ b_hi
-            for x, y in ((a_hi, b_lo), (a_hi, b_hi)):  # the GEMM adds into out (beta = 1): no temporary
-                if out.dim() == 3 and x.dim() == 3 and y.dim() == 3:
-                    out.baddbmm_(x, y)
-                elif out.dim() == 2 and x.dim() == 2 and y.dim() == 2:
-                    out.addmm_(x, y)
-                else:
-                    out += x @ y
+            _add_product_(out, a_hi, b_lo, 1.0)
+            _add_product_(out, a_hi, b_hi, 1.0)
         return out
     return product(a_lo, b_hi) + product(a_hi, b_lo) + product(a_hi, b_hi)
 
 
+def _three_pass_wanted(a: Tensor, b: Tensor) -> bool:
+    return _three_pass and a.is_cuda and a.dtype == torch.float32 and b.dtype == torch.float32
+
+
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b``; within ``tf32_matmuls("3x")``, a float32 product on CUDA is :func:`three_pass_matmul`."""
-    if _three_pass and a.is_cuda and a.dtype == torch.float32 and b.dtype == torch.float32:
-        return three_pass_matmul(a, b)
-    return a @ b
+    return three_pass_matmul(a, b) if _three_pass_wanted(a, b) else a @ b
+
+
+def matmul_add_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """``out += alpha·(a @ b)`` in place, the sum done by the GEMM itself (``beta = 1``): the product is
+    never written out and read back, which for a stack of Kronecker factors saves two of the four passes of
+    ``out.add_(a @ b, alpha=alpha)``. Follows ``"3x"`` like :func:`matmul` (three passes added in turn).
+    Returns ``out``."""
+    if _three_pass_wanted(a, b):
+        a_hi, a_lo = split_tf32(a)
+        b_hi, b_lo = split_tf32(b)
+        with _global_tf32(True):
+            for x, y in ((a_lo, b_hi), (a_hi, b_lo), (a_hi, b_hi)):  # smallest terms first
+                _add_product_(out, x, y, alpha)
+    else:
+        _add_product_(out, a, b, alpha)
+    return out

@@ -163,6 +163,7 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
     # (82 ms a step on the 85M body, against 904 ms for emerging-optimizers' every-step SOAP): does a fresh
     # basis close the gap to AdamW that SOAP and EShampoo refreshed every 10 steps leave?
     OptimizerSpec("SOAP-F1-tf32", 3e-3, _soap(tf32=True, precondition_frequency=1, refresh_method="refine")),
+    OptimizerSpec("SOAP-refine-tf32", 3e-3, _soap(tf32=True, refresh_method="refine")),  # the same, at F=10
     OptimizerSpec("EShampoo-F1-tf32", 3e-3, _eshampoo(tf32=True, precondition_frequency=1,
                                                        refresh_method="refine")),
     OptimizerSpec("Shampoo", 3e-3, lambda m, lr, _: precond.Shampoo(
