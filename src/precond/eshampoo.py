@@ -47,7 +47,8 @@ class EShampoo(ShampooFamily):
         max_qr_iterations: cap on QR-algorithm (or refinement) steps per refresh (default 1).
             Measured (``docs/reports/purifying.md``): on a GPU, ``refresh_method="refine"`` with
             ``precondition_frequency=1`` reaches eigh-every-step's loss at about the cost of eigh every 10
-            steps; the defaults stay those of the reference this class must equal.
+            steps; on GPT-2 small's body (with ``tf32=True``) it ends 0.875 nats/byte where eigh every 10
+            steps ends 1.148 and AdamW 0.9275. The defaults stay those of the reference this class must equal.
 
     The remaining arguments are :class:`~precond.Shampoo`'s; defaults follow Distributed Shampoo's
     eigenvalue-corrected example (lr 1e-3, betas (0.9, 0.999), ``precondition_frequency`` 100).
