@@ -460,6 +460,7 @@ def test_bias_correction_study_script_runs_every_mode_on_equal_tokens(data_dir, 
     ("SOAP", dict(refresh_method="power_qr", precondition_frequency=10, tf32=False, betas=(0.95, 0.95))),
     ("SOAP-F1-tf32", dict(refresh_method="refine", precondition_frequency=1, tf32=True, weight_decay=0.01)),
     ("SOAP-refine-tf32", dict(refresh_method="refine", precondition_frequency=10, tf32=True)),
+    ("SOAP-F1-tf32-tau0.03", dict(refresh_method="refine", precondition_frequency=1, refresh_tolerance=0.03)),
     ("EShampoo", dict(refresh_method="eigh", precondition_frequency=10, epsilon=1e-8, betas=(0.95, 0.95))),
     ("EShampoo-F1-tf32", dict(refresh_method="refine", precondition_frequency=1, tf32=True, epsilon=1e-8)),
 ])
