@@ -74,6 +74,35 @@ def test_refine_refresh_counts_iterations_keeps_the_column_order_and_meets_the_t
     torch.testing.assert_close((Q * V).sum(0).abs(), torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-8)
 
 
+
+@pytest.mark.parametrize("method", ["refine", "power_qr"])
+def test_matmul_refreshes_under_the_criterion_select_without_reading_the_mask_on_the_host(method, monkeypatch):
+    """A bucket of four factors, two whose bases pass τ and two that drifted: the matmul methods compute the
+    whole bucket and select (no ``nonzero``), leaving the passing bases exactly as they were and giving the
+    drifted ones what the method gives them alone; ``eigh`` gathers the drifted ones."""
+    A = torch.stack([spd(6, s) for s in range(4)])
+    V = torch.linalg.eigh(A).eigenvectors.flip(-1)
+    K = torch.randn(4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    drift = torch.tensor([0.0, 0.3, 0.0, 0.3], dtype=torch.float64)[:, None, None]
+    Q = V @ torch.linalg.matrix_exp(drift * (K - K.mT))
+    c = torch.zeros(4, 5, dtype=torch.int64)
+    policy = EigenbasisRefresh(method, tolerance=0.01, descending=True)
+    alone = [policy.refresh(A[i:i + 1], Q[i:i + 1], torch.zeros(1, 5, dtype=torch.int64), ONE[:1])[0][0]
+             for i in (1, 3)]
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("the mask was read on the host")
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", no_host_read)
+    new, _, changed = policy.refresh(A, Q, c, torch.ones(4, dtype=torch.bool))
+    assert changed.tolist() == [False, True, False, True]
+    assert torch.equal(new[0], Q[0]) and torch.equal(new[2], Q[2])
+    torch.testing.assert_close(new[1], alone[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(new[3], alone[1], rtol=0, atol=1e-12)
+    assert c[:, SKIPPED].tolist() == [1, 0, 1, 0] and c[:, REFRESHES].tolist() == [0, 1, 0, 1]
+    with pytest.raises(AssertionError, match="host"):
+        EigenbasisRefresh("eigh", tolerance=0.01).refresh(A, Q, c, torch.ones(4, dtype=torch.bool))
+
 def test_a_refresh_of_a_non_finite_factor_keeps_the_basis_and_counts_a_failure():
     A = spd(4, 4)
     A[0, 1] = A[1, 0] = float("nan")

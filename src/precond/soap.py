@@ -51,8 +51,8 @@ class SOAP(BlockEngine):
     steps and ends 6% below it, where the default (F=10) does not reach it; refine at F=10 is worse than
     power-QR at F=10, as one refine iteration only follows a basis that moved little. The every-step refresh
     makes the step 2.1× AdamW's there; ``refresh_tolerance=0.03`` on top refreshes 24% fewer bases at the
-    same loss, though not faster, as the criterion costs two products of every factor
-    (``docs/reports/purifying.md``).
+    same loss, though not faster: the criterion costs two products of every factor, and the refine is computed
+    for the whole bucket and kept where due, with no host sync (``docs/reports/purifying.md``).
 
     Args:
         lr: learning rate (default 3e-3). betas: Adam's (default (0.95, 0.95)).

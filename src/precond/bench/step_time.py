@@ -116,6 +116,9 @@ def _refine_rows(max_dim: int) -> dict[str, Callable]:
                 lambda ps, f=frequency, t=tf32: precond.EShampoo(ps, lr=1e-3, precondition_frequency=f, tf32=t,
                                                                  max_preconditioner_dim=max_dim,
                                                                  refresh_method="refine"))
+    # Every step under Purifying Shampoo's criterion: checked for all factors, refined where it fails
+    rows["precond SOAP refine tf32 F=1 tau=0.03"] = lambda ps: precond.SOAP(
+        ps, lr=3e-3, precondition_frequency=1, tf32=True, refresh_method="refine", refresh_tolerance=0.03)
     return rows
 
 
