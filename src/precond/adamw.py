@@ -12,7 +12,7 @@ from torch import Tensor
 from . import bias_correction as bc
 from .blocks import BlockLayout
 from .engine import ADAM, BlockEngine, Bucket, bias_correction, commit_, per_block
-from .engine.batched import refusal_factors
+from .engine.batched import decay_
 from .validation import STEP_RULES, betas_rule, check_positive
 
 __all__ = ["AdamW", "adam_state", "adam_directions"]
@@ -32,8 +32,7 @@ def adam_directions(bucket: Bucket, grads: Tensor, ok: Tensor, betas: tuple[floa
     step, exp_avg, exp_avg_sq = bucket.state["step"], bucket.state["exp_avg"], bucket.state["exp_avg_sq"]
     # In place: a refused block's gradient is zero, and its weights (0 and 1) leave it as it was.
     exp_avg.lerp_(grads, per_block(ok.to(grads.dtype) * (1.0 - beta1), grads))
-    exp_avg_sq.mul_(per_block(refusal_factors(beta2, ok, grads.dtype), grads)).addcmul_(grads, grads,
-                                                                                      value=1.0 - beta2)
+    decay_(exp_avg_sq, beta2, ok).addcmul_(grads, grads, value=1.0 - beta2)
     bias1 = per_block(bias_correction(beta1, step, grads.dtype), grads)
     bias2 = per_block(bias_correction(beta2, step, grads.dtype), grads)
     denom = (exp_avg_sq.sqrt() / bias2.sqrt()).add_(eps)

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .engine import Bucket, commit_, per_block
-from .engine.batched import refusal_factors
+from .engine import Bucket, commit_
+from .engine.batched import decay_
 from .precision import matmul, matmul_add_
 
 __all__ = ["init_factor_state", "factor_outer", "update_factors_", "mode_product", "permute_dim", "factor_matrices",
@@ -57,18 +57,16 @@ def update_factors_(state: dict[str, Tensor], grads: Tensor, beta: float, weight
     """``F_i ← beta·F_i + weight·G_(i)G_(i)ᵀ`` for every factor of the bucket, blocks with ``ok`` only;
     ``outers[i]`` replaces ``G_(i)G_(i)ᵀ`` where given (a cross-fitted statistic). ``grads`` are the engine's
     (refused blocks zeroed), so the factors are updated in place: the decay is one pass (by 1 on refused
-    blocks, as in :func:`~precond.engine.ema_`) and the GEMM adds ``weight·G_(i)G_(i)ᵀ`` into the factor itself
-    (:func:`~precond.precision.matmul_add_`), never writing the outer product out. Given outers are not zero
-    on refused blocks: their new factors are computed aside and committed where finite."""
+    blocks, :func:`~precond.engine.batched.decay_`) and the GEMM adds ``weight·G_(i)G_(i)ᵀ`` into the factor
+    itself (:func:`~precond.precision.matmul_add_`), never writing the outer product out. Given outers are
+    not zero on refused blocks: their new factors are computed aside and committed where finite."""
     for i in range(grads.dim() - 1):
         factor = state.get(f"factor{i}")
         if factor is None:
             continue
         if outers is None:
-            if beta != 1.0:
-                factor.mul_(per_block(refusal_factors(beta, ok, factor.dtype), factor))
             unfolded = _unfold(grads, i)
-            matmul_add_(factor, unfolded, unfolded.mT, alpha=weight)
+            matmul_add_(decay_(factor, beta, ok), unfolded, unfolded.mT, alpha=weight)
         else:
             new = torch.add(factor * beta, outers[i], alpha=weight) if beta != 1.0 else torch.add(
                 factor, outers[i], alpha=weight)

@@ -15,8 +15,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["per_block", "commit_", "ema_", "refusal_factors", "bias_correction", "gradient_bound", "gradient_mask",
-           "gradient_rows"]
+__all__ = ["per_block", "commit_", "decay_", "ema_", "refusal_factors", "bias_correction", "gradient_bound",
+           "gradient_mask", "gradient_rows"]
 
 
 def per_block(values: Tensor, like: Tensor) -> Tensor:
@@ -94,6 +94,15 @@ def refusal_factors(value: float, ok: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.full(ok.shape, value, dtype=dtype, device=ok.device).masked_fill_(~ok, 1.0)
 
 
+def decay_(target: Tensor, beta: float, ok: Tensor) -> Tensor:
+    """``target ← beta·target`` in place for the blocks with ``ok``; the others are multiplied by exactly 1.
+    The first half of an average whose increment is zero on refused blocks (:func:`ema_`, or added by a
+    GEMM or ``addcmul_``). Returns ``target``."""
+    if beta != 1.0:
+        target.mul_(per_block(refusal_factors(beta, ok, target.dtype), target))
+    return target
+
+
 def ema_(target: Tensor, increment: Tensor, beta: float, weight: float, ok: Tensor) -> None:
     """``target ← beta·target + weight·increment`` in place, for the blocks with ``ok``; the others keep
     their value exactly.
@@ -106,6 +115,4 @@ def ema_(target: Tensor, increment: Tensor, beta: float, weight: float, ok: Tens
     stays below the bound's square; a running sum (``beta = 1``) would need 10⁴ steps at the bound.
     The arithmetic is ``commit_(target, torch.add(target * beta, increment, alpha=weight), ok)``'s, bit for bit.
     """
-    if beta != 1.0:
-        target.mul_(per_block(refusal_factors(beta, ok, target.dtype), target))
-    target.add_(increment, alpha=weight)
+    decay_(target, beta, ok).add_(increment, alpha=weight)
