@@ -88,18 +88,26 @@ def _add_product_(out: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
         out.add_(a @ b, alpha=alpha)
 
 
+def _three_passes(a: Tensor, b: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The operand pairs of the three TF32 products of ``a @ b``, smallest terms first."""
+    a_hi, a_lo = split_tf32(a)
+    b_hi, b_lo = split_tf32(b)
+    return [(a_lo, b_hi), (a_hi, b_lo), (a_hi, b_hi)]
+
+
 def three_pass_matmul(a: Tensor, b: Tensor, product: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
     """``a @ b`` for float32 ``a, b`` as three TF32 products, smallest terms first (see the module's text).
     ``product`` computes one of them (default: ``@`` with TF32 enabled)."""
-    a_hi, a_lo = split_tf32(a)
-    b_hi, b_lo = split_tf32(b)
+    passes = _three_passes(a, b)
     if product is None:
+        (x, y), *rest = passes
         with _global_tf32(True):
-            out = a_lo @ b_hi
-            _add_product_(out, a_hi, b_lo, 1.0)
-            _add_product_(out, a_hi, b_hi, 1.0)
+            out = x @ y
+            for x, y in rest:
+                _add_product_(out, x, y, 1.0)
         return out
-    return product(a_lo, b_hi) + product(a_hi, b_lo) + product(a_hi, b_hi)
+    first, second, third = (product(x, y) for x, y in passes)
+    return first + second + third
 
 
 def _three_pass_wanted(a: Tensor, b: Tensor) -> bool:
@@ -117,10 +125,8 @@ def matmul_add_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor
     ``out.add_(a @ b, alpha=alpha)``. Follows ``"3x"`` like :func:`matmul` (three passes added in turn).
     Returns ``out``."""
     if _three_pass_wanted(a, b):
-        a_hi, a_lo = split_tf32(a)
-        b_hi, b_lo = split_tf32(b)
         with _global_tf32(True):
-            for x, y in ((a_lo, b_hi), (a_hi, b_lo), (a_hi, b_hi)):  # smallest terms first
+            for x, y in _three_passes(a, b):
                 _add_product_(out, x, y, alpha)
     else:
         _add_product_(out, a, b, alpha)
