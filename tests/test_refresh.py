@@ -74,7 +74,6 @@ def test_refine_refresh_counts_iterations_keeps_the_column_order_and_meets_the_t
     torch.testing.assert_close((Q * V).sum(0).abs(), torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-8)
 
 
-
 @pytest.mark.parametrize("method", ["refine", "power_qr"])
 def test_matmul_refreshes_under_the_criterion_select_without_reading_the_mask_on_the_host(method, monkeypatch):
     """A bucket of four factors, two whose bases pass τ and two that drifted: the matmul methods compute the
@@ -102,6 +101,7 @@ def test_matmul_refreshes_under_the_criterion_select_without_reading_the_mask_on
     assert c[:, SKIPPED].tolist() == [1, 0, 1, 0] and c[:, REFRESHES].tolist() == [0, 1, 0, 1]
     with pytest.raises(AssertionError, match="host"):
         EigenbasisRefresh("eigh", tolerance=0.01).refresh(A, Q, c, torch.ones(4, dtype=torch.bool))
+
 
 def test_a_refresh_of_a_non_finite_factor_keeps_the_basis_and_counts_a_failure():
     A = spd(4, 4)
