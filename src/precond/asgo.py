@@ -38,7 +38,9 @@ class ASGO(MatrixOptimizer):
     Defaults are the practical variant the authors used for GPT-2 pre-training (lr 1e-2, weight decay
     0.1, momentum 0.9, ``β₂`` 0.8, damping 1e-10). Parameters that are not matrices (and groups with
     ``"matrix": False``) run AdamW as in :class:`~precond.Muon`. The paper's head-wise variant for
-    query/key matrices and the diagonal-other-side DASGO are not implemented.
+    query/key matrices and the diagonal-other-side DASGO are not implemented. ``side="left"`` is the output
+    side (``fan_out``), also in a group with ``"transposed": True`` (matrices stored ``(fan_in, fan_out)``,
+    Hugging Face's ``Conv1D``; :func:`precond.param_groups` marks them).
     ``distributed`` (``None``, ``"ddp"`` or a process group) splits the work between processes under DDP;
     FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
 
@@ -65,8 +67,10 @@ class ASGO(MatrixOptimizer):
                          adamw_weight_decay=adamw_weight_decay, distributed=distributed, strict=strict)
 
     def _matrix_kind(self, shape: tuple[int, ...], group: dict[str, Any]) -> str:
-        left = shape[0] <= shape[1] if group["side"] == "auto" else group["side"] == "left"
-        return "left" if left else "right"
+        if group["side"] == "auto":
+            return "left" if shape[0] <= shape[1] else "right"
+        # "left" is the output side; a matrix stored (fan_in, fan_out) (Hugging Face's Conv1D) has it on the right
+        return "left" if (group["side"] == "left") != group.get("transposed", False) else "right"
 
     def _init_matrix(self, shape, kind, group, dtype, device):
         n = shape[0] if kind == "left" else shape[1]

@@ -370,10 +370,11 @@ def inverse_root_newton(A: Tensor, root: int, epsilon: float, max_iterations: in
     raise LinAlgFailure(f"coupled Newton did not converge in {max_iterations} iterations")
 
 
-def spectral_normalize(directions: Tensor, iterations: int = 32) -> Tensor:
+def spectral_normalize(directions: Tensor, iterations: int = 32, transposed: bool = False) -> Tensor:
     r"""Each block ``P`` of a stack ``[B, d_out, *rest]`` rescaled to spectral norm :math:`\sqrt{d_{out}/d_{in}}`
     (``d_in = prod(rest)``; the block is read as the matrix ``[d_out, d_in]``), the size the spectral condition
-    for feature learning asks of a hidden layer's update. A zero block stays zero.
+    for feature learning asks of a hidden layer's update. A zero block stays zero. ``transposed``: the blocks
+    are 2-D and stored ``[d_in, d_out]`` (Hugging Face's ``Conv1D``), so the target is ``sqrt(shape[2]/shape[1])``.
 
     ``‖P‖₂`` is estimated with matrix-vector products only (an SVD is ~100× slower on a GPU):
     ``iterations`` power steps ``v ← Pᵀ(Pv)`` over the shorter side, in float32 at least, from a fixed start
@@ -386,5 +387,6 @@ def spectral_normalize(directions: Tensor, iterations: int = 32) -> Tensor:
     mats = directions.reshape(b, d_out, -1).to(compute)
     d_in = mats.shape[-1]
     norms = _spectral_norm_estimate(mats if d_in <= d_out else mats.mT, iterations).reshape(b)
-    scale = torch.where(norms > 0, (d_out / d_in) ** 0.5 / norms, 0.0).to(directions.dtype)
+    ratio = d_in / d_out if transposed else d_out / d_in
+    scale = torch.where(norms > 0, ratio ** 0.5 / norms, 0.0).to(directions.dtype)
     return directions * scale.view((b,) + (1,) * (directions.dim() - 1))

@@ -48,6 +48,9 @@ class Muon(MatrixOptimizer):
     torch's Muon refuses them. ``adamw_lr`` defaults to 3e-4, the AdamW rate of Keller Jordan's reference
     Muon recipe, since Muon's own rate (0.02 there) would be far too large for Adam; with
     ``adjust_lr_fn="match_rms_adamw"`` Muon's rate is AdamW-sized already and both share ``lr`` (Moonlight). ``ns_dtype`` selects the Newton–Schulz precision ("bfloat16" as torch, or "float32").
+    The shape factor reads a matrix as ``(fan_out, fan_in)``, ``nn.Linear``'s layout; a group with
+    ``"transposed": True`` holds matrices stored ``(fan_in, fan_out)`` (Hugging Face's ``Conv1D``), which
+    :func:`precond.param_groups` marks so.
     ``distributed`` (``None``, ``"ddp"`` or a process group) splits the Newton–Schulz work between processes;
     under FSDP2 whole matrices are gathered, so the update is one process's (:mod:`precond.engine.distributed`).
 
@@ -106,4 +109,7 @@ class Muon(MatrixOptimizer):
     def _direction_scale(self, bucket: Bucket, group: dict[str, Any]) -> float:
         if bucket.kind == ADAM:
             return 1.0
-        return adjusted_lr_ratio(group["adjust_lr_fn"], *bucket.shape)
+        rows, cols = bucket.shape
+        if group.get("transposed", False):  # stored (fan_in, fan_out): Hugging Face's Conv1D
+            rows, cols = cols, rows
+        return adjusted_lr_ratio(group["adjust_lr_fn"], rows, cols)

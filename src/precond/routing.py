@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["param_groups", "find_head", "NORM_TYPES", "LAYER_TYPES"]
+__all__ = ["param_groups", "find_head", "stores_transposed", "NORM_TYPES", "LAYER_TYPES"]
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._BatchNorm,
@@ -27,6 +27,15 @@ LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, nn.modules.c
 _TABLE_NAME = re.compile(r"emb|wte|wpe|pos|token|cls|register|table", re.IGNORECASE)
 # Module names that say "output head" (lm_head, head, classifier, cls_head, logits, fc_out, output, score).
 _HEAD_NAME = re.compile(r"(^|_)(head|classifier|logits)$|^(fc_out|output|output_layer|score)$")
+
+
+def stores_transposed(module: nn.Module) -> bool:
+    """Whether ``module``'s weight is stored ``(fan_in, fan_out)``, the transpose of ``nn.Linear``'s layout:
+    Hugging Face's ``Conv1D`` (GPT-2's attention and MLP weights), recognised by its name and its ``nf``
+    (output width) being the weight's last dim, without importing ``transformers``."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1])
 
 
 def find_head(model: nn.Module) -> set[str]:
@@ -81,7 +90,13 @@ def param_groups(model: nn.Module, *, head: str | Iterable[str] | None = "auto",
     7. everything else (linear and convolution weights) → matrix.
 
     Returns standard param-group dicts, ``{"params", "param_names", "matrix": True/False, **options}``,
-    empty groups dropped. A parameter shared by several modules is listed once.
+    empty groups dropped. A parameter shared by several modules is listed once. Frozen parameters
+    (``requires_grad=False``) are listed too, routed like the others: they get no gradient, so no step, and
+    the groups (hence a checkpoint's layout) stay the same when the frozen set changes.
+
+    Matrices stored ``(fan_in, fan_out)`` (Hugging Face's ``Conv1D``, see :func:`stores_transposed`) go to a
+    matrix group of their own with ``"transposed": True``, which the optimizers and the scaling rules read
+    wherever a matrix's orientation matters (Muon's shape factor, ASGO's ``side``, spectral normalisation).
     """
     matrix_re = [re.compile(p) for p in matrix_patterns]
     other_re = [re.compile(p) for p in other_patterns]
@@ -100,11 +115,10 @@ def param_groups(model: nn.Module, *, head: str | Iterable[str] | None = "auto",
             owner.setdefault(id(p), module)
             owner_name.setdefault(id(p), mname)
 
-    groups: dict[bool, dict[str, list]] = {True: {"params": [], "param_names": []},
-                                           False: {"params": [], "param_names": []}}
+    # (matrix, transposed) -> group; a plain matrix group first, as before Conv1D had its own
+    groups: dict[tuple[bool, bool], dict[str, list]] = {
+        key: {"params": [], "param_names": []} for key in ((True, False), (True, True), (False, False))}
     for name, p in model.named_parameters():  # named_parameters lists a shared parameter once
-        if not p.requires_grad:
-            continue
         module = owner.get(id(p))
         if any(r.search(name) for r in matrix_re):
             is_matrix = True
@@ -121,10 +135,12 @@ def param_groups(model: nn.Module, *, head: str | Iterable[str] | None = "auto",
             is_matrix = not _TABLE_NAME.search(leaf) and sum(size > 1 for size in p.shape) >= 2
         else:
             is_matrix = True
-        groups[is_matrix]["params"].append(p)
-        groups[is_matrix]["param_names"].append(name)
+        key = (is_matrix, is_matrix and module is not None and stores_transposed(module) and p is module.weight)
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
     out = []
-    for is_matrix, options in ((True, matrix_options), (False, other_options)):
-        if groups[is_matrix]["params"]:
-            out.append({**groups[is_matrix], "matrix": is_matrix, **(options or {})})
+    for (is_matrix, transposed), group in groups.items():
+        if group["params"]:
+            flag = {"transposed": True} if transposed else {}
+            out.append({**group, "matrix": is_matrix, **flag, **((matrix_options if is_matrix else other_options) or {})})
     return out

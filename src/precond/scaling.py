@@ -85,8 +85,11 @@ def lr_multiplier(role: str, rule: str, fan_in: int, fan_out: int, base_fan_in: 
     raise ValueError(f"Invalid rule: {rule!r} (entrywise, spectral or normalized)")
 
 
-def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(fan_in, fan_out) of a weight in ``nn.Linear``/conv layout ``[out, in, *kernel]``."""
+def _fans(shape: tuple[int, ...], transposed: bool = False) -> tuple[int, int]:
+    """(fan_in, fan_out) of a weight in ``nn.Linear``/conv layout ``[out, in, *kernel]``, or stored ``[in, out]``
+    when ``transposed`` (Hugging Face's ``Conv1D``)."""
+    if transposed:
+        return int(shape[0]), int(shape[1])
     return (math.prod(shape[1:]) if len(shape) > 1 else 1), (int(shape[0]) if shape else 1)
 
 
@@ -102,7 +105,8 @@ def scaled_param_groups(model: nn.Module, base: nn.Module, optimizer: str, *, lr
     head, vectors) take AdamW's rules and ``adamw_lr``. ``width``/``base_width`` (default: inferred as the
     most common fan-in ratio) scale independent weight decay as ``1/width``. ``spectral_normalize=True``
     (Shampoo, EShampoo, SOAP) takes the normalised rule and sets the option in every group, so the optimizer's
-    updates are normalised as the multipliers assume. Each group carries ``lr_multiplier`` for reference.
+    updates are normalised as the multipliers assume. Each group carries ``lr_multiplier`` for reference;
+    matrices stored ``(fan_in, fan_out)`` (Hugging Face's ``Conv1D``) are read so and keep ``"transposed"``.
     """
     rule = rule_of(optimizer, grafting, spectral_normalize)
     splits_adamw = optimizer in ("Muon", "ASGO")
@@ -123,24 +127,27 @@ def scaled_param_groups(model: nn.Module, base: nn.Module, optimizer: str, *, lr
                 role = "embedding"
             else:
                 role = "hidden"
-            fan_in, fan_out = _fans(tuple(p.shape))
-            base_fan_in, base_fan_out = _fans(base_shape)
+            transposed = group.get("transposed", False)
+            fan_in, fan_out = _fans(tuple(p.shape), transposed)
+            base_fan_in, base_fan_out = _fans(base_shape, transposed)
             to_adamw = splits_adamw and not group["matrix"]
             param_rule = "entrywise" if to_adamw else rule
             multiplier = lr_multiplier(role, param_rule, fan_in, fan_out, base_fan_in, base_fan_out)
-            entries.append((name, p, group["matrix"], to_adamw, multiplier, fan_in / base_fan_in))
+            entries.append((name, p, group["matrix"], transposed, to_adamw, multiplier, fan_in / base_fan_in))
     if width is None or base_width is None:
         ratios = [r for *_, r in entries if r != 1.0] or [1.0]
         width_ratio = max(set(ratios), key=ratios.count)
     else:
         width_ratio = width / base_width
     groups: dict[tuple, dict[str, Any]] = {}
-    for name, p, matrix, to_adamw, multiplier, _ in entries:
-        key = (matrix, to_adamw, multiplier)
+    for name, p, matrix, transposed, to_adamw, multiplier, _ in entries:
+        key = (matrix, transposed, to_adamw, multiplier)
         if key not in groups:
             base_lr = (adamw_lr if adamw_lr is not None else lr) if to_adamw else lr
             groups[key] = {"params": [], "param_names": [], "matrix": matrix, "lr": base_lr * multiplier,
                            "weight_decay": weight_decay / (width_ratio * multiplier), "lr_multiplier": multiplier}
+            if transposed:
+                groups[key]["transposed"] = True
             if spectral_normalize:
                 groups[key]["spectral_normalize"] = True
         groups[key]["params"].append(p)

@@ -23,7 +23,7 @@ computes its directions with TF32 (``True``) or three-pass TF32 (``"3x"``) float
 (:mod:`~precond.precision`; the global setting is restored afterwards); a group
 with ``"spectral_normalize": True`` (offered by Shampoo, EShampoo and SOAP) rescales each direction block of
 two or more dims to spectral norm ``sqrt(d_out/d_in)`` (:func:`~precond.linalg.spectral_normalize`) before
-the rate multiplies it; blocks cut from an FSDP2 shard are normalised as the pieces they are.
+the rate multiplies it (``"transposed": True``: the blocks are stored ``(d_in, d_out)``, Hugging Face's Conv1D); blocks cut from an FSDP2 shard are normalised as the pieces they are.
 
 Non-finite gradients: a block whose gradient holds NaN/Inf, or whose norm passes
 :func:`~precond.engine.batched.gradient_bound` (1.8e17 in float32, where its squares would overflow the
@@ -281,7 +281,7 @@ class BlockEngine(torch.optim.Optimizer):
         with tf32_matmuls(bucket.group.get("tf32", False)):
             direction = self._directions(sub, grads, ok, bucket.group)
         if direction is not None and bucket.group.get("spectral_normalize", False) and len(bucket.shape) >= 2:
-            direction = spectral_normalize(direction)
+            direction = spectral_normalize(direction, transposed=bucket.group.get("transposed", False))
         if sub is not bucket:
             if (direction is None) == self._makes_update(bucket):
                 raise RuntimeError(f"{type(self).__name__}._makes_update disagrees with _directions")
