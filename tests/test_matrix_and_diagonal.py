@@ -79,7 +79,8 @@ def test_muon_routes_non_matrix_parameters_to_adamw():
     grads = fixed_gradients([(6, 4), (6,)], 10, torch.float64)
     (W, b), opt = run(lambda ps: precond.Muon(ps, lr=0.02, adamw_lr=3e-3, adamw_betas=(0.9, 0.95),
                                               adamw_weight_decay=0.01), [W0, b0], grads)
-    assert [g["matrix"] for g in opt.param_groups] == [True, False]
+    # one group, as passed: the vector steps at lr · adamw_lr_ratio, the ratio set from adamw_lr
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["adamw_lr_ratio"] == pytest.approx(3e-3 / 0.02)
     ref = adamw_reference(b0, [g[1] for g in grads], lr=3e-3, betas=(0.9, 0.95), eps=1e-8, wd=0.01)
     torch.testing.assert_close(b, ref[-1], rtol=1e-12, atol=1e-12)
 
@@ -88,7 +89,7 @@ def test_explicit_adamw_group_keeps_its_own_hyper_parameters():
     emb = nn.Parameter(torch.randn(10, 4))
     opt = precond.Muon([{"params": [emb], "matrix": False, "lr": 5e-3}, {"params": [nn.Parameter(torch.randn(4, 4))]}],
                        lr=0.02, adamw_lr=1e-3)
-    assert [(g["matrix"], g["lr"]) for g in opt.param_groups] == [(False, 5e-3), (True, 0.02)]
+    assert [(g["matrix"], g["lr"]) for g in opt.param_groups] == [(False, 5e-3), (None, 0.02)]  # None: by dims
 
 
 # ----------------------------------------------------------------------------------------- ASGO
@@ -294,8 +295,9 @@ def test_add_param_group_routes_the_new_parameters(cls):
     opt = cls([first.weight], lr=0.02, adamw_lr=0.01, adamw_weight_decay=0.0)
     second = nn.Linear(5, 4)
     opt.add_param_group({"params": list(second.parameters())})
-    assert [g["matrix"] for g in opt.param_groups] == [True, True, False]
-    assert opt.param_groups[2]["lr"] == 0.01 and opt.param_groups[2]["params"] == [second.bias]
+    # routed inside the group, which stays one: its vector steps at lr · adamw_lr_ratio = adamw_lr
+    assert [g["matrix"] for g in opt.param_groups] == [None, None]
+    assert opt.param_groups[1]["adamw_lr_ratio"] == pytest.approx(0.5)
     for p in [first.weight, *second.parameters()]:
         p.grad = torch.randn_like(p)
     before = second.bias.detach().clone()
@@ -370,6 +372,6 @@ def test_tied_head_is_the_head_even_when_not_named_so():
 def test_muon_adamw_lr_default_is_adamw_sized():
     w, b = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4))
     opt = precond.Muon([w, b], lr=0.02)
-    assert [(g["matrix"], g["lr"]) for g in opt.param_groups] == [(True, 0.02), (False, 3e-4)]
+    assert [(g["lr"], g["lr"] * g["adamw_lr_ratio"]) for g in opt.param_groups] == [(0.02, pytest.approx(3e-4))]
     shared = precond.Muon([w, b], lr=1e-3, adjust_lr_fn="match_rms_adamw")
-    assert [g["lr"] for g in shared.param_groups] == [1e-3, 1e-3]
+    assert [(g["lr"], g["adamw_lr_ratio"]) for g in shared.param_groups] == [(1e-3, 1.0)]

@@ -13,7 +13,7 @@ from . import bias_correction as bc
 from .blocks import BlockLayout
 from .engine import ADAM, BlockEngine, Bucket, bias_correction, commit_, per_block
 from .engine.batched import decay_
-from .validation import STEP_RULES, betas_rule, check_positive
+from .validation import STEP_RULES, pair, betas_rule, check_positive
 
 __all__ = ["AdamW", "adam_state", "adam_directions"]
 
@@ -76,7 +76,7 @@ class AdamW(bc.MicrobatchCorrection, BlockEngine):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, bias_correction: str = "std",
                  cross_fit_fraction: float = 0.5, distributed: Any = None, strict: bool = False) -> None:
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        super().__init__(params, dict(lr=lr, betas=pair(betas), eps=eps, weight_decay=weight_decay,
                                       bias_correction=bias_correction, cross_fit_fraction=cross_fit_fraction),
                          distributed=distributed, strict=strict)
 

@@ -13,7 +13,7 @@ from .kronecker import init_factor_state
 from .linalg import inverse_roots, inverse_sqrt_newton_schulz
 from .refresh import FAILURES, REFRESHES
 from .matrix import MatrixOptimizer
-from .validation import STEP_RULES, betas_to_one_rule, check_choice, check_int, check_positive
+from .validation import STEP_RULES, pair, betas_to_one_rule, check_choice, check_int, check_positive
 
 __all__ = ["ASGO"]
 
@@ -60,7 +60,7 @@ class ASGO(MatrixOptimizer):
         check_choice("side", side, ("auto", "left", "right"))
         check_choice("root_method", root_method, ("eigh", "newton_schulz"))
         check_int("ns_steps", ns_steps, 1)
-        defaults = dict(lr=lr, betas=tuple(betas), epsilon=epsilon, weight_decay=weight_decay,
+        defaults = dict(lr=lr, betas=pair(betas), epsilon=epsilon, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, side=side, root_method=root_method,
                         ns_steps=ns_steps)
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,

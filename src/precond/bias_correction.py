@@ -184,10 +184,10 @@ class MicrobatchCorrection:
         self._micro_seen += 1
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
+    def _step(self) -> None:  # after the closure, which may have accumulated the microbatches
         self._check_accumulated()
         try:
-            return super().step(closure)
+            super()._step()
         finally:
             self._end_accumulation()
 

@@ -4,15 +4,17 @@ A parameter takes the matrix rule when its group says ``"matrix": True`` (``"use
 an alias), or, in groups that say nothing, when it has two or more dims. Weights of three or more dims
 are treated as ``(fan_out, fan_in · kernel)`` matrices. Everything else (biases, norms, and whatever a
 group marks ``"matrix": False``: embeddings and the output head, see :func:`precond.param_groups`) runs
-AdamW. Hyper-parameters a group sets apply to all of its parameters; those it leaves out come from the
-constructor (the matrix rule's arguments, or ``adamw_*`` for the AdamW half). Routing happens when a group
-is added (by the constructor or ``add_param_group``), by splitting it in two, so an LR scheduler sees and
-scales both halves.
+AdamW.
 
-A group that holds both kinds therefore becomes two, and a scheduler that takes one value per group
-(``OneCycleLR(max_lr=[...])``, ``CyclicLR``) needs ``len(optimizer.param_groups)`` values. Groups that are
-already of one kind, as :func:`precond.param_groups` returns them (``"matrix"`` set), stay one to one:
-``Muon(precond.param_groups(model), ...)`` with ``OneCycleLR(max_lr=[matrix_lr, adamw_lr])``.
+Routing happens inside each group, so the optimizer's ``param_groups`` are the groups the user passed, one
+to one (``OneCycleLR(max_lr=[...])`` takes one value per group passed). Rates:
+
+- a group marked ``"matrix": False`` is AdamW's alone: its ``lr`` and ``weight_decay`` (default
+  ``adamw_lr`` / ``adamw_weight_decay``) are AdamW's;
+- in any other group, ``lr`` and ``weight_decay`` are the matrix rule's, and the group's AdamW members (its
+  vectors) step at ``lr · adamw_lr_ratio`` with ``adamw_weight_decay``. ``adamw_lr_ratio`` is set when
+  the group is added, from ``adamw_lr`` (the constructor's, or the group's own) over the group's ``lr``, so
+  a scheduler that edits ``lr`` scales both rules alike.
 """
 
 from __future__ import annotations
@@ -27,70 +29,74 @@ from torch import Tensor
 from .adamw import adam_directions, adam_state
 from .blocks import BlockLayout
 from .engine import ADAM, BlockEngine, Bucket
-from .validation import betas_rule, check_finite_nonneg, check_group, check_lr, check_positive
+from .validation import betas_rule, check_finite_nonneg, check_group, check_lr, check_positive, pair
 
-__all__ = ["MatrixOptimizer", "split_groups"]
-
-
-def _is_matrix(group: dict[str, Any], p: Tensor) -> bool:
-    for key in ("matrix", "use_muon"):
-        if key in group:
-            return bool(group[key])
-    return p.dim() >= 2
+__all__ = ["MatrixOptimizer", "is_matrix"]
 
 
-def split_groups(params: Iterable[Any], adamw: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each group becomes a matrix group and an AdamW group (empty halves dropped); the AdamW half
-    takes ``adamw`` (its ``lr`` and ``weight_decay``) unless the group set them itself."""
-    params = list(params)
-    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-    out = []
-    for group in groups:
-        members = list(group["params"]) if not isinstance(group["params"], Tensor) else [group["params"]]
-        names = group.get("param_names")
-        rest = {k: v for k, v in group.items() if k not in ("params", "param_names", "use_muon")}
-        for want in (True, False):
-            chosen = [i for i, p in enumerate(members) if _is_matrix(group, p) == want]
-            if not chosen:
-                continue
-            half = dict(rest, params=[members[i] for i in chosen], matrix=want)
-            if names is not None:
-                half["param_names"] = [names[i] for i in chosen]
-            if not want:  # what the group sets applies to all its parameters; the rest is adamw_*
-                for k, v in adamw.items():
-                    half.setdefault(k, v)
-            out.append(half)
-    return out
+def is_matrix(group: dict[str, Any], p: Tensor) -> bool:
+    """Whether ``p`` takes the matrix rule in ``group``: its ``"matrix"`` flag, else two dims or more."""
+    flag = group.get("matrix")
+    return p.dim() >= 2 if flag is None else bool(flag)
+
+
+def _route(group: dict[str, Any], adamw: dict[str, Any]) -> dict[str, Any]:
+    """``group`` with its AdamW rates resolved (see the module docstring); what the group sets itself wins."""
+    group = dict(group)
+    if "use_muon" in group:
+        group.setdefault("matrix", group.pop("use_muon"))
+    own_lr = group.pop("adamw_lr", group.get("lr", adamw["lr"]))
+    if group.get("matrix", None) is False:
+        group.setdefault("lr", own_lr)
+        group.setdefault("weight_decay", group.pop("adamw_weight_decay", adamw["weight_decay"]))
+        return group
+    adamw_lr = own_lr
+    group.setdefault("adamw_weight_decay", group.get("weight_decay", adamw["weight_decay"]))
+    if "adamw_lr_ratio" not in group:
+        lr = float(group.get("lr", adamw["matrix_lr"]))
+        if lr == 0.0 and adamw_lr != 0.0:
+            raise ValueError("Invalid lr: 0 in a group whose non-matrix parameters step at adamw_lr, kept as a "
+                             "multiple of lr; give them a group of their own ({'params': ..., 'matrix': False})")
+        group["adamw_lr_ratio"] = adamw_lr / lr if lr else 0.0
+    return group
 
 
 class MatrixOptimizer(BlockEngine):
     """Base of Muon and ASGO: the routing, the matrix view and the AdamW half."""
 
-    _group_rules = {"adamw_betas": betas_rule, "adamw_eps": check_positive}
+    _group_rules = {"adamw_betas": betas_rule, "adamw_eps": check_positive,
+                    "adamw_weight_decay": check_finite_nonneg, "adamw_lr_ratio": check_finite_nonneg}
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, adamw_lr: float,
                  adamw_betas: tuple[float, float], adamw_eps: float, adamw_weight_decay: float,
                  distributed: Any = None, strict: bool = False) -> None:
-        defaults = dict(defaults, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps)
+        defaults = dict(defaults, adamw_betas=pair(adamw_betas), adamw_eps=adamw_eps)
         check_group(self._group_rules, defaults)  # the method's own arguments are named first
         check_lr(adamw_lr)
         check_finite_nonneg("adamw_weight_decay", adamw_weight_decay)
-        adamw = dict(lr=adamw_lr, weight_decay=adamw_weight_decay)
-        self._adamw_defaults = adamw
-        super().__init__(params, defaults, distributed=distributed, strict=strict)
+        self._adamw_defaults = dict(lr=adamw_lr, weight_decay=adamw_weight_decay, matrix_lr=defaults["lr"])
+        super().__init__(params, dict(defaults, matrix=None), distributed=distributed, strict=strict)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a group, routed like the constructor's: its matrices and its other parameters become two
-        groups (the AdamW half taking ``adamw_lr``/``adamw_weight_decay`` unless the group sets them)."""
-        for half in split_groups([param_group], self._adamw_defaults):
-            super().add_param_group(half)
+        """Adds a group, routed like the constructor's (see the module docstring): one group, whose matrices
+        take the matrix rule and whose other parameters AdamW."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"{type(self).__name__}: a param group must be a dict, got {type(param_group).__name__}")
+        # checked as given first, so that an error names the group (routing reads lr)
+        check_group(self._group_rules, {**self.defaults, **param_group}, f"param group {len(self.param_groups)}")
+        super().add_param_group(_route(param_group, self._adamw_defaults))
+
+    def _rate(self, bucket: Bucket, group: dict[str, Any]) -> tuple[Any, float]:
+        if bucket.kind != ADAM or group["matrix"] is False:
+            return group["lr"], group["weight_decay"]
+        return group["lr"] * group["adamw_lr_ratio"], group["adamw_weight_decay"]
 
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
-        merge = "matrix" if group["matrix"] else "none"
+        merge = "matrix" if is_matrix(group, param) else "none"
         return BlockLayout.build(tuple(param.shape), math.inf, merge, "identity")
 
     def _block_kind(self, layout: BlockLayout, index: int, group: dict[str, Any]) -> Hashable:
-        if group["matrix"] and len(layout.block_shapes[index]) == 2:
+        if group["matrix"] is not False and len(layout.block_shapes[index]) == 2:
             return self._matrix_kind(layout.block_shapes[index], group)
         return ADAM
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .engine import ADAM, Bucket, per_block
 from .linalg import newton_schulz
-from .matrix import MatrixOptimizer
+from .matrix import MatrixOptimizer, is_matrix
 from .validation import STEP_RULES, check_choice, check_int, check_positive, fraction_rule
 
 __all__ = ["Muon"]
@@ -104,7 +104,7 @@ class Muon(MatrixOptimizer):
         return bucket.dtype if bucket.kind == ADAM else _NS_DTYPES[bucket.group["ns_dtype"]]
 
     def _whole_matrix(self, param: Tensor, group: dict[str, Any]) -> bool:
-        return bool(group["matrix"]) and param.dim() >= 2  # Newton–Schulz needs the whole matrix
+        return is_matrix(group, param) and param.dim() >= 2  # Newton–Schulz needs the whole matrix
 
     def _direction_scale(self, bucket: Bucket, group: dict[str, Any]) -> float:
         if bucket.kind == ADAM:

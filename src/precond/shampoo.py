@@ -21,7 +21,7 @@ from .kronecker import factor_matrices, factor_outer, init_factor_state, mode_pr
 from .linalg import LinAlgFailure, inverse_root_newton, inverse_roots, pseudo_inverse_roots
 from .precision import TF32_MODES
 from .refresh import FAILURES, REFRESHES
-from .validation import (STEP_RULES, betas_to_one_rule, check_betas, check_choice, check_int, check_max_dim,
+from .validation import (STEP_RULES, pair, betas_to_one_rule, check_betas, check_choice, check_int, check_max_dim,
                          check_nonneg, check_positive, flag_rule)
 
 __all__ = ["Shampoo", "ShampooFamily"]
@@ -47,6 +47,7 @@ class ShampooFamily(BlockEngine):
     # Shampoo: yes (its identity "preconditioner" would be plain momentum SGD). EShampoo: no, its
     # eigenvalue correction in the identity basis already is Adam.
     diagonal_for_unfactored = True
+    _skip_advice = "lower lr, set grafting or raise epsilon"
     _group_rules = {**STEP_RULES, "betas": betas_to_one_rule, "epsilon": check_positive,
                     "max_factor_ratio": check_positive, "spectral_normalize": flag_rule}
 
@@ -69,7 +70,7 @@ class ShampooFamily(BlockEngine):
         check_positive("grafting_epsilon", grafting_epsilon)
         check_choice("large_dim_policy", large_dim_policy, ("split", "identity"))
         check_choice("tf32", tf32, TF32_MODES)
-        defaults = dict(lr=lr, betas=tuple(betas), epsilon=epsilon, weight_decay=weight_decay,
+        defaults = dict(lr=lr, betas=pair(betas), epsilon=epsilon, weight_decay=weight_decay,
                         max_preconditioner_dim=max_preconditioner_dim,
                         precondition_frequency=precondition_frequency,
                         start_preconditioning_step=(precondition_frequency if start_preconditioning_step == -1

@@ -14,7 +14,7 @@ from .engine import BlockEngine, Bucket, bias_correction, commit_, ema_, per_blo
 from .kronecker import factor_matrices, init_factor_state, mode_product, update_factors_
 from .precision import TF32_MODES
 from .refresh import REFRESH_METHODS, EigenbasisRefresh
-from .validation import (STEP_RULES, betas_rule, check_choice, check_in, check_int, check_max_dim, check_positive,
+from .validation import (STEP_RULES, pair, betas_rule, check_choice, check_in, check_int, check_max_dim, check_positive,
                          flag_rule)
 
 __all__ = ["SOAP"]
@@ -98,7 +98,7 @@ class SOAP(BlockEngine):
         check_int("max_qr_iterations", max_qr_iterations, 1)
         check_choice("large_dim_policy", large_dim_policy, ("split", "identity"))
         check_choice("tf32", tf32, TF32_MODES)
-        defaults = dict(lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
+        defaults = dict(lr=lr, betas=pair(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
                         merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads,
                         correct_bias=correct_bias, refresh_method=refresh_method,

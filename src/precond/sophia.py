@@ -13,7 +13,7 @@ from torch import Tensor
 from . import bias_correction as bc
 from .blocks import BlockLayout
 from .engine import BlockEngine, Bucket, commit_, local
-from .validation import STEP_RULES, betas_rule, check_choice, check_int, check_positive
+from .validation import STEP_RULES, pair, betas_rule, check_choice, check_int, check_positive
 
 __all__ = ["Sophia"]
 
@@ -79,7 +79,7 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
                  distributed: Any = None, strict: bool = False) -> None:
         check_choice("estimator", estimator, ("gnb", "hutchinson"))
         check_int("update_period", update_period, 1)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
+        super().__init__(params, dict(lr=lr, betas=pair(betas), rho=rho, weight_decay=weight_decay, eps=eps,
                                       estimator=estimator, update_period=update_period,
                                       bias_correction=bias_correction, cross_fit_fraction=cross_fit_fraction),
                          distributed=distributed, strict=strict)

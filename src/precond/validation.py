@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["check_lr", "check_in", "check_betas", "check_nonneg", "check_finite_nonneg", "check_positive",
+__all__ = ["pair", "check_lr", "check_in", "check_betas", "check_nonneg", "check_finite_nonneg", "check_positive",
            "check_int", "check_choice", "check_max_dim", "check_group", "Rule", "lr_rule", "betas_rule",
            "betas_to_one_rule", "flag_rule", "fraction_rule", "STEP_RULES"]
 
@@ -41,6 +41,12 @@ def check_in(name: str, value: Any, low: float, high: float, low_open: bool = Fa
     if not (ok_low and ok_high):
         lo, hi = "(" if low_open else "[", ")" if high_open else "]"
         raise ValueError(f"Invalid {name}: {value} (must be in {lo}{low}, {high}{hi})")
+
+
+def pair(value: Any) -> Any:
+    """``value`` as a tuple when it is a sequence, else as it is, for :func:`check_betas` to name the argument
+    (``betas=0.9`` is refused with a ValueError, not a TypeError from ``tuple(0.9)``)."""
+    return tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
 
 
 def check_betas(betas: Any, name: str = "betas", beta2_may_be_one: bool = False) -> None:

@@ -14,11 +14,11 @@ from pathlib import Path
 from .optimizers import DEFAULT_OPTIMIZERS, SPECS, available_optimizers
 from .protocol import BenchConfig, run_benchmark
 from .report import write_report
-from .workloads import PRESETS
+from .workloads import PRESETS, with_batch_axis
 
 
 class Progress:
-    """One tqdm bar over every planned training step of the benchmark (or, quiet, a line per run)."""
+    """One tqdm bar over the training steps this call makes (or, quiet, a line per run)."""
 
     def __init__(self, total: int, enabled: bool):
         try:
@@ -45,8 +45,11 @@ class Progress:
             self.bar.refresh()
 
     def skip(self, steps: int):
+        """Steps that will not be trained (a saved run, a run past --time-limit, a diverged run's rest) leave
+        the total, so that the bar and its ETA count only the training this call makes."""
         if self.bar is not None:
-            self.bar.update(steps)
+            self.bar.total = max(self.bar.n, self.bar.total - steps)
+            self.bar.refresh()
 
     def close(self):
         if self.bar is not None:
@@ -68,7 +71,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the preset's {key}")
     for key in ("width", "depth", "heads", "context"):
         p.add_argument(f"--{key}", type=int, default=None, help=f"override the language model's {key}")
-    p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
+    p.add_argument("--batch-size", type=int, default=None, help="override the preset's (micro-)batch size, in rows")
+    p.add_argument("--tokens-per-step", type=int, default=None, metavar="BYTES",
+                   help="bytes (tokens) per optimizer step: accumulates micro-batches of --batch-size rows")
+    p.add_argument("--train-tokens", type=int, default=None, metavar="BYTES",
+                   help="the training budget in bytes: steps = BYTES / tokens per step; sweep runs keep the "
+                        "preset's share of it and the run is evaluated 50 times")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="warmup in steps, the same for sweep and full runs (default: 5%% of each run)")
     p.add_argument("--edge-points", type=int, default=4,
                    help="extra sweep rates beyond the grid's edge while the best rate sits on it (default 4)")
     p.add_argument("--schedule", choices=("cosine", "constant"), default=None,
@@ -96,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             preset[key] = getattr(args, key)
     if args.schedule == "constant":
         preset["schedule"] = {"kind": "constant"}
+    try:
+        preset = with_batch_axis(preset, args.tokens_per_step, args.train_tokens, args.warmup_steps)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     model_overrides = {k: getattr(args, k) for k in ("width", "depth", "heads", "context") if getattr(args, k)}
     if model_overrides:
         if "gpt" not in preset:

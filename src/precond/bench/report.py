@@ -158,7 +158,8 @@ def plot_ratios(summary: dict[str, dict[str, Any]], out_dir: Path, title: str) -
     ax.set_xticks(range(len(rows)), [_label(n, r) for n, r in rows], rotation=30, ha="right")
     ax.set_ylabel("× AdamW (lower is better)")
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:  # no bar when no optimizer reached the target: no legend to draw
+        ax.legend(fontsize="small")
     return _save(plt, fig, Path(out_dir) / "ratios_to_target.png")
 
 

@@ -99,11 +99,16 @@ class BlockEngine(torch.optim.Optimizer):
 
     # The hyper-parameters a param group may set, each with its check (see precond.validation.check_group).
     _group_rules: dict[str, Rule] = {}
+    # What the warning about skipped steps advises (Shampoo adds its own remedies).
+    _skip_advice = "lower lr"
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], distributed: Any = None,
                  strict: bool = False) -> None:
         check_group(self._group_rules, defaults)
         flag_rule("strict", strict)
+        if isinstance(params, torch.nn.Module):
+            raise TypeError(f"{type(self).__name__}: params must be parameters or param groups, not a module: pass "
+                            f"model.parameters() or precond.param_groups(model), got a {type(params).__name__}")
         super().__init__(params, defaults)
         self._distributed = distributed
         self._strict = strict
@@ -113,6 +118,7 @@ class BlockEngine(torch.optim.Optimizer):
         self._buckets: list[Bucket] = []
         self._warned: set[int] = set()
         self._guard_noted: set[int] = set()
+        self._guard_pending: list[tuple[str, tuple[int, ...], str, float]] = []
         self._nonfinite_seen = 0
         self._nonfinite_total: Tensor | None = None
         self._nonfinite_copy: tuple[Tensor, Any] | None = None  # a host copy of the total in flight, its event
@@ -140,6 +146,11 @@ class BlockEngine(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         return beta1, beta2, group["eps"]
 
+    def _rate(self, bucket: Bucket, group: dict[str, Any]) -> tuple[float | Tensor, float]:
+        """``(lr, weight_decay)`` of ``bucket``'s blocks: the group's (Muon and ASGO give their AdamW members
+        rates of their own)."""
+        return group["lr"], group["weight_decay"]
+
     def _direction_scale(self, bucket: Bucket, group: dict[str, Any]) -> float:
         """A per-bucket factor on the learning rate (Muon's shape-dependent rate); 1 by default."""
         return 1.0
@@ -165,8 +176,20 @@ class BlockEngine(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ planning
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        # checked before it joins: a group that fails leaves the optimizer as it was
+        """Adds a group as ``torch.optim.Optimizer`` does, checked first (a group that fails leaves the optimizer
+        as it was). Where some groups name their parameters (``param_names``, as :func:`precond.param_groups`
+        returns them) and others do not, the unnamed ones are named ``"group{g}.{i}"`` rather than refused."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"{type(self).__name__}: a param group must be a dict, got {type(param_group).__name__}")
         check_group(self._group_rules, {**self.defaults, **param_group}, f"param group {len(self.param_groups)}")
+        _refuse_complex(type(self).__name__, param_group, len(self.param_groups))
+        named = [("param_names" in g) for g in self.param_groups]
+        if any(named) or (named and "param_names" in param_group):
+            if isinstance(param_group.get("params"), Tensor):
+                param_group = dict(param_group, params=[param_group["params"]])
+            param_group = _named(param_group, len(self.param_groups))
+            for index, group in enumerate(self.param_groups):
+                group.update(_named(group, index))
         super().add_param_group(param_group)
         self._plan_key = None
         self._owners = None
@@ -224,16 +247,27 @@ class BlockEngine(torch.optim.Optimizer):
         if key != self._plan_key:
             self._buckets = build_buckets(self, self.param_groups, with_grad)
             self._plan_key = key
+            self._say_guard_notes()
         return self._buckets
 
     # ------------------------------------------------------------------------------- the step
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs one optimization step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step()
+        return loss
+
+    # Compiled as a frame of its own, also inside a compiled function that calls ``opt.step()``: there the
+    # optimizer is reached through a global, and dynamo specialises a global's integers (the step counters the
+    # refresh schedules read), recompiling at every step until its limit. As the frame's argument, ``self``'s
+    # counters turn dynamic after one re-trace, as they do under ``torch.compile(opt.step)``.
+    step = torch._dynamo.disable(step, recursive=False)
+
+    @torch.no_grad()
+    def _step(self) -> None:
         buckets = self._plan()
         contiguous: dict[Tensor, Tensor] = {}  # non-contiguous parameters are updated through a copy
         gathered = [self._gather(bucket, contiguous) for bucket in buckets]                    # (a)
@@ -265,7 +299,6 @@ class BlockEngine(torch.optim.Optimizer):
         for p, work in contiguous.items():
             p.data.copy_(work)
         self._note_nonfinite(buckets, applied)
-        return loss
 
     def _owned_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor) -> Tensor | None:
         """(b) for one bucket: the directions of the blocks this process owns (all, unless exchanged)."""
@@ -357,10 +390,11 @@ class BlockEngine(torch.optim.Optimizer):
             ok = kept_ok = gradient_rows(grads, bucket.dtype)
         grads = grads.to(bucket.dtype)
         group = bucket.group
-        if self._weight_decay_mode(group) == "l2" and group["weight_decay"] != 0.0:
+        weight_decay = self._rate(bucket, group)[1]
+        if self._weight_decay_mode(group) == "l2" and weight_decay != 0.0:
             if bucket.rows is not None:
                 raise NotImplementedError("L2 weight decay on whole matrices gathered from FSDP2 shards")
-            grads = grads + group["weight_decay"] * self._param_stack(bucket.local, contiguous).to(bucket.dtype)
+            grads = grads + weight_decay * self._param_stack(bucket.local, contiguous).to(bucket.dtype)
         # Refused blocks are zero, so that statistics of the gradient can be updated in place (batched.ema_).
         grads.masked_fill_(per_block(~kept_ok, grads), 0.0)
         return grads, ok
@@ -394,7 +428,7 @@ class BlockEngine(torch.optim.Optimizer):
         past it has diverged, and writing it would turn the weights into Inf or NaN.
         """
         group = bucket.group
-        lr, wd, mode = group["lr"], group["weight_decay"], self._weight_decay_mode(group)
+        (lr, wd), mode = self._rate(bucket, group), self._weight_decay_mode(group)
         blocks = self._param_blocks(bucket, contiguous)
         if bucket.rows is not None:  # this process's rows of each whole-matrix direction (phase c)
             direction = direction.reshape(len(blocks), *blocks[0].shape)
@@ -447,16 +481,9 @@ class BlockEngine(torch.optim.Optimizer):
         if not bool(bad.any()):
             return
         member = bucket.members[int(bad.nonzero()[0, 0])]  # masks follow the members (exchanged buckets too)
-        where = f"parameter {self._index_of(member.param)} (shape {tuple(member.param.shape)}), block {member.block}"
+        where = f"{self._name_of(member.param)} (shape {tuple(member.param.shape)}), block {member.block}"
         raise FloatingPointError(f"{type(self).__name__} (strict=True): {where}: {what}; nothing was updated "
-                                 "for it. Lower lr, or for Shampoo set grafting or raise epsilon")
-
-    def _index_of(self, param: Tensor) -> str:
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p is param:
-                    return f"{pi} of group {gi}"
-        return "?"
+                                 f"for it: {self._skip_advice}")
 
     def _fused_adam(self, bucket: Bucket, grads: list[Tensor], ok: Tensor,
                     contiguous: dict[Tensor, Tensor]) -> Tensor:
@@ -466,7 +493,7 @@ class BlockEngine(torch.optim.Optimizer):
         group = bucket.group
         beta1, beta2, eps = self._adam_hyper(group)
         params = self._param_blocks(bucket, contiguous)
-        lr = group["lr"]
+        lr, weight_decay = self._rate(bucket, group)
         if isinstance(lr, Tensor):
             lr = lr.to(bucket.device)
         elif lr > UPDATE_BOUND:  # only then can a step pass the bound: the weights' RMS is read
@@ -481,11 +508,11 @@ class BlockEngine(torch.optim.Optimizer):
         found_inf = 1.0 - keep
         if torch.compiler.is_compiling():  # the fused kernel does not trace: the same arithmetic, for inductor
             _traced_adamw(params, grads, bucket.state["exp_avg"], bucket.state["exp_avg_sq"], bucket.state["step"],
-                          lr, beta1, beta2, group["weight_decay"], eps, found_inf)
+                          lr, beta1, beta2, weight_decay, eps, found_inf)
         else:
             torch._fused_adamw_(params, grads, bucket.state["exp_avg"], bucket.state["exp_avg_sq"], [],
                                 bucket.state["steps"], lr=lr, beta1=beta1, beta2=beta2,
-                                weight_decay=group["weight_decay"], eps=eps, amsgrad=False, maximize=False,
+                                weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
                                 grad_scale=None, found_inf=found_inf)
         bucket.calls += 1
         return ok
@@ -536,31 +563,49 @@ class BlockEngine(torch.optim.Optimizer):
             self._warn_new_nonfinite()
 
     def _note_guard(self, param: Tensor, layout: BlockLayout, precondition_1d: bool) -> BlockLayout:
-        """Says once per parameter (logging) what the memory guard changed in its layout."""
+        """Notes once per parameter what the memory guard changed in its layout; :meth:`_say_guard_notes` says
+        it, once for all the parameters a plan noted."""
         if id(param) not in self._guard_noted:
             self._guard_noted.add(id(param))
             note = layout.guard_note(precondition_1d)
             if note is not None:
-                logger.warning("%s: parameter of shape %s: %s. The memory guard max_factor_ratio=%g keeps each "
-                               "Kronecker factor within that many times its block's elements; Distributed "
-                               "Shampoo has none (max_factor_ratio=float('inf') for its layout)",
-                               type(self).__name__, tuple(param.shape), note, layout.max_factor_ratio)
+                self._guard_pending.append((self._name_of(param), tuple(param.shape), note, layout.max_factor_ratio))
         return layout
 
-    def _warn_new_nonfinite(self) -> None:
+    def _say_guard_notes(self) -> None:
+        if not self._guard_pending:
+            return
+        notes, self._guard_pending = self._guard_pending, []
+        examples = "; ".join(f"{name} {shape}: {note}" for name, shape, note, _ in notes[:3])
+        more = f"; and {len(notes) - 3} more" if len(notes) > 3 else ""
+        logger.warning("%s: the memory guard max_factor_ratio=%g changed the layout of %d parameter(s) (%s%s). It "
+                       "keeps each Kronecker factor within that many times its block's elements; Distributed Shampoo "
+                       "has none (max_factor_ratio=float('inf') for its layout)",
+                       type(self).__name__, notes[0][3], len(notes), examples, more)
+
+    def _name_of(self, param: Tensor) -> str:
+        """``param``'s name in its group's ``param_names``, else ``"parameter {i} of group {g}"``."""
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
+                if p is param:
+                    names = group.get("param_names")
+                    return repr(names[pi]) if names else f"parameter {pi} of group {gi}"
+        return "a parameter"
+
+    def _warn_new_nonfinite(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
                 if id(p) in self._warned:
                     continue
                 count = sum(int(v) for k, v in self.state.get(p, {}).items() if k.endswith("nonfinite"))
                 if count:
                     self._warned.add(id(p))
-                    logger.warning("%s: parameter %d of group %d (shape %s): a step was skipped for some of its "
-                                   "blocks, whose gradient or update was not finite (or the update's RMS passed "
-                                   "%g× the weights'); their weights were left as they were. If it repeats, lower "
-                                   "lr (for Shampoo: set grafting or raise epsilon). Said once per parameter; "
+                    logger.warning("%s: %s (shape %s): a step was skipped for some of its blocks, whose gradient "
+                                   "or update was not finite (or the update's RMS passed %g× the weights'); their "
+                                   "weights were left as they were. If it repeats, %s. Said once per parameter; "
                                    "preconditioner_stats() counts every skip (strict=True raises instead)",
-                                   type(self).__name__, pi, gi, tuple(p.shape), UPDATE_BOUND)
+                                   type(self).__name__, self._name_of(p), tuple(p.shape), UPDATE_BOUND,
+                                   self._skip_advice)
 
     # -------------------------------------------------------------------------- statistics
     def time_communication(self, enabled: bool = True) -> None:
@@ -604,7 +649,8 @@ class BlockEngine(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state saved by :meth:`state_dict` (or by ``torch.distributed.checkpoint``).
+        """Loads a state saved by :meth:`state_dict` (or by ``torch.distributed.checkpoint``; AdamW also loads
+        ``torch.optim.AdamW``'s, whose groups' extra options then stay in the groups, and torch's loads ours).
 
         Every saved tensor is checked against the shape and dtype this optimizer would create (computed
         on the ``meta`` device, so no second state is built) before anything is changed; tensors keep
@@ -612,6 +658,11 @@ class BlockEngine(torch.optim.Optimizer):
         continuing from a checkpoint is bit-identical to not stopping.
         """
         groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        for index, saved in enumerate(saved_groups):  # a torch.optim.AdamW checkpoint with options we lack
+            for option in ("amsgrad", "maximize", "differentiable"):
+                if saved.get(option, False):
+                    raise ValueError(f"state_dict's param group {index} has {option}=True, which "
+                                     f"{type(self).__name__} does not implement")
         if len(groups) != len(saved_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, the optimizer {len(groups)}")
         params = list(itertools.chain.from_iterable(g["params"] for g in groups))
@@ -628,7 +679,9 @@ class BlockEngine(torch.optim.Optimizer):
                 raise ValueError(f"state_dict has state for parameter {key!r}, which its param_groups do not list")
             p, group = by_id[key]
             loaded[p] = self._check_saved_state(value, p, group, key)
+        defaults = dict(self.defaults)
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        self.defaults = defaults  # torch's load adds "differentiable" to the defaults, and so to every group
         for group in self.param_groups:  # a checkpoint from before an option existed takes its default
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -647,6 +700,10 @@ class BlockEngine(torch.optim.Optimizer):
         process) is narrowed to the blocks this process owns."""
         expected = self._expected_state(p, group)
         where = f"state[{key!r}] (parameter of shape {tuple(p.shape)})"
+        if isinstance(saved, dict):  # torch.optim's checkpoints (AdamW's) have no skip counters: they start at 0
+            counters = {k: torch.zeros((), dtype=torch.int64) for k in expected
+                        if k not in saved and k.rsplit(".", 1)[-1] == "nonfinite"}
+            saved = {**saved, **counters}
         if self._topology.splits_work and isinstance(saved, dict) and set(saved) > set(expected):
             everything = self._expected_state(p, group, owned_only=False)
             if set(saved) == set(everything):
@@ -702,6 +759,30 @@ def _sound_update(direction: Tensor, weight_norms: Tensor, lr: float | Tensor, s
     step_rms = step_rms * (lr.to(step_rms.device).abs() if isinstance(lr, Tensor) else abs(lr)) * abs(scale)
     weight_rms = weight_norms.float() / math.sqrt(numel)
     return torch.isfinite(step_rms) & (step_rms <= UPDATE_BOUND * weight_rms.clamp(min=1.0))
+
+
+def _refuse_complex(optimizer: str, group: dict[str, Any], index: int) -> None:
+    """Complex parameters are refused when their group is added, before any state exists: none of the matrix
+    methods is defined on them here (torch's AdamW steps their real view; use it for such parameters)."""
+    params = group.get("params", [])
+    params = [params] if isinstance(params, Tensor) else list(params)
+    group["params"] = params
+    names = group.get("param_names")
+    for i, p in enumerate(params):
+        p = p[1] if isinstance(p, tuple) else p
+        if isinstance(p, Tensor) and p.is_complex():
+            name = repr(names[i]) if names else f"parameter {i}"
+            raise ValueError(f"{optimizer}: {name} of param group {index} is complex ({p.dtype}), which precond "
+                             "does not support; give it to torch.optim.AdamW (it steps the real view)")
+
+
+def _named(group: dict[str, Any], index: int) -> dict[str, Any]:
+    """``group`` with ``param_names``: its own, or ``"group{index}.{i}"``; parameters given as ``(name, tensor)``
+    pairs (torch's other way to name them) are left to torch."""
+    params = group["params"] = list(group["params"])
+    if "param_names" in group or any(isinstance(p, tuple) for p in params):
+        return group
+    return dict(group, param_names=[f"group{index}.{i}" for i in range(len(params))])
 
 
 def _natural(key: str) -> list[Any]:
