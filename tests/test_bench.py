@@ -17,7 +17,7 @@ from precond.bench.optimizers import ADAMW_WEIGHT_DECAYS, SPECS, AdamWSetting, O
 from precond.bench.protocol import BenchConfig, lr_grid, mean_curve, run_benchmark, steps_to_target, summarize
 from precond.bench.report import curve_colours, markdown_table
 from precond.bench.runner import lr_factor, state_bytes, train_run
-from precond.bench.workloads import PRESETS, Digits, LanguageModel, make_workload
+from precond.bench.workloads import PRESETS, Digits, LanguageModel, make_workload, with_batch_axis
 
 CORPUS = {f"library/mod{i}.rst.txt": (f"Module {i}\n=========\n\nThe quick brown fox {i} jumps over the lazy dog. "
                                        * 40).encode() for i in range(40)}
@@ -211,9 +211,18 @@ class FakeTraining:
         monkeypatch.setattr(protocol.time, "perf_counter", lambda: self.clock)
         monkeypatch.setattr(protocol, "make_workload", lambda *a: type("W", (), {"describe": lambda s: {}})())
 
-    def __call__(self, workload, spec, lr, seed, steps, eval_every, device, adamw, progress=None, schedule=None):
+    def __call__(self, workload, spec, lr, seed, steps, eval_every, device, adamw, progress=None, schedule=None,
+                 checkpoint=None, deadline=None, stop_at=None):
         self.calls.append((spec.name, lr, seed))
-        self.clock += steps
+        done = int(checkpoint.read_text()) if checkpoint is not None and checkpoint.exists() else 0
+        if deadline is not None and self.clock + steps - done > deadline:  # checkpointed at the deadline
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_text(str(done + int(deadline - self.clock)))
+            self.clock = deadline
+            return None
+        self.clock += steps - done
+        if checkpoint is not None and checkpoint.exists():
+            checkpoint.unlink()
         diverged = lr > self.diverge_above
         loss = math.inf if diverged else 1.0 + math.log(lr / self.best_lr) ** 2 + 0.01 * seed
         if spec.name == "AdamW":
@@ -265,18 +274,21 @@ def test_a_sweep_that_diverges_everywhere_tries_a_lower_rate(tmp_path, monkeypat
     assert hopeless["summary"]["SOAP"]["diverged_seeds"] == 2
 
 
-def test_time_limit_starts_no_run_that_would_end_past_it_and_a_rerun_goes_on(tmp_path, monkeypatch):
+def test_time_limit_checkpoints_the_run_in_progress_and_a_rerun_goes_on(tmp_path, monkeypatch):
     fake = FakeTraining(monkeypatch, best_lr=SPECS["AdamW"].center_lr)
-    # AdamW: 3 lr and 2 weight-decay sweeps × 3 s + 2 full × 6 s = 27 s; SOAP's sweeps end at 36 s; its full
-    # runs (6.6 s estimated) don't fit
+    # AdamW: 3 lr and 2 weight-decay sweeps × 3 s + 2 full × 6 s = 27 s; SOAP's sweeps end at 36 s; its first
+    # full run reaches the limit at 40 s after 4 of its 6 steps and checkpoints; the second cannot start
     first = run_benchmark(fake_config(tmp_path, ["AdamW", "SOAP"], edge_points=0, time_limit=40))
     assert set(first["summary"]) == {"AdamW"}
-    assert first["unfinished"] == [f"full SOAP lr={SPECS['SOAP'].center_lr:.4g} seed={s}" for s in (0, 1)]
-    assert fake.clock == 36
+    lr = SPECS["SOAP"].center_lr
+    assert first["unfinished"] == [f"full SOAP lr={lr:.4g} seed=0 (checkpointed)", f"full SOAP lr={lr:.4g} seed=1"]
+    assert fake.clock == 40
     fake.calls.clear()
     second = run_benchmark(fake_config(tmp_path, ["AdamW", "SOAP"], edge_points=0))
-    assert fake.calls == [("SOAP", SPECS["SOAP"].center_lr, 0), ("SOAP", SPECS["SOAP"].center_lr, 1)]
+    assert fake.calls == [("SOAP", lr, 0), ("SOAP", lr, 1)]
+    assert fake.clock == 40 + 2 + 6  # the checkpointed run's last 2 steps, then the other's 6
     assert set(second["summary"]) == {"AdamW", "SOAP"} and not second["unfinished"]
+    assert not list((tmp_path / "cpu-lm" / "partial").iterdir())
 
 
 def test_a_matrix_optimizer_run_made_at_another_adamw_setting_is_retrained(tmp_path, monkeypatch):
@@ -479,3 +491,100 @@ def test_spec_variants_build_what_their_names_say_and_train(name, expected):
         loss.backward()
         opt.step()
     assert losses[-1] < losses[0]
+
+
+def test_progress_counts_only_the_steps_this_call_trains():
+    """A saved run, or one --time-limit does not start, leaves the total instead of filling the bar (which then
+    jumped to 100% with runs still to make)."""
+    from precond.bench.__main__ import Progress
+    progress = Progress(100, enabled=True)
+    tick = progress.run("full AdamW")
+    for step in range(1, 11):
+        tick(step, 1.0)
+    progress.skip(60)
+    assert (progress.bar.n, progress.bar.total) == (10, 40)
+    progress.close()
+
+
+def test_ratio_plot_with_no_optimizer_at_the_target_draws_no_empty_legend(tmp_path):
+    import warnings
+    from precond.bench.report import plot_ratios
+    pytest.importorskip("matplotlib")
+    summary = {"AdamW": {"final_val_mean": 1.0, "steps_ratio": 1.0, "seconds_ratio": 1.0, "peer": None},
+               "SOAP": {"final_val_mean": 1.1, "steps_ratio": None, "seconds_ratio": None, "peer": None}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns "No artists with labels found to put in legend"
+        assert plot_ratios(summary, tmp_path, "t").exists()
+
+
+
+# ------------------------------------------------------------------- accumulation and resumed runs
+def test_accumulated_micro_batches_step_as_the_whole_batch(data_dir):
+    """2 micro-batches of 2 rows equal one batch of 4 rows (the same bytes, float32 summation order aside)."""
+    preset = dict(PRESETS["tiny"])
+    whole = make_workload(dict(preset, batch_size=4), data_dir, "cpu")
+    split = make_workload(dict(preset, batch_size=2, accumulation=2), data_dir, "cpu")
+    assert split.tokens_per_step() == whole.tokens_per_step() == 4 * preset["gpt"]["context"]
+    assert all(torch.equal(a, b) for a, b in zip(whole.batch(3, 0), split.batch(3, 0)))
+    runs = [train_run(w, SPECS["AdamW"], 3e-3, seed=0, steps=5, eval_every=5, device="cpu", adamw=AdamWSetting(3e-3))
+            for w in (whole, split)]
+    assert runs[1]["accumulation"] == 2 and runs[1]["tokens_per_second"] > 0
+    # the last step's training loss (the mean over its micro-batches) after 4 updates; the validation sets
+    # differ (eval_batches windows of the micro-batch's rows)
+    assert runs[0]["final_train_loss"] == pytest.approx(runs[1]["final_train_loss"], rel=1e-5)
+    assert runs[0]["final_train_loss"] < runs[0]["curve"][0][2] - 0.05  # it trained
+
+
+def test_batch_axis_sets_accumulation_steps_and_warmup():
+    preset = dict(PRESETS["gpu"])  # 64 rows of 256 bytes: 16k bytes a micro-batch
+    big = with_batch_axis(preset, tokens_per_step=1 << 20, train_tokens=300 << 20, warmup_steps=30)
+    assert big["accumulation"] == 64 and big["steps"] == 300 and big["eval_every"] == 6
+    assert big["sweep_steps"] == round(300 * preset["sweep_steps"] / preset["steps"])
+    assert big["schedule"]["warmup_steps"] == 30 and lr_factor(15, 300, big["schedule"]) == pytest.approx(0.5)
+    assert lr_factor(15, 75, big["schedule"]) == pytest.approx(0.5)  # a sweep run warms up as long
+    with pytest.raises(ValueError, match="no multiple of a micro-batch"):
+        with_batch_axis(preset, tokens_per_step=3 * 16384 + 1)
+
+
+RESUMABLE = [n for n, spec in SPECS.items() if spec.available() and spec.peer in (None, "torch")]
+
+
+@pytest.mark.parametrize("name", RESUMABLE)
+def test_an_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(name, data_dir, tmp_path):
+    """Checkpointed after 3 of 7 steps (what a time limit does), then resumed by a second call: the curve and
+    the final weights are the uninterrupted run's exactly. Accumulation 2, so the micro-batches are cut alike."""
+    workload = make_workload(dict(PRESETS["tiny"], batch_size=2, accumulation=2), data_dir, "cpu")
+    spec, adamw = SPECS[name], AdamWSetting(3e-3, 0.1)
+    schedule = PRESETS["tiny"]["schedule"]
+    kw = dict(seed=1, steps=7, eval_every=2, device="cpu", adamw=adamw, schedule=schedule)
+    whole = train_run(workload, spec, spec.center_lr, **kw)
+    path = tmp_path / "partial.pt"
+    assert train_run(workload, spec, spec.center_lr, checkpoint=path, stop_at=3, **kw) is None and path.exists()
+    resumed = train_run(workload, spec, spec.center_lr, checkpoint=path, **kw)
+    assert resumed["resumed"] and not path.exists()
+    assert [(s, v) for s, _, v in resumed["curve"]] == [(s, v) for s, _, v in whole["curve"]]
+    assert resumed["final_train_loss"] == whole["final_train_loss"] and resumed["steps_done"] == 7
+    assert resumed["refreshes"] == whole["refreshes"]
+
+
+def test_the_benchmark_resumes_checkpointed_runs_to_the_same_results(data_dir, tmp_path):
+    """Every run checkpointed at step 2 by one call and finished by the next: the same table as one call."""
+    def config(name, **kw):
+        preset = dict(PRESETS["tiny"], lr_points=1, seeds=1, steps=4, sweep_steps=3)
+        return BenchConfig(preset=preset, optimizers=["AdamW", "SOAP"], runs_dir=str(tmp_path), name=name,
+                           data_dir=str(data_dir), edge_points=0, **kw)
+
+    straight = run_benchmark(config("straight"))
+    with pytest.raises(ValueError, match="no optimizer has all its full runs"):
+        run_benchmark(config("stopped", stop_at=2))  # AdamW's sweep runs checkpoint: nothing can follow them
+    resumed = None
+    for _ in range(12):  # each call finishes what the last checkpointed and checkpoints what it starts
+        try:
+            resumed = run_benchmark(config("stopped", stop_at=2))
+        except ValueError:
+            continue
+        if not resumed["unfinished"]:
+            break
+    assert resumed is not None and not resumed["unfinished"]
+    finals = {n: [r["final_val_loss"] for r in e["full"]] for n, e in straight["results"].items()}
+    assert {n: [r["final_val_loss"] for r in e["full"]] for n, e in resumed["results"].items()} == finals

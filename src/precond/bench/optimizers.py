@@ -86,14 +86,23 @@ class Split:
         for o in self.optimizers:
             o.zero_grad(set_to_none=set_to_none)
 
+    def state_dict(self) -> dict:
+        return {"parts": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for o, part in zip(self.optimizers, state_dict["parts"], strict=True):
+            o.load_state_dict(part)
+
 
 def _params(model: nn.Module):
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def _matrix_and_rest(model: nn.Module):
-    groups = {g["matrix"]: g["params"] for g in precond.param_groups(model)}
-    return groups.get(True, []), groups.get(False, [])
+    groups: dict[bool, list] = {True: [], False: []}
+    for g in precond.param_groups(model):  # frozen parameters are listed too: they are left out here
+        groups[g["matrix"]] += [p for p in g["params"] if p.requires_grad]
+    return groups[True], groups[False]
 
 
 def _fused(model: nn.Module) -> dict:

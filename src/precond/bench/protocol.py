@@ -16,9 +16,10 @@ run with its own schedule.
    presets): the first evaluation at or below the target.
 
 Every run is written to ``<runs_dir>/<name>/runs/*.json`` as soon as it ends; a rerun with the same
-configuration reuses them, so an interrupted sweep resumes where it stopped. With ``time_limit`` a run
-whose duration, estimated from the optimizer's finished runs, would end past the limit is not started:
-rerun to go on (what a job with a wall-clock limit needs).
+configuration reuses them, so an interrupted sweep resumes where it stopped. With ``time_limit`` the run in
+progress when the limit passes saves a checkpoint (``<runs_dir>/<name>/partial/*.pt``: weights, the
+optimizer's ``state_dict``, random states, curve and clocks) and the next call resumes it bit for bit, so a
+run may be longer than one job; the runs not reached are listed (what a job with a wall-clock limit needs).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .optimizers import ADAMW_WEIGHT_DECAYS, SPECS, AdamWSetting
 from .runner import train_run
@@ -49,7 +51,8 @@ class BenchConfig:
     data_dir: str = "data"
     lr_factor: float = 3.0
     edge_points: int = 4  # extra sweep rates beyond the grid's edge while the best rate sits on it
-    time_limit: float | None = None  # seconds: a run that would end later is not started
+    time_limit: float | None = None  # seconds: the run in progress then checkpoints, the rest wait
+    stop_at: int | None = None  # checkpoint every run at this step, as a time limit would (to test resuming)
 
     def identity(self) -> dict[str, Any]:
         """What must match for saved runs to be reused (the optimizer list may grow)."""
@@ -86,8 +89,9 @@ def seed_band(runs: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
     return [(step, min(p[2] for p in points), max(p[2] for p in points)) for step, points in _shared_points(runs)]
 
 
-def _run_path(root: Path, phase: str, name: str, lr: float, seed: int) -> Path:
-    return root / "runs" / f"{phase}-{name}-lr{lr:.4g}-seed{seed}.json"
+def _run_path(root: Path, phase: str, name: str, lr: float, seed: int, folder: str = "runs",
+              suffix: str = ".json") -> Path:
+    return root / folder / f"{phase}-{name}-lr{lr:.4g}-seed{seed}{suffix}"
 
 
 def _same_adamw(run: dict[str, Any], adamw: AdamWSetting) -> bool:
@@ -102,8 +106,8 @@ class _Runs:
         self.config, self.root, self.progress, self.train = config, root, progress, train
         self.workload = None  # built on the first run that must be trained: a finished benchmark re-reports anywhere
         self.started = time.perf_counter()
-        self.seconds_per_step: dict[str, float] = {}
         self.unfinished: list[str] = []
+        self.stop_at = config.stop_at
 
     def get(self, phase: str, name: str, lr: float, seed: int, steps: int, adamw: AdamWSetting) -> dict | None:
         """The run, or ``None`` when it is not saved and may not (or, in time, cannot) be trained."""
@@ -113,14 +117,15 @@ class _Runs:
             run = json.loads(path.read_text())
             # parameters trained with AdamW's tuned setting: a run made under another one is stale
             if not spec.uses_adamw or _same_adamw(run, adamw):
-                self._note_speed(run)
                 if self.progress:
                     self.progress.skip(steps)
                 return run
         limit = self.config.time_limit
-        estimate = self.seconds_per_step.get(name, 0.0) * steps * 1.1
-        if not self.train or (limit is not None and time.perf_counter() - self.started + estimate > limit):
-            self.unfinished.append(f"{phase} {name} lr={lr:.4g} seed={seed}")
+        deadline = None if limit is None else self.started + limit
+        checkpoint = _run_path(self.root, phase, name, lr, seed, "partial", ".pt")
+        if not self.train or (deadline is not None and time.perf_counter() >= deadline):
+            self.unfinished.append(f"{phase} {name} lr={lr:.4g} seed={seed}"
+                                   + (" (checkpointed)" if checkpoint.exists() else ""))
             if self.progress:
                 self.progress.skip(steps)
             return None
@@ -128,20 +133,20 @@ class _Runs:
             self.workload = make_workload(self.config.preset, Path(self.config.data_dir), self.config.device)
             (self.root / "workload.json").write_text(json.dumps(self.workload.describe(), indent=1))
         tick = self.progress.run(f"{phase} {name} lr={lr:.3g} seed={seed}") if self.progress else None
+        if checkpoint.exists() and self.progress:  # the steps a previous call made leave the bar
+            self.progress.skip(int(torch.load(checkpoint, weights_only=False)["step"]))
         run = train_run(self.workload, spec, lr, seed, steps, self.config.preset["eval_every"], self.config.device,
-                        adamw, tick, self.config.preset.get("schedule"))
+                        adamw, tick, self.config.preset.get("schedule"), checkpoint=checkpoint, deadline=deadline,
+                        stop_at=self.stop_at)
+        if run is None:  # the limit passed: checkpointed, to go on at the next call
+            self.unfinished.append(f"{phase} {name} lr={lr:.4g} seed={seed} (checkpointed)")
+            return None
         run.update(phase=phase)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(run, indent=1))
-        self._note_speed(run)
         if self.progress:  # a diverged run stops early: its remaining steps leave the bar
             self.progress.skip(steps - run["steps_done"])
         return run
-
-    def _note_speed(self, run: dict) -> None:
-        steps = run.get("steps_done", run["steps"])
-        if steps > 0:
-            self.seconds_per_step[run["optimizer"]] = run["train_seconds"] / steps
 
 
 def _best(sweep: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -22,11 +22,12 @@ def lr_factor(step: int, steps: int, schedule: dict[str, Any] | None) -> float:
     """The multiplier of every group's base rate at ``step`` (1-based) of ``steps``.
 
     ``{"kind": "cosine", "warmup": w, "floor": f}``: linear warmup over the first ``w`` of the run (a
-    fraction), then a cosine from 1 down to ``f`` at the last step. ``None`` or ``{"kind": "constant"}``: 1.
+    fraction; or ``"warmup_steps": n`` steps, the same in a short sweep run as in a full one), then a cosine
+    from 1 down to ``f`` at the last step. ``None`` or ``{"kind": "constant"}``: 1.
     """
     if not schedule or schedule["kind"] == "constant":
         return 1.0
-    warm = max(1, round(schedule["warmup"] * steps))
+    warm = schedule["warmup_steps"] if "warmup_steps" in schedule else max(1, round(schedule["warmup"] * steps))
     if step <= warm:
         return step / warm
     progress = (step - warm) / max(1, steps - warm)
@@ -65,35 +66,81 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _autocast(device: str):
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _save_checkpoint(path: Path, model, optimizer, progress: dict[str, Any], device: str) -> None:
+    """Everything a run needs to go on bit for bit: weights, the optimizer's own ``state_dict``, the host and
+    device random states (Sophia samples labels), the curve and the clocks. The data position and the schedule
+    are functions of the step."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        rng["cuda"] = torch.cuda.get_rng_state()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng, **progress}, partial)
+    partial.replace(path)  # a call killed while saving leaves the previous checkpoint
+
+
 def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, steps: int, eval_every: int,
-              device: str, adamw: AdamWSetting, progress=None, schedule: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
+              device: str, adamw: AdamWSetting, progress=None, schedule: dict[str, Any] | None = None,
+              checkpoint: Path | None = None, deadline: float | None = None, stop_at: int | None = None
+              ) -> dict[str, Any] | None:
     """Train, evaluating every ``eval_every`` steps; stops early (``diverged``) on a non-finite loss.
 
-    Every group's rate follows ``schedule`` (see :func:`lr_factor`) from the rate it was built with.
+    Every group's rate follows ``schedule`` (see :func:`lr_factor`) from the rate it was built with. A step
+    is ``workload.accumulation`` micro-batches, each loss scaled by ``1/accumulation`` before its backward.
     Wall-clock counts forward, backward and optimizer work (Sophia's curvature pass included), not the
     evaluations; ``optimizer_seconds`` is the ``step()`` (and ``update_hessian``) part of it.
+
+    With ``checkpoint`` (a path), a run that passes ``deadline`` (a ``time.perf_counter()`` value) or reaches
+    step ``stop_at`` before its end saves itself there and returns ``None``; called again with the same
+    arguments it resumes from that file, bit for bit, and removes it when the run ends.
     """
     model = workload.model(seed)
     optimizer = spec.build(model, lr, adamw)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
-        "cpu", enabled=False)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a checkpoint's scheduled rates load
+    autocast = _autocast(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad(), autocast:
-        curve = [(0, 0.0, workload.validation_loss(model))]
-    train_seconds = optimizer_seconds = 0.0
+    saved = torch.load(checkpoint, weights_only=False) if checkpoint is not None and checkpoint.exists() else None
+    adamw_setting = {"lr": adamw.lr, "weight_decay": adamw.weight_decay}
+    if saved is not None and saved["adamw"] != adamw_setting:  # made under another AdamW setting: stale
+        saved = None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"]["cpu"])
+        if "cuda" in saved["rng"]:
+            torch.cuda.set_rng_state(saved["rng"]["cuda"])
+        curve, first = [tuple(p) for p in saved["curve"]], saved["step"] + 1
+        train_seconds, optimizer_seconds = saved["train_seconds"], saved["optimizer_seconds"]
+        last_loss = saved["last_loss"]
+    else:
+        with torch.no_grad(), autocast:
+            curve = [(0, 0.0, workload.validation_loss(model))]
+        first, train_seconds, optimizer_seconds, last_loss = 1, 0.0, 0.0, math.nan
     diverged = False
-    last_loss = math.nan
-    steps_done = 0
-    for step in range(1, steps + 1):
+    steps_done = first - 1
+    for step in range(first, steps + 1):
+        late = deadline is not None and time.perf_counter() > deadline
+        if checkpoint is not None and step > first and (late or (stop_at is not None and step == stop_at + 1)):
+            done = dict(step=steps_done, curve=curve, train_seconds=train_seconds, optimizer_seconds=optimizer_seconds,
+                        last_loss=last_loss, adamw=adamw_setting)
+            _save_checkpoint(checkpoint, model, optimizer, done, device)
+            return None
         _sync(device)
         t0 = time.perf_counter()
-        batch = workload.batch(step, seed)
-        with autocast:
-            loss = workload.loss(model, batch)
-        loss.backward()
+        micro = workload.micro_batches(workload.batch(step, seed))
+        total = 0.0
+        for part in micro:
+            with autocast:
+                loss = workload.loss(model, part) / len(micro)
+            loss.backward()
+            total += loss.detach()
         _sync(device)
         t1 = time.perf_counter()
         factor = lr_factor(step, steps, schedule)
@@ -102,8 +149,8 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if spec.needs_hessian and optimizer.hessian_update_due():
-            with autocast:
-                logits, _ = workload.logits_and_targets(model, batch)
+            with autocast:  # on the last micro-batch: the curvature estimate needs no more
+                logits, _ = workload.logits_and_targets(model, micro[-1])
             sampled = torch.distributions.Categorical(logits=logits.float().detach()).sample()
             F.cross_entropy(logits.float(), sampled).backward()
             optimizer.update_hessian(batch_size=logits.shape[0])
@@ -112,7 +159,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         t2 = time.perf_counter()
         train_seconds += t2 - t0
         optimizer_seconds += t2 - t1
-        last_loss = float(loss.detach())
+        last_loss = float(total)
         steps_done = step
         if progress is not None:
             progress(step, last_loss)
@@ -126,12 +173,16 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
             if not math.isfinite(val):
                 diverged = True
                 break
+    if checkpoint is not None and checkpoint.exists():
+        checkpoint.unlink()
     stats = optimizer.preconditioner_stats() if hasattr(optimizer, "preconditioner_stats") else {"factors": []}
+    tokens = workload.tokens_per_step()
     return {
         "optimizer": spec.name, "lr": lr, "seed": seed, "steps": steps, "steps_done": steps_done,
         "adamw": {"lr": adamw.lr, "weight_decay": adamw.weight_decay}, "schedule": schedule,
-        "conditions": timing_conditions(device),
-        "diverged": diverged,
+        "conditions": timing_conditions(device), "resumed": saved is not None,
+        "diverged": diverged, "tokens_per_step": tokens, "accumulation": workload.accumulation,
+        "tokens_per_second": steps_done * tokens / train_seconds if train_seconds else None,
         "curve": curve, "final_val_loss": curve[-1][2] if not diverged else math.inf,
         "final_train_loss": last_loss, "train_seconds": train_seconds, "optimizer_seconds": optimizer_seconds,
         "optimizer_share": optimizer_seconds / train_seconds if train_seconds else 0.0,

@@ -14,7 +14,7 @@ from torch import nn
 from .data import CORPORA, load_corpus, load_digits
 from .model import GPT, GPTConfig
 
-__all__ = ["Workload", "LanguageModel", "Digits", "PRESETS", "make_workload"]
+__all__ = ["Workload", "LanguageModel", "Digits", "PRESETS", "make_workload", "with_batch_axis"]
 
 
 class Workload:
@@ -22,10 +22,19 @@ class Workload:
     ``validation_loss(model)``."""
 
     name: str
-    batch_size: int
+    batch_size: int  # rows of one micro-batch
+    accumulation: int = 1  # micro-batches per optimizer step
 
     def model(self, seed: int) -> nn.Module:
         raise NotImplementedError
+
+    def micro_batches(self, batch) -> list:
+        """A step's batch (``batch_size · accumulation`` rows) cut into its micro-batches."""
+        return list(zip(*(t.tensor_split(self.accumulation) for t in batch)))
+
+    def tokens_per_step(self) -> int:
+        """What one optimizer step consumes: predicted bytes for a language model, images otherwise."""
+        return self.batch_size * self.accumulation
 
     def batch(self, step: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -57,6 +66,7 @@ class LanguageModel(Workload):
     config: GPTConfig = field(default_factory=GPTConfig)
     batch_size: int = 16
     eval_batches: int = 8
+    accumulation: int = 1
     device: str = "cpu"
     corpus: str = "pydocs"
     name: str = "lm"
@@ -78,9 +88,15 @@ class LanguageModel(Workload):
         return GPT(self.config).to(self.device)
 
     def batch(self, step: int, seed: int):
+        """``batch_size · accumulation`` windows, a function of (step, seed): a step sees the same bytes whatever
+        the micro-batch it is cut into."""
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        starts = torch.randint(0, len(self.train) - self.config.context - 1, (self.batch_size,), generator=g)
+        rows = self.batch_size * self.accumulation
+        starts = torch.randint(0, len(self.train) - self.config.context - 1, (rows,), generator=g)
         return self._windows(self.train, starts.tolist())
+
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.accumulation * self.config.context
 
     @torch.no_grad()
     def validation_loss(self, model: nn.Module) -> float:
@@ -94,7 +110,8 @@ class LanguageModel(Workload):
         n = sum(p.numel() for p in GPT(self.config).parameters())
         return {"workload": "lm", "data": f"{CORPORA[self.corpus].title}, bytes", "corpus": self.corpus,
                 "train_bytes": len(self.train), "val_bytes": len(self.val), "parameters": n,
-                "batch_size": self.batch_size, **self.config.__dict__}
+                "batch_size": self.batch_size, "accumulation": self.accumulation,
+                "bytes_per_step": self.tokens_per_step(), **self.config.__dict__}
 
 
 class DigitsNet(nn.Module):
@@ -119,6 +136,7 @@ class Digits(Workload):
     batch_size: int = 64
     device: str = "cpu"
     name: str = "digits"
+    accumulation: int = 1
 
     def __post_init__(self):
         images, labels = load_digits(self.data_dir)
@@ -133,7 +151,7 @@ class Digits(Workload):
 
     def batch(self, step: int, seed: int):
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(0, len(self.train_y), (self.batch_size,), generator=g).to(self.device)
+        idx = torch.randint(0, len(self.train_y), (self.batch_size * self.accumulation,), generator=g).to(self.device)
         return self.train_x[idx], self.train_y[idx]
 
     @torch.no_grad()
@@ -167,9 +185,37 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def with_batch_axis(preset: dict[str, Any], tokens_per_step: int | None = None, train_tokens: int | None = None,
+                    warmup_steps: int | None = None) -> dict[str, Any]:
+    """``preset`` at another batch (``tokens_per_step`` bytes a step, by accumulating micro-batches of the
+    preset's ``batch_size`` rows) and budget (``train_tokens`` bytes: the steps follow, sweeps keep the
+    preset's share of them, 50 evaluations a run); ``warmup_steps`` fixes the warmup in steps for sweep and
+    full runs alike. What a batch-size axis needs: runs at several batches for one byte budget."""
+    preset = dict(preset)
+    row = preset["gpt"]["context"] if preset["workload"] == "lm" else 1
+    if tokens_per_step is not None:
+        micro = preset["batch_size"] * row
+        if tokens_per_step % micro:
+            raise ValueError(f"--tokens-per-step {tokens_per_step} is no multiple of a micro-batch's {micro} "
+                             f"({preset['batch_size']} rows of {row}); set --batch-size to fit")
+        preset["accumulation"] = tokens_per_step // micro
+    if train_tokens is not None:
+        per_step = preset["batch_size"] * row * preset.get("accumulation", 1)
+        steps = train_tokens // per_step
+        if steps < 2:
+            raise ValueError(f"--train-tokens {train_tokens} makes fewer than 2 steps of {per_step} bytes")
+        share = preset["sweep_steps"] / preset["steps"]
+        preset.update(steps=steps, sweep_steps=max(1, round(steps * share)), eval_every=max(1, steps // 50))
+    if warmup_steps is not None:
+        preset["schedule"] = {**preset["schedule"], "warmup_steps": warmup_steps}
+    return preset
+
+
 def make_workload(preset: dict[str, Any], data_dir: Path, device: str) -> Workload:
+    """The preset's workload; ``accumulation`` (default 1) micro-batches of ``batch_size`` rows make a step."""
+    accumulation = preset.get("accumulation", 1)
     if preset["workload"] == "digits":
-        return Digits(Path(data_dir), batch_size=preset["batch_size"], device=device)
+        return Digits(Path(data_dir), batch_size=preset["batch_size"], device=device, accumulation=accumulation)
     return LanguageModel(Path(data_dir), GPTConfig(**preset["gpt"]), batch_size=preset["batch_size"],
                          eval_batches=preset.get("eval_batches", 8), device=device,
-                         corpus=preset.get("corpus", "pydocs"))
+                         corpus=preset.get("corpus", "pydocs"), accumulation=accumulation)
