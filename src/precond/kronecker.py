@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .engine import Bucket, commit_
-from .engine.batched import decay_
+from .engine.batched import decay_, ema_
 from .precision import matmul, matmul_add_
 
 __all__ = ["init_factor_state", "factor_outer", "update_factors_", "mode_product", "permute_dim", "factor_matrices",
@@ -58,15 +58,20 @@ def update_factors_(state: dict[str, Tensor], grads: Tensor, beta: float, weight
     ``outers[i]`` replaces ``G_(i)G_(i)ᵀ`` where given (a cross-fitted statistic). ``grads`` are the engine's
     (refused blocks zeroed), so the factors are updated in place: the decay is one pass (by 1 on refused
     blocks, :func:`~precond.engine.batched.decay_`) and the GEMM adds ``weight·G_(i)G_(i)ᵀ`` into the factor
-    itself (:func:`~precond.precision.matmul_add_`), never writing the outer product out. Given outers are
+    itself (:func:`~precond.precision.matmul_add_`, on a GPU), never writing the outer product out. Given outers are
     not zero on refused blocks: their new factors are computed aside and committed where finite."""
     for i in range(grads.dim() - 1):
         factor = state.get(f"factor{i}")
         if factor is None:
             continue
-        if outers is None:
+        if outers is None and factor.is_cuda:
             unfolded = _unfold(grads, i)
             matmul_add_(decay_(factor, beta, ok), unfolded, unfolded.mT, alpha=weight)
+        elif outers is None:
+            # Off the GPU the outer product is written out and added, the references' rounding: a factor of
+            # lower rank than its size (the first steps) has a null-space basis that rounding alone sets, and
+            # the GEMM's fused add moved SOAP 5e-3 away from the reference SOAP in float64 (1e-15 this way).
+            ema_(factor, factor_outer(grads, i), beta, weight, ok)
         else:
             new = torch.add(factor * beta, outers[i], alpha=weight) if beta != 1.0 else torch.add(
                 factor, outers[i], alpha=weight)
