@@ -588,3 +588,26 @@ def test_the_benchmark_resumes_checkpointed_runs_to_the_same_results(data_dir, t
     assert resumed is not None and not resumed["unfinished"]
     finals = {n: [r["final_val_loss"] for r in e["full"]] for n, e in straight["results"].items()}
     assert {n: [r["final_val_loss"] for r in e["full"]] for n, e in resumed["results"].items()} == finals
+
+
+def test_batch_axis_reads_one_folder_per_batch_size(data_dir, tmp_path, capsys):
+    """The tiny preset at two batch sizes (accumulation 1 and 2, one micro-batch size): one table and one
+    speed-up plot over both, the batch read from each folder's workload."""
+    from precond.bench import batch_axis
+    folders = []
+    for tokens in (64, 128):  # 4 rows of 16 bytes a micro-batch
+        argv = ["--preset", "tiny", "--optimizers", "AdamW", "Muon", "--data-dir", str(data_dir), "--runs-dir",
+                str(tmp_path), "--name", f"b{tokens}", "--quiet", "--no-plots", "--edge-points", "0",
+                "--tokens-per-step", str(tokens), "--train-tokens", str(tokens * 6), "--lr-points", "1", "--seeds", "1"]
+        assert bench_main(argv) == 0
+        folders.append(tmp_path / f"b{tokens}")
+    rows = batch_axis.collect(folders)
+    assert [(r["bytes_per_step"], r["optimizer"]) for r in rows] == [(64, "AdamW"), (64, "Muon"), (128, "AdamW"),
+                                                                      (128, "Muon")]
+    assert all(r["steps_ratio"] == 1.0 for r in rows if r["optimizer"] == "AdamW")
+    capsys.readouterr()
+    assert batch_axis.main([str(f) for f in folders] + ["--out", str(tmp_path / "axis")]) == 0
+    printed = capsys.readouterr().out
+    assert "| 64 | Muon |" in printed and "| 128 | AdamW | " in printed
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "axis" / "speedup_vs_batch.png").exists()
