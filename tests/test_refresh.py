@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import precond
-from precond.refresh import EigenbasisRefresh
+from precond.refresh import EigenbasisRefresh, refresh_due
 
 
 def counters():
@@ -203,3 +203,13 @@ def test_a_tensor_learning_rate_is_accepted():
         p.grad = torch.ones(3, 3)
         opt.step()
     assert torch.isfinite(p).all() and not torch.equal(p.detach(), torch.ones(3, 3))
+
+
+@pytest.mark.parametrize("frequency, start, due", [
+    (1, 1, list(range(1, 25))),          # every step (Shampoo's default)
+    (3, 5, [5, 6, 9, 12, 15, 18, 21, 24]),  # Shampoo: the start, then each multiple of F after it
+    (10, 10, [10, 20]),                  # SOAP (counted from its first update) and Sophia (update_period)
+    (4, 0, [0, 4, 8, 12, 16, 20, 24]),   # ASGO (counted from calls - 1: its first step has a root)
+])
+def test_refresh_due_is_the_start_then_every_multiple_after_it(frequency, start, due):
+    assert [t for t in range(0, 25) if refresh_due(t, frequency, start)] == due

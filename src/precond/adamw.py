@@ -13,7 +13,7 @@ from . import bias_correction as bc
 from .blocks import BlockLayout
 from .engine import ADAM, BlockEngine, Bucket, bias_correction, commit_, per_block
 from .engine.batched import decay_
-from .validation import STEP_RULES, pair, betas_rule, check_positive
+from .validation import STEP_RULES, betas_rule, check_positive, pair
 
 __all__ = ["AdamW", "adam_state", "adam_directions"]
 

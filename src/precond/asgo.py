@@ -11,9 +11,9 @@ from torch import Tensor
 from .engine import Bucket, commit_, ema_
 from .kronecker import init_factor_state
 from .linalg import inverse_roots, inverse_sqrt_newton_schulz
-from .refresh import FAILURES, REFRESHES
+from .refresh import FAILURES, REFRESHES, refresh_due
 from .matrix import MatrixOptimizer
-from .validation import STEP_RULES, pair, betas_to_one_rule, check_choice, check_int, check_positive
+from .validation import STEP_RULES, betas_to_one_rule, check_choice, check_int, check_positive, pair
 
 __all__ = ["ASGO"]
 
@@ -86,7 +86,7 @@ class ASGO(MatrixOptimizer):
         outer = grads @ grads.mT if left else grads.mT @ grads
         ema_(V, outer, beta2, 1.0 if beta2 == 1.0 else 1.0 - beta2, ok)  # refused blocks' gradients are zero
         ema_(momentum, grads, beta1, 1.0 - beta1, ok)
-        if (bucket.calls - 1) % group["precondition_frequency"] == 0:
+        if refresh_due(bucket.calls - 1, group["precondition_frequency"], 0):  # the first step has a root
             if group["root_method"] == "eigh":
                 new, good = inverse_roots(V, 0.5, group["epsilon"])
             else:

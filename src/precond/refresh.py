@@ -40,7 +40,7 @@ from .linalg import (LinAlgFailure, batched_eigh, off_diagonal_ratio, power_qr_s
                      refine_eigenbasis)
 from .precision import matmul
 
-__all__ = ["EigenbasisRefresh", "REFRESH_METHODS"]
+__all__ = ["EigenbasisRefresh", "REFRESH_METHODS", "refresh_due"]
 
 REFRESH_METHODS = ("eigh", "qr", "power_qr", "refine")
 
@@ -48,6 +48,15 @@ REFRESH_METHODS = ("eigh", "qr", "power_qr", "refine")
 REFRESHES, SKIPPED, QR_ITERATIONS, FAILURES = 1, 2, 3, 4
 
 GATHERED = ("eigh", "qr")  # under the criterion, computed for the failing factors only (see above)
+
+
+def refresh_due(t: int, frequency: int, start: int) -> bool:
+    """Whether step ``t`` recomputes a preconditioner: at ``t == start``, then at every multiple of ``frequency``
+    after it. The one schedule of every method, each counting ``t`` its own way: Shampoo and EShampoo from the
+    first step with ``start_preconditioning_step``; SOAP from its first update (``calls - 1``, the first step
+    only gathers statistics) with ``start = frequency``; ASGO from ``calls - 1`` with ``start = 0`` (its first
+    step has a root); Sophia's curvature from the first step with ``start = update_period``."""
+    return t == start or (t > start and t % frequency == 0)
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from .grafting import GRAFTING_KINDS, Diagonal, graft
 from .kronecker import factor_matrices, factor_outer, init_factor_state, mode_product, update_factors_
 from .linalg import LinAlgFailure, inverse_root_newton, inverse_roots, pseudo_inverse_roots
 from .precision import TF32_MODES
-from .refresh import FAILURES, REFRESHES
-from .validation import (STEP_RULES, pair, betas_to_one_rule, check_betas, check_choice, check_int, check_max_dim,
-                         check_nonneg, check_positive, flag_rule)
+from .refresh import FAILURES, REFRESHES, refresh_due
+from .validation import (STEP_RULES, betas_to_one_rule, check_betas, check_choice, check_int, check_max_dim,
+                         check_nonneg, check_positive, flag_rule, pair)
 
 __all__ = ["Shampoo", "ShampooFamily"]
 
@@ -150,8 +150,8 @@ class ShampooFamily(BlockEngine):
     @staticmethod
     def _refreshes(bucket: Bucket, t: int) -> bool:
         """Whether step ``t`` (from 1) recomputes the bucket's roots or bases."""
-        start, freq = bucket.group["start_preconditioning_step"], bucket.group["precondition_frequency"]
-        return any(bucket.kind) and ((t % freq == 0 and t > start) or t == start)
+        group = bucket.group
+        return any(bucket.kind) and refresh_due(t, group["precondition_frequency"], group["start_preconditioning_step"])
 
     # ------------------------------------------------------------ what a family member supplies
     def _statistics(self, bucket: Bucket, grads: Tensor) -> tuple[Tensor, dict[int, Tensor] | None]:

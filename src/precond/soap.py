@@ -13,9 +13,9 @@ from .blocks import BlockLayout
 from .engine import BlockEngine, Bucket, bias_correction, commit_, ema_, per_block
 from .kronecker import factor_matrices, init_factor_state, mode_product, update_factors_
 from .precision import TF32_MODES
-from .refresh import REFRESH_METHODS, EigenbasisRefresh
-from .validation import (STEP_RULES, pair, betas_rule, check_choice, check_in, check_int, check_max_dim, check_positive,
-                         flag_rule)
+from .refresh import REFRESH_METHODS, EigenbasisRefresh, refresh_due
+from .validation import (STEP_RULES, betas_rule, check_choice, check_in, check_int, check_max_dim, check_positive,
+                         flag_rule, pair)
 
 __all__ = ["SOAP"]
 
@@ -164,7 +164,8 @@ class SOAP(BlockEngine):
             direction = direction * per_block(scale, direction)
 
         update_factors_(state, grads, shampoo_beta, 1.0 - shampoo_beta, ok)
-        if (bucket.calls - 1) % group["precondition_frequency"] == 0:
+        frequency = group["precondition_frequency"]
+        if refresh_due(bucket.calls - 1, frequency, frequency):  # counted from the first update
             self._refresh(bucket, policy, ok)
         return direction
 

@@ -13,7 +13,8 @@ from torch import Tensor
 from . import bias_correction as bc
 from .blocks import BlockLayout
 from .engine import BlockEngine, Bucket, commit_, local
-from .validation import STEP_RULES, pair, betas_rule, check_choice, check_int, check_positive
+from .refresh import refresh_due
+from .validation import STEP_RULES, betas_rule, check_choice, check_int, check_positive, pair
 
 __all__ = ["Sophia"]
 
@@ -168,13 +169,13 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
 
     def _hessian_due_here(self) -> bool:
         for bucket in self._buckets:
-            return bucket.calls > 0 and bucket.calls % bucket.group["update_period"] == 0
+            period = bucket.group["update_period"]
+            return refresh_due(bucket.calls, period, period)
         for group in self.param_groups:  # not planned yet (e.g. just loaded): read a saved step count
             for p in group["params"]:
                 for key, step in self.state.get(p, {}).items():
                     if key.endswith("step"):
-                        t = int(step)
-                        return t > 0 and t % group["update_period"] == 0
+                        return refresh_due(int(step), group["update_period"], group["update_period"])
         return False
 
     def update_hessian(self, batch_size: int | None = None) -> None:
