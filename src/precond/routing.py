@@ -142,5 +142,6 @@ def param_groups(model: nn.Module, *, head: str | Iterable[str] | None = "auto",
     for (is_matrix, transposed), group in groups.items():
         if group["params"]:
             flag = {"transposed": True} if transposed else {}
-            out.append({**group, "matrix": is_matrix, **flag, **((matrix_options if is_matrix else other_options) or {})})
+            options = (matrix_options if is_matrix else other_options) or {}
+            out.append({**group, "matrix": is_matrix, **flag, **options})
     return out

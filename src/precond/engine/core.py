@@ -23,7 +23,8 @@ computes its directions with TF32 (``True``) or three-pass TF32 (``"3x"``) float
 (:mod:`~precond.precision`; the global setting is restored afterwards); a group
 with ``"spectral_normalize": True`` (offered by Shampoo, EShampoo and SOAP) rescales each direction block of
 two or more dims to spectral norm ``sqrt(d_out/d_in)`` (:func:`~precond.linalg.spectral_normalize`) before
-the rate multiplies it (``"transposed": True``: the blocks are stored ``(d_in, d_out)``, Hugging Face's Conv1D); blocks cut from an FSDP2 shard are normalised as the pieces they are.
+the rate multiplies it (``"transposed": True``: the blocks are stored ``(d_in, d_out)``, Hugging Face's
+Conv1D); blocks cut from an FSDP2 shard are normalised as the pieces they are.
 
 Non-finite gradients: a block whose gradient holds NaN/Inf, or whose norm passes
 :func:`~precond.engine.batched.gradient_bound` (1.8e17 in float32, where its squares would overflow the
@@ -182,11 +183,11 @@ class BlockEngine(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"{type(self).__name__}: a param group must be a dict, got {type(param_group).__name__}")
         check_group(self._group_rules, {**self.defaults, **param_group}, f"param group {len(self.param_groups)}")
+        params = param_group.get("params", [])
+        param_group["params"] = [params] if isinstance(params, Tensor) else list(params)  # as torch does
         _refuse_complex(type(self).__name__, param_group, len(self.param_groups))
         named = [("param_names" in g) for g in self.param_groups]
         if any(named) or (named and "param_names" in param_group):
-            if isinstance(param_group.get("params"), Tensor):
-                param_group = dict(param_group, params=[param_group["params"]])
             param_group = _named(param_group, len(self.param_groups))
             for index, group in enumerate(self.param_groups):
                 group.update(_named(group, index))
@@ -764,11 +765,8 @@ def _sound_update(direction: Tensor, weight_norms: Tensor, lr: float | Tensor, s
 def _refuse_complex(optimizer: str, group: dict[str, Any], index: int) -> None:
     """Complex parameters are refused when their group is added, before any state exists: none of the matrix
     methods is defined on them here (torch's AdamW steps their real view; use it for such parameters)."""
-    params = group.get("params", [])
-    params = [params] if isinstance(params, Tensor) else list(params)
-    group["params"] = params
     names = group.get("param_names")
-    for i, p in enumerate(params):
+    for i, p in enumerate(group["params"]):
         p = p[1] if isinstance(p, tuple) else p
         if isinstance(p, Tensor) and p.is_complex():
             name = repr(names[i]) if names else f"parameter {i}"
@@ -779,10 +777,9 @@ def _refuse_complex(optimizer: str, group: dict[str, Any], index: int) -> None:
 def _named(group: dict[str, Any], index: int) -> dict[str, Any]:
     """``group`` with ``param_names``: its own, or ``"group{index}.{i}"``; parameters given as ``(name, tensor)``
     pairs (torch's other way to name them) are left to torch."""
-    params = group["params"] = list(group["params"])
-    if "param_names" in group or any(isinstance(p, tuple) for p in params):
+    if "param_names" in group or any(isinstance(p, tuple) for p in group["params"]):
         return group
-    return dict(group, param_names=[f"group{index}.{i}" for i in range(len(params))])
+    return dict(group, param_names=[f"group{index}.{i}" for i in range(len(group["params"]))])
 
 
 def _natural(key: str) -> list[Any]:
