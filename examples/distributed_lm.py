@@ -211,6 +211,7 @@ def main() -> None:
             print(f"against {args.compare}: max relative parameter difference {diff:.3e}, "
                   f"max loss difference {gap:.3e} over {steps} steps")
     if distributed:
+        dist.barrier()  # rank 0 writes and compares above: the others wait, so none tears down gloo under it
         dist.destroy_process_group()
 
 
