@@ -37,15 +37,17 @@ def trajectory(make, init, grads, compile_step):
     return [p.detach() for p in params]
 
 
-OPTIMIZERS = pytest.mark.parametrize("make", [
-    lambda ps: precond.AdamW(ps, lr=1e-2, weight_decay=0.1),
-    lambda ps: precond.SOAP(ps, lr=1e-2, precondition_frequency=100),
-    lambda ps: precond.Shampoo(ps, lr=1e-2, precondition_frequency=100, grafting="adam", max_preconditioner_dim=16),
-    lambda ps: precond.EShampoo(ps, lr=1e-2, precondition_frequency=100),
-    lambda ps: precond.Sophia(ps, lr=1e-2),
-    lambda ps: precond.Muon(ps, lr=1e-2, ns_dtype="float32"),
-    lambda ps: precond.ASGO(ps, lr=1e-2, precondition_frequency=100),
-], ids=["AdamW", "SOAP", "Shampoo", "EShampoo", "Sophia", "Muon", "ASGO"])
+FACTORIES = {
+    "AdamW": lambda ps: precond.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    "SOAP": lambda ps: precond.SOAP(ps, lr=1e-2, precondition_frequency=100),
+    "Shampoo": lambda ps: precond.Shampoo(ps, lr=1e-2, precondition_frequency=100, grafting="adam",
+                                          max_preconditioner_dim=16),
+    "EShampoo": lambda ps: precond.EShampoo(ps, lr=1e-2, precondition_frequency=100),
+    "Sophia": lambda ps: precond.Sophia(ps, lr=1e-2),
+    "Muon": lambda ps: precond.Muon(ps, lr=1e-2, ns_dtype="float32"),
+    "ASGO": lambda ps: precond.ASGO(ps, lr=1e-2, precondition_frequency=100),
+}
+OPTIMIZERS = pytest.mark.parametrize("make", list(FACTORIES.values()), ids=list(FACTORIES))
 
 
 def breaks_inside_the_step() -> dict:

@@ -531,3 +531,14 @@ def test_in_place_and_stacked_parameter_updates_agree(name, dtype, monkeypatch):
             # scalar loop, not the vectorised one: a bf16 step apart in places, then carried by the trajectory
             assert float((a.float() - b.float()).norm() / b.float().norm()) <= 2.0 ** -8
     assert not torch.equal(in_place[0], init[0])
+
+
+def test_every_registered_optimizer_is_exported_and_covered_by_each_suite():
+    """The registry lists each public optimizer once; every suite that runs all optimizers covers all of them
+    (test_compile once left ASGO out without a sign)."""
+    import distributed_cases
+    import test_compile
+    from precond.registry import OPTIMIZERS
+    assert all(getattr(precond, name) is entry.cls for name, entry in OPTIMIZERS.items())
+    for suite in (FACTORIES, distributed_cases.FACTORIES, test_compile.FACTORIES):
+        assert set(suite) == set(OPTIMIZERS)

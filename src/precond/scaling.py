@@ -37,16 +37,14 @@ from typing import Any
 
 from torch import nn
 
+from .registry import OPTIMIZERS
 from .routing import param_groups as route
 
 __all__ = ["RULES", "NORMALIZABLE", "rule_of", "lr_multiplier", "scaled_param_groups", "residual_multiplier"]
 
 # optimizer name → how its update's spectral norm scales ("entrywise" like Adam, "spectral" like Muon)
-RULES = {"AdamW": "entrywise", "Sophia": "entrywise", "SOAP": "entrywise", "Muon": "spectral", "ASGO": "spectral",
-         "Shampoo": "spectral", "EShampoo": "spectral"}
-
-
-NORMALIZABLE = ("Shampoo", "EShampoo", "SOAP")  # the optimizers with a spectral_normalize option
+RULES = {name: entry.update for name, entry in OPTIMIZERS.items()}
+NORMALIZABLE = tuple(name for name, entry in OPTIMIZERS.items() if entry.normalizable)
 
 
 def rule_of(optimizer: str, grafting: str | None = None, spectral_normalize: bool = False) -> str:
@@ -109,7 +107,7 @@ def scaled_param_groups(model: nn.Module, base: nn.Module, optimizer: str, *, lr
     matrices stored ``(fan_in, fan_out)`` (Hugging Face's ``Conv1D``) are read so and keep ``"transposed"``.
     """
     rule = rule_of(optimizer, grafting, spectral_normalize)
-    splits_adamw = optimizer in ("Muon", "ASGO")
+    splits_adamw = OPTIMIZERS[optimizer].routes_vectors
     base_shapes = {name: tuple(p.shape) for name, p in base.named_parameters()}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     entries = []

@@ -34,6 +34,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 import precond
+from precond.registry import OPTIMIZERS
 
 __all__ = ["OptimizerSpec", "AdamWSetting", "Split", "SPECS", "DEFAULT_OPTIMIZERS", "ADAMW_WEIGHT_DECAYS",
            "available_optimizers"]
@@ -202,7 +203,7 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
     OptimizerSpec("heavyball.Muon", 2e-2, _heavyball_muon, uses_adamw=True, peer="heavyball"),
 ]}
 
-OURS = ["AdamW", "SOAP", "EShampoo", "Shampoo", "Muon", "ASGO", "Sophia"]
+OURS = list(OPTIMIZERS)
 # heavyball's rows only when named: its compilation takes minutes per optimizer before the first step
 DEFAULT_OPTIMIZERS = OURS + ["torch.AdamW", "torch.Muon", "pytorch_optimizer.SOAP", "pytorch_optimizer.Muon"]
 
