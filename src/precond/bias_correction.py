@@ -149,7 +149,7 @@ class MicrobatchCorrection:
         corrected = [g for g in self.param_groups if g["bias_correction"] != "std"]
         if not corrected:
             return
-        if self._topology.splits_work:
+        if self._splits_work:
             raise NotImplementedError("bias_correction with distributed work splitting (distributed='ddp')")
         if self._micro_seen == 0:
             for g in corrected:

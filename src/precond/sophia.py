@@ -7,7 +7,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from . import bias_correction as bc
@@ -159,13 +158,7 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
         processes the answer is agreed by a one-number ``all_reduce`` (a process whose FSDP2 shards are all
         empty has no count of its own, and must still join the extra backward pass).
         """
-        due = self._hessian_due_here()
-        group = self._topology.group
-        if group is not None:
-            flag = torch.tensor([int(due)], device=self.param_groups[0]["params"][0].device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-            due = bool(flag.item())
-        return due
+        return self._agree_any(self._hessian_due_here())
 
     def _hessian_due_here(self) -> bool:
         for bucket in self._buckets:

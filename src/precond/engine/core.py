@@ -51,8 +51,8 @@ from ..blocks import BlockLayout
 from ..linalg import spectral_normalize, tf32_matmuls
 from ..validation import Rule, check_group, flag_rule
 from .batched import gradient_mask, gradient_rows, per_block, refusal_factors
-from .distributed import (Topology, all_gather_blocks, assign_owners, gather_whole, local, resolve_topology,
-                          scatter_rows)
+from .distributed import (Topology, agree_any, all_gather_blocks, assign_owners, gather_whole, local,
+                          resolve_topology, scatter_rows)
 from .plan import Bucket, Member, block_prefix, build_buckets, engine_entries, fresh_block_state, state_dtype
 
 __all__ = ["BlockEngine", "WEIGHT_DECAY_MODES"]
@@ -196,6 +196,15 @@ class BlockEngine(torch.optim.Optimizer):
         self._owners = None
         if hasattr(self, "_topology"):  # a group added after construction: the same set-up must hold for it
             resolve_topology(self._all_params(), self._distributed)
+
+    @property
+    def _splits_work(self) -> bool:
+        """Whether blocks are dealt to processes (DDP with ``distributed=``), each stepping its own."""
+        return self._topology.splits_work
+
+    def _agree_any(self, flag: bool) -> bool:
+        """``flag`` or'ed over the processes that share this optimizer's work (itself in one process)."""
+        return agree_any(self._topology, flag, self.param_groups[0]["params"][0].device)
 
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]

@@ -254,3 +254,13 @@ def all_gather_blocks(topology: Topology, pieces: list[tuple[Any, Tensor]]) -> l
                 offsets[r] += n
             out[i] = torch.cat(parts).view(len(bucket), *piece.shape[1:])
     return out  # type: ignore[return-value]
+
+
+def agree_any(topology: Topology, flag: bool, device: torch.device) -> bool:
+    """``flag`` or'ed over the processes of ``topology`` (one single-number ``all_reduce``; in one process,
+    ``flag`` itself): for host decisions every process must take alike, e.g. an extra backward pass."""
+    if topology.group is None:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=topology.group)
+    return bool(value.item())
