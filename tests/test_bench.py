@@ -611,3 +611,16 @@ def test_batch_axis_reads_one_folder_per_batch_size(data_dir, tmp_path, capsys):
     assert "| 64 | Muon |" in printed and "| 128 | AdamW | " in printed
     pytest.importorskip("matplotlib")
     assert (tmp_path / "axis" / "speedup_vs_batch.png").exists()
+
+
+def test_the_table_reports_each_optimizers_throughput():
+    """The seed mean of the runs' bytes per second; "—" when a run did not record it (runs made before)."""
+    curve = [(0, 0, 5), (10, 1.0, 3)]
+    results = {"AdamW": {"best_lr": 1e-3, "full": [dict(fake_run("AdamW", 3.0, curve), tokens_per_second=1.2e6),
+                                                   dict(fake_run("AdamW", 3.0, curve), tokens_per_second=1.3e6)]},
+               "SOAP": {"best_lr": 1e-3, "full": [fake_run("SOAP", 2.5, curve)]}}
+    summary = summarize(results)
+    assert summary["AdamW"]["tokens_per_second"] == pytest.approx(1.25e6)
+    table = markdown_table(summary)
+    assert [line.rsplit("|", 2)[1].strip() for line in table.splitlines() if line.startswith("| AdamW")] == ["1.25M/s"]
+    assert [line.rsplit("|", 2)[1].strip() for line in table.splitlines() if line.startswith("| SOAP")] == ["—"]

@@ -262,6 +262,8 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "steps_to_target": hit[0] if hit else None, "seconds_to_target": hit[1] if hit else None,
             "seconds_total": float(np.mean([r["train_seconds"] for r in runs])) if runs else math.nan,
             "optimizer_share": float(np.mean([r["optimizer_share"] for r in runs])) if runs else math.nan,
+            "tokens_per_second": (float(np.mean([r["tokens_per_second"] for r in runs]))
+                                  if runs and all(r.get("tokens_per_second") for r in runs) else None),
             "state_mb": entry["full"][0]["state_bytes"] / 2**20,
             "peak_memory_mb": (entry["full"][0]["peak_memory_bytes"] or 0) / 2**20 or None,
             "refreshes": entry["full"][0]["refreshes"], "skipped_refreshes": entry["full"][0]["skipped_refreshes"],

@@ -53,8 +53,8 @@ def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byt
         "implementation of the same algorithm, same hyper-parameters." + mixed,
         "",
         "| optimizer | best lr | final val loss | steps to target | × AdamW | time to target (s) | × AdamW "
-        "| optimizer share of step | state MB | peak GPU MB | refreshes / failures |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| optimizer share of step | state MB | peak GPU MB | refreshes / failures | throughput |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in sorted(summary.items(), key=lambda kv: kv[1]["final_val_mean"]):
         diverged = f" ({row['diverged_seeds']} diverged)" if row["diverged_seeds"] else ""
@@ -63,8 +63,15 @@ def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byt
             f"{diverged} | {_fmt(row['steps_to_target'], 'd', 'not reached')} | {_fmt(row['steps_ratio'], '.2f')} "
             f"| {_fmt(row['seconds_to_target'], '.1f', 'not reached')} | {_fmt(row['seconds_ratio'], '.2f')} "
             f"| {row['optimizer_share']:.0%} | {row['state_mb']:.2f} | {_fmt(row['peak_memory_mb'], '.0f')} "
-            f"| {row['refreshes']} / {row['failures']} |")
+            f"| {row['refreshes']} / {row['failures']} | {_throughput(row.get('tokens_per_second'))} |")
     return "\n".join(lines)
+
+
+def _throughput(per_second: float | None) -> str:
+    """Training bytes (tokens) per second, forward, backward and optimizer; "—" for runs that did not record it."""
+    if not per_second:
+        return "—"
+    return f"{per_second / 1e6:.3g}M/s" if per_second >= 1e5 else f"{per_second / 1e3:.3g}k/s"
 
 
 # Twenty distinct colours (matplotlib's tab20, dark shades first): one per known optimizer.
