@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .optimizers import ADAMW_WEIGHT_DECAYS, SPECS, AdamWSetting
 from .runner import train_run
@@ -132,20 +131,25 @@ class _Runs:
         if self.workload is None:
             self.workload = make_workload(self.config.preset, Path(self.config.data_dir), self.config.device)
             (self.root / "workload.json").write_text(json.dumps(self.workload.describe(), indent=1))
+        ticked = [0]
         tick = self.progress.run(f"{phase} {name} lr={lr:.3g} seed={seed}") if self.progress else None
-        if checkpoint.exists() and self.progress:  # the steps a previous call made leave the bar
-            self.progress.skip(int(torch.load(checkpoint, weights_only=False)["step"]))
+
+        def counted(step: int, loss: float) -> None:
+            ticked[0] += 1
+            if tick is not None:
+                tick(step, loss)
+
         run = train_run(self.workload, spec, lr, seed, steps, self.config.preset["eval_every"], self.config.device,
-                        adamw, tick, self.config.preset.get("schedule"), checkpoint=checkpoint, deadline=deadline,
+                        adamw, counted, self.config.preset.get("schedule"), checkpoint=checkpoint, deadline=deadline,
                         stop_at=self.stop_at)
+        if self.progress:  # steps not trained in this call (made by an earlier one, after a divergence or the
+            self.progress.skip(steps - ticked[0])  # limit) leave the bar
         if run is None:  # the limit passed: checkpointed, to go on at the next call
             self.unfinished.append(f"{phase} {name} lr={lr:.4g} seed={seed} (checkpointed)")
             return None
         run.update(phase=phase)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(run, indent=1))
-        if self.progress:  # a diverged run stops early: its remaining steps leave the bar
-            self.progress.skip(steps - run["steps_done"])
         return run
 
 
