@@ -213,3 +213,14 @@ def test_a_tensor_learning_rate_is_accepted():
 ])
 def test_refresh_due_is_the_start_then_every_multiple_after_it(frequency, start, due):
     assert [t for t in range(0, 25) if refresh_due(t, frequency, start)] == due
+
+
+@pytest.mark.parametrize("cls", [precond.SOAP, precond.EShampoo])
+@pytest.mark.parametrize("option, value", [("refresh_tolerance", 2.0), ("refresh_method", "svd"),
+                                           ("max_qr_iterations", 0)])
+def test_refresh_options_are_checked_in_the_constructor_and_in_every_param_group(cls, option, value):
+    p, q = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(3, 3))
+    with pytest.raises(ValueError, match=f"Invalid {option}"):
+        cls([p], **{option: value})
+    with pytest.raises(ValueError, match=f"Invalid {option}: .* in param group 1"):
+        cls([{"params": [p]}, {"params": [q], option: value}])

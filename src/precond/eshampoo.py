@@ -10,9 +10,9 @@ from torch import Tensor
 
 from .engine import Bucket, commit_, per_block
 from .kronecker import factor_matrices, mode_product
-from .refresh import REFRESH_METHODS, EigenbasisRefresh
+from .refresh import RULES as REFRESH_RULES
+from .refresh import policy_of
 from .shampoo import ShampooFamily, shared_arguments
-from .validation import check_choice, check_in, check_int
 
 __all__ = ["EShampoo"]
 
@@ -69,18 +69,12 @@ class EShampoo(ShampooFamily):
                  max_qr_iterations: int = 1, precondition_1d: bool = False, merge_dims: bool = True,
                  large_dim_policy: str = "split", max_factor_ratio: float = 64.0, tf32: bool | str = False, *,
                  spectral_normalize: bool = False, distributed: Any = None, strict: bool = False) -> None:
-        check_choice("refresh_method", refresh_method, REFRESH_METHODS)
-        check_in("refresh_tolerance", refresh_tolerance, 0.0, 1.0)
-        check_int("max_qr_iterations", max_qr_iterations, 1)
         super().__init__(params, **shared_arguments(locals()),
                          extra=dict(refresh_method=refresh_method, refresh_tolerance=refresh_tolerance,
                                     max_qr_iterations=max_qr_iterations))
 
     diagonal_for_unfactored = False
-
-    @staticmethod
-    def _policy(group: dict[str, Any]) -> EigenbasisRefresh:
-        return EigenbasisRefresh(group["refresh_method"], group["refresh_tolerance"], group["max_qr_iterations"])
+    _group_rules = {**ShampooFamily._group_rules, **REFRESH_RULES}
 
     _factor_matrix = "basis"  # identity bases: until the first refresh the method is Adam in the parameter's basis
 
@@ -92,7 +86,7 @@ class EShampoo(ShampooFamily):
             eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
             return factor / per_block(bias2, factor) + group["epsilon"] * eye
 
-        self._policy(group).refresh_bucket_(bucket.state, bucket.kind, ok, bucket.state["eigenvalues"], ridge)
+        policy_of(group).refresh_bucket_(bucket.state, bucket.kind, ok, bucket.state["eigenvalues"], ridge)
 
     def _update_preconditioner(self, bucket, grads, bias2, ok, group):
         beta2 = group["betas"][1]

@@ -39,8 +39,9 @@ from .kronecker import permute_dim
 from .linalg import (LinAlgFailure, batched_eigh, off_diagonal_ratio, power_qr_step, qr_algorithm,
                      refine_eigenbasis)
 from .precision import matmul
+from .validation import Rule, check_choice, check_in, check_int
 
-__all__ = ["EigenbasisRefresh", "REFRESH_METHODS", "refresh_due"]
+__all__ = ["EigenbasisRefresh", "REFRESH_METHODS", "RULES", "policy_of", "refresh_due"]
 
 REFRESH_METHODS = ("eigh", "qr", "power_qr", "refine")
 
@@ -48,6 +49,21 @@ REFRESH_METHODS = ("eigh", "qr", "power_qr", "refine")
 REFRESHES, SKIPPED, QR_ITERATIONS, FAILURES = 1, 2, 3, 4
 
 GATHERED = ("eigh", "qr")  # under the criterion, computed for the failing factors only (see above)
+
+
+# The group rules of an optimizer with an eigenbasis refresh (EShampoo, SOAP; see precond.validation.check_group):
+# checked once, for the constructor's arguments and for every param group alike.
+RULES: dict[str, Rule] = {
+    "refresh_method": lambda name, value: check_choice(name, value, REFRESH_METHODS),
+    "refresh_tolerance": lambda name, value: check_in(name, value, 0.0, 1.0),
+    "max_qr_iterations": lambda name, value: check_int(name, value, 1),
+}
+
+
+def policy_of(group: dict, descending: bool = False) -> EigenbasisRefresh:
+    """The refresh policy a param group sets (``refresh_method``, ``refresh_tolerance``, ``max_qr_iterations``)."""
+    return EigenbasisRefresh(group["refresh_method"], group["refresh_tolerance"], group["max_qr_iterations"],
+                             descending)
 
 
 def refresh_due(t: int, frequency: int, start: int) -> bool:

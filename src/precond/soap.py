@@ -13,7 +13,8 @@ from .blocks import BlockLayout
 from .engine import BlockEngine, Bucket, bias_correction, commit_, ema_, per_block
 from .kronecker import factor_matrices, init_factor_state, mode_product, update_factors_
 from .precision import TF32_MODES
-from .refresh import REFRESH_METHODS, EigenbasisRefresh, refresh_due
+from .refresh import RULES as REFRESH_RULES
+from .refresh import EigenbasisRefresh, policy_of, refresh_due
 from .validation import (STEP_RULES, betas_rule, check_choice, check_in, check_int, check_max_dim, check_positive,
                          flag_rule, pair)
 
@@ -80,7 +81,7 @@ class SOAP(BlockEngine):
     """
 
     _group_rules = {**STEP_RULES, "betas": betas_rule, "eps": check_positive, "max_factor_ratio": check_positive,
-                    "spectral_normalize": flag_rule}
+                    "spectral_normalize": flag_rule, **REFRESH_RULES}
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float = -1, eps: float = 1e-8, weight_decay: float = 0.01,
@@ -93,9 +94,6 @@ class SOAP(BlockEngine):
             check_in("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
         check_int("precondition_frequency", precondition_frequency, 1)
         check_max_dim("max_precond_dim", max_precond_dim)
-        check_choice("refresh_method", refresh_method, REFRESH_METHODS)
-        check_in("refresh_tolerance", refresh_tolerance, 0.0, 1.0)
-        check_int("max_qr_iterations", max_qr_iterations, 1)
         check_choice("large_dim_policy", large_dim_policy, ("split", "identity"))
         check_choice("tf32", tf32, TF32_MODES)
         defaults = dict(lr=lr, betas=pair(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
@@ -116,11 +114,6 @@ class SOAP(BlockEngine):
                                    group["max_factor_ratio"])
         return self._note_guard(param, layout, group["precondition_1d"])
 
-    @staticmethod
-    def _policy(group: dict[str, Any]) -> EigenbasisRefresh:
-        return EigenbasisRefresh(group["refresh_method"], group["refresh_tolerance"], group["max_qr_iterations"],
-                                 descending=True)
-
     def _block_kind(self, layout: BlockLayout, index: int, group: dict[str, Any]) -> tuple[bool, ...]:
         return layout.preconditioned_dims(index, group["precondition_1d"])
 
@@ -136,7 +129,7 @@ class SOAP(BlockEngine):
     def _directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor | None:
         beta1, beta2 = group["betas"]
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
-        policy = self._policy(group)
+        policy = policy_of(group, descending=True)
         state = bucket.state
         if bucket.calls == 1:
             # The first gradient only builds the statistics: the projection never uses the gradient it
