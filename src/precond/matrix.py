@@ -45,12 +45,11 @@ def _route(group: dict[str, Any], adamw: dict[str, Any]) -> dict[str, Any]:
     group = dict(group)
     if "use_muon" in group:
         group.setdefault("matrix", group.pop("use_muon"))
-    own_lr = group.pop("adamw_lr", group.get("lr", adamw["lr"]))
+    adamw_lr = group.pop("adamw_lr", group.get("lr", adamw["lr"]))
     if group.get("matrix", None) is False:
-        group.setdefault("lr", own_lr)
+        group.setdefault("lr", adamw_lr)
         group.setdefault("weight_decay", group.pop("adamw_weight_decay", adamw["weight_decay"]))
         return group
-    adamw_lr = own_lr
     group.setdefault("adamw_weight_decay", group.get("weight_decay", adamw["weight_decay"]))
     if "adamw_lr_ratio" not in group:
         lr = float(group.get("lr", adamw["matrix_lr"]))

@@ -193,14 +193,14 @@ def with_batch_axis(preset: dict[str, Any], tokens_per_step: int | None = None, 
     full runs alike. What a batch-size axis needs: runs at several batches for one byte budget."""
     preset = dict(preset)
     row = preset["gpt"]["context"] if preset["workload"] == "lm" else 1
+    micro = preset["batch_size"] * row  # bytes (images) of one micro-batch
     if tokens_per_step is not None:
-        micro = preset["batch_size"] * row
         if tokens_per_step % micro:
             raise ValueError(f"--tokens-per-step {tokens_per_step} is no multiple of a micro-batch's {micro} "
                              f"({preset['batch_size']} rows of {row}); set --batch-size to fit")
         preset["accumulation"] = tokens_per_step // micro
     if train_tokens is not None:
-        per_step = preset["batch_size"] * row * preset.get("accumulation", 1)
+        per_step = micro * preset.get("accumulation", 1)
         steps = train_tokens // per_step
         if steps < 2:
             raise ValueError(f"--train-tokens {train_tokens} makes fewer than 2 steps of {per_step} bytes")
