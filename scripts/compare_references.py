@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import precond
+import precond.averaging
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(7,), (6, 5), (3, 4, 5), (4, 3, 2, 2), (40, 12)]  # (40, 12): a dim longer than the block size
@@ -37,12 +38,15 @@ def make_grads(seed: int = 1) -> list[list[torch.Tensor]]:
 
 
 def run(make_optimizer, init: list[torch.Tensor], grads) -> list[torch.Tensor]:
+    """The parameters after the steps (for an iterate-averaging optimizer: the averaged ones, after eval())."""
     params = [torch.nn.Parameter(p.clone()) for p in init]
     opt = make_optimizer(params)
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
         opt.step()
+    if hasattr(opt, "eval"):  # ours with averaging, and Distributed Shampoo (a no-op there without it)
+        opt.eval()
     return [p.detach() for p in params]
 
 
@@ -96,6 +100,26 @@ def shampoo_cases():
                 ref = lambda ps, hp=hp, config=graftings[grafting]: ds.DistributedShampoo(
                     ps, grafting_config=config, preconditioner_config=eigen, **hp)
                 cases.append((name, ours, ref))
+    # Iterate averaging around Shampoo (Adam grafting). Distributed Shampoo computes the coefficients, 1/mu_y
+    # and the decay factor 1 - lr*wd in float32 tensors: so mu_x, mu_y and wd are chosen exact there
+    # (2**-3·2**-7 and 1 - 2**-10 are), and only Schedule-Free's mu_x = 1 - 1/t rounds to float32.
+    hp = dict(common, weight_decay=2.0**-3, betas=(0.9, 0.999), precondition_frequency=3, start_preconditioning_step=3)
+    averaging = {
+        "GPA mu_x=0.875 mu_y=0.5": (lambda o: precond.averaging.PrimalAveraging(o, 0.875, 0.5),
+                                    ds.GeneralizedPrimalAveragingConfig(eval_interp_coeff=0.875,
+                                                                        train_interp_coeff=0.5)),
+        "GPA mu_x=0.5 mu_y=1 (heavy-ball)": (lambda o: precond.averaging.PrimalAveraging(o, 0.5, 1.0),
+                                             ds.GeneralizedPrimalAveragingConfig(eval_interp_coeff=0.5,
+                                                                                 train_interp_coeff=1.0)),
+        "Schedule-Free mu_y=0.5 p=2": (lambda o: precond.averaging.ScheduleFree(o, 0.5, 2),
+                                       ds.ScheduleFreeConfig(train_interp_coeff=0.5, eval_coeff_lr_power=2)),
+    }
+    for label, (wrap, config) in averaging.items():
+        ours = lambda ps, wrap=wrap: wrap(precond.Shampoo(ps, grafting="adam", precondition_1d=True, **hp))
+        ref = lambda ps, config=config: ds.DistributedShampoo(ps, grafting_config=graftings["adam"],
+                                                              preconditioner_config=root_inv,
+                                                              iterate_averaging_config=config, **hp)
+        cases.append((f"Shampoo + {label}, evaluated at x", ours, ref))
     return cases
 
 

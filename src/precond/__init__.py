@@ -1,6 +1,7 @@
 """precond: matrix-preconditioned optimizers for PyTorch on one engine."""
 
 from .adamw import AdamW
+from .averaging import PrimalAveraging, ScheduleFree
 from .asgo import ASGO
 from .engine import BlockEngine
 from .eshampoo import EShampoo
@@ -13,6 +14,7 @@ from .shampoo import Shampoo
 from .soap import SOAP
 from .sophia import Sophia
 
-__all__ = ["ASGO", "AdamW", "BlockEngine", "EShampoo", "EigenbasisRefresh", "Muon", "SOAP", "Shampoo", "Sophia",
+__all__ = ["ASGO", "AdamW", "BlockEngine", "EShampoo", "EigenbasisRefresh", "Muon", "PrimalAveraging", "SOAP", "ScheduleFree",
+           "Shampoo", "Sophia",
            "explain", "param_groups"]
 __version__ = "0.1.0"

@@ -486,6 +486,19 @@ class BlockEngine(torch.optim.Optimizer):
             torch._foreach_copy_(blocks, list(weights.unbind(0)))
         return ok
 
+    def decoupled_decay(self) -> dict[Tensor, tuple[float | Tensor, float]]:
+        """Per parameter, the ``(lr, weight_decay)`` of its decoupled decay ``W ← W·(1 − lr·wd)`` at the
+        current groups' settings, as the last step's plan assigns them (Muon's and ASGO's AdamW members
+        take the AdamW rate and decay); parameters decayed by L2 (in the gradient) are absent. For a wrapper
+        that applies the decay elsewhere (:mod:`precond.averaging`)."""
+        rates: dict[Tensor, tuple[float | Tensor, float]] = {}
+        for bucket in self._buckets or []:
+            if self._weight_decay_mode(bucket.group) != "l2":
+                rate = self._rate(bucket, bucket.group)
+                for member in bucket.members:
+                    rates[member.param] = rate
+        return rates
+
     def _raise_if_any(self, bucket: Bucket, bad: Tensor, what: str) -> None:
         """``strict=True``: raise naming the first parameter and block of ``bad`` (reads ``bad`` on the host)."""
         if not bool(bad.any()):

@@ -1,0 +1,227 @@
+"""Iterate averaging around any optimizer: Generalized Primal Averaging and Schedule-Free.
+
+Both keep three sequences per parameter (Defazio et al. 2024, "The Road Less Scheduled"; GPA:
+arXiv 2512.17131): ``z``, the base optimizer's own iterates; ``x``, their weighted average, the weights
+to evaluate; and ``y = μ_y·x + (1 − μ_y)·z``, the weights the gradient is taken at, which the model holds
+while training. With ``P`` the base optimizer's step (``z`` would move by ``d = −lr·P``), one step is::
+
+    z ← z·(1 − lr·wd)                                  (decoupled weight decay acts on z alone)
+    y ← y + (1 − μ_x·μ_y)·d + (1 − μ_x)·(z − y)
+    z ← z + d
+
+which, without decay, is ``x ← μ_x·x + (1 − μ_x)·z`` followed by ``y = μ_y·x + (1 − μ_y)·z`` (with decay,
+``x`` is read off the shrunk ``z``, as in Distributed Shampoo). GPA holds ``μ_x``
+(``eval_interp_coeff``) and ``μ_y`` (``train_interp_coeff``) fixed: ``μ_y = 1`` with the base optimizer
+``SGD(momentum=0)`` at ``lr / (1 − μ_x)`` is heavy-ball momentum ``μ_x``, ``μ_y = μ_x`` is Nesterov's.
+Schedule-Free sets ``μ_x = 1 − lr_t^p / Σ_{i≤t} lr_i^p`` at every step (``p = eval_coeff_lr_power``, the
+paper's Eq. 23 for ``p = 2``), an average weighted by the rate, which replaces the decay schedule.
+
+:meth:`IterateAveraging.eval` moves the parameters to ``x`` (``y + (1 − 1/μ_y)·(z − y)``) and
+:meth:`~IterateAveraging.train` back to ``y`` (``x + (1 − μ_y)·(z − x)``); a step in eval mode is an error.
+These are Distributed Shampoo's ``GeneralizedPrimalAveragingConfig`` / ``ScheduleFreeConfig`` semantics,
+weight decay included, for any base optimizer: the base optimizer steps with its decoupled weight decay
+set to 0 (its ``d`` is then the parameters' change) and the decay is applied to ``z`` at the rate the base
+optimizer would have used (:meth:`precond.BlockEngine.decoupled_decay`; for ``torch.optim.AdamW`` and
+``torch.optim.Muon`` the group's ``lr`` and ``weight_decay``). Weight decay of the L2 kind (added to the
+gradient, e.g. ``Shampoo(use_decoupled_weight_decay=False)``, ``torch.optim.SGD``) stays in the base step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .validation import check_in, check_positive
+
+__all__ = ["IterateAveraging", "PrimalAveraging", "ScheduleFree"]
+
+_DECAY_KEYS = ("weight_decay", "adamw_weight_decay")  # the base optimizers' decoupled-decay options
+
+
+def _torch_decoupled(optimizer: torch.optim.Optimizer) -> bool:
+    muon = getattr(torch.optim, "Muon", None)
+    return isinstance(optimizer, torch.optim.AdamW) or (muon is not None and isinstance(optimizer, muon))
+
+
+class IterateAveraging(torch.optim.Optimizer):
+    """The base of :class:`PrimalAveraging` and :class:`ScheduleFree`: wraps ``optimizer`` and shares its
+    ``param_groups`` (an LR scheduler given this object edits the base optimizer's rates). Its state per
+    parameter is ``z``; per group ``lr_sum`` (Schedule-Free's ``Σ lr^p``). ``state_dict()`` is the base
+    optimizer's with an ``"iterate_averaging"`` entry beside ``state`` and ``param_groups``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, train_interp_coeff: float) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        check_in("train_interp_coeff", train_interp_coeff, 0.0, 1.0, low_open=True)
+        self.optimizer = optimizer
+        self.train_interp_coeff = float(train_interp_coeff)
+        self.defaults = optimizer.defaults
+        self.param_groups = optimizer.param_groups
+        self.state: dict[Tensor, dict[str, Any]] = {}
+        self.lr_sums = [0.0 for _ in self.param_groups]
+        self.training = True
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+        self._patch_step_function()
+
+    def _eval_interp_coeff(self, group_index: int) -> float:
+        raise NotImplementedError
+
+    def _params(self) -> Iterator[Tensor]:
+        return (p for group in self.param_groups for p in group["params"])
+
+    def _z(self, p: Tensor) -> Tensor:
+        state = self.state.setdefault(p, {})
+        if "z" not in state:  # z starts at the parameters (x = y = z)
+            state["z"] = p.detach().clone()
+        return state["z"]
+
+    @contextlib.contextmanager
+    def _decay_moved(self) -> Iterator[bool]:
+        """The base optimizer's decoupled weight decay set to 0 while it steps (restored after); yields
+        whether its decay is decoupled (and so is to be applied to ``z``)."""
+        decoupled = hasattr(self.optimizer, "decoupled_decay") or _torch_decoupled(self.optimizer)
+        saved = [{k: g[k] for k in _DECAY_KEYS if k in g} for g in self.param_groups] if decoupled else []
+        for group, values in zip(self.param_groups, saved):
+            group.update(dict.fromkeys(values, 0.0))
+        try:
+            yield decoupled
+        finally:
+            for group, values in zip(self.param_groups, saved):
+                group.update(values)
+
+    def _decay_rates(self) -> dict[Tensor, tuple[Any, float]]:
+        if hasattr(self.optimizer, "decoupled_decay"):
+            return self.optimizer.decoupled_decay()
+        return {p: (g["lr"], g.get("weight_decay", 0.0)) for g in self.param_groups for p in g["params"]}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step of the base optimizer, averaged (see the module docstring)."""
+        if not self.training:
+            raise RuntimeError("an iterate-averaging optimizer steps in train mode: call optimizer.train() "
+                               "before optimizer.step() (optimizer.eval() moved the parameters to x)")
+        params = [p for p in self._params() if p.grad is not None]
+        zs = [self._z(p) for p in params]
+        before = [p.detach().clone() for p in params]
+        with self._decay_moved() as decoupled:
+            loss = self.optimizer.step(closure)
+        rates = self._decay_rates() if decoupled else {}
+        self.lr_sums += [0.0] * (len(self.param_groups) - len(self.lr_sums))  # groups added to the base since
+        mu_xs = [self._eval_interp_coeff(i) for i in range(len(self.param_groups))]
+        coeffs = {id(p): mu_x for mu_x, g in zip(mu_xs, self.param_groups) for p in g["params"]}
+        mu_y = self.train_interp_coeff
+        for p, z, y in zip(params, zs, before):
+            lr, wd = rates.get(p, (0.0, 0.0))
+            if wd != 0.0:
+                z.mul_(1.0 - lr * wd)
+            mu_x = coeffs[id(p)]
+            d = p.detach() - y
+            z_minus_y = z - y
+            z.add_(d)
+            y.add_(d, alpha=1.0 - mu_x * mu_y).add_(z_minus_y, alpha=1.0 - mu_x)
+            p.copy_(y)
+        return loss
+
+    @torch.no_grad()
+    def _move(self, factor: float) -> None:
+        for p in self._params():
+            if p in self.state:
+                p.add_(self.state[p]["z"] - p, alpha=factor)
+
+    def eval(self) -> None:
+        """Parameters to the averaged iterate ``x``, to evaluate (a no-op in eval mode)."""
+        if self.training:
+            self._move(1.0 - 1.0 / self.train_interp_coeff)
+            self.training = False
+
+    def train(self) -> None:
+        """Parameters back to ``y``, where gradients are taken (a no-op in train mode)."""
+        if not self.training:
+            self._move(1.0 - self.train_interp_coeff)
+            self.training = True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        saved = self.optimizer.state_dict()
+        index = {id(p): i for i, p in enumerate(self._params())}
+        saved["iterate_averaging"] = {"z": {index[id(p)]: s["z"] for p, s in self.state.items()},
+                                      "lr_sums": list(self.lr_sums), "training": self.training}
+        return saved
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        averaging = state_dict.pop("iterate_averaging", None)
+        if averaging is None:
+            raise ValueError("state_dict has no 'iterate_averaging' entry: it was not saved by "
+                             f"{type(self).__name__}.state_dict()")
+        params = list(self._params())
+        for i, z in averaging["z"].items():
+            if int(i) >= len(params) or z.shape != params[int(i)].shape:
+                raise ValueError(f"state_dict's iterate_averaging z for parameter {i} does not match the "
+                                 "optimizer's parameters")
+        self.optimizer.load_state_dict(state_dict)
+        self.param_groups = self.optimizer.param_groups
+        self.state = {params[int(i)]: {"z": z.detach().to(params[int(i)].device, copy=True)}
+                      for i, z in averaging["z"].items()}
+        self.lr_sums = [float(v) for v in averaging["lr_sums"]]
+        self.training = bool(averaging["training"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.optimizer!r})"
+
+
+class PrimalAveraging(IterateAveraging):
+    """Generalized Primal Averaging (GPA) around ``optimizer``: fixed ``μ_x`` and ``μ_y``.
+
+    ``x ← μ_x·x + (1 − μ_x)·z``, ``y = μ_y·x + (1 − μ_y)·z``, ``z`` the base optimizer's iterates (see
+    :mod:`precond.averaging`). Arguments and defaults follow Distributed Shampoo's
+    ``GeneralizedPrimalAveragingConfig``: ``eval_interp_coeff`` ``μ_x ∈ [0, 1)`` (0.9),
+    ``train_interp_coeff`` ``μ_y ∈ (0, 1]`` (0.8). The base step counts ``1 − μ_x·μ_y`` times in ``y``: to
+    match ``SGD(lr, momentum=β)``, wrap ``SGD(lr / (1 − β))`` with ``μ_x = β`` and ``μ_y = 1``.
+
+    Evaluate between ``optimizer.eval()`` and ``optimizer.train()``::
+
+        opt = PrimalAveraging(precond.SOAP(model.parameters(), lr=3e-3))
+        ...; opt.step(); ...
+        opt.eval(); evaluate(model); opt.train()
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, eval_interp_coeff: float = 0.9,
+                 train_interp_coeff: float = 0.8) -> None:
+        check_in("eval_interp_coeff", eval_interp_coeff, 0.0, 1.0, high_open=True)
+        super().__init__(optimizer, train_interp_coeff)
+        self.eval_interp_coeff = float(eval_interp_coeff)
+
+    def _eval_interp_coeff(self, group_index: int) -> float:
+        return self.eval_interp_coeff
+
+
+class ScheduleFree(IterateAveraging):
+    """Schedule-Free around ``optimizer``: ``μ_x = 1 − lr_t^p / Σ_{i≤t} lr_i^p`` at each step.
+
+    Defazio et al. 2024, "The Road Less Scheduled" (Eq. 23 for ``p = 2``): ``x`` averages the base
+    optimizer's iterates ``z`` weighted by the rate to the power ``p``, which takes the place of a decaying
+    schedule (keep warmup, drop the decay). Arguments and defaults follow Distributed Shampoo's
+    ``ScheduleFreeConfig``: ``train_interp_coeff`` ``μ_y ∈ (0, 1]`` (0.8), ``eval_coeff_lr_power`` ``p``
+    (2). ``Σ lr^p`` is kept per param group and saved by ``state_dict``. Evaluate between ``eval()`` and
+    ``train()`` (see :class:`PrimalAveraging`).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, train_interp_coeff: float = 0.8,
+                 eval_coeff_lr_power: float = 2) -> None:
+        check_positive("eval_coeff_lr_power", eval_coeff_lr_power)
+        super().__init__(optimizer, train_interp_coeff)
+        self.eval_coeff_lr_power = eval_coeff_lr_power
+
+    def _eval_interp_coeff(self, group_index: int) -> float:
+        lr = float(self.param_groups[group_index]["lr"]) ** self.eval_coeff_lr_power
+        self.lr_sums[group_index] += lr
+        return 1.0 - lr / self.lr_sums[group_index] if self.lr_sums[group_index] > 0 else 0.0
