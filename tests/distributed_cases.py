@@ -28,6 +28,7 @@ BATCH = 8  # per process
 # Small blocks (8) so that the 18- and 20-wide dims are cut into several blocks.
 FACTORIES = {
     "Shampoo": lambda ps, **kw: precond.Shampoo(ps, lr=0.01, grafting="adam", max_preconditioner_dim=8, **kw),
+    "KLShampoo": lambda ps, **kw: precond.KLShampoo(ps, lr=0.01, grafting="adam", max_preconditioner_dim=8, **kw),
     "EShampoo": lambda ps, **kw: precond.EShampoo(ps, lr=0.01, precondition_frequency=2, max_preconditioner_dim=8,
                                                   **kw),
     "SOAP": lambda ps, **kw: precond.SOAP(ps, lr=0.01, precondition_frequency=2, max_precond_dim=8,

@@ -44,8 +44,9 @@ def diagonal_direction(kind: str, v: torch.Tensor, x: torch.Tensor, t: int, beta
 
 
 def shampoo(W0, grads, *, lr, betas, eps, wd, freq=1, start=None, grafting=None, graft_beta2=0.999,
-            graft_eps=1e-10, bias_correction=True, decoupled=True, exponent=None):
-    """Shampoo on one block (no blocking here), Distributed Shampoo's order of operations."""
+            graft_eps=1e-10, bias_correction=True, decoupled=True, exponent=None, kl=False):
+    """Shampoo on one block (no blocking here), Distributed Shampoo's order of operations. ``kl``:
+    KL-Shampoo, each factor's statistic from G multiplied along every other dim by that dim's current root."""
     beta1, beta2 = betas
     start = freq if start is None else start
     W = W0.clone()
@@ -60,7 +61,11 @@ def shampoo(W0, grads, *, lr, betas, eps, wd, freq=1, start=None, grafting=None,
         if not decoupled:
             G = G + wd * W
         for i in range(k):
-            Gi = unfold(G, i)
+            Gt = G
+            for j in range(k):
+                if kl and j != i:
+                    Gt = mode_multiply(Gt, R[j], j)
+            Gi = unfold(Gt, i)
             L[i] = (L[i] + Gi @ Gi.T) if beta2 == 1 else (beta2 * L[i] + (1 - beta2) * Gi @ Gi.T)
         if grafting == "adagrad":
             V = V + G * G

@@ -42,6 +42,8 @@ FACTORIES = {
     "SOAP": lambda ps: precond.SOAP(ps, lr=1e-2, precondition_frequency=100),
     "Shampoo": lambda ps: precond.Shampoo(ps, lr=1e-2, precondition_frequency=100, grafting="adam",
                                           max_preconditioner_dim=16),
+    "KLShampoo": lambda ps: precond.KLShampoo(ps, lr=1e-2, precondition_frequency=100, grafting="adam",
+                                              max_preconditioner_dim=16),
     "EShampoo": lambda ps: precond.EShampoo(ps, lr=1e-2, precondition_frequency=100),
     "Sophia": lambda ps: precond.Sophia(ps, lr=1e-2),
     "Muon": lambda ps: precond.Muon(ps, lr=1e-2, ns_dtype="float32"),

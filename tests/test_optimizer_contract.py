@@ -12,6 +12,8 @@ import precond
 FACTORIES = {
     "Shampoo": lambda ps, **kw: precond.Shampoo(ps, **{"lr": 0.01, "grafting": "adam",
                                                        "max_preconditioner_dim": 8, **kw}),
+    "KLShampoo": lambda ps, **kw: precond.KLShampoo(ps, **{"lr": 0.01, "grafting": "adam",
+                                                           "max_preconditioner_dim": 8, **kw}),
     "EShampoo": lambda ps, **kw: precond.EShampoo(ps, **{"lr": 0.01, "precondition_frequency": 2,
                                                          "max_preconditioner_dim": 8, **kw}),
     "SOAP": lambda ps, **kw: precond.SOAP(ps, **{"lr": 0.01, "precondition_frequency": 2, **kw}),

@@ -19,6 +19,7 @@ FACTORIES = {
     "Shampoo": lambda ps, **kw: precond.Shampoo(ps, **{"lr": 0.01, "max_preconditioner_dim": 4, **kw}),
     "Shampoo+pinv": lambda ps, **kw: precond.Shampoo(ps, **{"lr": 0.01, "max_preconditioner_dim": 4,
                                                             "pseudo_inverse": True, "epsilon": 0.0, **kw}),
+    "KLShampoo": lambda ps, **kw: precond.KLShampoo(ps, **{"lr": 0.01, "max_preconditioner_dim": 4, **kw}),
     "EShampoo": lambda ps, **kw: precond.EShampoo(ps, **{"lr": 0.01, "max_preconditioner_dim": 4, **kw}),
     "SOAP": lambda ps, **kw: precond.SOAP(ps, **{"lr": 0.01, "precondition_frequency": 2, "max_precond_dim": 4,
                                                  "large_dim_policy": "split", **kw}),

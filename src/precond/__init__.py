@@ -6,6 +6,7 @@ from .asgo import ASGO
 from .engine import BlockEngine
 from .eshampoo import EShampoo
 from .explain import explain
+from .kl_shampoo import KLShampoo
 from .muon import Muon
 from .refresh import EigenbasisRefresh
 from .routing import param_groups
@@ -14,7 +15,7 @@ from .shampoo import Shampoo
 from .soap import SOAP
 from .sophia import Sophia
 
-__all__ = ["ASGO", "AdamW", "BlockEngine", "EShampoo", "EigenbasisRefresh", "Muon", "PrimalAveraging", "SOAP", "ScheduleFree",
+__all__ = ["ASGO", "AdamW", "BlockEngine", "EShampoo", "EigenbasisRefresh", "KLShampoo", "Muon", "PrimalAveraging", "SOAP", "ScheduleFree",
            "Shampoo", "Sophia",
            "explain", "param_groups"]
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ from .adamw import AdamW
 from .asgo import ASGO
 from .engine import BlockEngine
 from .eshampoo import EShampoo
+from .kl_shampoo import KLShampoo
 from .muon import Muon
 from .shampoo import Shampoo
 from .soap import SOAP
@@ -37,6 +38,7 @@ OPTIMIZERS: dict[str, Entry] = {
     "SOAP": Entry(SOAP, "entrywise", normalizable=True),  # Adam in a rotated basis
     "EShampoo": Entry(EShampoo, "spectral", normalizable=True),
     "Shampoo": Entry(Shampoo, "spectral", normalizable=True),
+    "KLShampoo": Entry(KLShampoo, "spectral", normalizable=True),
     "Muon": Entry(Muon, "spectral", routes_vectors=True),
     "ASGO": Entry(ASGO, "spectral", routes_vectors=True),
     "Sophia": Entry(Sophia, "entrywise"),
