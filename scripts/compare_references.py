@@ -100,6 +100,26 @@ def shampoo_cases():
                 ref = lambda ps, hp=hp, config=graftings[grafting]: ds.DistributedShampoo(
                     ps, grafting_config=config, preconditioner_config=eigen, **hp)
                 cases.append((name, ours, ref))
+    # KL-Shampoo, root-inverse and eigendecomposed forms of Distributed Shampoo.
+    kl_forms = {
+        "root-inverse": ds.RootInvKLShampooPreconditionerConfig(inv_factor_matrix_dtype=torch.float64, **f64),
+        "eigendecomposed": ds.EigendecomposedKLShampooPreconditionerConfig(
+            factor_matrix_eigenvectors_dtype=torch.float64, factor_matrix_eigenvalues_dtype=torch.float64, **f64),
+    }
+    # KL-Shampoo preconditions each statistic by the other factors' roots, up to epsilon**(-1/4) = 1e3 along
+    # a rank-deficient factor's null space at epsilon = 1e-12, which amplifies round-off; 1e-6 shows the
+    # agreement without it.
+    for form, config in kl_forms.items():
+        for grafting, betas, freq, epsilon in [(None, (0.9, 1.0), 1, 1e-12), (None, (0.9, 1.0), 1, 1e-6),
+                                               ("adam", (0.9, 0.999), 3, 1e-12)]:
+            hp = dict(common, epsilon=epsilon, betas=betas, precondition_frequency=freq,
+                      start_preconditioning_step=freq)
+            name = f"KLShampoo vs {form} epsilon={epsilon} betas={betas} grafting={grafting} F={freq}"
+            ours = lambda ps, hp=hp, grafting=grafting: precond.KLShampoo(
+                ps, grafting=grafting, precondition_1d=True, **hp)
+            ref = lambda ps, hp=hp, config=config, grafting=grafting: ds.DistributedShampoo(
+                ps, grafting_config=graftings[grafting], preconditioner_config=config, **hp)
+            cases.append((name, ours, ref))
     # Iterate averaging around Shampoo (Adam grafting). Distributed Shampoo computes the coefficients, 1/mu_y
     # and the decay factor 1 - lr*wd in float32 tensors: so mu_x, mu_y and wd are chosen exact there
     # (2**-3·2**-7 and 1 - 2**-10 are), and only Schedule-Free's mu_x = 1 - 1/t rounds to float32.

@@ -72,6 +72,11 @@ class IterateAveraging(torch.optim.Optimizer):
     def _eval_interp_coeff(self, group_index: int) -> float:
         raise NotImplementedError
 
+    def __getattr__(self, name: str) -> Any:  # the base optimizer's own API (preconditioner_stats, ...)
+        if name == "optimizer":
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
     def _params(self) -> Iterator[Tensor]:
         return (p for group in self.param_groups for p in group["params"])
 

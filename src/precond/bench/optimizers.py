@@ -10,7 +10,10 @@ Ours, at each method's published defaults:
 - EShampoo: SOAP's betas and weight decay, so that the two eigenbasis methods differ only in their update
   rule (Distributed Shampoo's own defaults, β₂ = 1 and no weight decay, are an AdaGrad setting meant for
   grafting), ε = 1e-8, refresh every 10 steps.
-- Shampoo: Distributed Shampoo's betas (0.9, 0.999), ε = 1e-12, Adam grafting (β₂ 0.95), roots every 10 steps.
+- Shampoo: Distributed Shampoo's betas (0.9, 0.999), ε = 1e-12, Adam grafting (β₂ 0.95), roots every 10 steps;
+  KLShampoo the same.
+- AdamW+GPA, SOAP+GPA: Generalized Primal Averaging (μ_x 0.9, μ_y 0.8, Distributed Shampoo's defaults)
+  around AdamW / SOAP at the settings here, evaluated at the averaged weights.
 - Muon: ``torch.optim.Muon``'s momentum 0.95 (Nesterov) and weight decay 0.1 on the hidden matrices.
 - ASGO: its root every step (``β₂ = 0.8`` statistics move fast: at 10 steps the root goes stale and the CPU
   LM ends 0.5 nats/byte worse after 100 steps) by 10 Newton–Schulz iterations, the authors' practical solver
@@ -184,6 +187,14 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
     OptimizerSpec("Shampoo", 3e-3, lambda m, lr, _: precond.Shampoo(
         _params(m), lr=lr, betas=(0.9, 0.999), epsilon=1e-12, precondition_frequency=10, grafting="adam",
         grafting_beta2=0.95, grafting_epsilon=1e-8)),
+    OptimizerSpec("KLShampoo", 3e-3, lambda m, lr, _: precond.KLShampoo(
+        _params(m), lr=lr, betas=(0.9, 0.999), epsilon=1e-12, precondition_frequency=10, grafting="adam",
+        grafting_beta2=0.95, grafting_epsilon=1e-8)),
+    # Iterate averaging (Distributed Shampoo's GPA defaults, mu_x 0.9, mu_y 0.8) around AdamW and SOAP at their
+    # settings above; evaluated at the averaged weights x
+    OptimizerSpec("AdamW+GPA", 3e-3, lambda m, lr, a: precond.PrimalAveraging(precond.AdamW(
+        _params(m), lr=lr, betas=(0.9, 0.95), weight_decay=a.weight_decay)), uses_adamw=True),
+    OptimizerSpec("SOAP+GPA", 3e-3, lambda m, lr, a: precond.PrimalAveraging(_soap()(m, lr, a))),
     OptimizerSpec("Muon", 2e-2, lambda m, lr, a: precond.Muon(
         precond.param_groups(m), lr=lr, weight_decay=0.1, adamw_lr=a.lr, adamw_betas=(0.9, 0.95),
         adamw_weight_decay=a.weight_decay), uses_adamw=True),
@@ -205,7 +216,7 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
 
 OURS = list(OPTIMIZERS)
 # heavyball's rows only when named: its compilation takes minutes per optimizer before the first step
-DEFAULT_OPTIMIZERS = OURS + ["torch.AdamW", "torch.Muon", "pytorch_optimizer.SOAP", "pytorch_optimizer.Muon"]
+DEFAULT_OPTIMIZERS = OURS + ["AdamW+GPA", "torch.AdamW", "torch.Muon", "pytorch_optimizer.SOAP", "pytorch_optimizer.Muon"]
 
 
 def available_optimizers(names: list[str]) -> list[str]:

@@ -45,7 +45,20 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
         if isinstance(v, (list, tuple)):
             return sum(walk(x) for x in v)
         return 0
-    return sum(walk(s) for s in optimizer.state.values())
+    inner = getattr(optimizer, "optimizer", None)  # an iterate-averaging wrapper: its z and the base's state
+    return sum(walk(s) for s in optimizer.state.values()) + (state_bytes(inner) if inner is not None else 0)
+
+
+def _validation_loss(workload: Workload, model, optimizer) -> float:
+    """The validation loss, at the averaged weights for an iterate-averaging optimizer (``eval()``/``train()``)."""
+    averaged = hasattr(optimizer, "eval") and hasattr(optimizer, "train")
+    if averaged:
+        optimizer.eval()
+    try:
+        return workload.validation_loss(model)
+    finally:
+        if averaged:
+            optimizer.train()
 
 
 def timing_conditions(device: str) -> dict[str, Any]:
@@ -121,7 +134,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         last_loss = saved["last_loss"]
     else:
         with torch.no_grad(), autocast:
-            curve = [(0, 0.0, workload.validation_loss(model))]
+            curve = [(0, 0.0, _validation_loss(workload, model, optimizer))]
         first, train_seconds, optimizer_seconds, last_loss = 1, 0.0, 0.0, math.nan
     diverged = False
     steps_done = first - 1
@@ -168,7 +181,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
             break
         if step % eval_every == 0 or step == steps:
             with torch.no_grad(), autocast:
-                val = workload.validation_loss(model)
+                val = _validation_loss(workload, model, optimizer)
             curve.append((step, train_seconds, val))
             if not math.isfinite(val):
                 diverged = True
