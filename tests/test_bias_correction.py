@@ -83,6 +83,57 @@ def test_each_mode_matches_the_float64_reference(mode, shape, n):
     assert (want - plain).abs().max() > 1e-3  # the correction changes the step: the comparison has teeth
 
 
+def loo_reference(jensen, w, steps):
+    """The leave-one-out step (LOO, LOO+Jensen), fold by fold, from the formulas."""
+    w, m, v = w.clone(), torch.zeros_like(w), torch.zeros_like(w)
+    beta1, beta2 = BETAS
+    for t, grads in enumerate(steps, start=1):
+        n = len(grads)
+        mean = torch.stack(grads).mean(0)
+        steps_r, cubes_r, denominators = [], [], []
+        for r, g_r in enumerate(grads):
+            others = torch.stack([g for j, g in enumerate(grads) if j != r]).mean(0)
+            d = ((beta2 * v + (1 - beta2) * others ** 2) / (1 - beta2 ** t)).clamp(min=0).sqrt() + EPS
+            m_hat = (beta1 * m + (1 - beta1) * g_r) / (1 - beta1 ** t)
+            steps_r.append(m_hat / d)
+            cubes_r.append(m_hat / d ** 3)
+            denominators.append(d)
+        u = torch.stack(steps_r).mean(0)
+        if jensen:
+            corrected = u - torch.stack(denominators).var(0, unbiased=True) * torch.stack(cubes_r).mean(0)
+            u = torch.where(corrected * u >= 0, corrected, torch.zeros_like(u))
+        w = w * (1 - LR * WD) - LR * u
+        m = beta1 * m + (1 - beta1) * mean
+        v = beta2 * v + (1 - beta2) * mean ** 2
+    return w
+
+
+@pytest.mark.parametrize("mode", ["loo", "loo_jensen"])
+@pytest.mark.parametrize("shape", [(7,), (5, 9), (3, 4, 5), (2, 3, 2, 2)])
+@pytest.mark.parametrize("n", [2, 5])
+def test_leave_one_out_matches_the_float64_reference(mode, shape, n):
+    steps = microbatch_grads(shape, 5, n, spread=3.0)
+    w0 = torch.randn(shape, dtype=torch.float64)
+    got, opt = train(make(mode), w0, steps)
+    want = loo_reference(mode == "loo_jensen", w0, steps)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    plain, _ = reference("std", w0, steps)
+    assert (want - plain).abs().max() > 1e-3  # the estimator changes the step: the comparison has teeth
+    if mode == "loo_jensen":
+        assert (want - loo_reference(False, w0, steps)).abs().max() > 1e-6
+    assert not opt._buckets[0].micro  # the kept microbatch gradients are released after the step
+
+
+def test_leave_one_out_is_adamw_only_and_needs_two_microbatches():
+    w = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="bias_correction"):
+        precond.Sophia([w], bias_correction="loo")
+    opt = make("loo")([w])
+    w.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="microbatches"):
+        opt.accumulate(1)
+
+
 def test_cross_fit_fraction_moves_the_split():
     steps = microbatch_grads((4, 6), 4, 6)
     w0 = torch.randn(4, 6, dtype=torch.float64)

@@ -69,9 +69,21 @@ class AdamW(bc.MicrobatchCorrection, BlockEngine):
     /(1-β₂ᵗ))`` is the denominator microbatch ``j`` alone would give and ``Var(p̄)`` their sample variance
     over the count; ``"full"`` does both (variance over group B). Extra memory per parameter, during the
     accumulation only: 3 tensors of its size (``cross_fit``, ``variance_corrected``), 5 (``full``).
+
+    ``"loo"`` / ``"loo_jensen"`` are the authors' leave-one-out estimator (LOO, LOO+Jensen), with ``ĝ_r``
+    microbatch ``r``'s gradient, ``ḡ`` their mean and ``ĝ_{-r} = (nḡ − ĝ_r)/(n − 1)``:
+
+    .. math::
+        d_r = \sqrt{\max(0, (\beta_2 V + (1-\beta_2)\hat g_{-r}^{\odot 2})/(1-\beta_2^t))} + \epsilon,\quad
+        \hat m_r = \frac{\beta_1 M + (1-\beta_1)\hat g_r}{1-\beta_1^t},\quad
+        u = \frac1n \sum_r \frac{\hat m_r}{d_r}
+
+    and for ``"loo_jensen"`` ``u ← u − s²_d · \frac1n\sum_r \hat m_r/d_r^3`` where it keeps ``u``'s sign (0
+    elsewhere), ``s²_d`` the sample variance of ``d_r`` over the folds; then ``W ← W(1 − lr·wd) − lr·u`` and
+    ``M, V`` take ``ḡ`` as in plain AdamW. Extra memory: the ``n`` microbatch gradients until the step.
     """
 
-    _group_rules = {**STEP_RULES, "betas": betas_rule, "eps": check_positive, **bc.RULES}
+    _group_rules = {**STEP_RULES, "betas": betas_rule, "eps": check_positive, **bc.ADAMW_RULES}
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, bias_correction: str = "std",
@@ -97,6 +109,9 @@ class AdamW(bc.MicrobatchCorrection, BlockEngine):
     # ----------------------------------------------------------------- bias correction
     def _fold_microbatch(self, bucket: Bucket, grad: Tensor, index: int, n_a: int) -> None:
         mode, micro = bucket.group["bias_correction"], bucket.micro
+        if mode in bc.LEAVE_ONE_OUT:  # each fold needs the mean of all the others: kept until the step
+            micro.setdefault("grads", []).append(grad)
+            return
         if bc.crosses(mode):
             name = "numer_sum" if index < n_a else "square_sum"
             value = grad if index < n_a else grad * grad
@@ -110,6 +125,8 @@ class AdamW(bc.MicrobatchCorrection, BlockEngine):
 
     def _corrected_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
         (beta1, beta2), mode = group["betas"], group["bias_correction"]
+        if mode in bc.LEAVE_ONE_OUT:
+            return self._leave_one_out_directions(bucket, grads, ok, group)
         micro = self._micro_state(bucket)
         n, n_a = micro["n"], micro["n_a"]
         numerator, square = ((micro["numer_sum"] / n_a, micro["square_sum"] / (n - n_a)) if bc.crosses(mode)
@@ -122,3 +139,28 @@ class AdamW(bc.MicrobatchCorrection, BlockEngine):
         bias2 = per_block(bias_correction(beta2, step, grads.dtype), grads)
         denominator = (exp_avg_sq / bias2).sqrt_().add_(group["eps"])
         return exp_avg / bias1 * bc.corrected_inverse(denominator, variance)
+
+    def _leave_one_out_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
+        """The folds' mean step ``u`` (see the class docstring); ``grads`` is the step's mean gradient."""
+        (beta1, beta2), eps = group["betas"], group["eps"]
+        folds = self._micro_state(bucket)["grads"]
+        n = len(folds)
+        step, exp_avg, exp_avg_sq = bucket.state["step"], bucket.state["exp_avg"], bucket.state["exp_avg_sq"]
+        bias1 = per_block(bias_correction(beta1, step, grads.dtype), grads)
+        bias2 = per_block(bias_correction(beta2, step, grads.dtype), grads)
+        jensen = group["bias_correction"] == "loo_jensen"
+        first, third, spread = torch.zeros_like(grads), torch.zeros_like(grads), {}
+        for r, fold in enumerate(folds):
+            others = (n * grads - fold) / (n - 1)
+            d = ((beta2 * exp_avg_sq + (1.0 - beta2) * others * others) / bias2).clamp_(min=0.0).sqrt_().add_(eps)
+            m_hat = (beta1 * exp_avg + (1.0 - beta1) * fold) / bias1
+            first.add_(m_hat / d, alpha=1.0 / n)
+            if jensen:
+                third.add_(m_hat / d.pow(3), alpha=1.0 / n)
+                bc.welford_(spread, "d", d, r + 1)
+        if jensen:
+            corrected = first - (spread["d_m2"] / (n - 1)).clamp_(min=0.0) * third
+            first = torch.where(corrected * first >= 0, corrected, torch.zeros_like(corrected))
+        commit_(exp_avg, exp_avg.lerp(grads, 1.0 - beta1), ok)
+        commit_(exp_avg_sq, (exp_avg_sq * beta2).addcmul_(grads, grads, value=1.0 - beta2), ok, require_finite=True)
+        return first

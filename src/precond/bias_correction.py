@@ -11,7 +11,14 @@ accumulation, gives two remedies, selected per param group by ``bias_correction`
 - ``"variance_corrected"``: ``1/(p̄ + ε)`` is replaced by ``max(0, 1/(p̄+ε) − Var(p̄)/(p̄+ε)³)``, a second-order
   correction of the inverse, with ``Var(p̄)`` the sample variance over microbatches of the denominators
   ``p_j`` each microbatch alone would give, divided by their count (all ``n`` microbatches);
-- ``"full"``: both, the variance taken over group B.
+- ``"full"``: both, the variance taken over group B;
+- AdamW only, the leave-one-out estimator behind the paper's pre-training headline ("LOO", the authors'
+  ``LOOBCAdamW`` with their ``loo_hybrid`` collector): ``"loo"`` averages, over the ``n`` microbatches, the
+  step whose numerator is microbatch ``r``'s gradient and whose denominator is built from the mean gradient of
+  the other ``n − 1``; ``"loo_jensen"`` (LOO+Jensen) also subtracts each fold's ``Var(d)·m̂_r/d_r³``, ``Var(d)``
+  the sample variance of the folds' denominators, zeroed where that flips the sign. The persistent moments
+  take the step's mean gradient (square of the mean), as plain AdamW at the same batch. These keep every
+  microbatch's gradient until the step (``n`` parameter-sized tensors).
 
 ``ĝ_j = n · g_j`` is microbatch ``j``'s gradient on the scale of the step's gradient (an accumulation loop
 adds ``g_j`` = the gradient of ``loss_j / n``). Statistics are streamed (Welford), so memory does not grow
@@ -40,14 +47,19 @@ from .engine import Bucket
 from .linalg import shifted_eigh, spectral_function
 from .validation import Rule, check_choice, check_in, check_int
 
-__all__ = ["MODES", "RULES", "MicrobatchCorrection", "split", "corrected_inverse", "corrected_inverse_roots",
+__all__ = ["MODES", "LEAVE_ONE_OUT", "RULES", "ADAMW_RULES", "MicrobatchCorrection", "split", "corrected_inverse", "corrected_inverse_roots",
            "welford_", "variance_of_mean"]
 
 MODES = ("std", "cross_fit", "variance_corrected", "full")
+LEAVE_ONE_OUT = ("loo", "loo_jensen")  # AdamW's
 
 
 def _mode_rule(name: str, value: Any) -> None:
     check_choice(name, value, MODES)
+
+
+def _adamw_mode_rule(name: str, value: Any) -> None:
+    check_choice(name, value, MODES + LEAVE_ONE_OUT)
 
 
 def _fraction_rule(name: str, value: Any) -> None:
@@ -56,6 +68,7 @@ def _fraction_rule(name: str, value: Any) -> None:
 
 # the group rules of an optimizer that offers bias correction (see precond.validation.check_group)
 RULES: dict[str, Rule] = {"bias_correction": _mode_rule, "cross_fit_fraction": _fraction_rule}
+ADAMW_RULES: dict[str, Rule] = {**RULES, "bias_correction": _adamw_mode_rule}
 
 
 def crosses(mode: str) -> bool:
@@ -74,7 +87,7 @@ def split(mode: str, microbatches: int, fraction: float) -> int:
     if crosses(mode) and n_var < 1:
         raise ValueError(f"Invalid microbatches: {microbatches} (bias_correction={mode!r} with cross_fit_fraction="
                          f"{fraction} leaves group B empty)")
-    if corrects_variance(mode) and n_var < 2:
+    if (corrects_variance(mode) or mode in LEAVE_ONE_OUT) and n_var < 2:
         raise ValueError(f"Invalid microbatches: {microbatches} (bias_correction={mode!r} needs at least 2 "
                          f"microbatches to take a variance over; it has {n_var})")
     return n_a
