@@ -121,3 +121,18 @@ def test_adamw_state_uses_torch_names():
     train(net, reference, 1, seed=0)
     assert set(reference.state_dict()["state"][0]) <= set(ours)
     assert ours["step"].dtype == torch.float32 and float(ours["step"]) == 2.0
+
+
+def test_a_checkpoint_saved_before_the_fallbacks_counter_loads_with_it_at_zero():
+    """Factor counters saved five wide (before ``fallbacks``) load and end in a zero; the rest is unchanged."""
+    net = model()
+    opt = precond.SOAP(net.parameters(), lr=0.01, precondition_frequency=2)
+    train(net, opt, 4, seed=0)
+    saved = opt.state_dict()
+    old = {k: {n: (v[:5] if n.rsplit(".", 1)[-1].startswith("stats") else v) for n, v in s.items()}
+           for k, s in saved["state"].items()}
+    assert any(n.endswith("stats0") and v.shape == (5,) for s in old.values() for n, v in s.items())
+    fresh = precond.SOAP(model().parameters(), lr=0.01, precondition_frequency=2)
+    fresh.load_state_dict({"state": old, "param_groups": saved["param_groups"]})
+    for want, got in zip(opt.preconditioner_stats()["factors"], fresh.preconditioner_stats()["factors"], strict=True):
+        assert got == {**want, "fallbacks": 0}

@@ -89,10 +89,52 @@ def test_qr_algorithm_improves_a_warm_start_in_either_order(start_order):
 def test_power_qr_step_is_orthonormal_and_sorted():
     A, _ = spd(7, seed=5)
     Q0 = torch.linalg.qr(torch.randn(7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(6)))[0]
-    Q, order = linalg.power_qr_step(A, Q0)
+    Q, order, fell_back = linalg.power_qr_step(A, Q0)
     torch.testing.assert_close(Q.T @ Q, torch.eye(7, dtype=torch.float64), rtol=0, atol=1e-12)
     est = torch.diagonal(Q0.T @ A @ Q0)[order]
     assert torch.all(est[:-1] >= est[1:])
+    assert not bool(fell_back)
+
+
+def power_step_and_random(dtype):
+    """A power step's A·Q (A's eigenvalues over 10 decades, Q near its eigenbasis; condition 1e8) and a
+    random matrix, batched."""
+    g = torch.Generator().manual_seed(7)
+    n = 24
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    A = V @ torch.diag(torch.logspace(-8, 2, n, dtype=torch.float64)) @ V.T
+    near = torch.linalg.qr(V + 1e-3 * torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    return torch.stack([A @ near, torch.randn(n, n, generator=g, dtype=torch.float64)]).to(dtype)
+
+
+def test_cholesky_qr_equals_householder_qr_up_to_column_signs():
+    """float64: backward stable as Householder QR is (QᵀX upper triangular to rounding, Q orthonormal), and the
+    same Q as LAPACK's column by column, up to sign, within the forward error κ(X)·u both have."""
+    X = power_step_and_random(torch.float64)
+    Q, ok = linalg.cholesky_qr(X)
+    assert ok.tolist() == [True, True]
+    unit = X / X.norm(dim=-2, keepdim=True)
+    eye = torch.eye(24, dtype=torch.float64)
+    assert float(torch.linalg.matrix_norm(Q.mT @ Q - eye).max()) < 1e-14
+    assert float((torch.tril(Q.mT @ unit, -1).norm(dim=(-2, -1)) / unit.norm(dim=(-2, -1))).max()) < 1e-15
+    H = torch.linalg.qr(X)[0]
+    signs = torch.sign((Q * H).sum(-2, keepdim=True))
+    kappa = torch.linalg.cond(unit)
+    for b in range(2):
+        assert float((Q[b] * signs[b] - H[b]).abs().max()) < 10 * float(kappa[b]) * 2.2e-16
+
+
+def test_power_qr_falls_back_to_householder_where_cholesky_qr_loses_orthogonality():
+    """float32 at condition 1e8 (past 1/u): CholeskyQR is not orthonormal for that matrix, which takes
+    Householder QR instead (counted); the well-conditioned one keeps its CholeskyQR."""
+    X = power_step_and_random(torch.float32)
+    Q, ok = linalg.cholesky_qr(X)
+    assert ok.tolist() == [False, True]
+    eye = torch.eye(24, dtype=torch.float32)
+    A = torch.stack([X[0] @ X[0].mT, X[1] @ X[1].mT])  # symmetric, condition 1e16 in float32
+    Q_step, _, fell_back = linalg.power_qr_step(A, eye.expand(2, 24, 24))
+    assert fell_back.tolist() == [True, False]
+    assert float(torch.linalg.matrix_norm(Q_step.mT @ Q_step - eye).max()) < 1e-5
 
 
 def rotated(V, angle, seed):
@@ -133,7 +175,7 @@ def test_refine_eigenbasis_tracks_a_drifting_factor_better_than_power_qr(dtype, 
     before = drifted_factor(48, m, 100, seed=0)
     X = torch.linalg.eigh(before)[1]
     A = drifted_factor(48, m, drift, seed=1, A=before)
-    power_qr, _ = linalg.power_qr_step(A, X)
+    power_qr, _, _ = linalg.power_qr_step(A, X)
     ratios = [float(linalg.off_diagonal_ratio(power_qr.T @ A @ power_qr))]
     for _ in range(4):
         X, _ = linalg.refine_eigenbasis(A.to(dtype), X.to(dtype), iterations=1)

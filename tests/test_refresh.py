@@ -4,12 +4,13 @@ import pytest
 import torch
 
 import precond
+from precond.kronecker import STATS_WIDTH
 from precond.refresh import EigenbasisRefresh, refresh_due
 
 
 def counters():
     """A bucket of one block's counters: (dim, refreshes, skipped, qr_iterations, failures)."""
-    return torch.zeros(1, 5, dtype=torch.int64)
+    return torch.zeros(1, STATS_WIDTH, dtype=torch.int64)
 
 
 REFRESHES, SKIPPED, QR_ITERATIONS, FAILURES = 1, 2, 3, 4
@@ -84,9 +85,9 @@ def test_matmul_refreshes_under_the_criterion_select_without_reading_the_mask_on
     K = torch.randn(4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     drift = torch.tensor([0.0, 0.3, 0.0, 0.3], dtype=torch.float64)[:, None, None]
     Q = V @ torch.linalg.matrix_exp(drift * (K - K.mT))
-    c = torch.zeros(4, 5, dtype=torch.int64)
+    c = torch.zeros(4, STATS_WIDTH, dtype=torch.int64)
     policy = EigenbasisRefresh(method, tolerance=0.01, descending=True)
-    alone = [policy.refresh(A[i:i + 1], Q[i:i + 1], torch.zeros(1, 5, dtype=torch.int64), ONE[:1])[0][0]
+    alone = [policy.refresh(A[i:i + 1], Q[i:i + 1], torch.zeros(1, STATS_WIDTH, dtype=torch.int64), ONE[:1])[0][0]
              for i in (1, 3)]
 
     def no_host_read(*args, **kwargs):

@@ -20,7 +20,7 @@ from .precision import matmul, matmul_add_
 __all__ = ["init_factor_state", "factor_outer", "update_factors_", "mode_product", "permute_dim", "factor_matrices",
            "STATS_WIDTH"]
 
-STATS_WIDTH = 5  # per factor: dim, refreshes, skipped (adaptive criterion), qr_iterations, failures
+STATS_WIDTH = 6  # per factor: dim, refreshes, skipped (adaptive criterion), qr_iterations, failures, fallbacks
 
 
 def init_factor_state(shape: Sequence[int], preconditioned: Sequence[bool], dtype: torch.dtype,

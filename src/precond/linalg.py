@@ -8,6 +8,8 @@ counts the failure.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -27,6 +29,7 @@ __all__ = [
     "off_diagonal_ratio",
     "qr_algorithm",
     "power_qr_step",
+    "cholesky_qr",
     "refine_eigenbasis",
     "newton_schulz",
     "inverse_sqrt_newton_schulz",
@@ -205,18 +208,57 @@ def _qr(X: Tensor) -> tuple[Tensor, Tensor]:
         raise LinAlgFailure(f"QR failed: {err}") from err
 
 
-def power_qr_step(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+def cholesky_qr(X: Tensor) -> tuple[Tensor, Tensor]:
+    r"""The ``Q`` of ``X = QR`` for each ``[..., n, n]`` matrix by shifted CholeskyQR3: matmuls, batched
+    Cholesky factorisations and triangular solves instead of Householder reflections. Returns ``(Q, ok)``,
+    ``ok`` per matrix.
+
+    The columns are first scaled to unit norm (``X D = Q (R D)``: the same ``Q``), so that a power step's
+    ``A·Q``, whose columns are ≈ ``λ_k q_k``, does not carry ``A``'s spread of eigenvalues into the Gram
+    matrix. A pass is ``G = XᵀX = LLᵀ``, ``X ← X L^{-T}``. The first factors ``G + sI`` with
+    ``s = 10·n·u·tr(G)`` (Fukaya et al. 2020's shift, in size), which keeps it positive definite where ``X`` is
+    ill-conditioned; the next two (CholeskyQR2, Yamamoto et al. 2015) restore orthogonality. ``R``'s diagonal
+    is positive, so a column may have the opposite sign of LAPACK's Householder ``Q``; SOAP's update does not
+    depend on the basis' signs. ``ok`` is False where a factorisation failed or the result is not orthonormal
+    to ``64·√n·u`` (``X`` of numerical rank below ``n``); the caller falls back to Householder QR there.
+    """
+    n = X.shape[-1]
+    u = torch.finfo(X.dtype).eps
+    eye = torch.eye(n, dtype=X.dtype, device=X.device)
+    Q = X / torch.linalg.vector_norm(X, dim=-2, keepdim=True).clamp(min=torch.finfo(X.dtype).tiny)
+    ok = torch.ones(X.shape[:-2], dtype=torch.bool, device=X.device)
+    for shifted in (True, False, False):
+        G = matmul(Q.mT, Q)
+        if shifted:
+            G = G + (10.0 * n * u) * torch.diagonal(G, dim1=-2, dim2=-1).sum(-1)[..., None, None] * eye
+        try:
+            L, info = torch.linalg.cholesky_ex(G)
+            Q = torch.linalg.solve_triangular(L, Q.mT, upper=False).mT  # X L^{-T} = (L^{-1} Xᵀ)ᵀ
+        except RuntimeError:  # the solver itself failed: every matrix takes the fallback
+            return X, torch.zeros_like(ok)
+        ok &= info == 0
+    ok &= torch.linalg.matrix_norm(matmul(Q.mT, Q) - eye) <= 64.0 * math.sqrt(n) * u  # a NaN fails too
+    return Q, ok
+
+
+def power_qr_step(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""SOAP's refresh: one power-iteration step followed by a QR orthonormalisation (``[..., n, n]``).
 
     The columns of ``Q`` are first sorted by their Rayleigh quotients ``diag(QᵀAQ)``, descending; then
-    ``Q ← qr(A Q)``. Returns ``(new Q, order)`` so that the caller can permute per-column statistics
-    (SOAP's second moment) the same way; raises :class:`LinAlgFailure` if the QR raises.
+    ``Q ← qr(A Q)``, by :func:`cholesky_qr`, with Householder QR (LAPACK) for the matrices where that
+    fails. Returns ``(new Q, order, fell_back)`` so that the caller can permute per-column statistics
+    (SOAP's second moment) the same way and count the fallbacks; raises :class:`LinAlgFailure` if the
+    Householder QR raises. Deciding on the fallback reads one flag on the host.
     """
     AQ = matmul(A, Q)
     estimates = (Q * AQ).sum(-2)  # diag(QᵀAQ) without a second product
     order = torch.argsort(estimates, dim=-1, descending=True)
-    Q_new, _ = _qr(permute_columns(AQ, order))  # A·(Q's columns in order) = (AQ)'s columns in order
-    return Q_new, order
+    X = permute_columns(AQ, order)  # A·(Q's columns in order) = (AQ)'s columns in order
+    Q_new, ok = cholesky_qr(X)
+    fell_back = ~ok
+    if bool(fell_back.any()):
+        Q_new = torch.where(ok[..., None, None], Q_new, _qr(X)[0])
+    return Q_new, order, fell_back
 
 
 def _spectral_norm_estimate(W: Tensor, iterations: int = 8) -> Tensor:

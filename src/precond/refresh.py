@@ -46,7 +46,7 @@ __all__ = ["EigenbasisRefresh", "REFRESH_METHODS", "RULES", "policy_of", "refres
 REFRESH_METHODS = ("eigh", "qr", "power_qr", "refine")
 
 # Columns of a factor's ``stats`` counters (see precond.kronecker.STATS_WIDTH).
-REFRESHES, SKIPPED, QR_ITERATIONS, FAILURES = 1, 2, 3, 4
+REFRESHES, SKIPPED, QR_ITERATIONS, FAILURES, FALLBACKS = 1, 2, 3, 4, 5
 
 GATHERED = ("eigh", "qr")  # under the criterion, computed for the failing factors only (see above)
 
@@ -171,7 +171,8 @@ class EigenbasisRefresh:
             if self.method == "eigh":
                 _, Q_new, good = batched_eigh(A)
             elif self.method == "power_qr":
-                Q_new, order = power_qr_step(A, Q)
+                Q_new, order, fell_back = power_qr_step(A, Q)
+                stats[slice(None) if index is None else index, FALLBACKS] += fell_back
             elif self.method == "qr":
                 _, Q_new, iterations, order = qr_algorithm(A, Q, self.max_iterations, self.tolerance, B)
             else:

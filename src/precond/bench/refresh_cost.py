@@ -74,6 +74,8 @@ def methods() -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
         "eigh, batched": lambda A, Q: batched_eigh(A)[1],
         "QR algorithm, 1 step": lambda A, Q: qr_algorithm(A, Q, 1, 0.0)[1],
         "power-QR (SOAP)": lambda A, Q: power_qr_step(A, Q)[0],
+        # the same step orthonormalised by LAPACK's Householder QR (the reference SOAP's torch.linalg.qr)
+        "power-QR, Householder": lambda A, Q: torch.linalg.qr(A @ Q)[0],
         "refine, 1 step": refine(1, False),
         "refine, 2 steps": refine(2, False),
         "refine, 1 step, TF32": refine(1, True),

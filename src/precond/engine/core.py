@@ -92,7 +92,7 @@ def _traced_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
 WEIGHT_DECAY_MODES = ("decoupled", "decoupled_after", "l2")
 
 _STATS_KEY = re.compile(r"^(?:shard\d+of\d+\.)?(?:block(\d+)\.)?stats(\d+)$")
-STATS_FIELDS = ("dim", "refreshes", "skipped", "qr_iterations", "failures")
+STATS_FIELDS = ("dim", "refreshes", "skipped", "qr_iterations", "failures", "fallbacks")
 
 
 class BlockEngine(torch.optim.Optimizer):
@@ -651,7 +651,8 @@ class BlockEngine(torch.optim.Optimizer):
         Returns ``{"factors": [...], "nonfinite_skipped_blocks": int}`` (block steps skipped for a non-finite
         gradient, or an update that was not finite or passed :data:`UPDATE_BOUND`); each factor record holds
         ``group, param, block, factor, dim`` and the counters ``refreshes`` (recomputed), ``skipped``
-        (kept by the adaptive criterion), ``qr_iterations`` and ``failures`` (kept the last good result).
+        (kept by the adaptive criterion), ``qr_iterations``, ``failures`` (kept the last good result) and
+        ``fallbacks`` (power-QR refreshes whose CholeskyQR2 failed and took Householder QR).
         Reading them waits for the device.
         """
         factors: list[dict[str, Any]] = []
@@ -727,6 +728,7 @@ class BlockEngine(torch.optim.Optimizer):
             counters = {k: torch.zeros((), dtype=torch.int64) for k in expected
                         if k not in saved and k.rsplit(".", 1)[-1] == "nonfinite"}
             saved = {**saved, **counters}
+            saved = {k: _widen_stats(k, v, expected[k]) if k in expected else v for k, v in saved.items()}
         if self._topology.splits_work and isinstance(saved, dict) and set(saved) > set(expected):
             everything = self._expected_state(p, group, owned_only=False)
             if set(saved) == set(everything):
@@ -782,6 +784,14 @@ def _sound_update(direction: Tensor, weight_norms: Tensor, lr: float | Tensor, s
     step_rms = step_rms * (lr.to(step_rms.device).abs() if isinstance(lr, Tensor) else abs(lr)) * abs(scale)
     weight_rms = weight_norms.float() / math.sqrt(numel)
     return torch.isfinite(step_rms) & (step_rms <= UPDATE_BOUND * weight_rms.clamp(min=1.0))
+
+
+def _widen_stats(key: str, saved: Any, expected: Tensor) -> Any:
+    """A factor's counters saved before a counter was added (a shorter ``stats`` row) end in zeros."""
+    if (_STATS_KEY.match(key) and isinstance(saved, Tensor) and saved.dim() == 1 and expected.dim() == 1
+            and saved.shape[0] < expected.shape[0]):
+        return torch.cat([saved, saved.new_zeros(expected.shape[0] - saved.shape[0])])
+    return saved
 
 
 def _refuse_complex(optimizer: str, group: dict[str, Any], index: int) -> None:
