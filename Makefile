@@ -7,11 +7,12 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv test bench fuzz clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml benchmarks/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[bench,test,integrations]"
+	$(PY) -m pip install -q -e ".[test,integrations]"
+	$(PY) -m pip install -q -e ./benchmarks
 	touch $@
 
 venv: $(VENV)/.installed
@@ -24,7 +25,7 @@ fuzz: venv
 	$(PY) benchmarks/soak.py
 
 bench: venv
-	$(PY) -m precond.bench
+	$(PY) -m precond_bench
 
 clean:
 	rm -rf $(VENV) runs

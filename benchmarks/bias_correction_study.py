@@ -8,7 +8,7 @@
 Each step of a byte-level GPT (the benchmark's model and data, warmup + cosine schedule) takes ``--microbatches``
 microbatches of ``--batch-size`` windows through an ordinary accumulation loop with ``optimizer.accumulate(n)``
 after each backward (Sophia's sampled-label pass every 10 steps too); every mode sees the same windows in
-the same order (equal tokens). Hyper-parameters are the benchmark's (``precond.bench.optimizers``), the rate
+the same order (equal tokens). Hyper-parameters are the benchmark's (``precond_bench.optimizers``), the rate
 ``--lr`` or the benchmark's. The report gives the
 final validation loss per mode (mean ± standard deviation over seeds), its difference to ``std`` per seed,
 and the optimizer's seconds per step (``accumulate`` calls and ``step``) relative to ``std``. Runs are
@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 import precond
-from precond.bench.model import GPTConfig
-from precond.bench.runner import lr_factor
-from precond.bench.study import run_or_report, study_parser
-from precond.bench.workloads import COSINE, LanguageModel
+from precond_bench.model import GPTConfig
+from precond_bench.runner import lr_factor
+from precond_bench.study import run_or_report, study_parser
+from precond_bench.workloads import COSINE, LanguageModel
 
 
 def sync(device: str) -> None:
@@ -39,7 +39,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-# The benchmark's hyper-parameters (precond.bench.optimizers), with the bias-correction mode added.
+# The benchmark's hyper-parameters (precond_bench.optimizers), with the bias-correction mode added.
 OPTIMIZERS = {
     "AdamW": (3e-3, lambda ps, lr, mode: precond.AdamW(ps, lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
                                                        bias_correction=mode)),

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from precond.bench.model import GPT, GPTConfig
-from precond.bench.optimizers import SPECS, AdamWSetting
+from precond_bench.model import GPT, GPTConfig
+from precond_bench.optimizers import SPECS, AdamWSetting
 
 torch.set_num_threads(2)
 times = {}

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 import precond
-from precond.bench.optimizers import AdamWSetting, OptimizerSpec
-from precond.bench.runner import train_run
-from precond.bench.workloads import PRESETS, make_workload
+from precond_bench.optimizers import AdamWSetting, OptimizerSpec
+from precond_bench.runner import train_run
+from precond_bench.workloads import PRESETS, make_workload
 
 DS_LAYOUT = dict(precondition_1d=True, max_factor_ratio=float("inf"))
 SHAMPOO = dict(betas=(0.9, 0.999), epsilon=1e-12, precondition_frequency=10, grafting="adam", grafting_beta2=0.95,

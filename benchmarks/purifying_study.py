@@ -1,5 +1,5 @@
 """The "Purifying Shampoo" findings at our scale: grafting, the adaptive refresh criterion, early eigenbasis
-error, and per-parameter-type drift, on the language model of ``python -m precond.bench``.
+error, and per-parameter-type drift, on the language model of ``python -m precond_bench``.
 
     python benchmarks/purifying_study.py --device cuda --out benchmarks/results/purifying/runs.json
     python benchmarks/purifying_study.py --report benchmarks/results/purifying/runs.json   # tables + plots
@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 import precond
-from precond.bench.optimizers import AdamWSetting, OptimizerSpec
-from precond.bench.runner import train_run
-from precond.bench.study import run_or_report, study_parser
-from precond.bench.workloads import LanguageModel
-from precond.bench.model import GPTConfig
+from precond_bench.optimizers import AdamWSetting, OptimizerSpec
+from precond_bench.runner import train_run
+from precond_bench.study import run_or_report, study_parser
+from precond_bench.workloads import LanguageModel
+from precond_bench.model import GPTConfig
 
 LRS = (1e-3, 3e-3, 1e-2)
 BETAS = (0.95, 0.95)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import precond
-from precond.bench.runner import state_bytes
+from precond_bench.runner import state_bytes
 
 OPTIMIZERS = {
     "AdamW": lambda ps: precond.AdamW(ps, lr=1e-3),

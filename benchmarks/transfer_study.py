@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 import precond
-from precond.bench.model import GPT, GPTConfig
-from precond.bench.optimizers import AdamWSetting, OptimizerSpec
-from precond.bench.runner import train_run
-from precond.bench.study import run_or_report, study_parser
-from precond.bench.workloads import COSINE, LanguageModel
+from precond_bench.model import GPT, GPTConfig
+from precond_bench.optimizers import AdamWSetting, OptimizerSpec
+from precond_bench.runner import train_run
+from precond_bench.study import run_or_report, study_parser
+from precond_bench.workloads import COSINE, LanguageModel
 from precond.scaling import scaled_param_groups
 
 # name: (class, keyword arguments, centre rate, weight decay); Muon's AdamW part runs at MUON_ADAMW_LR

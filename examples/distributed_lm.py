@@ -35,8 +35,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import precond
-from precond.bench.data import prepare_corpus
-from precond.bench.workloads import GPTConfig, LanguageModel
+from precond_bench.data import prepare_corpus
+from precond_bench.workloads import GPTConfig, LanguageModel
 
 OPTIMIZERS = {
     "SOAP": lambda params, distributed: precond.SOAP(params, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.0,

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from precond.bench import data
-from precond.bench.__main__ import main as bench_main
-from precond.bench.optimizers import ADAMW_WEIGHT_DECAYS, SPECS, AdamWSetting, OptimizerSpec
-from precond.bench.protocol import BenchConfig, lr_grid, mean_curve, run_benchmark, steps_to_target, summarize
-from precond.bench.report import curve_colours, markdown_table
-from precond.bench.runner import lr_factor, state_bytes, train_run
-from precond.bench.workloads import PRESETS, Digits, LanguageModel, make_workload, with_batch_axis
+from precond_bench import data
+from precond_bench.__main__ import main as bench_main
+from precond_bench.optimizers import ADAMW_WEIGHT_DECAYS, SPECS, AdamWSetting, OptimizerSpec
+from precond_bench.protocol import BenchConfig, lr_grid, mean_curve, run_benchmark, steps_to_target, summarize
+from precond_bench.report import curve_colours, markdown_table
+from precond_bench.runner import lr_factor, state_bytes, train_run
+from precond_bench.workloads import PRESETS, Digits, LanguageModel, make_workload, with_batch_axis
 
 CORPUS = {f"library/mod{i}.rst.txt": (f"Module {i}\n=========\n\nThe quick brown fox {i} jumps over the lazy dog. "
                                        * 40).encode() for i in range(40)}
@@ -179,7 +179,7 @@ def test_model_size_flags_reach_the_workload(data_dir, tmp_path):
 
 
 def test_a_diverged_run_stops_and_reports_the_steps_it_ran(data_dir):
-    from precond.bench.runner import train_run
+    from precond_bench.runner import train_run
     wl = make_workload(PRESETS["tiny"], data_dir, "cpu")
     calls = []
     real_loss = wl.loss
@@ -203,7 +203,7 @@ class FakeTraining:
     second of a fake clock that the protocol reads."""
 
     def __init__(self, monkeypatch, best_lr: float, diverge_above: float = math.inf, best_wd: float = 0.1):
-        from precond.bench import protocol
+        from precond_bench import protocol
         self.best_lr, self.diverge_above, self.best_wd = best_lr, diverge_above, best_wd
         self.clock = 0.0
         self.calls: list[tuple[str, float, int]] = []
@@ -351,7 +351,7 @@ def test_train_run_applies_the_schedule_to_every_group(data_dir):
 
 def test_split_steps_every_part_and_shares_its_groups():
     a, b = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))
-    from precond.bench.optimizers import Split
+    from precond_bench.optimizers import Split
     split = Split(torch.optim.SGD([a], lr=0.1), torch.optim.Adam([b], lr=0.1))
     assert len(split.param_groups) == 2
     for group in split.param_groups:
@@ -384,7 +384,7 @@ def test_runs_record_their_timing_conditions_and_mixed_rows_are_marked(data_dir)
 
 
 def test_peer_rows_are_marked_and_unavailable_peers_are_refused(data_dir, tmp_path, monkeypatch):
-    from precond.bench import optimizers
+    from precond_bench import optimizers
     assert SPECS["torch.Muon"].peer == "torch" and SPECS["SOAP"].peer is None
     monkeypatch.setattr(optimizers.importlib.util, "find_spec", lambda name: None)
     assert optimizers.available_optimizers(["AdamW", "pytorch_optimizer.SOAP"]) == ["AdamW"]
@@ -496,7 +496,7 @@ def test_spec_variants_build_what_their_names_say_and_train(name, expected):
 def test_progress_counts_only_the_steps_this_call_trains():
     """A saved run, or one --time-limit does not start, leaves the total instead of filling the bar (which then
     jumped to 100% with runs still to make)."""
-    from precond.bench.__main__ import Progress
+    from precond_bench.__main__ import Progress
     progress = Progress(100, enabled=True)
     tick = progress.run("full AdamW")
     for step in range(1, 11):
@@ -508,7 +508,7 @@ def test_progress_counts_only_the_steps_this_call_trains():
 
 def test_ratio_plot_with_no_optimizer_at_the_target_draws_no_empty_legend(tmp_path):
     import warnings
-    from precond.bench.report import plot_ratios
+    from precond_bench.report import plot_ratios
     pytest.importorskip("matplotlib")
     summary = {"AdamW": {"final_val_mean": 1.0, "steps_ratio": 1.0, "seconds_ratio": 1.0, "peer": None},
                "SOAP": {"final_val_mean": 1.1, "steps_ratio": None, "seconds_ratio": None, "peer": None}}
@@ -593,7 +593,7 @@ def test_the_benchmark_resumes_checkpointed_runs_to_the_same_results(data_dir, t
 def test_batch_axis_reads_one_folder_per_batch_size(data_dir, tmp_path, capsys):
     """The tiny preset at two batch sizes (accumulation 1 and 2, one micro-batch size): one table and one
     speed-up plot over both, the batch read from each folder's workload."""
-    from precond.bench import batch_axis
+    from precond_bench import batch_axis
     folders = []
     for tokens in (64, 128):  # 4 rows of 16 bytes a micro-batch
         argv = ["--preset", "tiny", "--optimizers", "AdamW", "Muon", "--data-dir", str(data_dir), "--runs-dir",

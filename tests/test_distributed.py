@@ -128,7 +128,7 @@ def test_launcher_example_runs_ddp_and_fsdp_like_one_process(tmp_path):
     import sys
     from pathlib import Path
 
-    from precond.bench import data
+    from precond_bench import data
 
     docs = {f"doc{i}.txt": (f"Some text number {i} for the example. " * 30).encode() for i in range(30)}
     train, val = data.split_documents(docs)

@@ -2,7 +2,7 @@
 
 import torch
 
-from precond.bench import refresh_cost
+from precond_bench import refresh_cost
 
 
 def test_refresh_cost_on_the_tiny_body_reports_every_method_and_eigh_is_exact():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import precond
-from precond.bench.model import GPT, GPTConfig
+from precond_bench.model import GPT, GPTConfig
 from precond.scaling import lr_multiplier, residual_multiplier, rule_of, scaled_param_groups
 
 

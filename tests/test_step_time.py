@@ -2,7 +2,7 @@
 
 import json
 
-from precond.bench import step_time
+from precond_bench import step_time
 
 
 def test_body_shapes_are_gpt2_small_for_85m():

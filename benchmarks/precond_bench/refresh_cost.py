@@ -1,6 +1,6 @@
 """What one eigenbasis refresh of every Kronecker factor of a GPT-style body costs, and how good it is.
 
-    python -m precond.bench.refresh_cost --size 85M --device cuda
+    python -m precond_bench.refresh_cost --size 85M --device cuda
 
 The factors are those SOAP keeps for the body's weight matrices (one per side of each matrix, full size:
 for GPT-2 small 60 of 768², 12 of 2304², 24 of 3072²), bucketed by size. Each is an EMA (β = 0.95) of
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..linalg import batched_eigh, off_diagonal_ratio, power_qr_step, qr_algorithm, refine_eigenbasis
-from ..precision import TF32_MODES, matmul, tf32_matmuls
+from precond.linalg import batched_eigh, off_diagonal_ratio, power_qr_step, qr_algorithm, refine_eigenbasis
+from precond.precision import TF32_MODES, matmul, tf32_matmuls
 from .step_time import BODIES, body_shapes
 
 

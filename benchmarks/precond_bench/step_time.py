@@ -1,6 +1,6 @@
 """The optimizer step alone, timed on the weight matrices of GPT-style bodies, precond beside its peers.
 
-    python -m precond.bench.step_time --sizes 85M --device cuda
+    python -m precond_bench.step_time --sizes 85M --device cuda
 
 For each body (``20M``: 6 layers of width 512; ``85M``: GPT-2 small, 12 × 768; ``350M``: 24 × 1024; ``tiny``
 for CPU checks), the four weight matrices of every layer (attention in/out, MLP up/down, in ``nn.Linear``'s
@@ -39,7 +39,7 @@ import torch
 import precond
 
 BODIES = {"tiny": (2, 64), "20M": (6, 512), "85M": (12, 768), "350M": (24, 1024)}
-PEERS_DIR = Path(__file__).resolve().parents[3] / ".peers"
+PEERS_DIR = Path(__file__).resolve().parents[2] / ".peers"
 FREQUENCY = 10  # refresh period of every preconditioned optimizer (the issue's F=10)
 
 

@@ -1,2 +1,2 @@
 """The precond benchmark: real workloads, a fair lr-sweep protocol, tables and plots. Uses only the
-public API of :mod:`precond`. Run ``python -m precond.bench --help``."""
+public API of :mod:`precond`. Run ``python -m precond_bench --help``."""

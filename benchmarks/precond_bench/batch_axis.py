@@ -1,6 +1,6 @@
-"""``python -m precond.bench.batch_axis DIR...``: how each optimizer's speed-up over AdamW moves with the batch.
+"""``python -m precond_bench.batch_axis DIR...``: how each optimizer's speed-up over AdamW moves with the batch.
 
-Each ``DIR`` is one benchmark folder (``--runs-dir``/``--name`` of a ``precond.bench`` call), the same
+Each ``DIR`` is one benchmark folder (``--runs-dir``/``--name`` of a ``precond_bench`` call), the same
 workload at one batch size: run them at one byte budget (``--train-tokens``) and micro-batch (``--batch-size``,
 so the validation set is the same) with ``--tokens-per-step`` set per folder. Reads each folder's
 ``summary.json`` and ``workload.json``; prints a markdown table (one row per optimizer and batch size:
@@ -83,7 +83,7 @@ def plot_speedups(rows: list[dict[str, Any]], out: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m precond.bench.batch_axis", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m precond_bench.batch_axis", description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", type=Path, help="benchmark folders, one per batch size")
     p.add_argument("--out", type=Path, default=Path("."), help="where speedup_vs_batch.png goes")
     p.add_argument("--no-plots", action="store_true")

@@ -1,4 +1,4 @@
-"""``python -m precond.bench`` / ``precond bench``: run a benchmark preset and print its table."""
+"""``python -m precond_bench`` / ``precond bench``: run a benchmark preset and print its table."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class Progress:
     def __init__(self, total: int, enabled: bool):
         try:
             from tqdm import tqdm
-        except ImportError:  # the bench extra is missing: a line per run instead of a bar
+        except ImportError:  # tqdm is missing: a line per run instead of a bar
             enabled = False
         self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr) if enabled else None
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [n for n in names if not SPECS[n].available()]
     if missing:
         raise SystemExit(f"--optimizers: {missing} need packages that are not installed "
-                         f"({sorted({SPECS[n].peer for n in missing})}; pip install 'precond[peers]')")
+                         f"({sorted({SPECS[n].peer for n in missing})}; pip install './benchmarks[peers]')")
     config = BenchConfig(preset=preset, optimizers=list(dict.fromkeys(names)), device=args.device,
                          name=args.name or args.preset, runs_dir=args.runs_dir, data_dir=args.data_dir,
                          edge_points=args.edge_points, time_limit=args.time_limit)

@@ -58,7 +58,7 @@ class Workload:
 
 @dataclass
 class LanguageModel(Workload):
-    """Next-byte prediction on a corpus of :data:`~precond.bench.data.CORPORA` (the Python documentation or
+    """Next-byte prediction on a corpus of :data:`~precond_bench.data.CORPORA` (the Python documentation or
     the Linux kernel's C source). Batches are random windows of the training bytes, a function of
     (step, seed); the validation set is fixed, evenly spaced windows of the validation bytes."""
 
