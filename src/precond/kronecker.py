@@ -13,14 +13,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .engine import Bucket, commit_
+from .engine import STATS_FIELDS, Bucket, commit_
 from .engine.batched import decay_, ema_
 from .precision import matmul, matmul_add_
 
 __all__ = ["init_factor_state", "factor_outer", "update_factors_", "mode_product", "permute_dim", "factor_matrices",
            "STATS_WIDTH"]
 
-STATS_WIDTH = 6  # per factor: dim, refreshes, skipped (adaptive criterion), qr_iterations, failures, fallbacks
+STATS_WIDTH = len(STATS_FIELDS)  # a factor's counters (precond.engine.STATS_FIELDS)
 
 
 def init_factor_state(shape: Sequence[int], preconditioned: Sequence[bool], dtype: torch.dtype,

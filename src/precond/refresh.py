@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .engine import STATS_FIELDS
 from .kronecker import permute_dim
 from .linalg import (LinAlgFailure, batched_eigh, off_diagonal_ratio, power_qr_step, qr_algorithm,
                      refine_eigenbasis)
@@ -45,8 +46,9 @@ __all__ = ["EigenbasisRefresh", "REFRESH_METHODS", "RULES", "policy_of", "refres
 
 REFRESH_METHODS = ("eigh", "qr", "power_qr", "refine")
 
-# Columns of a factor's ``stats`` counters (see precond.kronecker.STATS_WIDTH).
-REFRESHES, SKIPPED, QR_ITERATIONS, FAILURES, FALLBACKS = 1, 2, 3, 4, 5
+# Columns of a factor's ``stats`` counters (their layout: precond.engine.STATS_FIELDS).
+REFRESHES, SKIPPED, QR_ITERATIONS, FAILURES, FALLBACKS = (
+    STATS_FIELDS.index(name) for name in ("refreshes", "skipped", "qr_iterations", "failures", "fallbacks"))
 
 GATHERED = ("eigh", "qr")  # under the criterion, computed for the failing factors only (see above)
 

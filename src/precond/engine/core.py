@@ -55,7 +55,7 @@ from .distributed import (Topology, agree_any, all_gather_blocks, assign_owners,
                           resolve_topology, scatter_rows)
 from .plan import Bucket, Member, block_prefix, build_buckets, engine_entries, fresh_block_state, state_dtype
 
-__all__ = ["BlockEngine", "WEIGHT_DECAY_MODES"]
+__all__ = ["BlockEngine", "WEIGHT_DECAY_MODES", "STATS_FIELDS"]
 
 logger = logging.getLogger("precond")
 
@@ -92,6 +92,9 @@ def _traced_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
 WEIGHT_DECAY_MODES = ("decoupled", "decoupled_after", "l2")
 
 _STATS_KEY = re.compile(r"^(?:shard\d+of\d+\.)?(?:block(\d+)\.)?stats(\d+)$")
+# The one layout of a factor's counters (``stats{i}``, int64): its dim, then how often its root or basis was
+# recomputed, kept by the adaptive criterion, QR-iterated, failed (kept the last good one), and fell back from
+# CholeskyQR to Householder QR. precond.kronecker allocates them, precond.refresh counts, this module reports.
 STATS_FIELDS = ("dim", "refreshes", "skipped", "qr_iterations", "failures", "fallbacks")
 
 
