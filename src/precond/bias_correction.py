@@ -38,6 +38,7 @@ they always see.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -101,22 +102,19 @@ def corrected_inverse(denominator: Tensor, variance: Tensor | None) -> Tensor:
     return (inverse - variance / denominator.pow(3)).clamp_(min=0.0)
 
 
-def corrected_inverse_roots(A: Tensor, exponent: float, epsilon: float, variance: Tensor,
-                            basis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def corrected_inverse_roots(A: Tensor, exponent: float, epsilon: float,
+                            variance_along: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
     r"""Shampoo's ``(A + εI)^{-p}`` with each eigenvalue's inverse root corrected to second order (delta
-    method): ``d_k = max(0, λ_k^{-p} − ½p(p+1) λ_k^{-p-2} Var(λ̄_k))``; returns ``(roots, Q, ok)``.
+    method): ``d_k = max(0, λ_k^{-p} − ½p(p+1) λ_k^{-p-2} Var(λ̄_k))``; returns ``(roots, ok)``.
 
-    ``variance`` ``[B, n]`` is the variance of the mean eigenvalue along the columns of ``basis`` (the
-    eigenvectors of the last refresh, along which the microbatches were measured); it is carried to the
-    new eigenvectors ``Q`` by their overlaps, ``Var_k = Σ_i (q_kᵀ b_i)² Var_i``, exact when the eigenvectors
-    did not move. The eigenvalues follow :func:`~precond.linalg.inverse_roots`' shift rule.
+    ``variance_along(Q)`` gives ``Var(λ̄_k)`` ``[B, n]``, the variance of the mean eigenvalue along each new
+    eigenvector (column of ``Q``), measured there from the microbatches, as the authors' code does. The
+    eigenvalues follow :func:`~precond.linalg.inverse_roots`' shift rule.
     """
     L, Q, ok = shifted_eigh(A, epsilon)
-    carried = (Q.mT @ basis).square() @ variance.unsqueeze(-1)
-    second_order = 0.5 * exponent * (exponent + 1.0) * L.pow(-exponent - 2.0) * carried.squeeze(-1)
+    second_order = 0.5 * exponent * (exponent + 1.0) * L.pow(-exponent - 2.0) * variance_along(Q)
     d = (L.pow(-exponent) - second_order).clamp_(min=0.0)
-    roots, ok = spectral_function(Q, d, ok)
-    return roots, Q, ok
+    return spectral_function(Q, d, ok)
 
 
 def add_(stats: dict[str, Tensor], name: str, value: Tensor) -> None:

@@ -17,7 +17,7 @@ from .engine import STATS_FIELDS, Bucket, commit_
 from .engine.batched import decay_, ema_
 from .precision import matmul, matmul_add_
 
-__all__ = ["init_factor_state", "factor_outer", "update_factors_", "mode_product", "permute_dim", "factor_matrices",
+__all__ = ["init_factor_state", "unfold", "factor_outer", "update_factors_", "mode_product", "permute_dim", "factor_matrices",
            "STATS_WIDTH"]
 
 STATS_WIDTH = len(STATS_FIELDS)  # a factor's counters (precond.engine.STATS_FIELDS)
@@ -41,14 +41,14 @@ def init_factor_state(shape: Sequence[int], preconditioned: Sequence[bool], dtyp
     return state
 
 
-def _unfold(grads: Tensor, i: int) -> Tensor:
+def unfold(grads: Tensor, i: int) -> Tensor:
     """``G_(i)``, the mode-``i`` unfolding of every block (``[B, n_i, ∏_{j≠i} n_j]``)."""
     return grads.movedim(1 + i, 1).reshape(grads.shape[0], grads.shape[1 + i], -1)
 
 
 def factor_outer(grads: Tensor, i: int) -> Tensor:
     """``G_(i) G_(i)ᵀ`` for every block of the stack ``grads`` (``[B, n_i, n_i]``)."""
-    unfolded = _unfold(grads, i)
+    unfolded = unfold(grads, i)
     return matmul(unfolded, unfolded.mT)
 
 
@@ -65,7 +65,7 @@ def update_factors_(state: dict[str, Tensor], grads: Tensor, beta: float, weight
         if factor is None:
             continue
         if outers is None and factor.is_cuda:
-            unfolded = _unfold(grads, i)
+            unfolded = unfold(grads, i)
             matmul_add_(decay_(factor, beta, ok), unfolded, unfolded.mT, alpha=weight)
         elif outers is None:
             # Off the GPU the outer product is written out and added, the references' rounding: a factor of

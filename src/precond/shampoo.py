@@ -17,7 +17,7 @@ from . import bias_correction as bc
 from .blocks import BlockLayout
 from .engine import BlockEngine, Bucket, bias_correction, commit_, per_block
 from .grafting import GRAFTING_KINDS, Diagonal, graft
-from .kronecker import factor_matrices, factor_outer, init_factor_state, mode_product, update_factors_
+from .kronecker import factor_matrices, factor_outer, init_factor_state, mode_product, unfold, update_factors_
 from .linalg import LinAlgFailure, inverse_root_newton, inverse_roots, pseudo_inverse_roots
 from .precision import TF32_MODES
 from .refresh import FAILURES, REFRESHES, refresh_due
@@ -120,7 +120,8 @@ class ShampooFamily(BlockEngine):
         beta1, beta2 = group["betas"]
         state, step, t = bucket.state, bucket.state["step"], bucket.calls
         grads, outers = self._statistics(bucket, grads)
-        update_factors_(state, grads, beta2, 1.0 if beta2 == 1.0 else 1.0 - beta2, ok, outers)
+        if self._folds(bucket, t):
+            update_factors_(state, grads, beta2, 1.0 if beta2 == 1.0 else 1.0 - beta2, ok, outers)
         has_factors = any(bucket.kind)
         diagonal = self._diagonal(group, has_factors)
         if diagonal is not None:
@@ -154,6 +155,10 @@ class ShampooFamily(BlockEngine):
         return any(bucket.kind) and refresh_due(t, group["precondition_frequency"], group["start_preconditioning_step"])
 
     # ------------------------------------------------------------ what a family member supplies
+    def _folds(self, bucket: Bucket, t: int) -> bool:
+        """Whether step ``t`` adds its statistic to the factors (every step by default)."""
+        return True
+
     def _statistics(self, bucket: Bucket, grads: Tensor) -> tuple[Tensor, dict[int, Tensor] | None]:
         """The gradient the first moment and grafting see, and the factors' outer products where they do not
         come from it (``None``); bias-corrected Shampoo cross-fits them."""
@@ -241,11 +246,15 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
             unfolding) over group B; ``"variance_corrected"`` replaces each eigenvalue's inverse root
             at a refresh by ``max(0, λ^{-p} − ½p(p+1)λ^{-p-2} Var(λ̄))``, ``Var(λ̄)`` the variance over the
             microbatches (divided by their count) of ``q_kᵀ(β₂L + (1-β₂)Ĝ_jĜ_jᵀ)q_k`` (bias-corrected like
-            ``L``) measured along the last refresh's eigenvectors ``q_k``; ``"full"`` does both (variance
-            over group B). Needs ``root_method="eigh"`` for the variance modes. Extra memory while
-            accumulating: a gradient and one matrix per factor; the variance modes keep each factor's
-            eigenvectors (one more matrix per factor). Blocks without a factor (1-D parameters unless
-            ``precondition_1d``) run their diagonal method on group A's gradient, uncorrected.
+            ``L``) measured along the eigenvectors ``q_k`` this refresh computes, as the authors' code does;
+            ``"full"`` does both (variance over group B). Needs ``root_method="eigh"`` for the variance modes.
+            Extra memory while accumulating: a gradient and one matrix per factor; on refresh steps the variance
+            modes keep the microbatch gradients (of group B) until the refresh. Blocks without a factor (1-D
+            parameters unless ``precondition_1d``) run their diagonal method on group A's gradient,
+            uncorrected. The authors' Shampoo is this class with ``use_bias_correction=False``,
+            ``fold_at_refresh_only=True``, ``betas=(0.9, 0.95)``, ``epsilon=1e-6`` and no grafting.
+        fold_at_refresh_only: update the factors only on refresh steps, from that step's statistic (the
+            authors' bias-corrected Shampoo; default False: every step, as Distributed Shampoo).
         cross_fit_fraction: the share of a step's microbatches in group A (default 0.5).
         pseudo_inverse: use the pseudo-inverse root (default False): eigenvalues at or below ``rank_rtol · λ_max``
             count as zero and get a zero root, as Distributed Shampoo's ``PseudoInverseConfig`` does; for
@@ -258,6 +267,7 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
     """
 
     _group_rules = {**ShampooFamily._group_rules, **bc.RULES, "epsilon": check_nonneg, "pseudo_inverse": flag_rule,
+                    "fold_at_refresh_only": flag_rule,
                     "rank_rtol": lambda name, v: v is None or check_nonneg(name, v)}
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, betas: tuple[float, float] = (0.9, 1.0),
@@ -269,8 +279,8 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
                  root_method: str = "eigh", precondition_1d: bool = False, merge_dims: bool = True,
                  large_dim_policy: str = "split", max_factor_ratio: float = 64.0, tf32: bool | str = False, *,
                  spectral_normalize: bool = False, pseudo_inverse: bool = False, rank_rtol: float | None = None,
-                 bias_correction: str = "std", cross_fit_fraction: float = 0.5, distributed: Any = None,
-                 strict: bool = False) -> None:
+                 bias_correction: str = "std", cross_fit_fraction: float = 0.5, fold_at_refresh_only: bool = False,
+                 distributed: Any = None, strict: bool = False) -> None:
         check_choice("root_method", root_method, ("eigh", "newton"))
         if isinstance(inverse_exponent_override, dict):
             for order, exponent in inverse_exponent_override.items():
@@ -286,7 +296,8 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
         super().__init__(params, **shared_arguments(locals()),
                          extra=dict(inverse_exponent_override=inverse_exponent_override, root_method=root_method,
                                     pseudo_inverse=pseudo_inverse, rank_rtol=rank_rtol,
-                                    bias_correction=bias_correction, cross_fit_fraction=cross_fit_fraction))
+                                    bias_correction=bias_correction, cross_fit_fraction=cross_fit_fraction,
+                                    fold_at_refresh_only=fold_at_refresh_only))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -304,13 +315,8 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
             raise ValueError(f"Invalid bias_correction: {group['bias_correction']!r} (the variance correction "
                              "acts on eigenvalues: it needs root_method='eigh')")
 
-    def _init_block(self, shape, kind, group, dtype, device):
-        state = super()._init_block(shape, kind, group, dtype, device)
-        if bc.corrects_variance(group["bias_correction"]):  # the eigenvectors the variance is measured along
-            for i, use in enumerate(kind):
-                if use:
-                    state[f"basis{i}"] = torch.eye(shape[i], dtype=dtype, device=device)
-        return state
+    def _folds(self, bucket: Bucket, t: int) -> bool:
+        return not bucket.group["fold_at_refresh_only"] or self._refreshes(bucket, t)
 
     @staticmethod
     def _exponent(order: int, group: dict[str, Any]) -> float:
@@ -327,10 +333,8 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
             factor, stats = bucket.state[f"factor{i}"], bucket.state[f"stats{i}"]
             factor = factor / per_block(bias2, factor)
             if bc.corrects_variance(group["bias_correction"]):
-                root, basis, good = bc.corrected_inverse_roots(factor, exponent, group["epsilon"],
-                                                               self._eigenvalue_variance(bucket, i, bias2),
-                                                               bucket.state[f"basis{i}"])
-                commit_(bucket.state[f"basis{i}"], basis, ok & good)
+                root, good = bc.corrected_inverse_roots(
+                    factor, exponent, group["epsilon"], lambda Q, i=i: self._eigenvalue_variance(bucket, i, bias2, Q))
             elif group["pseudo_inverse"]:
                 root, good = pseudo_inverse_roots(factor, exponent, group["rank_rtol"])
             elif group["root_method"] == "newton":
@@ -364,17 +368,16 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
             sums = {"numer_sum": grad} if index < n_a else {f"outer{i}": factor_outer(grad, i) for i in factored}
             for name, value in sums.items():
                 bc.add_(micro, name, value)
-        # the variance is needed at refreshes only, along the eigenvectors kept from the last one
+        # the variance is needed at refreshes only, along the eigenvectors that refresh computes: the
+        # microbatch gradients wait for them
         if bc.corrects_variance(mode) and index >= n_a and self._refreshes(bucket, bucket.calls + 1):
-            for i in factored:
-                unfolded = grad.movedim(1 + i, 1).reshape(grad.shape[0], grad.shape[1 + i], -1)
-                along = (bucket.state[f"basis{i}"].mT @ unfolded).square().sum(-1)  # ‖q_kᵀ Ĝ_j,(i)‖²
-                bc.welford_(micro, f"s{i}", along, index + 1 - n_a)
+            micro.setdefault("variance_grads", []).append(grad)
 
-    def _eigenvalue_variance(self, bucket: Bucket, i: int, bias2: Tensor) -> Tensor:
-        """``Var(λ̄)`` of factor ``i`` along its kept eigenvectors: the variance of ``‖q_kᵀĜ_j‖²`` times the
-        factor's weight, bias-corrected as the factor is."""
+    def _eigenvalue_variance(self, bucket: Bucket, i: int, bias2: Tensor, Q: Tensor) -> Tensor:
+        """``Var(λ̄)`` of factor ``i`` along the columns ``q_k`` of ``Q``: the variance over the microbatches of
+        ``‖q_kᵀĜ_j,(i)‖²``, over their count, times the factor's weight, bias-corrected as the factor is."""
         micro, beta2 = self._micro_state(bucket), bucket.group["betas"][1]
         weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
-        variance = bc.variance_of_mean(micro, f"s{i}", micro["n"] - micro["n_a"])
+        along = torch.stack([(Q.mT @ unfold(grad, i)).square().sum(-1) for grad in micro["variance_grads"]])
+        variance = along.var(0, unbiased=True) / along.shape[0]  # ‖q_kᵀ Ĝ_j,(i)‖² over j: Var(mean)
         return variance * (weight / bias2).square().unsqueeze(-1)
