@@ -59,17 +59,22 @@ def theirs(init, steps, jensen: bool):
     return [p.detach() for p in params]
 
 
-def ours(init, steps, jensen: bool):
-    params = [torch.nn.Parameter(w.clone()) for w in init]
-    opt = precond.AdamW(params, bias_correction="loo_jensen" if jensen else "loo", **HP)
+def accumulate_and_step(opt, params, steps):
+    """Each step's microbatches through an accumulation loop (backward of loss_j / n adds g_j / n), then step."""
     for mbs in steps:
-        for mb in mbs:  # an accumulation loop: backward of loss_j / n adds g_j / n
+        for mb in mbs:
             for p, g in zip(params, mb):
                 p.grad = g / len(mbs) if p.grad is None else p.grad + g / len(mbs)
             opt.accumulate(len(mbs))
         opt.step()
         opt.zero_grad()
     return [p.detach() for p in params]
+
+
+def ours(init, steps, jensen: bool):
+    params = [torch.nn.Parameter(w.clone()) for w in init]
+    opt = precond.AdamW(params, bias_correction="loo_jensen" if jensen else "loo", **HP)
+    return accumulate_and_step(opt, params, steps)
 
 
 SHAMPOO_MODES = {"std": "std", "inv": "variance_corrected", "cf": "cross_fit", "full": "full"}  # theirs: ours
@@ -113,14 +118,7 @@ def ours_shampoo(init, steps, mode: str):
                           start_preconditioning_step=h["frequency"], use_bias_correction=False,
                           fold_at_refresh_only=True, bias_correction=SHAMPOO_MODES[mode], merge_dims=False,
                           max_factor_ratio=float("inf"))
-    for mbs in steps:
-        for mb in mbs:
-            for p, g in zip(params, mb):
-                p.grad = g / len(mbs) if p.grad is None else p.grad + g / len(mbs)
-            opt.accumulate(len(mbs))
-        opt.step()
-        opt.zero_grad()
-    return [p.detach() for p in params]
+    return accumulate_and_step(opt, params, steps)
 
 
 def report(name: str, a, b, init) -> None:
