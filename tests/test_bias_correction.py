@@ -239,3 +239,48 @@ def test_a_checkpoint_saved_before_the_option_existed_loads_with_its_default():
     resumed.load_state_dict(saved)
     resumed.step()
     assert resumed.param_groups[0]["bias_correction"] == "std"
+
+
+def clipped_run(opt_factory, w0, steps, factor):
+    """An accumulation loop that rescales ``p.grad`` by ``factor`` between the last accumulate() and step(),
+    as ``clip_grad_norm_`` does."""
+    w = w0.clone().requires_grad_(True)
+    opt = opt_factory([w])
+    for grads in steps:
+        n = len(grads)
+        for g in grads:
+            w.grad = g / n if w.grad is None else w.grad + g / n
+            opt.accumulate(n)
+        w.grad.mul_(factor)
+        opt.step()
+        opt.zero_grad()
+    return w.detach()
+
+
+SHAMPOO = dict(betas=(0.9, 0.95), epsilon=1e-3, precondition_frequency=2, start_preconditioning_step=2,
+               merge_dims=False, max_factor_ratio=float("inf"))
+
+
+def adamw_scale_aware(mode):
+    """AdamW with ε comparable to √v, so that rescaling the gradients changes its step."""
+    return lambda ps: precond.AdamW(ps, lr=LR, betas=BETAS, eps=0.5, weight_decay=WD, bias_correction=mode)
+
+
+@pytest.mark.parametrize("name, factory", [
+    ("AdamW cross_fit", adamw_scale_aware("cross_fit")), ("AdamW loo", adamw_scale_aware("loo")),
+    ("AdamW loo_jensen", adamw_scale_aware("loo_jensen")),
+    ("Shampoo cross_fit", lambda ps: precond.Shampoo(ps, lr=LR, bias_correction="cross_fit", **SHAMPOO)),
+    ("Shampoo full", lambda ps: precond.Shampoo(ps, lr=LR, bias_correction="full", **SHAMPOO)),
+    ("Shampoo variance_corrected",
+     lambda ps: precond.Shampoo(ps, lr=LR, bias_correction="variance_corrected", **SHAMPOO))])
+def test_a_clip_of_the_step_gradient_rescales_every_microbatch_statistic(name, factory):
+    """Halving p.grad before step() is halving every microbatch gradient, in every mode whose statistics
+    scale (all but AdamW's variance modes), and it changes the step (the clip is not ignored; AdamW with an ε
+    that does not vanish beside √v, since Adam's step is otherwise nearly blind to a rescaling)."""
+    steps = microbatch_grads((5, 6), 5, 4, spread=2.0)
+    w0 = torch.randn(5, 6, dtype=torch.float64)
+    clipped = clipped_run(factory, w0, steps, 0.5)
+    halved, _ = train(factory, w0, [[g * 0.5 for g in grads] for grads in steps])
+    torch.testing.assert_close(clipped, halved, rtol=1e-12, atol=1e-12)
+    unclipped, _ = train(factory, w0, steps)
+    assert (clipped - unclipped).abs().max() > 1e-6

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .engine import Bucket
+from .engine import Bucket, per_block
 from .linalg import shifted_eigh, spectral_function
 from .validation import Rule, check_choice, check_in, check_int
 
@@ -139,6 +139,12 @@ def variance_of_mean(stats: dict[str, Tensor], prefix: str, count: int) -> Tenso
     return stats[f"{prefix}_m2"] / (count * (count - 1))
 
 
+# How each accumulated statistic follows a rescaling of the microbatch gradients by ``c`` (its power of ``c``;
+# ``outer{i}``: 2). AdamW's variance modes stream the variance of per-microbatch denominators ``p_j`` (``p_…``),
+# which are not homogeneous in ``c``: those stay as measured on the unclipped microbatches.
+SCALING = {"sum": 1, "numer_sum": 1, "square_sum": 2, "grads": 1, "variance_grads": 1, "s_mean": 2, "s_m2": 4}
+
+
 class MicrobatchCorrection:
     """Mixin for a :class:`~precond.engine.BlockEngine` optimizer whose groups take ``bias_correction`` and
     ``cross_fit_fraction``. The optimizer supplies :meth:`_fold_microbatch` (what it keeps of one microbatch)
@@ -198,9 +204,33 @@ class MicrobatchCorrection:
     def _step(self) -> None:  # after the closure, which may have accumulated the microbatches
         self._check_accumulated()
         try:
+            self._follow_step_gradient()
             super()._step()
         finally:
             self._end_accumulation()
+
+    def _follow_step_gradient(self) -> None:
+        """Clipping: where ``p.grad`` was rescaled between the last :meth:`accumulate` and ``step()``
+        (``clip_grad_norm_``, a loss-scale), each block's microbatch statistics are rescaled alike, as if every
+        microbatch gradient had been multiplied by ``c = ⟨p.grad, Σ⟩ / ⟨Σ, Σ⟩`` (``Σ`` the accumulated sum; exact
+        for a rescaling, the least-squares factor for anything else): gradients by ``c``, their squares and
+        outer products by ``c²`` (:data:`SCALING`). An untouched ``p.grad`` gives ``c = 1`` exactly."""
+        for bucket in self._buckets:
+            micro = bucket.micro
+            if bucket.group["bias_correction"] == "std" or "sum" not in micro:
+                continue
+            total = micro["sum"]
+            now = torch.stack([m.view(m.grad().contiguous()) for m in bucket.members]).to(total.dtype)
+            stored = total.to(bucket.members[0].param.dtype).to(total.dtype)  # Σ as p.grad holds it (bf16: rounded)
+            dims = tuple(range(1, total.dim()))
+            c = (now * total).sum(dims) / (stored * total).sum(dims).clamp(min=torch.finfo(total.dtype).tiny)
+            for key, value in micro.items():
+                power = 2 if key.startswith("outer") else SCALING.get(key)
+                if power is None:
+                    continue
+                scale = c if power == 1 else c.pow(power)
+                micro[key] = ([v * per_block(scale, v) for v in value] if isinstance(value, list)
+                              else value * per_block(scale, value))
 
     def _check_accumulated(self) -> None:
         if any(g["bias_correction"] != "std" for g in self.param_groups) and (
