@@ -4,6 +4,15 @@
     python benchmarks/bias_correction_study.py --optimizer Sophia Shampoo --modes std variance_corrected full
     python benchmarks/bias_correction_study.py --device cuda --width 256 --depth 4 --steps 400
     python benchmarks/bias_correction_study.py --report benchmarks/results/bias_correction/runs.json
+    # the ablation of the paper's headline: the schedule apart from the correction
+    python benchmarks/bias_correction_study.py --device cuda --modes std loo_jensen full --arm baseline headline
+
+``--arm baseline`` decays every rate to 0 (the authors' baseline); ``--arm headline`` is their headline run's
+schedule: the dense (non-embedding) rate ×1.5 and a cosine floor of 0.2. In every arm the embedding and the
+output head train with plain AdamW (``bias_correction="std"``) at the base rate, as in the authors' LOO run, and
+every other parameter with the mode; so ``std`` at ``headline`` against ``std`` at ``baseline`` is the
+schedule's share of a gain, and a mode against ``std`` within one arm the correction's. ``--lr`` tunes each
+arm's base rate (runs are keyed by optimizer, mode, seed, arm and rate).
 
 Each step of a byte-level GPT (the benchmark's model and data, warmup + cosine schedule) takes ``--microbatches``
 microbatches of ``--batch-size`` windows through an ordinary accumulation loop with ``optimizer.accumulate(n)``
@@ -72,16 +81,31 @@ def accumulation_pass(workload: LanguageModel, model, opt, batches, sampled: boo
     return labels, seconds
 
 
-def run(workload: LanguageModel, name: str, mode: str, seed: int, args: argparse.Namespace) -> dict:
+# The arms of the ablation: (rate multiplier of the dense parameters, the cosine's floor).
+ARMS = {"baseline": (1.0, 0.0), "headline": (1.5, 0.2)}
+
+
+def param_groups(model, lr: float, mode: str, arm: str) -> list[dict]:
+    """Embedding and output head on plain AdamW at ``lr``; the rest with ``mode`` at the arm's dense rate."""
+    sparse = [p for n, p in model.named_parameters() if n.split(".")[0] in ("embed", "lm_head")]
+    dense = [p for n, p in model.named_parameters() if n.split(".")[0] not in ("embed", "lm_head")]
+    return [{"params": dense, "lr": lr * ARMS[arm][0], "bias_correction": mode},
+            {"params": sparse, "lr": lr, "bias_correction": "std"}]
+
+
+def run(workload: LanguageModel, name: str, mode: str, seed: int, args: argparse.Namespace, arm: str = "baseline",
+        lr: float | None = None) -> dict:
     model = workload.model(seed)
     default_lr, build = OPTIMIZERS[name]
-    lr = args.lr or default_lr
-    opt = build(list(model.parameters()), lr, mode)
+    lr = lr or default_lr
+    opt = build(param_groups(model, lr, mode, arm), lr, mode)
+    base = [group["lr"] for group in opt.param_groups]
+    schedule = {**COSINE, "floor": ARMS[arm][1]}
     n, optimizer_seconds, eval_seconds, curve = args.microbatches, 0.0, 0.0, []
     began = time.perf_counter()
     for step in range(1, args.steps + 1):
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_factor(step, args.steps, COSINE)
+        for group, rate in zip(opt.param_groups, base):
+            group["lr"] = rate * lr_factor(step, args.steps, schedule)
         batches = [workload.batch(step * n + j, seed) for j in range(n)]
         optimizer_seconds += accumulation_pass(workload, model, opt, batches, sampled=False)[1]
         start = time.perf_counter()
@@ -103,39 +127,51 @@ def run(workload: LanguageModel, name: str, mode: str, seed: int, args: argparse
             model.train()
             eval_seconds += time.perf_counter() - start
     train_seconds = time.perf_counter() - began - eval_seconds
-    return {"optimizer": name, "mode": mode, "seed": seed, "lr": lr, "final_val_loss": curve[-1][1],
+    return {"optimizer": name, "mode": mode, "seed": seed, "lr": lr, "arm": arm, "final_val_loss": curve[-1][1],
             "curve": curve, "optimizer_seconds_per_step": optimizer_seconds / args.steps,
             "train_seconds_per_step": train_seconds / args.steps, "steps": args.steps,
             "microbatches": n, "batch_size": args.batch_size, "device": args.device,
             "model": {"width": args.width, "depth": args.depth, "context": args.context}}
 
 
-MODES = ("std", "cross_fit", "variance_corrected", "full")
+MODES = ("std", "cross_fit", "variance_corrected", "full", "loo", "loo_jensen")  # the last two: AdamW's
+
+
+def _arm(run: dict) -> str:
+    """Runs made before the arms existed: every parameter with the mode, the benchmark's cosine (floor 0.1)."""
+    return run.get("arm", "all parameters, floor 0.1")
 
 
 def report(path: Path) -> str:
+    """Per optimizer, arm and rate: each mode's final loss and its difference to ``std`` of the same arm and
+    rate, seed by seed (the correction's share); ``std`` rows of the headline arm also give their difference to
+    ``std`` at the baseline arm and the same rate (the schedule's share)."""
     runs = json.loads(path.read_text())
-    lines = ["| optimizer | mode | final val loss (mean ± sd) | seeds | Δ vs std per seed | optimizer per step "
-             "(× std) | training step (× std) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| optimizer | arm | lr | mode | final val loss (mean ± sd) | seeds | Δ vs std per seed | optimizer per "
+             "step (× std) | training step (× std) |", "|---|---|---|---|---|---|---|---|---|"]
     for name in OPTIMIZERS:
         mine = [r for r in runs if r.get("optimizer", "AdamW") == name]
-        if not any(r["mode"] == "std" for r in mine):
-            continue
-        by = {(r["mode"], r["seed"]): r for r in mine}
-        base_time = statistics.mean(r["optimizer_seconds_per_step"] for r in mine if r["mode"] == "std")
-        base_step = statistics.mean(r["train_seconds_per_step"] for r in mine if r["mode"] == "std")
-        for mode in (m for m in MODES if any(r["mode"] == m for r in mine)):
-            rs = [r for r in mine if r["mode"] == mode]
-            losses = [r["final_val_loss"] for r in rs]
-            spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
-            deltas = [r["final_val_loss"] - by[("std", r["seed"])]["final_val_loss"] for r in rs
-                      if ("std", r["seed"]) in by]
-            per_step = statistics.mean(r["optimizer_seconds_per_step"] for r in rs)
-            train_step = statistics.mean(r["train_seconds_per_step"] for r in rs)
-            lines.append(f"| {name} | {mode} | {statistics.mean(losses):.4f} ± {spread:.4f} | {len(rs)} | "
-                         + ", ".join(f"{d:+.4f}" for d in deltas)
-                         + f" | {per_step * 1e3:.2f} ms ({per_step / base_time:.2f}×)"
-                         f" | {train_step * 1e3:.1f} ms ({train_step / base_step:.2f}×) |")
+        for arm, lr in sorted({(_arm(r), r["lr"]) for r in mine}):
+            cell = [r for r in mine if _arm(r) == arm and r["lr"] == lr]
+            std = {r["seed"]: r for r in cell if r["mode"] == "std"}
+            if not std:
+                continue
+            baseline = {r["seed"]: r for r in mine if _arm(r) == "baseline" and r["lr"] == lr and r["mode"] == "std"}
+            base_time = statistics.mean(r["optimizer_seconds_per_step"] for r in std.values())
+            base_step = statistics.mean(r["train_seconds_per_step"] for r in std.values())
+            for mode in (m for m in MODES if any(r["mode"] == m for r in cell)):
+                rs = [r for r in cell if r["mode"] == mode]
+                losses = [r["final_val_loss"] for r in rs]
+                spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
+                against = baseline if mode == "std" and arm == "headline" else std
+                deltas = [r["final_val_loss"] - against[r["seed"]]["final_val_loss"] for r in rs if r["seed"] in against]
+                label = "std vs baseline std: " if against is baseline else ""
+                per_step = statistics.mean(r["optimizer_seconds_per_step"] for r in rs)
+                train_step = statistics.mean(r["train_seconds_per_step"] for r in rs)
+                lines.append(f"| {name} | {arm} | {lr:g} | {mode} | {statistics.mean(losses):.4f} ± {spread:.4f} | "
+                             f"{len(rs)} | {label}" + ", ".join(f"{d:+.4f}" for d in deltas)
+                             + f" | {per_step * 1e3:.2f} ms ({per_step / base_time:.2f}×)"
+                             f" | {train_step * 1e3:.1f} ms ({train_step / base_step:.2f}×) |")
     return "\n".join(lines)
 
 
@@ -170,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4, help="windows per microbatch")
-    p.add_argument("--lr", type=float, default=None, help="default: the benchmark's rate of each optimizer")
+    p.add_argument("--lr", type=float, nargs="+", default=[None],
+                   help="base rates to run (default: the benchmark's rate of each optimizer)")
+    p.add_argument("--arm", nargs="+", default=["baseline"], choices=list(ARMS),
+                   help="baseline: decay to 0; headline: dense rate ×1.5, floor 0.2 (see the module docstring)")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--context", type=int, default=64)
@@ -181,17 +220,21 @@ def run_study(args: argparse.Namespace) -> None:
     config = GPTConfig(width=args.width, depth=args.depth, heads=max(1, args.width // 32), context=args.context)
     workload = LanguageModel(Path(args.data_dir), config, batch_size=args.batch_size, device=args.device)
     done = json.loads(args.out.read_text()) if args.out.exists() else []
-    seen = {(r.get("optimizer", "AdamW"), r["mode"], r["seed"]) for r in done}
+    seen = {(r.get("optimizer", "AdamW"), r["mode"], r["seed"], _arm(r), r["lr"]) for r in done}
     for name in args.optimizer:
-        for seed in args.seeds:
-            for mode in args.modes:
-                if (name, mode, seed) in seen:
-                    continue
-                r = run(workload, name, mode, seed, args)
-                done.append(r)
-                print(f"{name} {mode} seed={seed}: {r['final_val_loss']:.4f}", file=sys.stderr, flush=True)
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(done, indent=1))
+        modes = [m for m in args.modes if name == "AdamW" or m not in ("loo", "loo_jensen")]
+        for lr in (rate or OPTIMIZERS[name][0] for rate in args.lr):
+            for arm in args.arm:
+                for seed in args.seeds:
+                    for mode in modes:
+                        if (name, mode, seed, arm, lr) in seen:
+                            continue
+                        r = run(workload, name, mode, seed, args, arm, lr)
+                        done.append(r)
+                        print(f"{name} {arm} lr={lr:g} {mode} seed={seed}: {r['final_val_loss']:.4f}",
+                              file=sys.stderr, flush=True)
+                        args.out.parent.mkdir(parents=True, exist_ok=True)
+                        args.out.write_text(json.dumps(done, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 
 from precond_bench import data
 from precond_bench.__main__ import main as bench_main
+from precond_bench.model import GPT, GPTConfig
 from precond_bench.optimizers import ADAMW_WEIGHT_DECAYS, SPECS, AdamWSetting, OptimizerSpec
 from precond_bench.protocol import BenchConfig, lr_grid, mean_curve, run_benchmark, steps_to_target, summarize
 from precond_bench.report import curve_colours, markdown_table
@@ -466,6 +467,28 @@ def test_bias_correction_study_script_runs_every_mode_on_equal_tokens(data_dir, 
     assert all(math.isfinite(r["final_val_loss"]) for r in runs)
     table = study.report(out)
     assert "| std |" in table and "| full |" in table
+
+
+def test_bias_correction_ablation_separates_the_schedule_from_the_correction(data_dir, tmp_path):
+    """The headline arm's dense rate is 1.5× and its floor 0.2; embedding and head stay on std at the base rate;
+    the report sets std at headline against std at baseline (the schedule's share)."""
+    study = study_script("bias_correction_study")
+    out = tmp_path / "ablation.json"
+    argv = ["--out", str(out), "--data-dir", str(data_dir), "--steps", "3", "--eval-every", "1", "--width", "16",
+            "--depth", "1", "--context", "8", "--batch-size", "2", "--microbatches", "3", "--seeds", "0",
+            "--modes", "std", "loo_jensen", "--arm", "baseline", "headline", "--lr", "0.01"]
+    assert study.main(argv) == 0
+    runs = json.loads(out.read_text())
+    assert {(r["arm"], r["mode"]) for r in runs} == {(a, m) for a in ("baseline", "headline")
+                                                     for m in ("std", "loo_jensen")}
+    model = GPT(GPTConfig(width=16, depth=1, heads=1, context=8))
+    dense, sparse = study.param_groups(model, 0.01, "loo_jensen", "headline")
+    assert dense["lr"] == pytest.approx(0.015) and sparse["lr"] == 0.01 and sparse["bias_correction"] == "std"
+    assert {id(p) for p in sparse["params"]} == {id(model.embed.weight), id(model.lm_head.weight)}
+    table = study.report(out)
+    assert "| headline | 0.01 | std |" in table and "std vs baseline std: " in table
+    by = {(r["arm"], r["mode"]): r["final_val_loss"] for r in runs}
+    assert by[("headline", "std")] != by[("baseline", "std")]
 
 
 @pytest.mark.parametrize("name, expected", [
