@@ -15,7 +15,6 @@ from .shampoo import Shampoo
 from .soap import SOAP
 from .sophia import Sophia
 
-__all__ = ["ASGO", "AdamW", "BlockEngine", "EShampoo", "EigenbasisRefresh", "KLShampoo", "Muon", "PrimalAveraging", "SOAP", "ScheduleFree",
-           "Shampoo", "Sophia",
-           "explain", "param_groups"]
+__all__ = ["ASGO", "AdamW", "BlockEngine", "EShampoo", "EigenbasisRefresh", "KLShampoo", "Muon", "PrimalAveraging",
+           "SOAP", "ScheduleFree", "Shampoo", "Sophia", "explain", "param_groups"]
 __version__ = "0.1.0"

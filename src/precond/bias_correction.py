@@ -48,8 +48,8 @@ from .engine import Bucket, per_block
 from .linalg import shifted_eigh, spectral_function
 from .validation import Rule, check_choice, check_in, check_int
 
-__all__ = ["MODES", "LEAVE_ONE_OUT", "RULES", "ADAMW_RULES", "MicrobatchCorrection", "split", "corrected_inverse", "corrected_inverse_roots",
-           "welford_", "variance_of_mean"]
+__all__ = ["MODES", "LEAVE_ONE_OUT", "RULES", "ADAMW_RULES", "SCALING", "MicrobatchCorrection", "split",
+           "corrected_inverse", "corrected_inverse_roots", "welford_", "variance_of_mean"]
 
 MODES = ("std", "cross_fit", "variance_corrected", "full")
 LEAVE_ONE_OUT = ("loo", "loo_jensen")  # AdamW's
@@ -212,16 +212,16 @@ class MicrobatchCorrection:
     def _follow_step_gradient(self) -> None:
         """Clipping: where ``p.grad`` was rescaled between the last :meth:`accumulate` and ``step()``
         (``clip_grad_norm_``, a loss-scale), each block's microbatch statistics are rescaled alike, as if every
-        microbatch gradient had been multiplied by ``c = ⟨p.grad, Σ⟩ / ⟨Σ, Σ⟩`` (``Σ`` the accumulated sum; exact
-        for a rescaling, the least-squares factor for anything else): gradients by ``c``, their squares and
-        outer products by ``c²`` (:data:`SCALING`). An untouched ``p.grad`` gives ``c = 1`` exactly."""
+        microbatch gradient had been multiplied by ``c = ⟨p.grad, Σ⟩ / ⟨Σ, Σ⟩`` (``Σ`` the accumulated sum;
+        exact for a rescaling, the least-squares factor for anything else): gradients by ``c``, their squares
+        and outer products by ``c²`` (:data:`SCALING`). An untouched ``p.grad`` gives ``c = 1`` exactly."""
         for bucket in self._buckets:
             micro = bucket.micro
             if bucket.group["bias_correction"] == "std" or "sum" not in micro:
                 continue
             total = micro["sum"]
             now = torch.stack([m.view(m.grad().contiguous()) for m in bucket.members]).to(total.dtype)
-            stored = total.to(bucket.members[0].param.dtype).to(total.dtype)  # Σ as p.grad holds it (bf16: rounded)
+            stored = total.to(bucket.members[0].param.dtype).to(total.dtype)  # Σ as p.grad holds it (bf16 rounds)
             dims = tuple(range(1, total.dim()))
             c = (now * total).sum(dims) / (stored * total).sum(dims).clamp(min=torch.finfo(total.dtype).tiny)
             for key, value in micro.items():

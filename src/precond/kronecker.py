@@ -17,8 +17,8 @@ from .engine import STATS_FIELDS, Bucket, commit_
 from .engine.batched import decay_, ema_
 from .precision import matmul, matmul_add_
 
-__all__ = ["init_factor_state", "unfold", "factor_outer", "update_factors_", "mode_product", "permute_dim", "factor_matrices",
-           "STATS_WIDTH"]
+__all__ = ["init_factor_state", "unfold", "factor_outer", "update_factors_", "mode_product", "permute_dim",
+           "factor_matrices", "STATS_WIDTH"]
 
 STATS_WIDTH = len(STATS_FIELDS)  # a factor's counters (precond.engine.STATS_FIELDS)
 
