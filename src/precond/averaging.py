@@ -90,12 +90,15 @@ class IterateAveraging(torch.optim.Optimizer):
     def _decay_moved(self) -> Iterator[bool]:
         """The base optimizer's decoupled weight decay set to 0 while it steps (restored after); yields
         whether its decay is decoupled (and so is to be applied to ``z``)."""
-        decoupled = hasattr(self.optimizer, "decoupled_decay") or _torch_decoupled(self.optimizer)
-        saved = [{k: g[k] for k in _DECAY_KEYS if k in g} for g in self.param_groups] if decoupled else []
+        if hasattr(self.optimizer, "decoupled_decay"):  # ours: per group (Shampoo may decay by L2)
+            moved = [self.optimizer.decouples_weight_decay(g) for g in self.param_groups]
+        else:
+            moved = [_torch_decoupled(self.optimizer)] * len(self.param_groups)
+        saved = [{k: g[k] for k in _DECAY_KEYS if k in g} if m else {} for g, m in zip(self.param_groups, moved)]
         for group, values in zip(self.param_groups, saved):
             group.update(dict.fromkeys(values, 0.0))
         try:
-            yield decoupled
+            yield any(moved)
         finally:
             for group, values in zip(self.param_groups, saved):
                 group.update(values)

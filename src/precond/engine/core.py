@@ -489,6 +489,10 @@ class BlockEngine(torch.optim.Optimizer):
             torch._foreach_copy_(blocks, list(weights.unbind(0)))
         return ok
 
+    def decouples_weight_decay(self, group: dict[str, Any]) -> bool:
+        """Whether ``group``'s weight decay is decoupled (``W ← W·(1 − lr·wd)``) rather than L2 (in the gradient)."""
+        return self._weight_decay_mode(group) != "l2"
+
     def decoupled_decay(self) -> dict[Tensor, tuple[float | Tensor, float]]:
         """Per parameter, the ``(lr, weight_decay)`` of its decoupled decay ``W ← W·(1 − lr·wd)`` at the
         current groups' settings, as the last step's plan assigns them (Muon's and ASGO's AdamW members
@@ -496,7 +500,7 @@ class BlockEngine(torch.optim.Optimizer):
         that applies the decay elsewhere (:mod:`precond.averaging`)."""
         rates: dict[Tensor, tuple[float | Tensor, float]] = {}
         for bucket in self._buckets or []:
-            if self._weight_decay_mode(bucket.group) != "l2":
+            if self.decouples_weight_decay(bucket.group):
                 rate = self._rate(bucket, bucket.group)
                 for member in bucket.members:
                     rates[member.param] = rate
