@@ -48,6 +48,17 @@ def _reference_adamw_gpa(init, targets, lr, wd, betas, eps, mu_x_of, mu_y, steps
     return out_y, out_x
 
 
+def _assert_same_trajectory(opt_a, a, opt_b, b, targets, steps, rtol, atol):
+    """Two optimizers on two copies of the parameters, each step's gradients taken where each copy is, end equal."""
+    for _ in range(steps):
+        _quadratic_grads(a, targets)
+        _quadratic_grads(b, targets)
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=rtol, atol=atol)
+
+
 def _train(opt, params, targets, steps=STEPS):
     for _ in range(steps):
         _quadratic_grads(params, targets)
@@ -89,13 +100,7 @@ def test_gpa_around_sgd_is_momentum(nesterov):
     b = [torch.nn.Parameter(w.clone()) for w in init]
     averaged = PrimalAveraging(torch.optim.SGD(a, lr=lr / (1 - beta)), beta, beta if nesterov else 1.0)
     momentum = torch.optim.SGD(b, lr=lr, momentum=beta, nesterov=nesterov)
-    for _ in range(10):
-        _quadratic_grads(a, targets)
-        _quadratic_grads(b, targets)
-        averaged.step()
-        momentum.step()
-    for p, q in zip(a, b):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-11, atol=1e-12)
+    _assert_same_trajectory(averaged, a, momentum, b, targets, 10, rtol=1e-12, atol=1e-13)
 
 
 def test_muon_decay_moves_to_z_at_each_members_rate():
@@ -191,10 +196,4 @@ def test_averaging_with_mu_x_0_and_mu_y_1_is_the_base_optimizer_whatever_its_dec
                                precondition_frequency=2, grafting="adam")
 
     wrapped, plain = PrimalAveraging(make(a), eval_interp_coeff=0.0, train_interp_coeff=1.0), make(b)
-    for _ in range(STEPS):
-        _quadratic_grads(a, targets)
-        _quadratic_grads(b, targets)
-        wrapped.step()
-        plain.step()
-    for p, q in zip(a, b):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-11, atol=1e-12)
+    _assert_same_trajectory(wrapped, a, plain, b, targets, STEPS, rtol=1e-11, atol=1e-12)
