@@ -384,6 +384,18 @@ def test_runs_record_their_timing_conditions_and_mixed_rows_are_marked(data_dir)
     assert "§" not in table  # one set of conditions: nothing to mark
 
 
+def test_a_run_outside_a_checkout_takes_its_commit_from_the_environment(monkeypatch):
+    from precond_bench import runner
+
+    def no_git(*args, **kwargs):
+        raise OSError("git: not found")
+    monkeypatch.setattr(runner.subprocess, "run", no_git)
+    monkeypatch.delenv("PRECOND_COMMIT", raising=False)
+    assert runner.timing_conditions("cpu")["commit"] is None
+    monkeypatch.setenv("PRECOND_COMMIT", "abd4097")
+    assert runner.timing_conditions("cpu")["commit"] == "abd4097"
+
+
 def test_peer_rows_are_marked_and_unavailable_peers_are_refused(data_dir, tmp_path, monkeypatch):
     from precond_bench import optimizers
     assert SPECS["torch.Muon"].peer == "torch" and SPECS["SOAP"].peer is None
