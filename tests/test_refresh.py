@@ -189,7 +189,7 @@ def test_eshampoo_sorting_refresh_permutes_the_corrected_eigenvalues_with_the_co
     eigenvalues = torch.arange(12, dtype=torch.float64).reshape(4, 3)
     bucket.state["factor1"].copy_(A)
     bucket.state["eigenvalues"].copy_(eigenvalues)
-    opt._refresh(bucket, torch.ones(1, dtype=torch.float64), ONE, opt.param_groups[0])
+    opt.preconditioner.refresh(bucket, torch.ones(1, dtype=torch.float64), ONE, opt.param_groups[0])
     # power-QR sorts the columns by decreasing diag(QᵀAQ); the QR algorithm by EShampoo's increasing order
     order = torch.tensor([1, 2, 0] if method == "power_qr" else [0, 2, 1])
     assert torch.equal(opt.state[p]["eigenvalues"], eigenvalues[:, order])

@@ -5,13 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from .engine import Bucket, commit_, per_block
-from .kronecker import factor_matrices, mode_product
+from .preconditioners import CorrectedEigenvalues
 from .refresh import RULES as REFRESH_RULES
-from .refresh import policy_of
 from .shampoo import ShampooFamily, shared_arguments
 
 __all__ = ["EShampoo"]
@@ -60,6 +55,8 @@ class EShampoo(ShampooFamily):
     not finite, instead of skipping that block's step and counting it (``preconditioner_stats()``).
     """
 
+    _group_rules = {**ShampooFamily._group_rules, **REFRESH_RULES}
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  epsilon: float = 1e-12, weight_decay: float = 0.0, max_preconditioner_dim: int | float = 1024,
                  precondition_frequency: int = 100, start_preconditioning_step: int = -1,
@@ -71,36 +68,5 @@ class EShampoo(ShampooFamily):
                  spectral_normalize: bool = False, distributed: Any = None, strict: bool = False) -> None:
         super().__init__(params, **shared_arguments(locals()),
                          extra=dict(refresh_method=refresh_method, refresh_tolerance=refresh_tolerance,
-                                    max_qr_iterations=max_qr_iterations))
-
-    diagonal_for_unfactored = False
-    _group_rules = {**ShampooFamily._group_rules, **REFRESH_RULES}
-
-    _factor_matrix = "basis"  # identity bases: until the first refresh the method is Adam in the parameter's basis
-
-    def _init_preconditioner(self, shape, dtype, device):
-        return {"eigenvalues": torch.zeros(shape, dtype=dtype, device=device)}
-
-    def _refresh(self, bucket: Bucket, bias2: Tensor, ok: Tensor, group: dict[str, Any]) -> None:
-        def ridge(factor: Tensor) -> Tensor:
-            eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
-            return factor / per_block(bias2, factor) + group["epsilon"] * eye
-
-        policy_of(group).refresh_bucket_(bucket.state, bucket.kind, ok, bucket.state["eigenvalues"], ridge)
-
-    def _update_preconditioner(self, bucket, grads, bias2, ok, group):
-        beta2 = group["betas"][1]
-        rotated = mode_product(grads, factor_matrices(bucket, "basis"))
-        eigenvalues = bucket.state["eigenvalues"]
-        if beta2 == 1.0:
-            new = eigenvalues.addcmul(rotated, rotated)
-        else:
-            new = (eigenvalues * beta2).addcmul_(rotated, rotated, value=1.0 - beta2)
-        commit_(eigenvalues, new, ok, require_finite=True)
-
-    def _precondition(self, bucket, m_hat, bias2, group):
-        bases = factor_matrices(bucket, "basis")
-        eigenvalues = bucket.state["eigenvalues"]
-        rotated = mode_product(m_hat, bases)
-        rotated = rotated / ((eigenvalues / per_block(bias2, eigenvalues)).sqrt() + group["epsilon"])
-        return mode_product(rotated, bases, transpose=True)
+                                    max_qr_iterations=max_qr_iterations),
+                         preconditioner=CorrectedEigenvalues())

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
-from .engine import Bucket
-from .kronecker import factor_matrices, factor_outer, mode_product
+from .preconditioners import KLInverseRoots, KroneckerPreconditioner
 from .shampoo import Shampoo
 from .validation import check_choice
 
@@ -38,8 +35,5 @@ class KLShampoo(Shampoo):
 
     _group_rules = {**Shampoo._group_rules, "bias_correction": lambda name, v: check_choice(name, v, ("std",))}
 
-    def _statistics(self, bucket: Bucket, grads: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
-        roots = factor_matrices(bucket, "root")
-        outers = {i: factor_outer(mode_product(grads, [r if j != i else None for j, r in enumerate(roots)]), i)
-                  for i, root in enumerate(roots) if root is not None}
-        return grads, outers
+    def _make_preconditioner(self) -> KroneckerPreconditioner:
+        return KLInverseRoots()

@@ -1,8 +1,9 @@
 r"""Shampoo with Distributed Shampoo's argument names, defaults and order of operations.
 
-Shared with :class:`~precond.eshampoo.EShampoo` through :class:`ShampooFamily`: blocking, the factor
-statistics, the first moment, grafting and the start/refresh schedule. The two differ only in what they
-compute from the factors and how they apply it.
+Shared with :class:`~precond.eshampoo.EShampoo` and :class:`~precond.kl_shampoo.KLShampoo` through
+:class:`ShampooFamily`: blocking, the factor statistics, the first moment, grafting and the start/refresh
+schedule. They differ only in their preconditioner component (:mod:`precond.preconditioners`): what it
+computes from the factors and how it applies it.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from . import bias_correction as bc
 from .blocks import BlockLayout
 from .engine import BlockEngine, Bucket, bias_correction, commit_, per_block
 from .grafting import GRAFTING_KINDS, Diagonal, graft
-from .kronecker import factor_matrices, factor_outer, init_factor_state, mode_product, unfold, update_factors_
-from .linalg import LinAlgFailure, inverse_root_newton, inverse_roots, pseudo_inverse_roots
+from .kronecker import factor_outer, init_factor_state, unfold, update_factors_
 from .precision import TF32_MODES
-from .refresh import FAILURES, REFRESHES, refresh_due
+from .preconditioners import InverseRoots, KroneckerPreconditioner
+from .refresh import refresh_due
 from .validation import (STEP_RULES, betas_to_one_rule, check_betas, check_choice, check_int, check_max_dim,
                          check_nonneg, check_positive, flag_rule, pair)
 
@@ -41,12 +42,9 @@ def shared_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
 
 
 class ShampooFamily(BlockEngine):
-    """What Shampoo and EShampoo share; see :class:`Shampoo` for the arguments."""
+    """The step Shampoo, KL-Shampoo and EShampoo share around their ``preconditioner`` component; see
+    :class:`Shampoo` for the arguments."""
 
-    # Whether a block with no Kronecker factor (a 1-D parameter by default) follows a diagonal method.
-    # Shampoo: yes (its identity "preconditioner" would be plain momentum SGD). EShampoo: no, its
-    # eigenvalue correction in the identity basis already is Adam.
-    diagonal_for_unfactored = True
     _skip_advice = "lower lr, set grafting or raise epsilon"
     _group_rules = {**STEP_RULES, "betas": betas_to_one_rule, "epsilon": check_positive,
                     "max_factor_ratio": check_positive, "spectral_normalize": flag_rule}
@@ -57,7 +55,8 @@ class ShampooFamily(BlockEngine):
                  grafting: str | None, grafting_beta2: float | None, grafting_epsilon: float,
                  precondition_1d: bool, merge_dims: bool, large_dim_policy: str, max_factor_ratio: float,
                  tf32: bool | str, spectral_normalize: bool, distributed: Any, strict: bool,
-                 extra: dict[str, Any]) -> None:
+                 extra: dict[str, Any], preconditioner: KroneckerPreconditioner) -> None:
+        self.preconditioner = preconditioner
         check_max_dim("max_preconditioner_dim", max_preconditioner_dim)
         check_int("precondition_frequency", precondition_frequency, 1)
         if start_preconditioning_step != -1:
@@ -98,7 +97,7 @@ class ShampooFamily(BlockEngine):
         (Adam with ``betas[1]`` when no grafting is set, AdaGrad when ``betas[1] == 1``)."""
         if group["grafting"] is not None:
             return Diagonal(group["grafting"], group["grafting_beta2"], group["grafting_epsilon"])
-        if has_factors or not self.diagonal_for_unfactored:
+        if has_factors or not self.preconditioner.needs_diagonal_when_unfactored:
             return None
         beta2 = group["betas"][1]
         return Diagonal("adagrad" if beta2 == 1.0 else "adam", beta2, group["grafting_epsilon"])
@@ -107,19 +106,21 @@ class ShampooFamily(BlockEngine):
         return layout.preconditioned_dims(index, group["precondition_1d"])
 
     def _init_block(self, shape, kind, group, dtype, device):
-        state = init_factor_state(shape, kind, dtype, device, matrix=self._factor_matrix)
+        state = init_factor_state(shape, kind, dtype, device, matrix=self.preconditioner.matrix)
         diagonal = self._diagonal(group, any(kind))
         if diagonal is not None and diagonal.stateful:
             state["diagonal"] = torch.zeros(shape, dtype=dtype, device=device)
         if group["betas"][0] > 0.0:
             state["momentum"] = torch.zeros(shape, dtype=dtype, device=device)
-        state.update(self._init_preconditioner(shape, dtype, device))
+        state.update(self.preconditioner.state(shape, dtype, device))
         return state
 
     def _directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
         beta1, beta2 = group["betas"]
         state, step, t = bucket.state, bucket.state["step"], bucket.calls
         grads, outers = self._statistics(bucket, grads)
+        if outers is None:
+            outers = self.preconditioner.statistics(bucket, grads)
         if self._folds(bucket, t):
             update_factors_(state, grads, beta2, 1.0 if beta2 == 1.0 else 1.0 - beta2, ok, outers)
         has_factors = any(bucket.kind)
@@ -129,8 +130,8 @@ class ShampooFamily(BlockEngine):
         bias2 = (bias_correction(beta2, step, grads.dtype) if group["use_bias_correction"] and beta2 < 1.0
                  else torch.ones(len(bucket), dtype=grads.dtype, device=grads.device))
         if self._refreshes(bucket, t):
-            self._refresh(bucket, bias2, ok, group)
-        self._update_preconditioner(bucket, grads, bias2, ok, group)
+            self.preconditioner.refresh(bucket, bias2, ok, group)
+        self.preconditioner.observe(bucket, grads, bias2, ok, group)
 
         if beta1 > 0.0:
             momentum = state["momentum"]
@@ -139,11 +140,11 @@ class ShampooFamily(BlockEngine):
                      if group["use_bias_correction"] else momentum)
         else:
             m_hat = grads
-        unfactored = not has_factors and self.diagonal_for_unfactored
+        unfactored = not has_factors and self.preconditioner.needs_diagonal_when_unfactored
         before_start = t < group["start_preconditioning_step"] and group["grafting"] is not None
         if unfactored or before_start:  # the diagonal method alone
             return diagonal.apply(state.get("diagonal"), m_hat, step)
-        direction = self._precondition(bucket, m_hat, bias2, group)
+        direction = self.preconditioner.direction(bucket, m_hat, bias2, group)
         if group["grafting"] is not None:
             direction = graft(direction, diagonal.apply(state.get("diagonal"), m_hat, step))
         return direction
@@ -154,7 +155,7 @@ class ShampooFamily(BlockEngine):
         group = bucket.group
         return any(bucket.kind) and refresh_due(t, group["precondition_frequency"], group["start_preconditioning_step"])
 
-    # ------------------------------------------------------------ what a family member supplies
+    # ------------------------------------------- what a member's bias correction supplies (Shampoo's)
     def _folds(self, bucket: Bucket, t: int) -> bool:
         """Whether step ``t`` adds its statistic to the factors (every step by default)."""
         return True
@@ -163,25 +164,6 @@ class ShampooFamily(BlockEngine):
         """The gradient the first moment and grafting see, and the factors' outer products where they do not
         come from it (``None``); bias-corrected Shampoo cross-fits them."""
         return grads, None
-
-    _factor_matrix = "root"  # the per-factor matrix a member keeps next to each factor ("root" or "basis")
-
-    def _init_preconditioner(self, shape: tuple[int, ...], dtype: torch.dtype,
-                             device: torch.device | str) -> dict[str, Tensor]:
-        """Per-block state beyond the factors and their matrices; none by default."""
-        return {}
-
-    def _refresh(self, bucket: Bucket, bias2: Tensor, ok: Tensor, group: dict[str, Any]) -> None:
-        """Recompute what the factors feed (roots, bases) for the blocks with ``ok``; ``bias2`` is the
-        per-block bias correction ``[B]`` of the factors."""
-        raise NotImplementedError
-
-    def _update_preconditioner(self, bucket: Bucket, grads: Tensor, bias2: Tensor, ok: Tensor,
-                               group: dict[str, Any]) -> None:
-        """Per-step statistics beyond the factors (EShampoo's corrected eigenvalues); none by default."""
-
-    def _precondition(self, bucket: Bucket, m_hat: Tensor, bias2: Tensor, group: dict[str, Any]) -> Tensor:
-        raise NotImplementedError
 
 
 class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
@@ -297,7 +279,12 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
                          extra=dict(inverse_exponent_override=inverse_exponent_override, root_method=root_method,
                                     pseudo_inverse=pseudo_inverse, rank_rtol=rank_rtol,
                                     bias_correction=bias_correction, cross_fit_fraction=cross_fit_fraction,
-                                    fold_at_refresh_only=fold_at_refresh_only))
+                                    fold_at_refresh_only=fold_at_refresh_only),
+                         preconditioner=self._make_preconditioner())
+
+    def _make_preconditioner(self) -> KroneckerPreconditioner:
+        """The component this class runs (KL-Shampoo: another)."""
+        return InverseRoots(variance=self._eigenvalue_variance)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -317,40 +304,6 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
 
     def _folds(self, bucket: Bucket, t: int) -> bool:
         return not bucket.group["fold_at_refresh_only"] or self._refreshes(bucket, t)
-
-    @staticmethod
-    def _exponent(order: int, group: dict[str, Any]) -> float:
-        override = group["inverse_exponent_override"]
-        if isinstance(override, dict):
-            return override.get(order, 1.0 / (2 * order))
-        return override if override is not None else 1.0 / (2 * order)
-
-    def _refresh(self, bucket: Bucket, bias2: Tensor, ok: Tensor, group: dict[str, Any]) -> None:
-        exponent = self._exponent(len(bucket.shape), group)
-        for i, use in enumerate(bucket.kind):
-            if not use:
-                continue
-            factor, stats = bucket.state[f"factor{i}"], bucket.state[f"stats{i}"]
-            factor = factor / per_block(bias2, factor)
-            if bc.corrects_variance(group["bias_correction"]):
-                root, good = bc.corrected_inverse_roots(
-                    factor, exponent, group["epsilon"], lambda Q, i=i: self._eigenvalue_variance(bucket, i, bias2, Q))
-            elif group["pseudo_inverse"]:
-                root, good = pseudo_inverse_roots(factor, exponent, group["rank_rtol"])
-            elif group["root_method"] == "newton":
-                try:
-                    root = inverse_root_newton(factor, round(1.0 / exponent), group["epsilon"])
-                    good = torch.ones_like(ok)
-                except LinAlgFailure:
-                    root, good = factor, torch.zeros_like(ok)
-            else:
-                root, good = inverse_roots(factor, exponent, group["epsilon"])
-            commit_(bucket.state[f"root{i}"], root, ok & good)  # a failed root keeps the last good one
-            stats[:, REFRESHES] += ok & good
-            stats[:, FAILURES] += ok & ~good
-
-    def _precondition(self, bucket, m_hat, bias2, group):
-        return mode_product(m_hat, factor_matrices(bucket, "root"))
 
     # ----------------------------------------------------------------- bias correction
     def _statistics(self, bucket, grads):

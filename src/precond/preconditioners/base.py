@@ -1,0 +1,54 @@
+"""The protocol every Kronecker-factored preconditioner follows, on bucket stacks ``[B, n_1, …, n_k]``."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..engine import Bucket
+
+__all__ = ["KroneckerPreconditioner"]
+
+
+class KroneckerPreconditioner(ABC):
+    """One step of a Kronecker-factored method, as the shared step calls it:
+
+    1. :meth:`statistics`: the outer products the factors ``L_i`` accumulate, where they are not the
+       gradient's own ``G_(i)G_(i)ᵀ`` (``None``: they are);
+    2. :meth:`refresh`, when the refresh schedule says so: recompute what the factors feed (inverse
+       roots, eigenbases) for the blocks with ``ok``, counting refreshes and failures in ``stats{i}``;
+    3. :meth:`observe`, every step: statistics beyond the factors (corrected eigenvalues);
+    4. :meth:`direction`: the preconditioned first moment.
+
+    ``bias2`` is the per-block bias correction ``[B]`` of the factors (ones when off). Per-block state
+    lives in ``bucket.state``: the factors ``factor{i}``, beside each one the matrix :attr:`matrix` names
+    (``root{i}`` or ``basis{i}``, identity until the first refresh), and what :meth:`state` adds.
+    """
+
+    matrix: str = "root"  # the per-factor matrix kept next to each factor
+    # whether a block with no factor (a 1-D parameter by default) needs a diagonal method: True where the
+    # identity "preconditioner" would be plain momentum SGD (roots), False where this component already is
+    # Adam in the identity basis (corrected eigenvalues)
+    needs_diagonal_when_unfactored: bool = True
+
+    def state(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> dict[str, Tensor]:
+        """Per-block state beyond the factors and their matrices; none by default."""
+        return {}
+
+    def statistics(self, bucket: Bucket, grads: Tensor) -> dict[int, Tensor] | None:
+        """The factors' outer products where they are not the gradient's own; ``None`` by default."""
+        return None
+
+    @abstractmethod
+    def refresh(self, bucket: Bucket, bias2: Tensor, ok: Tensor, group: dict[str, Any]) -> None:
+        """Recompute the per-factor matrices from the factors, blocks with ``ok`` only."""
+
+    def observe(self, bucket: Bucket, grads: Tensor, bias2: Tensor, ok: Tensor, group: dict[str, Any]) -> None:
+        """Per-step statistics beyond the factors; none by default."""
+
+    @abstractmethod
+    def direction(self, bucket: Bucket, m_hat: Tensor, bias2: Tensor, group: dict[str, Any]) -> Tensor:
+        """The preconditioned (bias-corrected) first moment ``m_hat``."""

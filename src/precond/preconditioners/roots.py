@@ -1,0 +1,83 @@
+r"""Shampoo's inverse roots ``R_i = (\hat L_i + \epsilon I)^{-1/(2k)}``, and KL-Shampoo's factor statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import bias_correction as bc
+from ..engine import Bucket, commit_, per_block
+from ..kronecker import factor_matrices, factor_outer, mode_product
+from ..linalg import LinAlgFailure, inverse_root_newton, inverse_roots, pseudo_inverse_roots
+from ..refresh import FAILURES, REFRESHES
+from .base import KroneckerPreconditioner
+
+__all__ = ["InverseRoots", "KLInverseRoots", "inverse_exponent"]
+
+# ``Var(λ̄)`` of factor ``i`` along the columns of ``Q`` (bucket, i, bias2, Q): the variance-corrected inversion
+EigenvalueVariance = Callable[[Bucket, int, Tensor, Tensor], Tensor]
+
+
+def inverse_exponent(order: int, group: dict[str, Any]) -> float:
+    """The root's exponent for a block of ``order`` dims: ``1/(2·order)`` unless ``inverse_exponent_override``."""
+    override = group["inverse_exponent_override"]
+    if isinstance(override, dict):
+        return override.get(order, 1.0 / (2 * order))
+    return override if override is not None else 1.0 / (2 * order)
+
+
+class InverseRoots(KroneckerPreconditioner):
+    r"""``P = \hat M \times_1 R_1 \cdots \times_k R_k``, the roots recomputed at each refresh by ``eigh``
+    (``root_method``), a coupled Newton iteration, a pseudo-inverse (``pseudo_inverse``) or, with
+    ``variance``, the variance-corrected inversion of the microbatch bias correction. A failed root keeps
+    the last good one and is counted."""
+
+    matrix = "root"
+    needs_diagonal_when_unfactored = True
+
+    def __init__(self, variance: EigenvalueVariance | None = None) -> None:
+        self.variance = variance
+
+    def refresh(self, bucket: Bucket, bias2: Tensor, ok: Tensor, group: dict[str, Any]) -> None:
+        exponent = inverse_exponent(len(bucket.shape), group)
+        for i, use in enumerate(bucket.kind):
+            if not use:
+                continue
+            factor, stats = bucket.state[f"factor{i}"], bucket.state[f"stats{i}"]
+            factor = factor / per_block(bias2, factor)
+            root, good = self._root(bucket, i, factor, exponent, bias2, ok, group)
+            commit_(bucket.state[f"root{i}"], root, ok & good)  # a failed root keeps the last good one
+            stats[:, REFRESHES] += ok & good
+            stats[:, FAILURES] += ok & ~good
+
+    def _root(self, bucket: Bucket, i: int, factor: Tensor, exponent: float, bias2: Tensor, ok: Tensor,
+              group: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Factor ``i``'s new roots and which of them are good."""
+        if self.variance is not None and bc.corrects_variance(group["bias_correction"]):
+            return bc.corrected_inverse_roots(factor, exponent, group["epsilon"],
+                                              lambda Q: self.variance(bucket, i, bias2, Q))
+        if group["pseudo_inverse"]:
+            return pseudo_inverse_roots(factor, exponent, group["rank_rtol"])
+        if group["root_method"] == "newton":
+            try:
+                return inverse_root_newton(factor, round(1.0 / exponent), group["epsilon"]), torch.ones_like(ok)
+            except LinAlgFailure:
+                return factor, torch.zeros_like(ok)
+        return inverse_roots(factor, exponent, group["epsilon"])
+
+    def direction(self, bucket: Bucket, m_hat: Tensor, bias2: Tensor, group: dict[str, Any]) -> Tensor:
+        return mode_product(m_hat, factor_matrices(bucket, "root"))
+
+
+class KLInverseRoots(InverseRoots):
+    r"""KL-Shampoo's factors (Lin et al. 2025): each factor's statistic is the gradient preconditioned along
+    every *other* dim by that dim's current root, ``L_i ← β₂L_i + (1-β₂) G̃_(i)G̃_(i)ᵀ`` with
+    ``G̃ = G ×_{j≠i} R_j``; the roots and the direction are :class:`InverseRoots`'."""
+
+    def statistics(self, bucket: Bucket, grads: Tensor) -> dict[int, Tensor]:
+        roots = factor_matrices(bucket, "root")
+        return {i: factor_outer(mode_product(grads, [r if j != i else None for j, r in enumerate(roots)]), i)
+                for i, root in enumerate(roots) if root is not None}
