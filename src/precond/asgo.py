@@ -11,7 +11,7 @@ from torch import Tensor
 from .engine import Bucket, commit_, ema_
 from .kronecker import init_factor_state
 from .linalg import inverse_roots, inverse_sqrt_newton_schulz
-from .refresh import FAILURES, REFRESHES, refresh_due
+from .refresh import count_refreshes_, refresh_due
 from .matrix import MatrixOptimizer
 from .validation import STEP_RULES, betas_to_one_rule, check_choice, check_int, check_positive, pair
 
@@ -93,6 +93,5 @@ class ASGO(MatrixOptimizer):
                 new = inverse_sqrt_newton_schulz(V, group["epsilon"], group["ns_steps"])
                 good = torch.isfinite(new).flatten(1).all(1)
             commit_(root, new, ok & good)  # a failed root keeps the last good one
-            state["stats0"][:, REFRESHES] += ok & good
-            state["stats0"][:, FAILURES] += ok & ~good
+            count_refreshes_(state["stats0"], ok, good)
         return root @ momentum if left else momentum @ root

@@ -42,7 +42,7 @@ from .linalg import (LinAlgFailure, batched_eigh, off_diagonal_ratio, power_qr_s
 from .precision import matmul
 from .validation import Rule, check_choice, check_in, check_int
 
-__all__ = ["EigenbasisRefresh", "REFRESH_METHODS", "RULES", "policy_of", "refresh_due"]
+__all__ = ["EigenbasisRefresh", "REFRESH_METHODS", "RULES", "count_refreshes_", "policy_of", "refresh_due"]
 
 REFRESH_METHODS = ("eigh", "qr", "power_qr", "refine")
 
@@ -77,6 +77,13 @@ def refresh_due(t: int, frequency: int, start: int) -> bool:
     return t == start or (t > start and t % frequency == 0)
 
 
+def count_refreshes_(stats: Tensor, ok: Tensor, good: Tensor) -> None:
+    """One refresh of the blocks with ``ok`` into a factor's counters ``stats`` (``[B, STATS_WIDTH]``):
+    a refresh where it was ``good``, a failure (the last good result kept) where not."""
+    stats[:, REFRESHES] += ok & good
+    stats[:, FAILURES] += ok & ~good
+
+
 @dataclass(frozen=True)
 class EigenbasisRefresh:
     """Refresh policy. ``descending`` orders the basis by decreasing eigenvalue (SOAP's convention).
@@ -103,8 +110,7 @@ class EigenbasisRefresh:
         _, Q_new, good = batched_eigh(A)
         if self.descending:
             Q_new = torch.flip(Q_new, [-1])
-        stats[:, REFRESHES] += ok & good
-        stats[:, FAILURES] += ok & ~good
+        count_refreshes_(stats, ok, good)
         return torch.where((ok & good)[:, None, None], Q_new, Q)
 
     def refresh(self, A: Tensor, Q: Tensor, stats: Tensor, ok: Tensor) -> tuple[Tensor, Tensor, Tensor]:

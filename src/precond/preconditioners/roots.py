@@ -12,7 +12,7 @@ from .. import bias_correction as bc
 from ..engine import Bucket, commit_, per_block
 from ..kronecker import factor_matrices, factor_outer, mode_product
 from ..linalg import LinAlgFailure, inverse_root_newton, inverse_roots, pseudo_inverse_roots
-from ..refresh import FAILURES, REFRESHES
+from ..refresh import count_refreshes_
 from .base import KroneckerPreconditioner
 
 __all__ = ["InverseRoots", "KLInverseRoots", "inverse_exponent"]
@@ -46,12 +46,11 @@ class InverseRoots(KroneckerPreconditioner):
         for i, use in enumerate(bucket.kind):
             if not use:
                 continue
-            factor, stats = bucket.state[f"factor{i}"], bucket.state[f"stats{i}"]
+            factor = bucket.state[f"factor{i}"]
             factor = factor / per_block(bias2, factor)
             root, good = self._root(bucket, i, factor, exponent, bias2, ok, group)
             commit_(bucket.state[f"root{i}"], root, ok & good)  # a failed root keeps the last good one
-            stats[:, REFRESHES] += ok & good
-            stats[:, FAILURES] += ok & ~good
+            count_refreshes_(bucket.state[f"stats{i}"], ok, good)
 
     def _root(self, bucket: Bucket, i: int, factor: Tensor, exponent: float, bias2: Tensor, ok: Tensor,
               group: dict[str, Any]) -> tuple[Tensor, Tensor]:
