@@ -5,14 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from .engine import Bucket, commit_, ema_
-from .kronecker import init_factor_state
-from .linalg import inverse_roots, inverse_sqrt_newton_schulz
-from .refresh import count_refreshes_, refresh_due
 from .matrix import MatrixOptimizer
+from .preconditioners import OneSidedRoot
 from .validation import STEP_RULES, betas_to_one_rule, check_choice, check_int, check_positive, pair
 
 __all__ = ["ASGO"]
@@ -64,34 +58,5 @@ class ASGO(MatrixOptimizer):
                         precondition_frequency=precondition_frequency, side=side, root_method=root_method,
                         ns_steps=ns_steps)
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-                         adamw_weight_decay=adamw_weight_decay, distributed=distributed, strict=strict)
-
-    def _matrix_kind(self, shape: tuple[int, ...], group: dict[str, Any]) -> str:
-        if group["side"] == "auto":
-            return "left" if shape[0] <= shape[1] else "right"
-        # "left" is the output side; a matrix stored (fan_in, fan_out) (Hugging Face's Conv1D) has it on the right
-        return "left" if (group["side"] == "left") != group.get("transposed", False) else "right"
-
-    def _init_matrix(self, shape, kind, group, dtype, device):
-        n = shape[0] if kind == "left" else shape[1]
-        state = init_factor_state((n,), (True,), dtype, device, matrix="root")
-        state["momentum"] = torch.zeros(shape, dtype=dtype, device=device)
-        return state
-
-    def _matrix_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
-        beta1, beta2 = group["betas"]
-        left = bucket.kind == "left"
-        state = bucket.state
-        V, root, momentum = state["factor0"], state["root0"], state["momentum"]
-        outer = grads @ grads.mT if left else grads.mT @ grads
-        ema_(V, outer, beta2, 1.0 if beta2 == 1.0 else 1.0 - beta2, ok)  # refused blocks' gradients are zero
-        ema_(momentum, grads, beta1, 1.0 - beta1, ok)
-        if refresh_due(bucket.calls - 1, group["precondition_frequency"], 0):  # the first step has a root
-            if group["root_method"] == "eigh":
-                new, good = inverse_roots(V, 0.5, group["epsilon"])
-            else:
-                new = inverse_sqrt_newton_schulz(V, group["epsilon"], group["ns_steps"])
-                good = torch.isfinite(new).flatten(1).all(1)
-            commit_(root, new, ok & good)  # a failed root keeps the last good one
-            count_refreshes_(state["stats0"], ok, good)
-        return root @ momentum if left else momentum @ root
+                         adamw_weight_decay=adamw_weight_decay, preconditioner=OneSidedRoot(),
+                         distributed=distributed, strict=strict)

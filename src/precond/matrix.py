@@ -29,6 +29,7 @@ from torch import Tensor
 from .adamw import adam_directions, adam_state
 from .blocks import BlockLayout
 from .engine import ADAM, BlockEngine, Bucket
+from .preconditioners import MatrixPreconditioner
 from .validation import betas_rule, check_finite_nonneg, check_group, check_lr, check_positive, pair
 
 __all__ = ["MatrixOptimizer", "is_matrix"]
@@ -61,14 +62,16 @@ def _route(group: dict[str, Any], adamw: dict[str, Any]) -> dict[str, Any]:
 
 
 class MatrixOptimizer(BlockEngine):
-    """Base of Muon and ASGO: the routing, the matrix view and the AdamW half."""
+    """Base of Muon and ASGO: the routing, the matrix view and the AdamW half; the matrices run the
+    ``preconditioner`` component (:mod:`precond.preconditioners`)."""
 
     _group_rules = {"adamw_betas": betas_rule, "adamw_eps": check_positive,
                     "adamw_weight_decay": check_finite_nonneg, "adamw_lr_ratio": check_finite_nonneg}
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, adamw_lr: float,
                  adamw_betas: tuple[float, float], adamw_eps: float, adamw_weight_decay: float,
-                 distributed: Any = None, strict: bool = False) -> None:
+                 preconditioner: MatrixPreconditioner, distributed: Any = None, strict: bool = False) -> None:
+        self.preconditioner = preconditioner
         defaults = dict(defaults, adamw_betas=pair(adamw_betas), adamw_eps=adamw_eps)
         check_group(self._group_rules, defaults)  # the method's own arguments are named first
         check_lr(adamw_lr)
@@ -96,30 +99,19 @@ class MatrixOptimizer(BlockEngine):
 
     def _block_kind(self, layout: BlockLayout, index: int, group: dict[str, Any]) -> Hashable:
         if group["matrix"] is not False and len(layout.block_shapes[index]) == 2:
-            return self._matrix_kind(layout.block_shapes[index], group)
+            return self.preconditioner.kind(layout.block_shapes[index], group)
         return ADAM
 
     def _init_block(self, shape, kind, group, dtype, device):
         if kind == ADAM:
             return adam_state(shape, dtype, device)
-        return self._init_matrix(shape, kind, group, dtype, device)
+        return self.preconditioner.state(shape, kind, group, dtype, device)
 
     def _directions(self, bucket, grads, ok, group):
         if bucket.kind == ADAM:
             return adam_directions(bucket, grads, ok, group["adamw_betas"], group["adamw_eps"])
-        return self._matrix_directions(bucket, grads, ok, group)
+        return self.preconditioner.direction(bucket, grads, ok, group)
 
     def _adam_hyper(self, group: dict[str, Any]) -> tuple[float, float, float]:
         beta1, beta2 = group["adamw_betas"]
         return beta1, beta2, group["adamw_eps"]
-
-    # ------------------------------------------------------------------ what Muon / ASGO supply
-    def _matrix_kind(self, shape: tuple[int, ...], group: dict[str, Any]) -> Hashable:
-        return "matrix"
-
-    def _init_matrix(self, shape: tuple[int, ...], kind: Hashable, group: dict[str, Any], dtype: torch.dtype,
-                     device: torch.device | str) -> dict[str, Tensor]:
-        raise NotImplementedError
-
-    def _matrix_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
-        raise NotImplementedError

@@ -9,15 +9,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .engine import ADAM, Bucket, per_block
-from .linalg import newton_schulz
+from .engine import ADAM, Bucket
 from .matrix import MatrixOptimizer, is_matrix
+from .preconditioners import NS_DTYPES, Orthogonalized
 from .validation import STEP_RULES, check_choice, check_int, check_positive, fraction_rule
 
 __all__ = ["Muon"]
 
 DEFAULT_ADAMW_LR = 3e-4  # Muon's reference recipe (Jordan et al. 2024) for the parameters it routes to AdamW
-_NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 def adjusted_lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
@@ -72,7 +71,7 @@ class Muon(MatrixOptimizer):
         if ns_steps >= 100:
             raise ValueError(f"Invalid ns_steps: {ns_steps} (must be < 100)")
         check_choice("adjust_lr_fn", adjust_lr_fn, (None, "original", "match_rms_adamw"))
-        check_choice("ns_dtype", ns_dtype, tuple(_NS_DTYPES))
+        check_choice("ns_dtype", ns_dtype, tuple(NS_DTYPES))
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)
@@ -81,27 +80,10 @@ class Muon(MatrixOptimizer):
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
                          adamw_eps=adamw_eps,
                          adamw_weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay,
-                         distributed=distributed, strict=strict)
-
-    def _init_matrix(self, shape, kind, group, dtype, device):
-        return {"momentum_buffer": torch.zeros(shape, dtype=dtype, device=device)}
-
-    def _matrix_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
-        momentum = group["momentum"]
-        buf = bucket.state["momentum_buffer"]
-        # A weight of 0 leaves a block with a non-finite gradient exactly as it was.
-        buf.lerp_(grads, per_block(ok.to(buf.dtype) * (1.0 - momentum), buf))
-        dtype = _NS_DTYPES[group["ns_dtype"]]
-        if group["nesterov"]:  # written straight in the iteration's dtype: one pass instead of two
-            update = torch.lerp(grads, buf, momentum, out=torch.empty_like(grads, dtype=dtype))
-        else:
-            update = buf
-        # Returned in the iteration's dtype, as torch.optim.Muon adds it; the shape's lr ratio is applied there.
-        return newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype,
-                             keep_dtype=True)
+                         preconditioner=Orthogonalized(), distributed=distributed, strict=strict)
 
     def _direction_dtype(self, bucket: Bucket) -> torch.dtype:
-        return bucket.dtype if bucket.kind == ADAM else _NS_DTYPES[bucket.group["ns_dtype"]]
+        return bucket.dtype if bucket.kind == ADAM else NS_DTYPES[bucket.group["ns_dtype"]]
 
     def _whole_matrix(self, param: Tensor, group: dict[str, Any]) -> bool:
         return is_matrix(group, param) and param.dim() >= 2  # Newton–Schulz needs the whole matrix

@@ -1,8 +1,9 @@
-"""The protocol every Kronecker-factored preconditioner follows, on bucket stacks ``[B, n_1, …, n_k]``."""
+"""The protocols the preconditioner components follow, on bucket stacks ``[B, n_1, …, n_k]``."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from ..engine import Bucket
 
-__all__ = ["KroneckerPreconditioner"]
+__all__ = ["KroneckerPreconditioner", "MatrixPreconditioner"]
 
 
 class KroneckerPreconditioner(ABC):
@@ -52,3 +53,22 @@ class KroneckerPreconditioner(ABC):
     @abstractmethod
     def direction(self, bucket: Bucket, m_hat: Tensor, bias2: Tensor, group: dict[str, Any]) -> Tensor:
         """The preconditioned (bias-corrected) first moment ``m_hat``."""
+
+
+class MatrixPreconditioner(ABC):
+    """The rule a matrix optimizer (:class:`~precond.matrix.MatrixOptimizer`) applies to the stack
+    ``[B, m, n]`` of its weight matrices (the other parameters run AdamW): :meth:`kind` separates matrices
+    that need different state or arithmetic (ASGO's side), :meth:`state` is one matrix's, and
+    :meth:`direction` turns the gradients (refused blocks zeroed, ``ok`` false) into directions."""
+
+    def kind(self, shape: tuple[int, ...], group: dict[str, Any]) -> Hashable:
+        return "matrix"
+
+    @abstractmethod
+    def state(self, shape: tuple[int, ...], kind: Hashable, group: dict[str, Any], dtype: torch.dtype,
+              device: torch.device | str) -> dict[str, Tensor]:
+        """One matrix's state."""
+
+    @abstractmethod
+    def direction(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
+        """The directions of the bucket's matrices."""
