@@ -112,7 +112,7 @@ def test_distributed_argument_is_checked():
 
 
 def test_owners_are_dealt_by_cost():
-    from precond.engine.distributed import assign_owners
+    from precond.engine.distribute import assign_owners
     costs = [8.0, 1.0, 1.0, 4.0, 4.0, 8.0, 2.0, 2.0]
     owners = assign_owners(costs, 2)
     loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]

@@ -56,7 +56,7 @@ class AdamW(bc.MicrobatchCorrection, BlockEngine):
     non-finite gradient never reaches the state: the group's step is skipped (as ``torch.amp.GradScaler``
     does) and the offending parameters are counted in ``preconditioner_stats()``.
     ``distributed`` (``None``, ``"ddp"`` or a process group) splits the work between processes under DDP;
-    FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
+    FSDP2 parameters need nothing (:mod:`precond.engine.distribute`).
 
     ``strict=True`` raises ``FloatingPointError`` naming the parameter and block when a gradient or an update is
     not finite, instead of skipping that block's step and counting it (``preconditioner_stats()``).

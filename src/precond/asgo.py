@@ -36,7 +36,7 @@ class ASGO(MatrixOptimizer):
     side (``fan_out``), also in a group with ``"transposed": True`` (matrices stored ``(fan_in, fan_out)``,
     Hugging Face's ``Conv1D``; :func:`precond.param_groups` marks them).
     ``distributed`` (``None``, ``"ddp"`` or a process group) splits the work between processes under DDP;
-    FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
+    FSDP2 parameters need nothing (:mod:`precond.engine.distribute`).
 
     ``strict=True`` raises ``FloatingPointError`` naming the parameter and block when a gradient or an update is
     not finite, instead of skipping that block's step and counting it (``preconditioner_stats()``).

@@ -49,7 +49,7 @@ class EShampoo(ShampooFamily):
     eigenvalue-corrected example (lr 1e-3, betas (0.9, 0.999), ``precondition_frequency`` 100).
     Grafting stays available but is off by default.
     ``distributed`` (``None``, ``"ddp"`` or a process group) splits the work between processes under DDP;
-    FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
+    FSDP2 parameters need nothing (:mod:`precond.engine.distribute`).
 
     ``strict=True`` raises ``FloatingPointError`` naming the parameter and block when a gradient or an update is
     not finite, instead of skipping that block's step and counting it (``preconditioner_stats()``).

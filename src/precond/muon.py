@@ -51,7 +51,7 @@ class Muon(MatrixOptimizer):
     ``"transposed": True`` holds matrices stored ``(fan_in, fan_out)`` (Hugging Face's ``Conv1D``), which
     :func:`precond.param_groups` marks so.
     ``distributed`` (``None``, ``"ddp"`` or a process group) splits the Newton–Schulz work between processes;
-    under FSDP2 whole matrices are gathered, so the update is one process's (:mod:`precond.engine.distributed`).
+    under FSDP2 whole matrices are gathered, so the update is one process's (:mod:`precond.engine.distribute`).
 
     ``strict=True`` raises ``FloatingPointError`` naming the parameter and block when a gradient or an update is
     not finite, instead of skipping that block's step and counting it (``preconditioner_stats()``).

@@ -245,7 +245,7 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
         strict: raise ``FloatingPointError`` naming the parameter and block when a gradient or an update is not
             finite, instead of skipping that block's step and counting it (default False).
         distributed: ``None`` (one process, or FSDP2 ``DTensor`` parameters), ``"ddp"`` or a process
-            group: split the work between processes (:mod:`precond.engine.distributed`).
+            group: split the work between processes (:mod:`precond.engine.distribute`).
     """
 
     _group_rules = {**ShampooFamily._group_rules, **bc.RULES, "epsilon": check_nonneg, "pseudo_inverse": flag_rule,

@@ -77,7 +77,7 @@ class SOAP(BlockEngine):
         strict: raise ``FloatingPointError`` naming the parameter and block when a gradient or an update is not
             finite, instead of skipping that block's step and counting it (default False).
         distributed: ``None`` (one process, or FSDP2 ``DTensor`` parameters), ``"ddp"`` or a process
-            group: split the work between processes (:mod:`precond.engine.distributed`).
+            group: split the work between processes (:mod:`precond.engine.distribute`).
     """
 
     _group_rules = {**STEP_RULES, "betas": betas_rule, "eps": check_positive, "max_factor_ratio": check_positive,

@@ -65,7 +65,7 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
     does both (variance over group B). Extra memory: one tensor per parameter (``hessian_variance``) for
     the variance modes, and 2–4 per parameter while accumulating.
     ``distributed`` (``None``, ``"ddp"`` or a process group) splits the work between processes under DDP;
-    FSDP2 parameters need nothing (:mod:`precond.engine.distributed`).
+    FSDP2 parameters need nothing (:mod:`precond.engine.distribute`).
 
     ``strict=True`` raises ``FloatingPointError`` naming the parameter and block when a gradient or an update is
     not finite, instead of skipping that block's step and counting it (``preconditioner_stats()``).

@@ -17,7 +17,8 @@ A step runs in five phases: (a) gather the gradients into buckets and flag block
 gradients, (b) compute the directions of the blocks this process owns, (c) exchange the directions of
 whole matrices gathered from FSDP2 shards, (d) apply weight decay and ``W ← W - lr·P``, (e) under DDP,
 exchange the new weights of the blocks each process owns (in one process (c) and (e) do nothing). How work
-and state are split between processes (DDP, FSDP2) is described in :mod:`~precond.engine.distributed`.
+and state are split between processes (DDP, FSDP2) is described in :mod:`~precond.engine.distribute`, whose
+``Work`` object runs the phases that differ; the step itself never branches on the set-up.
 Nothing in a step that does not refresh a preconditioner waits for the device. A group with ``"tf32"`` set
 computes its directions with TF32 (``True``) or three-pass TF32 (``"3x"``) float32 matmuls on CUDA
 (:mod:`~precond.precision`; the global setting is restored afterwards); a group
@@ -50,9 +51,8 @@ from torch import Tensor
 from ..blocks import BlockLayout
 from ..linalg import spectral_normalize, tf32_matmuls
 from ..validation import Rule, check_group, flag_rule
-from .batched import gradient_mask, gradient_rows, per_block, refusal_factors
-from .distributed import (Topology, agree_any, all_gather_blocks, assign_owners, gather_whole, local,
-                          resolve_topology, scatter_rows)
+from .batched import gradient_mask, per_block, refusal_factors
+from .distribute import Topology, agree_any, local, resolve_topology, work_for
 from .plan import Bucket, Member, block_prefix, build_buckets, engine_entries, fresh_block_state, state_dtype
 
 __all__ = ["BlockEngine", "WEIGHT_DECAY_MODES", "STATS_FIELDS"]
@@ -117,7 +117,7 @@ class BlockEngine(torch.optim.Optimizer):
         self._distributed = distributed
         self._strict = strict
         self._topology: Topology = resolve_topology(self._all_params(), distributed)
-        self._owners: dict[tuple[int, int], int] | None = None
+        self._work = work_for(self._topology)
         self._plan_key: tuple | None = None
         self._buckets: list[Bucket] = []
         self._warned: set[int] = set()
@@ -196,7 +196,8 @@ class BlockEngine(torch.optim.Optimizer):
                 group.update(_named(group, index))
         super().add_param_group(param_group)
         self._plan_key = None
-        self._owners = None
+        if hasattr(self, "_work"):
+            self._work.reset()
         if hasattr(self, "_topology"):  # a group added after construction: the same set-up must hold for it
             resolve_topology(self._all_params(), self._distributed)
 
@@ -215,8 +216,8 @@ class BlockEngine(torch.optim.Optimizer):
     def _members(self, param: Tensor, group: dict[str, Any]) -> list[Member]:
         """The blocks of ``param``, with their owners when directions are exchanged between processes."""
         members = self._blocks_of(param, group)
-        if self._topology.splits_work:
-            owners = self._owner_map()
+        owners = self._work.owners(self)
+        if owners is not None:
             for m in members:
                 m.owner = owners.get((id(param), m.block))
         return members
@@ -235,18 +236,6 @@ class BlockEngine(torch.optim.Optimizer):
         shard = f"shard{topology.rank}of{topology.world}." if mode == "shard" else ""
         return [Member(param, layout, b, shard + block_prefix(b, n), self._block_kind(layout, b, group), mode)
                 for b in range(n)]
-
-    def _owner_map(self) -> dict[tuple[int, int], int]:
-        """``(id(param), block) -> rank`` for every exchanged block (not fused, not cut from a shard) of every
-        parameter, gradient or not, by :func:`~precond.engine.distributed.assign_owners`: the same in every
-        process."""
-        if self._owners is None:
-            exchanged = [(m, group) for group in self.param_groups for p in group["params"]
-                         for m in self._blocks_of(p, group) if m.mode != "shard" and not m.fused]
-            costs = [self._block_cost(tuple(m.layout.block_shapes[m.block]), m.kind, group) for m, group in exchanged]
-            owners = assign_owners(costs, self._topology.world)
-            self._owners = {(id(m.param), m.block): owner for (m, _), owner in zip(exchanged, owners)}
-        return self._owners
 
     def _plan(self) -> list[Bucket]:
         with_grad = []
@@ -281,7 +270,7 @@ class BlockEngine(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _step(self) -> None:
-        buckets = self._plan()
+        buckets, work = self._plan(), self._work
         contiguous: dict[Tensor, Tensor] = {}  # non-contiguous parameters are updated through a copy
         gathered = [self._gather(bucket, contiguous) for bucket in buckets]                    # (a)
         if self._strict:
@@ -292,20 +281,15 @@ class BlockEngine(torch.optim.Optimizer):
             if not bucket.fused:
                 bucket.calls += 1
                 bucket.state["step"].add_(ok.to(torch.float32))
-                directions[i] = self._owned_directions(bucket, grads, ok)
-        self._exchange(buckets, directions)                                                    # (c)
+                directions[i] = work.directions(self, bucket, grads, ok)
+        work.exchange(buckets, directions)                                                     # (c)
         applied = [ok for _, ok in gathered]
-        replicas: list[tuple[int, Tensor, Tensor]] = []  # DDP: (bucket, its owned blocks' new weights, applied)
         for i, (bucket, (grads, ok)) in enumerate(zip(buckets, gathered)):                     # (d)
             if bucket.fused:
                 applied[i] = self._fused_adam(bucket, grads, ok, contiguous)
-            elif directions.get(i) is None:
-                continue
-            elif bucket.exchanged and bucket.rows is None:
-                replicas.append((i, *self._apply_owned(bucket, directions[i], ok, contiguous)))
-            else:
-                applied[i] = self._apply(bucket, directions[i], ok, contiguous)
-        for i, done in self._share_weights(buckets, replicas, contiguous):                      # (e)
+            elif directions.get(i) is not None:
+                applied[i] = work.apply(self, i, bucket, directions[i], ok, contiguous)
+        for i, done in work.share(self, buckets, contiguous):                                  # (e)
             if self._strict:
                 self._raise_if_any(buckets[i], applied[i] & ~done, _UNSOUND)
             applied[i] = done
@@ -313,71 +297,15 @@ class BlockEngine(torch.optim.Optimizer):
             p.data.copy_(work)
         self._note_nonfinite(buckets, applied)
 
-    def _owned_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor) -> Tensor | None:
-        """(b) for one bucket: the directions of the blocks this process owns (all, unless exchanged)."""
-        sub = bucket.local
-        if sub is not bucket:
-            if not self._makes_update(bucket) and not sub.members:
-                return None
-            if not sub.members:
-                return grads.new_empty((0, *bucket.shape), dtype=self._direction_dtype(bucket))
-            sub.calls = bucket.calls
-            sub.state["step"] = bucket.state["step"].index_select(0, bucket.owned)
-            ok = ok.index_select(0, bucket.owned)  # the gradients are the owned blocks' already
-        with tf32_matmuls(bucket.group.get("tf32", False)):
-            direction = self._directions(sub, grads, ok, bucket.group)
-        if direction is not None and bucket.group.get("spectral_normalize", False) and len(bucket.shape) >= 2:
-            direction = spectral_normalize(direction, transposed=bucket.group.get("transposed", False))
-        if sub is not bucket:
-            if (direction is None) == self._makes_update(bucket):
-                raise RuntimeError(f"{type(self).__name__}._makes_update disagrees with _directions")
-            if direction is not None:
-                direction = direction.to(self._direction_dtype(bucket))
+    def _bucket_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor) -> Tensor | None:
+        """(b) for the blocks of ``bucket`` (this process's, when the work is split): the method's directions,
+        with the group's TF32 setting and spectral normalisation."""
+        group = bucket.group
+        with tf32_matmuls(group.get("tf32", False)):
+            direction = self._directions(bucket, grads, ok, group)
+        if direction is not None and group.get("spectral_normalize", False) and len(bucket.shape) >= 2:
+            direction = spectral_normalize(direction, transposed=group.get("transposed", False))
         return direction
-
-    def _exchange(self, buckets: list[Bucket], directions: dict[int, Tensor | None]) -> None:
-        """(c) for whole matrices gathered from FSDP2 shards: every process gets the rows it holds of every
-        block's direction (``[B, its flat range]``)."""
-        pending = [i for i, b in enumerate(buckets) if b.rows is not None and directions.get(i) is not None]
-        if pending:
-            mine = scatter_rows(self._topology, [(buckets[i], directions[i]) for i in pending])
-            for i, stack in zip(pending, mine):
-                order = buckets[i].order
-                directions[i] = stack if order is None else stack.index_select(0, order)
-
-    def _apply_owned(self, bucket: Bucket, direction: Tensor, ok: Tensor,
-                     contiguous: dict[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """(d) under DDP: the update of the blocks this process owns; their new weights and applied mask."""
-        sub = bucket.local
-        if not sub.members:
-            return direction.new_empty((0, *bucket.shape), dtype=bucket.param_dtype), ok.new_empty(0)
-        done = self._apply(sub, direction, ok.index_select(0, bucket.owned), contiguous, may_raise=False)
-        return self._param_stack(sub, contiguous).to(bucket.param_dtype), done
-
-    def _share_weights(self, buckets: list[Bucket], replicas: list[tuple[int, Tensor, Tensor]],
-                       contiguous: dict[Tensor, Tensor]) -> list[tuple[int, Tensor]]:
-        """(e) under DDP: one ``all_gather`` hands every process the new weights of the blocks others own
-        (written into its parameters) and every block's applied mask, so that all replicas stay identical.
-
-        Exchanging weights rather than directions splits the update itself between processes too; it
-        sends as many elements. Returns ``(bucket index, applied mask in member order)``.
-        """
-        if not replicas:
-            return []
-        pieces = []
-        for i, weights, done in replicas:
-            pieces += [(buckets[i], weights), (buckets[i], done.to(weights.dtype))]
-        received = all_gather_blocks(self._topology, pieces)
-        out = []
-        for k, (i, _, _) in enumerate(replicas):
-            bucket, weights, done = buckets[i], received[2 * k], received[2 * k + 1]
-            blocks = self._param_blocks(bucket, contiguous)
-            others = [j for j, m in enumerate(bucket.members) if m.owner != self._topology.rank]
-            if others:
-                torch._foreach_copy_([blocks[j] for j in others], [weights[bucket.positions[j]] for j in others])
-            done = done > 0.5
-            out.append((i, done if bucket.order is None else done.index_select(0, bucket.order)))
-        return out
 
     def _gather(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> tuple[Any, Tensor]:
         """The bucket's gradients (a stack in the state dtype, refused blocks zeroed, of the owned blocks only
@@ -386,21 +314,11 @@ class BlockEngine(torch.optim.Optimizer):
         if bucket.fused:
             grads = [m.grad() for m in bucket.members]
             return grads, gradient_mask(grads, bucket.dtype)
-        if bucket.rows is not None:  # whole matrices from FSDP2 shards (one block each): one all_gather
-            whole = gather_whole(self._topology, [m.param.grad for m in bucket.members])
-            stack = whole.reshape(len(bucket), *bucket.shape)  # the block's shape (Muon: the matrix view)
-            ok = gradient_rows(stack, bucket.dtype)
-            grads, kept_ok = stack.index_select(0, bucket.owned), ok.index_select(0, bucket.owned)
-        elif bucket.exchanged:  # DDP: a process steps only the blocks it owns; every block's mask is kept
-            views = [m.view(m.grad().contiguous()) for m in bucket.members]
-            ok = gradient_mask(views, bucket.dtype)
-            kept, kept_ok = [views[j] for j in bucket.owned_list], ok.index_select(0, bucket.owned)
-            if not kept:
-                return views[0].new_empty((0, *bucket.shape), dtype=bucket.dtype), ok
-            grads = torch.stack(kept)
-        else:  # one reduction over the stack: a multi-tensor norm costs the host ~10× more
-            grads = torch.stack([m.view(m.grad().contiguous()) for m in bucket.members])
-            ok = kept_ok = gradient_rows(grads, bucket.dtype)
+        return self._work.gather(self, bucket, contiguous)
+
+    def _prepared(self, bucket: Bucket, grads: Tensor, kept_ok: Tensor, contiguous: dict[Tensor, Tensor]) -> Tensor:
+        """(a) for a stack of gathered gradients (of the blocks with mask ``kept_ok``): in the state dtype, with
+        L2 weight decay added, refused blocks zeroed."""
         grads = grads.to(bucket.dtype)
         group = bucket.group
         weight_decay = self._rate(bucket, group)[1]
@@ -410,7 +328,7 @@ class BlockEngine(torch.optim.Optimizer):
             grads = grads + weight_decay * self._param_stack(bucket.local, contiguous).to(bucket.dtype)
         # Refused blocks are zero, so that statistics of the gradient can be updated in place (batched.ema_).
         grads.masked_fill_(per_block(~kept_ok, grads), 0.0)
-        return grads, ok
+        return grads
 
     def _param_blocks(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> list[Tensor]:
         # A whole-matrix bucket (rows) writes this process's rows of each parameter, its shard.
@@ -720,7 +638,7 @@ class BlockEngine(torch.optim.Optimizer):
             self.state[p] = {k: v.detach().to(device=p.device, copy=True) if isinstance(v, Tensor) else v
                              for k, v in value.items()}
         self._plan_key = None
-        self._owners = None
+        self._work.reset()
         self._nonfinite_total = None
         self._nonfinite_copy = None
         self._nonfinite_seen = 0

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..blocks import BlockLayout
-from .distributed import local, row_range
+from .distribute.collectives import local, row_range
 
 __all__ = ["ADAM", "Member", "Bucket", "state_dtype", "block_prefix", "engine_entries"]
 
@@ -66,7 +66,7 @@ class Member:
 
     def grad(self) -> Tensor:
         """The gradient this block is cut from, or this process's shard of it (the whole gradients of mode
-        ``"full"`` are gathered a bucket at a time, by :func:`~precond.engine.distributed.gather_whole`)."""
+        ``"full"`` are gathered a bucket at a time, by :func:`~precond.engine.distribute.gather_whole`)."""
         return local(self.param.grad)
 
     def data(self) -> Tensor:
