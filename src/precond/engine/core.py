@@ -54,6 +54,8 @@ from ..validation import Rule, check_group, flag_rule
 from .batched import gradient_mask, per_block, refusal_factors
 from .distribute import Topology, agree_any, local, resolve_topology, work_for
 from .plan import Bucket, Member, block_prefix, build_buckets, engine_entries, fresh_block_state, state_dtype
+from .saved_state import STATS_KEY, checked_state
+from .skips import SkipCount
 
 __all__ = ["BlockEngine", "WEIGHT_DECAY_MODES", "STATS_FIELDS"]
 
@@ -91,7 +93,6 @@ def _traced_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
 # "l2": the gradient becomes G + wd·W before anything else sees it.
 WEIGHT_DECAY_MODES = ("decoupled", "decoupled_after", "l2")
 
-_STATS_KEY = re.compile(r"^(?:shard\d+of\d+\.)?(?:block(\d+)\.)?stats(\d+)$")
 # The one layout of a factor's counters (``stats{i}``, int64): its dim, then how often its root or basis was
 # recomputed, kept by the adaptive criterion, QR-iterated, failed (kept the last good one), and fell back from
 # CholeskyQR to Householder QR. precond.kronecker allocates them, precond.refresh counts, this module reports.
@@ -123,10 +124,7 @@ class BlockEngine(torch.optim.Optimizer):
         self._warned: set[int] = set()
         self._guard_noted: set[int] = set()
         self._guard_pending: list[tuple[str, tuple[int, ...], str, float]] = []
-        self._nonfinite_seen = 0
-        self._nonfinite_total: Tensor | None = None
-        self._nonfinite_copy: tuple[Tensor, Any] | None = None  # a host copy of the total in flight, its event
-        self._unchecked_steps = 0  # steps since that copy was made
+        self._skips = SkipCount(self._warn_new_nonfinite)
 
     # ----------------------------------------------------------------------------------- hooks
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
@@ -295,7 +293,7 @@ class BlockEngine(torch.optim.Optimizer):
             applied[i] = done
         for p, work in contiguous.items():
             p.data.copy_(work)
-        self._note_nonfinite(buckets, applied)
+        self._skips.note(buckets, applied)
 
     def _bucket_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor) -> Tensor | None:
         """(b) for the blocks of ``bucket`` (this process's, when the work is split): the method's directions,
@@ -465,51 +463,6 @@ class BlockEngine(torch.optim.Optimizer):
         bucket.calls += 1
         return ok
 
-    def _note_nonfinite(self, buckets: list[Bucket], oks: list[Tensor]) -> None:
-        """Count blocks with non-finite gradients on the device; warn once per parameter.
-
-        On a GPU the running total is copied to the host without waiting every :data:`_CHECK_EVERY` steps; it
-        is read once the copy has landed (at a later step), and only then are the per-block counters looked at.
-        """
-        if not buckets:
-            return
-        counts = []
-        for bucket, ok in zip(buckets, oks):
-            bad = ~ok
-            bucket.state["nonfinite"].add_(bad)
-            counts.append(bad.sum())
-        bad = counts[0] if len(counts) == 1 else torch.stack(counts).sum()
-        if self._nonfinite_total is None:
-            self._nonfinite_total = torch.zeros((), dtype=torch.int64, device=bad.device)
-        self._nonfinite_total.add_(bad)
-        if not torch.compiler.is_compiling():  # a compiled step only counts; the next eager call reads them
-            self._check_nonfinite_warnings(wait=False)
-
-    def _check_nonfinite_warnings(self, wait: bool) -> None:
-        total = self._nonfinite_total
-        if total is None:
-            return
-        if total.device.type == "cuda" and not wait:
-            pending = self._nonfinite_copy
-            if pending is not None and pending[1].query():
-                seen = int(pending[0])
-                self._nonfinite_copy = None
-            else:
-                seen = self._nonfinite_seen
-                self._unchecked_steps += 1
-                if pending is None and self._unchecked_steps >= _CHECK_EVERY:
-                    self._unchecked_steps = 0
-                    host = torch.empty((), dtype=torch.int64, pin_memory=True)
-                    host.copy_(total, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record()
-                    self._nonfinite_copy = (host, event)
-        else:
-            seen = int(total)
-        if seen > self._nonfinite_seen:
-            self._nonfinite_seen = seen
-            self._warn_new_nonfinite()
-
     def _note_guard(self, param: Tensor, layout: BlockLayout, precondition_1d: bool) -> BlockLayout:
         """Notes once per parameter what the memory guard changed in its layout; :meth:`_say_guard_notes` says
         it, once for all the parameters a plan noted."""
@@ -588,12 +541,12 @@ class BlockEngine(torch.optim.Optimizer):
                 for key, value in sorted(state.items(), key=lambda kv: _natural(kv[0])):
                     if key.endswith("nonfinite"):
                         skipped += int(value)
-                    match = _STATS_KEY.match(key)
+                    match = STATS_KEY.match(key)
                     if match:
                         block, factor = int(match.group(1) or 0), int(match.group(2))
                         record = dict(zip(STATS_FIELDS, (int(v) for v in value.tolist())))
                         factors.append({"group": gi, "param": pi, "block": block, "factor": factor, **record})
-        self._check_nonfinite_warnings(wait=True)
+        self._skips.check(wait=True)
         return {"factors": factors, "nonfinite_skipped_blocks": skipped}
 
     # ---------------------------------------------------------------------------- state_dict
@@ -627,7 +580,7 @@ class BlockEngine(torch.optim.Optimizer):
             if key not in by_id:
                 raise ValueError(f"state_dict has state for parameter {key!r}, which its param_groups do not list")
             p, group = by_id[key]
-            loaded[p] = self._check_saved_state(value, p, group, key)
+            loaded[p] = checked_state(self, value, p, group, key)
         defaults = dict(self.defaults)
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
         self.defaults = defaults  # torch's load adds "differentiable" to the defaults, and so to every group
@@ -639,39 +592,7 @@ class BlockEngine(torch.optim.Optimizer):
                              for k, v in value.items()}
         self._plan_key = None
         self._work.reset()
-        self._nonfinite_total = None
-        self._nonfinite_copy = None
-        self._nonfinite_seen = 0
-
-    def _check_saved_state(self, saved: dict[str, Any], p: Tensor, group: dict[str, Any],
-                           key: Any) -> dict[str, Any]:
-        """``saved`` checked against what this optimizer would create; under DDP a full state (saved by one
-        process) is narrowed to the blocks this process owns."""
-        expected = self._expected_state(p, group)
-        where = f"state[{key!r}] (parameter of shape {tuple(p.shape)})"
-        if isinstance(saved, dict):  # torch.optim's checkpoints (AdamW's) have no skip counters: they start at 0
-            counters = {k: torch.zeros((), dtype=torch.int64) for k in expected
-                        if k not in saved and k.rsplit(".", 1)[-1] == "nonfinite"}
-            saved = {**saved, **counters}
-            saved = {k: _widen_stats(k, v, expected[k]) if k in expected else v for k, v in saved.items()}
-        if self._topology.splits_work and isinstance(saved, dict) and set(saved) > set(expected):
-            everything = self._expected_state(p, group, owned_only=False)
-            if set(saved) == set(everything):
-                saved = {k: saved[k] for k in expected}
-        if not isinstance(saved, dict) or set(saved) != set(expected):
-            got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
-            raise ValueError(f"{where}: saved keys {got} do not match expected {sorted(expected)}")
-        for name, want in expected.items():
-            got = saved[name]
-            if not isinstance(got, Tensor):
-                raise ValueError(f"{where}[{name!r}]: expected a tensor of shape {tuple(want.shape)}, "
-                                 f"got {type(got).__name__}")
-            if got.shape != want.shape:
-                raise ValueError(f"{where}[{name!r}]: saved shape {tuple(got.shape)} does not match expected "
-                                 f"{tuple(want.shape)}")
-            if got.dtype != want.dtype:
-                raise ValueError(f"{where}[{name!r}]: saved dtype {got.dtype} does not match expected {want.dtype}")
-        return saved
+        self._skips.reset()
 
     def _expected_state(self, p: Tensor, group: dict[str, Any], owned_only: bool = True) -> dict[str, Tensor]:
         """The per-parameter state this optimizer creates for ``p``, as meta tensors (of the blocks this
@@ -687,9 +608,6 @@ class BlockEngine(torch.optim.Optimizer):
         return expected
 
 
-# On a GPU the count of skipped blocks is copied to the host (without waiting) every this many steps, so a
-# warning comes at most about as many steps late; each copy is a transfer on the step's stream.
-_CHECK_EVERY = 8
 # A bucket of at least this many elements is updated in place (BlockEngine._apply): four passes over its
 # weights fewer, a launch or two per block more. 2²² float32 elements are 16 MB, 5 µs of an H100's bandwidth
 # per pass, about what the extra launches cost the host.
@@ -709,14 +627,6 @@ def _sound_update(direction: Tensor, weight_norms: Tensor, lr: float | Tensor, s
     step_rms = step_rms * (lr.to(step_rms.device).abs() if isinstance(lr, Tensor) else abs(lr)) * abs(scale)
     weight_rms = weight_norms.float() / math.sqrt(numel)
     return torch.isfinite(step_rms) & (step_rms <= UPDATE_BOUND * weight_rms.clamp(min=1.0))
-
-
-def _widen_stats(key: str, saved: Any, expected: Tensor) -> Any:
-    """A factor's counters saved before a counter was added (a shorter ``stats`` row) end in zeros."""
-    if (_STATS_KEY.match(key) and isinstance(saved, Tensor) and saved.dim() == 1 and expected.dim() == 1
-            and saved.shape[0] < expected.shape[0]):
-        return torch.cat([saved, saved.new_zeros(expected.shape[0] - saved.shape[0])])
-    return saved
 
 
 def _refuse_complex(optimizer: str, group: dict[str, Any], index: int) -> None:
