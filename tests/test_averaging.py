@@ -144,6 +144,48 @@ def test_state_dict_resumes_bit_identically():
         assert torch.equal(p, q)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("flatten", [False, True])
+@pytest.mark.parametrize("base", ["SOAP", "torch.AdamW"])
+def test_distributed_checkpoint_resumes_bit_identically_in_evaluation_mode_too(base, flatten, tmp_path):
+    """torch.distributed.checkpoint through get/set_optimizer_state_dict: z is one more tensor of each
+    parameter's state, lr_sum and the mode are in the groups; saved in eval mode, resumed in eval mode."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    init, targets = _setup(2)
+
+    def make():
+        net = torch.nn.ParameterList([torch.nn.Parameter(w.clone()) for w in init])
+        inner = (precond.SOAP(net.parameters(), lr=3e-3, precondition_frequency=2, weight_decay=0.01)
+                 if base == "SOAP" else torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.01))
+        return net, ScheduleFree(inner, 0.8)
+
+    net, opt = make()
+    _train(opt, list(net), targets, 6)
+    opt.eval()
+    whole = [p.detach().clone() for p in net]
+
+    net, opt = make()
+    _train(opt, list(net), targets, 3)
+    opt.eval()
+    dcp.save({"model": net.state_dict(), "optim": get_optimizer_state_dict(net, opt, options=options)},
+             checkpoint_id=tmp_path)
+    net, opt = make()
+    _train(opt, list(net), targets, 1)  # state to be replaced, and torch's helpers need some
+    state = {"model": net.state_dict(), "optim": get_optimizer_state_dict(net, opt, options=options)}
+    dcp.load(state, checkpoint_id=tmp_path)
+    net.load_state_dict(state["model"])
+    set_optimizer_state_dict(net, opt, state["optim"], options=options)
+    assert not opt.training and opt.lr_sums[0] > 0.0
+    opt.train()
+    _train(opt, list(net), targets, 3)
+    opt.eval()
+    for p, q in zip(net, whole):
+        assert torch.equal(p.detach(), q)
+
+
 def test_scheduler_step_and_mode_errors():
     p = torch.nn.Parameter(torch.ones(3))
     opt = ScheduleFree(torch.optim.AdamW([p], lr=1.0))

@@ -28,6 +28,7 @@ gradient, e.g. ``Shampoo(use_decoupled_weight_decay=False)``, ``torch.optim.SGD`
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -47,11 +48,17 @@ def _torch_decoupled(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, torch.optim.AdamW) or (muon is not None and isinstance(optimizer, muon))
 
 
+# Where the wrapper's own state goes in a state_dict: beside the base optimizer's, in its flat layout.
+_Z, _LR_SUM, _TRAINING = "iterate_averaging_z", "iterate_averaging_lr_sum", "iterate_averaging_training"
+
+
 class IterateAveraging(torch.optim.Optimizer):
     """The base of :class:`PrimalAveraging` and :class:`ScheduleFree`: wraps ``optimizer`` and shares its
     ``param_groups`` (an LR scheduler given this object edits the base optimizer's rates). Its state per
-    parameter is ``z``; per group ``lr_sum`` (Schedule-Free's ``Σ lr^p``). ``state_dict()`` is the base
-    optimizer's with an ``"iterate_averaging"`` entry beside ``state`` and ``param_groups``."""
+    parameter is ``z``; per group ``lr_sum`` (Schedule-Free's ``Σ lr^p``) and the mode, kept in the shared
+    groups (``"iterate_averaging_lr_sum"``, ``"iterate_averaging_training"``). ``state_dict()`` is the base
+    optimizer's with ``z`` one more tensor of each parameter's state (``"iterate_averaging_z"``): the flat
+    layout ``torch.distributed.checkpoint`` and its ``get_optimizer_state_dict`` expect, flattened or not."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, train_interp_coeff: float) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -61,9 +68,10 @@ class IterateAveraging(torch.optim.Optimizer):
         self.train_interp_coeff = float(train_interp_coeff)
         self.defaults = optimizer.defaults
         self.param_groups = optimizer.param_groups
-        self.state: dict[Tensor, dict[str, Any]] = {}
-        self.lr_sums = [0.0 for _ in self.param_groups]
-        self.training = True
+        self._zs: dict[Tensor, Tensor] = {}
+        for group in self.param_groups:
+            group.setdefault(_LR_SUM, 0.0)
+            group[_TRAINING] = True
         self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
         self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
         self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
@@ -81,10 +89,30 @@ class IterateAveraging(torch.optim.Optimizer):
         return (p for group in self.param_groups for p in group["params"])
 
     def _z(self, p: Tensor) -> Tensor:
-        state = self.state.setdefault(p, {})
-        if "z" not in state:  # z starts at the parameters (x = y = z)
-            state["z"] = p.detach().clone()
-        return state["z"]
+        if p not in self._zs:  # z starts at the parameters (x = y = z)
+            self._zs[p] = p.detach().clone()
+        return self._zs[p]
+
+    @property
+    def state(self) -> collections.defaultdict:
+        """Per parameter, the base optimizer's state and ``z``, as one state (what ``state_dict`` saves)."""
+        params = set(self._zs) | set(self.optimizer.state)
+        return collections.defaultdict(dict, {p: {**self.optimizer.state.get(p, {}), **(
+            {_Z: self._zs[p]} if p in self._zs else {})} for p in params})
+
+    @property
+    def training(self) -> bool:
+        """Whether the parameters are at ``y`` (train mode) rather than ``x``."""
+        return bool(self.param_groups[0].get(_TRAINING, True))
+
+    @property
+    def lr_sums(self) -> list[float]:
+        """Per group, Schedule-Free's ``Σ lr^p`` so far."""
+        return [float(g.get(_LR_SUM, 0.0)) for g in self.param_groups]
+
+    def _set_training(self, training: bool) -> None:
+        for group in self.param_groups:
+            group[_TRAINING] = training
 
     @contextlib.contextmanager
     def _decay_moved(self) -> Iterator[bool]:
@@ -120,7 +148,6 @@ class IterateAveraging(torch.optim.Optimizer):
         with self._decay_moved() as decoupled:
             loss = self.optimizer.step(closure)
         rates = self._decay_rates() if decoupled else {}
-        self.lr_sums += [0.0] * (len(self.param_groups) - len(self.lr_sums))  # groups added to the base since
         mu_xs = [self._eval_interp_coeff(i) for i in range(len(self.param_groups))]
         coeffs = {id(p): mu_x for mu_x, g in zip(mu_xs, self.param_groups) for p in g["params"]}
         mu_y = self.train_interp_coeff
@@ -139,48 +166,51 @@ class IterateAveraging(torch.optim.Optimizer):
     @torch.no_grad()
     def _move(self, factor: float) -> None:
         for p in self._params():
-            if p in self.state:
-                p.add_(self.state[p]["z"] - p, alpha=factor)
+            if p in self._zs:
+                p.add_(self._zs[p] - p, alpha=factor)
 
     def eval(self) -> None:
         """Parameters to the averaged iterate ``x``, to evaluate (a no-op in eval mode)."""
         if self.training:
             self._move(1.0 - 1.0 / self.train_interp_coeff)
-            self.training = False
+            self._set_training(False)
 
     def train(self) -> None:
         """Parameters back to ``y``, where gradients are taken (a no-op in train mode)."""
         if not self.training:
             self._move(1.0 - self.train_interp_coeff)
-            self.training = True
+            self._set_training(True)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        saved = self.optimizer.state_dict()
+        saved = self.optimizer.state_dict()  # its groups hold lr_sum and the mode
         index = {id(p): i for i, p in enumerate(self._params())}
-        saved["iterate_averaging"] = {"z": {index[id(p)]: s["z"] for p, s in self.state.items()},
-                                      "lr_sums": list(self.lr_sums), "training": self.training}
-        return saved
+        state = {k: dict(v) for k, v in saved["state"].items()}
+        for p, z in self._zs.items():
+            state.setdefault(index[id(p)], {})[_Z] = z
+        return {**saved, "state": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        averaging = state_dict.pop("iterate_averaging", None)
-        if averaging is None:
-            raise ValueError("state_dict has no 'iterate_averaging' entry: it was not saved by "
+        groups = state_dict["param_groups"]
+        if not all(_LR_SUM in g and _TRAINING in g for g in groups):
+            raise ValueError(f"state_dict has no {_LR_SUM!r} in its param groups: it was not saved by "
                              f"{type(self).__name__}.state_dict()")
         params = list(self._params())
-        for i, z in averaging["z"].items():
-            if int(i) >= len(params) or z.shape != params[int(i)].shape:
-                raise ValueError(f"state_dict's iterate_averaging z for parameter {i} does not match the "
-                                 "optimizer's parameters")
-        self.optimizer.load_state_dict(state_dict)
+        base_state, zs = {}, {}
+        for i, entry in state_dict["state"].items():
+            if _Z in entry:
+                if int(i) >= len(params) or entry[_Z].shape != params[int(i)].shape:
+                    raise ValueError(f"state_dict's iterate_averaging z for parameter {i} does not match the "
+                                     "optimizer's parameters")
+                zs[params[int(i)]] = entry[_Z]
+            rest = {k: v for k, v in entry.items() if k != _Z}
+            if rest:
+                base_state[i] = rest
+        self.optimizer.load_state_dict({**state_dict, "state": base_state})
         self.param_groups = self.optimizer.param_groups
-        self.state = {params[int(i)]: {"z": z.detach().to(params[int(i)].device, copy=True)}
-                      for i, z in averaging["z"].items()}
-        self.lr_sums = [float(v) for v in averaging["lr_sums"]]
-        self.training = bool(averaging["training"])
+        self._zs = {p: z.detach().to(p.device, copy=True) for p, z in zs.items()}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.optimizer!r})"
@@ -230,6 +260,7 @@ class ScheduleFree(IterateAveraging):
         self.eval_coeff_lr_power = eval_coeff_lr_power
 
     def _eval_interp_coeff(self, group_index: int) -> float:
-        lr = float(self.param_groups[group_index]["lr"]) ** self.eval_coeff_lr_power
-        self.lr_sums[group_index] += lr
-        return 1.0 - lr / self.lr_sums[group_index] if self.lr_sums[group_index] > 0 else 0.0
+        group = self.param_groups[group_index]
+        lr = float(group["lr"]) ** self.eval_coeff_lr_power
+        group[_LR_SUM] = lr_sum = group.get(_LR_SUM, 0.0) + lr
+        return 1.0 - lr / lr_sum if lr_sum > 0 else 0.0
