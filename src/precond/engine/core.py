@@ -291,8 +291,8 @@ class BlockEngine(torch.optim.Optimizer):
             if self._strict:
                 self._raise_if_any(buckets[i], applied[i] & ~done, _UNSOUND)
             applied[i] = done
-        for p, work in contiguous.items():
-            p.data.copy_(work)
+        for p, copy in contiguous.items():
+            p.data.copy_(copy)
         self._skips.note(buckets, applied)
 
     def _bucket_directions(self, bucket: Bucket, grads: Tensor, ok: Tensor) -> Tensor | None:
@@ -321,8 +321,6 @@ class BlockEngine(torch.optim.Optimizer):
         group = bucket.group
         weight_decay = self._rate(bucket, group)[1]
         if self._weight_decay_mode(group) == "l2" and weight_decay != 0.0:
-            if bucket.rows is not None:
-                raise NotImplementedError("L2 weight decay on whole matrices gathered from FSDP2 shards")
             grads = grads + weight_decay * self._param_stack(bucket.local, contiguous).to(bucket.dtype)
         # Refused blocks are zero, so that statistics of the gradient can be updated in place (batched.ema_).
         grads.masked_fill_(per_block(~kept_ok, grads), 0.0)
@@ -359,8 +357,6 @@ class BlockEngine(torch.optim.Optimizer):
         group = bucket.group
         (lr, wd), mode = self._rate(bucket, group), self._weight_decay_mode(group)
         blocks = self._param_blocks(bucket, contiguous)
-        if bucket.rows is not None:  # this process's rows of each whole-matrix direction (phase c)
-            direction = direction.reshape(len(blocks), *blocks[0].shape)
         # A large bucket is written where its blocks are, by multi-tensor kernels; a small one is stacked,
         # updated and copied back, which costs four passes over its weights more but fewer launches.
         weights = torch.stack(blocks) if direction.numel() < IN_PLACE_ELEMENTS else None

@@ -95,6 +95,8 @@ class SplitWork(LocalWork):
             stack = whole.reshape(len(bucket), *bucket.shape)  # the block's shape (Muon: the matrix view)
             ok = gradient_rows(stack, bucket.dtype)
             grads, kept_ok = stack.index_select(0, bucket.owned), ok.index_select(0, bucket.owned)
+            if engine._weight_decay_mode(bucket.group) == "l2" and engine._rate(bucket, bucket.group)[1] != 0.0:
+                raise NotImplementedError("L2 weight decay on whole matrices gathered from FSDP2 shards")
         elif bucket.exchanged:  # DDP: a process steps only the blocks it owns
             views = [m.view(m.grad().contiguous()) for m in bucket.members]
             ok = gradient_mask(views, bucket.dtype)
@@ -132,6 +134,8 @@ class SplitWork(LocalWork):
 
     def apply(self, engine: Any, index: int, bucket: Bucket, direction: Tensor, ok: Tensor,
               contiguous: Contiguous) -> Tensor:
+        if bucket.rows is not None:  # this process's rows of each whole matrix's direction (phase c)
+            direction = direction.reshape(len(bucket), *bucket.members[0].data().shape)
         if not bucket.exchanged or bucket.rows is not None:
             return super().apply(engine, index, bucket, direction, ok, contiguous)
         sub = bucket.local  # DDP: the owned blocks' update; their new weights go out at share()
