@@ -160,6 +160,26 @@ def test_run_benchmark_with_one_optimizer_one_seed_one_rate(data_dir, tmp_path):
     assert result["summary"]["AdamW"]["seeds"] == 1
 
 
+def test_rate_check_repeats_the_full_run_one_grid_step_either_side(data_dir, tmp_path, capsys):
+    argv = ["--preset", "tiny", "--optimizers", "AdamW", "Muon", "--data-dir", str(data_dir), "--runs-dir",
+            str(tmp_path), "--quiet", "--no-plots", "--seeds", "1", "--check-rate", "AdamW"]
+    assert bench_main(argv) == 0
+    runs = tmp_path / "tiny" / "runs"
+    summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())["summary"]
+    best = summary["AdamW"]["best_lr"]
+    check = {float(lr): loss for lr, loss in summary["AdamW"]["rate_check"].items()}
+    assert sorted(check) == pytest.approx([best / 3, best, best * 3])
+    full = json.loads(next(runs.glob("full-AdamW-*.json")).read_text())
+    assert check[best] == full["final_val_loss"]
+    checked = [json.loads(path.read_text()) for path in sorted(runs.glob("check-AdamW-*.json"))]
+    assert len(checked) == 2 and all(r["steps_done"] == full["steps_done"] for r in checked)
+    assert sorted(r["final_val_loss"] for r in checked) == sorted(v for lr, v in check.items() if lr != best)
+    assert summary["Muon"]["rate_check"] is None  # only the optimizers named
+    verdict = ("also the full run's best" if min(check, key=check.get) == best else "a neighbouring rate is better")
+    assert verdict in capsys.readouterr().out
+    assert verdict in (tmp_path / "tiny" / "report.md").read_text()
+
+
 def test_time_limit_flag_reaches_the_protocol(data_dir, tmp_path):
     argv = ["--preset", "tiny", "--optimizers", "AdamW", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path),
             "--quiet", "--no-plots", "--time-limit", "0"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .optimizers import DEFAULT_OPTIMIZERS, SPECS, available_optimizers
 from .protocol import BenchConfig, run_benchmark
-from .report import write_report
+from .report import rate_checks, write_report
 from .workloads import PRESETS, with_batch_axis
 
 
@@ -83,6 +83,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="extra sweep rates beyond the grid's edge while the best rate sits on it (default 4)")
     p.add_argument("--schedule", choices=("cosine", "constant"), default=None,
                    help="override the preset's schedule (cosine: 5%% linear warmup, cosine decay to 10%%)")
+    p.add_argument("--check-rate", nargs="+", default=(), metavar="OPTIMIZER", choices=list(SPECS),
+                   help="also run these optimizers' full budget (seed 0) one grid step either side of the "
+                        "sweep's best rate: is it the full run's best too?")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no run that would end past this many seconds (estimated); rerun to go on")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"({sorted({SPECS[n].peer for n in missing})}; pip install './benchmarks[peers]')")
     config = BenchConfig(preset=preset, optimizers=list(dict.fromkeys(names)), device=args.device,
                          name=args.name or args.preset, runs_dir=args.runs_dir, data_dir=args.data_dir,
-                         edge_points=args.edge_points, time_limit=args.time_limit)
+                         edge_points=args.edge_points, time_limit=args.time_limit,
+                         check_rates=tuple(args.check_rate))
     started = time.time()
     result = run_benchmark(config, None if args.report_only else lambda total: Progress(total, not args.quiet),
                            train=not args.report_only)
@@ -135,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{json.dumps(result['workload'])}\ndevice: {device}, torch {torch.__version__}, "
               f"{time.time() - started:.0f} s\n")
     print(table)
+    checks = rate_checks(result["summary"])
+    if checks:
+        print("\n" + checks)
     if result["unfinished"]:
         print(f"\n{len(result['unfinished'])} runs not made (--time-limit or --report-only; rerun to go on): "
               + "; ".join(result["unfinished"]))

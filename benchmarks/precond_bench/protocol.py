@@ -11,7 +11,10 @@ run with its own schedule.
 2. AdamW (swept first) then sweeps its weight decay over ``ADAMW_WEIGHT_DECAYS`` at its best rate. Its tuned
    (rate, weight decay) trains every parameter that Muon, ASGO and their peers route to AdamW.
 3. Full runs: the winning rate for ``steps`` steps on seeds ``0..seeds-1``.
-4. Target: AdamW's final validation loss (mean over seeds). Steps- and time-to-target are read off each
+4. With ``check_rates``, the named optimizers also run the full budget (seed 0) one grid step either side of
+   the winning rate: does the sweep's short run pick the full run's best rate? (``rate_check`` in the
+   summary and a line under the table.)
+5. Target: AdamW's final validation loss (mean over seeds). Steps- and time-to-target are read off each
    optimizer's seed-averaged validation curve (evaluated every ``eval_every`` steps, ≤ 2% of the run in the
    presets): the first evaluation at or below the target.
 
@@ -52,6 +55,7 @@ class BenchConfig:
     edge_points: int = 4  # extra sweep rates beyond the grid's edge while the best rate sits on it
     time_limit: float | None = None  # seconds: the run in progress then checkpoints, the rest wait
     stop_at: int | None = None  # checkpoint every run at this step, as a time limit would (to test resuming)
+    check_rates: tuple[str, ...] = ()  # optimizers whose full run is repeated at the neighbouring rates
 
     def identity(self) -> dict[str, Any]:
         """What must match for saved runs to be reused (the optimizer list may grow)."""
@@ -170,6 +174,18 @@ def _next_edge_lr(sweep: list[dict[str, Any]], factor: float) -> float | None:
     return None
 
 
+def _check_rate(runs: _Runs, name: str, best: dict[str, Any], steps: int, factor: float,
+                adamw: AdamWSetting) -> dict[float, float | None]:
+    """The final loss of seed 0's full run at the best rate and one grid step either side (``None``: not run
+    yet, or diverged)."""
+    checked = {best["lr"]: best}
+    if runs.progress:
+        runs.progress.grow(2 * steps)
+    for lr in (best["lr"] / factor, best["lr"] * factor):
+        checked[lr] = runs.get("check", name, lr, 0, steps, adamw)
+    return {lr: (None if r is None or r["diverged"] else r["final_val_loss"]) for lr, r in sorted(checked.items())}
+
+
 def _sweep_weight_decay(runs: _Runs, entry: dict[str, Any], best: dict[str, Any], steps: int) -> dict | None:
     """AdamW at its best rate with each other weight decay of the documented grid; the best run of all (its
     ``adamw`` entry holds the weight decay), or ``None`` while a run is missing."""
@@ -231,6 +247,8 @@ def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True
         full = [runs.get("full", name, entry["best_lr"], seed, preset["steps"], adamw)
                 for seed in range(preset["seeds"])]
         entry["full"] = [r for r in full if r is not None]
+        if name in config.check_rates and full[0] is not None:
+            entry["rate_check"] = _check_rate(runs, name, full[0], preset["steps"], config.lr_factor, adamw)
     if progress:
         progress.close()
     results = {name: entry for name, entry in results.items() if len(entry["full"]) == preset["seeds"]}
@@ -274,6 +292,7 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "failures": entry["full"][0]["failures"], "curve": curve, "band": seed_band(runs) if runs else [],
             "weight_decay": entry.get("weight_decay"), "peer": SPECS[name].peer if name in SPECS else None,
             "timed_under": sorted({_timing_key(r) for r in entry["full"]}),
+            "rate_check": entry.get("rate_check"),
         }
         if name == "AdamW":
             reference = out[name]

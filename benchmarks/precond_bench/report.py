@@ -67,6 +67,28 @@ def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byt
     return "\n".join(lines)
 
 
+def rate_checks(summary: dict[str, dict[str, Any]]) -> str:
+    """One line per optimizer whose full run was repeated at the neighbouring rates (``--check-rate``)."""
+    lines = []
+    for name, row in summary.items():
+        check = row.get("rate_check")
+        if not check:
+            continue
+        losses = {float(lr): loss for lr, loss in check.items()}
+        parts = [("**{:.3g} → {}**" if lr == row["best_lr"] else "{:.3g} → {}").format(
+            lr, "—" if loss is None else f"{loss:.4f}") for lr, loss in sorted(losses.items())]
+        if None in losses.values():
+            verdict = "not complete"
+        else:
+            verdict = ("the sweep's rate is also the full run's best" if min(losses, key=losses.get) == row["best_lr"]
+                       else "a neighbouring rate is better for the full run")
+        lines.append(f"- {name}: {', '.join(parts)}: {verdict}.")
+    if not lines:
+        return ""
+    return "Full-run rate check (seed 0, the full budget, one grid step either side of the sweep's rate):\n" + \
+        "\n".join(lines)
+
+
 def _throughput(per_second: float | None) -> str:
     """Training bytes (tokens) per second, forward, backward and optimizer; "—" for runs that did not record it."""
     if not per_second:
@@ -179,6 +201,9 @@ def write_report(result: dict[str, Any], out_dir: Path, plots: bool = True) -> s
     header = (f"# Benchmark `{result['config']['name']}`\n\nWorkload: {json.dumps(w)}\n\n"
               f"Device: {result['config']['device']}. Preset: {json.dumps(result['config']['preset'])}\n\n")
     text = header + table + "\n"
+    checks = rate_checks(result["summary"])
+    if checks:
+        text += "\n" + checks + "\n"
     if result.get("unfinished"):
         text += ("\nNot run yet (a time limit, or a report of saved runs only): "
                  + "; ".join(result["unfinished"]) + "\n")
