@@ -184,6 +184,11 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
       for tau in (0.01, 0.03)],
     OptimizerSpec("EShampoo-F1-tf32", 3e-3, _eshampoo(tf32=True, precondition_frequency=1,
                                                        refresh_method="refine")),
+    # Why EShampoo-F1-tf32 trails SOAP-F1-tf32 on the 20M model at 1M bytes a step (BENCHMARKS) when it leads on the
+    # CPU preset: the same without blocking (SOAP's whole dims), and the same in float32 matmuls
+    OptimizerSpec("EShampoo-F1-tf32-whole", 3e-3, _eshampoo(tf32=True, precondition_frequency=1,
+                                                             refresh_method="refine", max_preconditioner_dim=10000)),
+    OptimizerSpec("EShampoo-F1", 3e-3, _eshampoo(precondition_frequency=1, refresh_method="refine")),
     OptimizerSpec("Shampoo", 3e-3, lambda m, lr, _: precond.Shampoo(
         _params(m), lr=lr, betas=(0.9, 0.999), epsilon=1e-12, precondition_frequency=10, grafting="adam",
         grafting_beta2=0.95, grafting_epsilon=1e-8)),
