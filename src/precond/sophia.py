@@ -12,6 +12,7 @@ from torch import Tensor
 from . import bias_correction as bc
 from .blocks import BlockLayout
 from .engine import BlockEngine, Bucket, commit_, local
+from .preconditioners import DiagonalCurvature
 from .refresh import refresh_due
 from .validation import STEP_RULES, betas_rule, check_choice, check_int, check_positive, pair
 
@@ -79,6 +80,7 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
                  distributed: Any = None, strict: bool = False) -> None:
         check_choice("estimator", estimator, ("gnb", "hutchinson"))
         check_int("update_period", update_period, 1)
+        self.preconditioner = DiagonalCurvature()
         super().__init__(params, dict(lr=lr, betas=pair(betas), rho=rho, weight_decay=weight_decay, eps=eps,
                                       estimator=estimator, update_period=update_period,
                                       bias_correction=bias_correction, cross_fit_fraction=cross_fit_fraction),
@@ -98,24 +100,13 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
         return None if group["bias_correction"] == "std" else CORRECTED
 
     def _init_block(self, shape, kind, group, dtype, device):
-        state = {"exp_avg": torch.zeros(shape, dtype=dtype, device=device),
-                 "hessian": torch.zeros(shape, dtype=dtype, device=device),
-                 "hessian_updates": torch.zeros((), dtype=torch.int64, device=device)}
-        if bc.corrects_variance(group["bias_correction"]):
-            state["hessian_variance"] = torch.zeros(shape, dtype=dtype, device=device)
-        return state
+        return self.preconditioner.state(shape, group, dtype, device)
 
     def _directions(self, bucket, grads, ok, group):
-        beta1, mode = group["betas"][0], group["bias_correction"]
-        if bc.crosses(mode):
+        if bc.crosses(group["bias_correction"]):  # the step's gradient is group A's mean
             micro = self._micro_state(bucket)
             grads = micro["numer_sum"] / micro["n_a"]
-        exp_avg, hessian = bucket.state["exp_avg"], bucket.state["hessian"]
-        commit_(exp_avg, torch.add(exp_avg * beta1, grads, alpha=1.0 - beta1), ok)
-        denom = torch.clamp(group["rho"] * hessian, min=group["eps"])
-        if bc.corrects_variance(mode):
-            return torch.clamp(exp_avg * bc.corrected_inverse(denom, bucket.state["hessian_variance"]), -1.0, 1.0)
-        return torch.clamp(exp_avg / denom, -1.0, 1.0)
+        return self.preconditioner.direction(bucket, grads, ok, group)
 
     # ----------------------------------------------------------------- bias correction
     def _fold_microbatch(self, bucket: Bucket, grad: Tensor, index: int, n_a: int) -> None:
@@ -143,7 +134,7 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
                             else batch_size * micro["sum"].to(bucket.dtype).square())
                 ok = torch.isfinite(estimate).flatten(1).all(1)
                 state = bucket.state
-                commit_(state["hessian"], torch.add(state["hessian"] * beta2, estimate, alpha=1.0 - beta2), ok)
+                commit_(state["hessian"], self.preconditioner.folded(state["hessian"], estimate, beta2), ok)
                 if bc.corrects_variance(mode):  # Var(p̄) = (ρ(1-β₂)b)² Var(mean of ĝ_j²)
                     variance = bc.variance_of_mean(micro, "s", n - n_a) * (rho * (1.0 - beta2) * labels) ** 2
                     commit_(state["hessian_variance"], variance, ok, require_finite=True)
@@ -204,7 +195,7 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
                     continue  # an FSDP2 shard with no rows, or a parameter another process owns (DDP)
                 hessian, h = state[prefix + "hessian"], local(h.detach()).to(state[prefix + "hessian"].dtype)
                 finite = torch.isfinite(h).all()  # a non-finite estimate never reaches the state
-                hessian.copy_(torch.where(finite, torch.add(hessian * beta2, h, alpha=1.0 - beta2), hessian))
+                hessian.copy_(torch.where(finite, self.preconditioner.folded(hessian, h, beta2), hessian))
                 state[prefix + "hessian_updates"].add_(finite)
 
 

@@ -9,13 +9,17 @@ A public optimizer is an assembly: its arguments and their checks, its docstring
 - On weight matrices (:class:`MatrixPreconditioner`): :class:`~precond.Muon` runs :class:`Orthogonalized`,
   :class:`~precond.ASGO` :class:`OneSidedRoot`; the routing of the other parameters to AdamW is
   :class:`precond.matrix.MatrixOptimizer`'s.
+- Elementwise: :class:`~precond.Sophia` runs :class:`DiagonalCurvature` (its curvature estimates and their
+  microbatch corrections are the optimizer's); the diagonal methods of grafting (Adam, AdaGrad, RMSprop, SGD)
+  are :class:`precond.grafting.Diagonal`.
 """
 
 from .base import KroneckerPreconditioner, MatrixPreconditioner
+from .curvature import DiagonalCurvature
 from .eigenvalues import CorrectedEigenvalues
 from .one_sided import OneSidedRoot
 from .orthogonal import NS_DTYPES, Orthogonalized
 from .roots import InverseRoots, KLInverseRoots
 
-__all__ = ["NS_DTYPES", "CorrectedEigenvalues", "InverseRoots", "KLInverseRoots", "KroneckerPreconditioner",
+__all__ = ["NS_DTYPES", "CorrectedEigenvalues", "DiagonalCurvature", "InverseRoots", "KLInverseRoots", "KroneckerPreconditioner",
            "MatrixPreconditioner", "OneSidedRoot", "Orthogonalized"]
