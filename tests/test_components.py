@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 import precond
-from precond.preconditioners import DiagonalCurvature, InverseRoots, KroneckerPreconditioner, MatrixPreconditioner
+from precond.preconditioners import (DiagonalCurvature, EigenbasisAdam, InverseRoots, KroneckerPreconditioner,
+                                     MatrixPreconditioner)
 from precond.registry import OPTIMIZERS
 
 
@@ -81,11 +82,11 @@ def test_a_new_component_is_a_working_optimizer_checked_against_its_formula():
     assert isinstance(opt.preconditioner, Unrefreshed)
 
 
-def test_every_kronecker_matrix_and_curvature_optimizer_runs_a_component():
+def test_every_preconditioned_optimizer_runs_a_component():
     kinds = {name: type(entry.cls([torch.nn.Parameter(torch.zeros(3, 2))]).__dict__.get("preconditioner"))
              for name, entry in OPTIMIZERS.items()}
     for name in ("Shampoo", "KLShampoo", "EShampoo"):
         assert issubclass(kinds[name], KroneckerPreconditioner), name
     for name in ("Muon", "ASGO"):
         assert issubclass(kinds[name], MatrixPreconditioner), name
-    assert kinds["Sophia"] is DiagonalCurvature
+    assert kinds["Sophia"] is DiagonalCurvature and kinds["SOAP"] is EigenbasisAdam

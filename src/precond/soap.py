@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .blocks import BlockLayout
-from .engine import BlockEngine, Bucket, bias_correction, commit_, ema_, per_block
-from .kronecker import factor_matrices, init_factor_state, mode_product, update_factors_
+from .engine import BlockEngine, Bucket
 from .precision import TF32_MODES
+from .preconditioners import EigenbasisAdam
 from .refresh import RULES as REFRESH_RULES
-from .refresh import EigenbasisRefresh, policy_of, refresh_due
 from .validation import (STEP_RULES, betas_rule, check_choice, check_in, check_int, check_max_dim, check_positive,
                          flag_rule, pair)
 
@@ -103,6 +100,7 @@ class SOAP(BlockEngine):
                         refresh_tolerance=refresh_tolerance, max_qr_iterations=max_qr_iterations,
                         large_dim_policy=large_dim_policy, max_factor_ratio=max_factor_ratio, tf32=tf32,
                         spectral_normalize=spectral_normalize)
+        self.preconditioner = EigenbasisAdam()
         super().__init__(params, defaults, distributed=distributed, strict=strict)
 
     def _weight_decay_mode(self, group: dict[str, Any]) -> str:
@@ -118,55 +116,15 @@ class SOAP(BlockEngine):
         return layout.preconditioned_dims(index, group["precondition_1d"])
 
     def _init_block(self, shape, kind, group, dtype, device):
-        state = init_factor_state(shape, kind, dtype, device, matrix="basis")
-        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
-        return state
+        return self.preconditioner.state(shape, kind, dtype, device)
 
     def _makes_update(self, bucket: Bucket) -> bool:
         return bucket.calls > 1  # the first step only builds the statistics
 
     def _directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor | None:
-        beta1, beta2 = group["betas"]
-        shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
-        policy = policy_of(group, descending=True)
-        state = bucket.state
         if bucket.calls == 1:
-            # The first gradient only builds the statistics: the projection never uses the gradient it
-            # projects (the reference's rule).
-            update_factors_(state, grads, shampoo_beta, 1.0 - shampoo_beta, ok)
-            for i, use in enumerate(bucket.kind):
-                if use:
-                    factor, basis = state[f"factor{i}"], state[f"basis{i}"]
-                    eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
-                    basis.copy_(policy.initial(factor + 1e-30 * eye, basis, state[f"stats{i}"], ok))
+            self.preconditioner.start(bucket, grads, ok, group)
             return None
-
-        bases = factor_matrices(bucket, "basis")
-        projected = mode_product(grads, bases)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        ema_(exp_avg, projected, beta1, 1.0 - beta1, ok)  # a refused block's projection is zero
-        ema_(exp_avg_sq, projected.square(), beta2, 1.0 - beta2, ok)
-        direction = mode_product(exp_avg / (exp_avg_sq.sqrt() + group["eps"]), bases, transpose=True)
-        if group["normalize_grads"]:
-            rms = direction.square().flatten(1).mean(1).sqrt()
-            direction = direction / per_block(1e-30 + rms, direction)
-        if group["correct_bias"]:
-            t = state["step"] - 1  # the step count includes the first, statistics-only step
-            scale = bias_correction(beta2, t, direction.dtype).sqrt() / bias_correction(beta1, t, direction.dtype)
-            direction = direction * per_block(scale, direction)
-
-        update_factors_(state, grads, shampoo_beta, 1.0 - shampoo_beta, ok)
-        frequency = group["precondition_frequency"]
-        if refresh_due(bucket.calls - 1, frequency, frequency):  # counted from the first update
-            self._refresh(bucket, policy, ok)
+        direction = self.preconditioner.direction(bucket, grads, ok, group)
+        self.preconditioner.fold(bucket, grads, ok, group)
         return direction
-
-    @staticmethod
-    def _refresh(bucket: Bucket, policy: EigenbasisRefresh, ok: Tensor) -> None:
-        """New bases for every factor; the first moment follows into the new basis, the second moment's
-        entries are permuted with the columns (the reference's approximation)."""
-        state = bucket.state
-        moment = mode_product(state["exp_avg"], factor_matrices(bucket, "basis"), transpose=True)
-        changed = policy.refresh_bucket_(state, bucket.kind, ok, state["exp_avg_sq"])
-        commit_(state["exp_avg"], mode_product(moment, factor_matrices(bucket, "basis")), changed)
