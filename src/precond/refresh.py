@@ -145,8 +145,7 @@ class EigenbasisRefresh:
                 stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The new basis where it was due and came out finite, the old one elsewhere; counted."""
         changed = stale & good
-        stats[:, REFRESHES] += changed
-        stats[:, FAILURES] += stale & ~good
+        count_refreshes_(stats, stale, good)
         return (torch.where(changed[:, None, None], Q_new, Q), torch.where(changed[:, None], order, identity),
                 changed)
 
