@@ -11,9 +11,10 @@ from torch import Tensor
 
 from . import bias_correction as bc
 from .blocks import BlockLayout
-from .engine import BlockEngine, Bucket, commit_, local
+from .engine import BlockEngine, local
 from .preconditioners import DiagonalCurvature
 from .refresh import refresh_due
+from .sophia_correction import SophiaCorrection
 from .validation import STEP_RULES, betas_rule, check_choice, check_int, check_positive, pair
 
 __all__ = ["Sophia"]
@@ -22,7 +23,7 @@ __all__ = ["Sophia"]
 CORRECTED = "sophia_corrected"  # the block kind of a group with bias_correction other than "std"
 
 
-class Sophia(bc.MicrobatchCorrection, BlockEngine):
+class Sophia(SophiaCorrection, BlockEngine):
     r"""Sophia (Liu et al. 2023, arXiv:2305.14342): second-order clipped stochastic optimization.
 
     .. math::
@@ -108,40 +109,6 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
             grads = micro["numer_sum"] / micro["n_a"]
         return self.preconditioner.direction(bucket, grads, ok, group)
 
-    # ----------------------------------------------------------------- bias correction
-    def _fold_microbatch(self, bucket: Bucket, grad: Tensor, index: int, n_a: int) -> None:
-        # Both passes fold the same statistics: the step reads group A's gradient sum, update_hessian the
-        # squares of group B (the ``b`` of r_j = b·ĝ_j² is applied there, where B is known).
-        mode, micro = bucket.group["bias_correction"], bucket.micro
-        if bc.crosses(mode):
-            name, value = ("numer_sum", grad) if index < n_a else ("square_sum", grad * grad)
-            bc.add_(micro, name, value)
-        if bc.corrects_variance(mode) and index >= n_a:
-            bc.welford_(micro, "s", grad * grad, index + 1 - n_a)
-
-    def _corrected_hessian_update(self, batch_size: int) -> None:
-        """:meth:`update_hessian` for the groups with bias correction, from the accumulated microbatches."""
-        self._check_accumulated()
-        try:
-            for bucket in self._plan():
-                mode = bucket.group["bias_correction"]
-                if mode == "std":
-                    continue
-                micro = self._micro_state(bucket)
-                n, n_a, beta2, rho = micro["n"], micro["n_a"], bucket.group["betas"][1], bucket.group["rho"]
-                labels = batch_size / n  # b, the labels of one microbatch
-                estimate = (labels * micro["square_sum"] / (n - n_a) if bc.crosses(mode)
-                            else batch_size * micro["sum"].to(bucket.dtype).square())
-                ok = torch.isfinite(estimate).flatten(1).all(1)
-                state = bucket.state
-                commit_(state["hessian"], self.preconditioner.folded(state["hessian"], estimate, beta2), ok)
-                if bc.corrects_variance(mode):  # Var(p̄) = (ρ(1-β₂)b)² Var(mean of ĝ_j²)
-                    variance = bc.variance_of_mean(micro, "s", n - n_a) * (rho * (1.0 - beta2) * labels) ** 2
-                    commit_(state["hessian_variance"], variance, ok, require_finite=True)
-                state["hessian_updates"].add_(ok)
-        finally:
-            self._end_accumulation()
-
     def hessian_update_due(self) -> bool:
         """True right after every ``update_period``-th step: time to call :meth:`update_hessian`.
 
@@ -179,13 +146,7 @@ class Sophia(bc.MicrobatchCorrection, BlockEngine):
                 continue
             if group["estimator"] == "gnb":
                 batch_size = _checked_batch_size(batch_size)
-                estimates = [batch_size * p.grad.detach() * p.grad.detach() for p in params]
-            else:
-                if any(p.grad.grad_fn is None for p in params):
-                    raise RuntimeError("Sophia-H needs gradients with a graph: call loss.backward(create_graph=True)")
-                probes = [torch.randint_like(p, 2) * 2 - 1 for p in params]
-                hvps = torch.autograd.grad([p.grad for p in params], params, grad_outputs=probes)
-                estimates = [u * hv for u, hv in zip(probes, hvps)]
+            estimates = self.preconditioner.estimates(params, group["estimator"], batch_size)
             self._plan()  # creates the state of parameters that have not stepped yet
             beta2 = group["betas"][1]
             for p, h in zip(params, estimates):

@@ -37,6 +37,19 @@ class DiagonalCurvature:
         return torch.clamp(exp_avg / denom, -1.0, 1.0)
 
     @staticmethod
+    def estimates(params: list[Tensor], estimator: str, batch_size: int | None) -> list[Tensor]:
+        """One curvature estimate ``ĥ`` per parameter from its current gradient: ``B·ĝ²`` (``"gnb"``: the
+        gradients of a loss on sampled labels, ``batch_size = B``) or ``u ⊙ (∇²L u)`` (``"hutchinson"``: the
+        gradients carry a graph; ``u`` Rademacher)."""
+        if estimator == "gnb":
+            return [batch_size * p.grad.detach() * p.grad.detach() for p in params]
+        if any(p.grad.grad_fn is None for p in params):
+            raise RuntimeError("Sophia-H needs gradients with a graph: call loss.backward(create_graph=True)")
+        probes = [torch.randint_like(p, 2) * 2 - 1 for p in params]
+        hvps = torch.autograd.grad([p.grad for p in params], params, grad_outputs=probes)
+        return [u * hv for u, hv in zip(probes, hvps)]
+
+    @staticmethod
     def folded(hessian: Tensor, estimate: Tensor, beta2: float) -> Tensor:
         """``β₂H + (1-β₂)ĥ``, for the caller to commit where ``ĥ`` is finite."""
         return torch.add(hessian * beta2, estimate, alpha=1.0 - beta2)
