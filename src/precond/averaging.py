@@ -48,8 +48,58 @@ def _torch_decoupled(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, torch.optim.AdamW) or (muon is not None and isinstance(optimizer, muon))
 
 
+@contextlib.contextmanager
+def _decay_moved(optimizer: torch.optim.Optimizer) -> Iterator[bool]:
+    """``optimizer``'s decoupled weight decay set to 0 while it steps (restored after); yields whether its
+    decay is decoupled (and so is to be applied to ``z``)."""
+    groups = optimizer.param_groups
+    if hasattr(optimizer, "decoupled_decay"):  # ours: per group (Shampoo may decay by L2)
+        moved = [optimizer.decouples_weight_decay(g) for g in groups]
+    else:
+        moved = [_torch_decoupled(optimizer)] * len(groups)
+    saved = [{k: g[k] for k in _DECAY_KEYS if k in g} if m else {} for g, m in zip(groups, moved)]
+    for group, values in zip(groups, saved):
+        group.update(dict.fromkeys(values, 0.0))
+    try:
+        yield any(moved)
+    finally:
+        for group, values in zip(groups, saved):
+            group.update(values)
+
+
+def _decay_rates(optimizer: torch.optim.Optimizer) -> dict[Tensor, tuple[Any, float]]:
+    """Per parameter, the ``(lr, weight_decay)`` of the decoupled decay ``optimizer`` would have applied."""
+    if hasattr(optimizer, "decoupled_decay"):
+        return optimizer.decoupled_decay()
+    return {p: (g["lr"], g.get("weight_decay", 0.0)) for g in optimizer.param_groups for p in g["params"]}
+
+
 # Where the wrapper's own state goes in a state_dict: beside the base optimizer's, in its flat layout.
 _Z, _LR_SUM, _TRAINING = "iterate_averaging_z", "iterate_averaging_lr_sum", "iterate_averaging_training"
+
+
+def _with_z(state: dict[Any, dict], zs: dict[Tensor, Tensor], params: list[Tensor]) -> dict[Any, dict]:
+    """A saved base state (keyed by parameter index) with each parameter's ``z`` added to its entry."""
+    index = {id(p): i for i, p in enumerate(params)}
+    state = {k: dict(v) for k, v in state.items()}
+    for p, z in zs.items():
+        state.setdefault(index[id(p)], {})[_Z] = z
+    return state
+
+
+def _split_z(state: dict[Any, dict], params: list[Tensor]) -> tuple[dict[Any, dict], dict[Tensor, Tensor]]:
+    """The inverse of :func:`_with_z`: the base optimizer's saved state, and ``z`` per parameter (checked)."""
+    base_state, zs = {}, {}
+    for i, entry in state.items():
+        if _Z in entry:
+            if int(i) >= len(params) or entry[_Z].shape != params[int(i)].shape:
+                raise ValueError(f"state_dict's iterate_averaging z for parameter {i} does not match the "
+                                 "optimizer's parameters")
+            zs[params[int(i)]] = entry[_Z]
+        rest = {k: v for k, v in entry.items() if k != _Z}
+        if rest:
+            base_state[i] = rest
+    return base_state, zs
 
 
 class IterateAveraging(torch.optim.Optimizer):
@@ -114,28 +164,6 @@ class IterateAveraging(torch.optim.Optimizer):
         for group in self.param_groups:
             group[_TRAINING] = training
 
-    @contextlib.contextmanager
-    def _decay_moved(self) -> Iterator[bool]:
-        """The base optimizer's decoupled weight decay set to 0 while it steps (restored after); yields
-        whether its decay is decoupled (and so is to be applied to ``z``)."""
-        if hasattr(self.optimizer, "decoupled_decay"):  # ours: per group (Shampoo may decay by L2)
-            moved = [self.optimizer.decouples_weight_decay(g) for g in self.param_groups]
-        else:
-            moved = [_torch_decoupled(self.optimizer)] * len(self.param_groups)
-        saved = [{k: g[k] for k in _DECAY_KEYS if k in g} if m else {} for g, m in zip(self.param_groups, moved)]
-        for group, values in zip(self.param_groups, saved):
-            group.update(dict.fromkeys(values, 0.0))
-        try:
-            yield any(moved)
-        finally:
-            for group, values in zip(self.param_groups, saved):
-                group.update(values)
-
-    def _decay_rates(self) -> dict[Tensor, tuple[Any, float]]:
-        if hasattr(self.optimizer, "decoupled_decay"):
-            return self.optimizer.decoupled_decay()
-        return {p: (g["lr"], g.get("weight_decay", 0.0)) for g in self.param_groups for p in g["params"]}
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step of the base optimizer, averaged (see the module docstring)."""
@@ -145,9 +173,9 @@ class IterateAveraging(torch.optim.Optimizer):
         params = [p for p in self._params() if p.grad is not None]
         zs = [self._z(p) for p in params]
         before = [p.detach().clone() for p in params]
-        with self._decay_moved() as decoupled:
+        with _decay_moved(self.optimizer) as decoupled:
             loss = self.optimizer.step(closure)
-        rates = self._decay_rates() if decoupled else {}
+        rates = _decay_rates(self.optimizer) if decoupled else {}
         mu_xs = [self._eval_interp_coeff(i) for i in range(len(self.param_groups))]
         coeffs = {id(p): mu_x for mu_x, g in zip(mu_xs, self.param_groups) for p in g["params"]}
         mu_y = self.train_interp_coeff
@@ -186,28 +214,13 @@ class IterateAveraging(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         saved = self.optimizer.state_dict()  # its groups hold lr_sum and the mode
-        index = {id(p): i for i, p in enumerate(self._params())}
-        state = {k: dict(v) for k, v in saved["state"].items()}
-        for p, z in self._zs.items():
-            state.setdefault(index[id(p)], {})[_Z] = z
-        return {**saved, "state": state}
+        return {**saved, "state": _with_z(saved["state"], self._zs, list(self._params()))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        groups = state_dict["param_groups"]
-        if not all(_LR_SUM in g and _TRAINING in g for g in groups):
+        if not all(_LR_SUM in g and _TRAINING in g for g in state_dict["param_groups"]):
             raise ValueError(f"state_dict has no {_LR_SUM!r} in its param groups: it was not saved by "
                              f"{type(self).__name__}.state_dict()")
-        params = list(self._params())
-        base_state, zs = {}, {}
-        for i, entry in state_dict["state"].items():
-            if _Z in entry:
-                if int(i) >= len(params) or entry[_Z].shape != params[int(i)].shape:
-                    raise ValueError(f"state_dict's iterate_averaging z for parameter {i} does not match the "
-                                     "optimizer's parameters")
-                zs[params[int(i)]] = entry[_Z]
-            rest = {k: v for k, v in entry.items() if k != _Z}
-            if rest:
-                base_state[i] = rest
+        base_state, zs = _split_z(state_dict["state"], list(self._params()))
         self.optimizer.load_state_dict({**state_dict, "state": base_state})
         self.param_groups = self.optimizer.param_groups
         self._zs = {p: z.detach().to(p.device, copy=True) for p, z in zs.items()}
