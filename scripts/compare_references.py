@@ -1,7 +1,8 @@
 """Compare precond's Shampoo, EShampoo and SOAP with the public reference implementations.
 
 The references are not part of precond: put their sources in the git-ignored folder ``.peers/``
-(``.peers/optimizers`` = facebookresearch/optimizers, ``.peers/SOAP`` = nikhilvyas/SOAP), then run
+(``.peers/optimizers`` = facebookresearch/optimizers, ``.peers/SOAP`` = nikhilvyas/SOAP,
+``.peers/KL-Methods`` = yorkerlin/KL-Methods, the KL-SOAP authors' code), then run
 
     python scripts/compare_references.py
 
@@ -13,6 +14,8 @@ gradients for 30 steps and prints the relative difference of the parameters,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 import types
 from pathlib import Path
@@ -167,9 +170,69 @@ def soap_cases():
     return cases
 
 
+def load_kl_soap_reference():
+    """The KL-SOAP authors' ``KLOpt`` (``using_klsoap=True``), in float64 throughout: their eigh and QR cast to
+    float32, which these two overrides leave out, and their ``torch.compile`` is turned off. Also a variant whose
+    3-D update writes its eigenvalue estimates only once every statistic of the step has read them (the
+    order of this library's KLSOAP and of their 2-D update)."""
+    torch._dynamo.config.disable = True
+    sys.path.insert(0, str(ROOT / ".peers" / "KL-Methods"))
+    from optim.kl_opt import KLOpt
+
+    class Float64KLOpt(KLOpt):
+        def __init__(self, params, **hp):
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints its settings
+                super().__init__(params, using_klsoap=True, cast_dtype=torch.float64, **hp)
+
+        def get_orthogonal_matrix(self, mat):
+            bases = [torch.linalg.eigh(m + 1e-30 * torch.eye(m.shape[0], dtype=m.dtype))[1].flip(1) for m in mat]
+            return bases, [torch.full((Q.shape[0],), self.init_factor ** -0.5, dtype=Q.dtype) for Q in bases]
+
+        def get_orthogonal_matrix_QR(self, state):
+            return [torch.linalg.qr(m @ o)[0] for m, o in zip(state["GG"], state["Q"])]
+
+    class Deferred(Float64KLOpt):
+        pending = None  # inside a 3-D update: the estimates written at its end
+
+        def update_eigen_value(self, state, diag, idx, *args):
+            before = state["eigen_sqrt_inv"][idx]
+            super().update_eigen_value(state, diag, idx, *args)
+            if self.pending is not None:
+                self.pending.append((idx, state["eigen_sqrt_inv"][idx]))
+                state["eigen_sqrt_inv"][idx] = before
+
+        def update_3d_preconditioner(self, grad, state, *args):
+            self.pending = []
+            super().update_3d_preconditioner(grad, state, *args)
+            for idx, value in self.pending:
+                state["eigen_sqrt_inv"][idx] = value
+            self.pending = None
+
+    return Float64KLOpt, Deferred
+
+
+def kl_soap_cases():
+    """KL-SOAP against its authors' code, on 2-D and 3-D tensors (theirs takes no other order) whose first
+    factors have at most one null direction (a wider null space has no unique first basis)."""
+    reference, deferred = load_kl_soap_reference()
+    g = torch.Generator().manual_seed(2)
+    cases = []
+    for order, shapes, refs in [("2-D", [(6, 5), (4, 4)], [("authors' code", reference)]),
+                                ("3-D", [(3, 4, 5)], [("authors' code", reference),
+                                                      ("authors' code, estimates written last", deferred)])]:
+        init = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+        grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(STEPS)]
+        for options in [dict(), dict(precondition_frequency=3, normalize_grads=True, shampoo_beta=0.9)]:
+            hp = dict(dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01, precondition_frequency=1), **options)
+            for label, ref in refs:
+                cases.append((f"KLSOAP {order} {options or 'F=1'} vs {label}", lambda ps, hp=hp: precond.KLSOAP(ps, **hp),
+                              lambda ps, hp=hp, ref=ref: ref(ps, **hp), init, grads))
+    return cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["shampoo", "soap"], default=None)
+    parser.add_argument("--only", choices=["shampoo", "soap", "klsoap"], default=None)
     args = parser.parse_args()
     # Both references create some scalars and buffers with the default dtype (Distributed Shampoo's bias
     # corrections, the reference SOAP's factors): float64 there too, or they round to float32.
@@ -180,9 +243,12 @@ def main() -> None:
         cases += shampoo_cases()
     if args.only in (None, "soap"):
         cases += soap_cases()
+    if args.only in (None, "klsoap"):
+        cases += kl_soap_cases()
     print(f"| case | max rel. diff of W | max rel. diff of ΔW |\n|---|---|---|")
-    for name, ours, ref in cases:
-        rel, disp = differences(run(ours, init, grads), run(ref, init, grads), init)
+    for name, ours, ref, *own in cases:
+        start, steps = own or (init, grads)
+        rel, disp = differences(run(ours, start, steps), run(ref, start, steps), start)
         print(f"| {name} | {rel:.2e} | {disp:.2e} |", flush=True)
 
 

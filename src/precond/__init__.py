@@ -7,6 +7,7 @@ from .engine import BlockEngine
 from .eshampoo import EShampoo
 from .explain import explain
 from .kl_shampoo import KLShampoo
+from .kl_soap import KLSOAP
 from .muon import Muon
 from .refresh import EigenbasisRefresh
 from .routing import param_groups
@@ -15,6 +16,6 @@ from .shampoo import Shampoo
 from .soap import SOAP
 from .sophia import Sophia
 
-__all__ = ["ASGO", "AdamW", "BlockEngine", "EShampoo", "EigenbasisRefresh", "KLShampoo", "Muon", "PrimalAveraging",
-           "SOAP", "ScheduleFree", "Shampoo", "Sophia", "explain", "param_groups"]
+__all__ = ["ASGO", "AdamW", "BlockEngine", "EShampoo", "EigenbasisRefresh", "KLSOAP", "KLShampoo", "Muon",
+           "PrimalAveraging", "SOAP", "ScheduleFree", "Shampoo", "Sophia", "explain", "param_groups"]
 __version__ = "0.1.0"

@@ -241,19 +241,22 @@ def cholesky_qr(X: Tensor) -> tuple[Tensor, Tensor]:
     return Q, ok
 
 
-def power_qr_step(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def power_qr_step(A: Tensor, Q: Tensor, sort: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     r"""SOAP's refresh: one power-iteration step followed by a QR orthonormalisation (``[..., n, n]``).
 
-    The columns of ``Q`` are first sorted by their Rayleigh quotients ``diag(QᵀAQ)``, descending; then
-    ``Q ← qr(A Q)``, by :func:`cholesky_qr`, with Householder QR (LAPACK) for the matrices where that
+    The columns of ``Q`` are first sorted by their Rayleigh quotients ``diag(QᵀAQ)``, descending (unless
+    ``sort=False``: KL-SOAP keeps the order, and ``order`` is then the identity); then ``Q ← qr(A Q)``, by :func:`cholesky_qr`, with Householder QR (LAPACK) for the matrices where that
     fails. Returns ``(new Q, order, fell_back)`` so that the caller can permute per-column statistics
     (SOAP's second moment) the same way and count the fallbacks; raises :class:`LinAlgFailure` if the
     Householder QR raises. Deciding on the fallback reads one flag on the host.
     """
     AQ = matmul(A, Q)
-    estimates = (Q * AQ).sum(-2)  # diag(QᵀAQ) without a second product
-    order = torch.argsort(estimates, dim=-1, descending=True)
-    X = permute_columns(AQ, order)  # A·(Q's columns in order) = (AQ)'s columns in order
+    if sort:
+        estimates = (Q * AQ).sum(-2)  # diag(QᵀAQ) without a second product
+        order = torch.argsort(estimates, dim=-1, descending=True)
+        X = permute_columns(AQ, order)  # A·(Q's columns in order) = (AQ)'s columns in order
+    else:
+        order, X = torch.arange(A.shape[-1], device=A.device).expand(A.shape[:-1]), AQ
     Q_new, ok = cholesky_qr(X)
     fell_back = ~ok
     if bool(fell_back.any()):

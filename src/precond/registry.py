@@ -13,6 +13,7 @@ from .asgo import ASGO
 from .engine import BlockEngine
 from .eshampoo import EShampoo
 from .kl_shampoo import KLShampoo
+from .kl_soap import KLSOAP
 from .muon import Muon
 from .shampoo import Shampoo
 from .soap import SOAP
@@ -39,6 +40,7 @@ OPTIMIZERS: dict[str, Entry] = {
     "EShampoo": Entry(EShampoo, "spectral", normalizable=True),
     "Shampoo": Entry(Shampoo, "spectral", normalizable=True),
     "KLShampoo": Entry(KLShampoo, "spectral", normalizable=True),
+    "KLSOAP": Entry(KLSOAP, "entrywise", normalizable=True),
     "Muon": Entry(Muon, "spectral", routes_vectors=True),
     "ASGO": Entry(ASGO, "spectral", routes_vectors=True),
     "Sophia": Entry(Sophia, "entrywise"),

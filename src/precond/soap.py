@@ -100,8 +100,12 @@ class SOAP(BlockEngine):
                         refresh_tolerance=refresh_tolerance, max_qr_iterations=max_qr_iterations,
                         large_dim_policy=large_dim_policy, max_factor_ratio=max_factor_ratio, tf32=tf32,
                         spectral_normalize=spectral_normalize)
-        self.preconditioner = EigenbasisAdam()
+        self.preconditioner = self._make_preconditioner()
         super().__init__(params, defaults, distributed=distributed, strict=strict)
+
+    def _make_preconditioner(self) -> EigenbasisAdam:
+        """The component this class runs (KL-SOAP: another)."""
+        return EigenbasisAdam()
 
     def _weight_decay_mode(self, group: dict[str, Any]) -> str:
         return "decoupled_after"

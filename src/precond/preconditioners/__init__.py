@@ -7,7 +7,8 @@ A public optimizer is an assembly: its arguments and their checks, its docstring
   the step they share (factor statistics, first moment, grafting, refresh schedule) is
   :class:`precond.shampoo.ShampooFamily`'s.
 - :class:`~precond.SOAP` runs :class:`EigenbasisAdam` (Adam's moments in the factors' eigenbasis), in the
-  reference SOAP's order: its own step, not the Kronecker one above.
+  reference SOAP's order: its own step, not the Kronecker one above; :class:`~precond.KLSOAP`
+  :class:`KLEigenbasisAdam` (the same, with KL-estimated factors).
 - On weight matrices (:class:`MatrixPreconditioner`): :class:`~precond.Muon` runs :class:`Orthogonalized`,
   :class:`~precond.ASGO` :class:`OneSidedRoot`; the routing of the other parameters to AdamW is
   :class:`precond.matrix.MatrixOptimizer`'s.
@@ -20,9 +21,11 @@ from .base import KroneckerPreconditioner, MatrixPreconditioner
 from .curvature import DiagonalCurvature
 from .eigenbasis_adam import EigenbasisAdam
 from .eigenvalues import CorrectedEigenvalues
+from .kl_eigenbasis_adam import KLEigenbasisAdam
 from .one_sided import OneSidedRoot
 from .orthogonal import NS_DTYPES, Orthogonalized
 from .roots import InverseRoots, KLInverseRoots
 
-__all__ = ["NS_DTYPES", "CorrectedEigenvalues", "DiagonalCurvature", "EigenbasisAdam", "InverseRoots", "KLInverseRoots", "KroneckerPreconditioner",
-           "MatrixPreconditioner", "OneSidedRoot", "Orthogonalized"]
+__all__ = ["NS_DTYPES", "CorrectedEigenvalues", "DiagonalCurvature", "EigenbasisAdam", "InverseRoots",
+           "KLEigenbasisAdam", "KLInverseRoots", "KroneckerPreconditioner", "MatrixPreconditioner", "OneSidedRoot",
+           "Orthogonalized"]
