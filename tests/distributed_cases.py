@@ -33,6 +33,8 @@ FACTORIES = {
                                                   **kw),
     "SOAP": lambda ps, **kw: precond.SOAP(ps, lr=0.01, precondition_frequency=2, max_precond_dim=8,
                                           large_dim_policy="split", **kw),
+    "KLSOAP": lambda ps, **kw: precond.KLSOAP(ps, lr=0.01, precondition_frequency=2, max_precond_dim=8,
+                                              large_dim_policy="split", **kw),
     "Muon": lambda ps, **kw: precond.Muon(ps, lr=0.02, adamw_lr=0.01, ns_dtype="float32", **kw),
     "ASGO": lambda ps, **kw: precond.ASGO(ps, lr=0.01, adamw_lr=0.01, **kw),
     "AdamW": lambda ps, **kw: precond.AdamW(ps, lr=0.01, **kw),

@@ -192,6 +192,69 @@ def soap(W0, grads, *, lr, betas, eps, wd, freq, shampoo_beta=None, max_dim=10_0
     return out
 
 
+def kl_soap(W0, grads, *, lr, betas, eps, wd, freq, shampoo_beta=None, max_dim=10_000, precondition_1d=False,
+            normalize=False, init=0.1, max_clamp=4000):
+    """KL-SOAP on one tensor (Lin et al. 2025): SOAP's Adam in the factors' eigenbasis, no bias correction;
+    each factor is estimated from the gradient whitened along the other dims by ``Q_j diag(s_j)``, with
+    ``s_j = d_j^{-1/2}`` from running estimates ``d_j`` of the factors' eigenvalues along ``Q_j``; every
+    statistic of a step reads the values from before it. Bases refresh by ``qr(L Q)``, columns unsorted."""
+    beta1, beta2 = betas
+    sb = beta2 if shampoo_beta is None else shampoo_beta
+    W = W0.clone()
+    k, N = W.dim(), W.numel()
+    use = [(n <= max_dim) and (k > 1 or precondition_1d) for n in W.shape]
+    dims = [i for i in range(k) if use[i]]
+    L = [torch.zeros(n, n, dtype=W.dtype) if u else None for n, u in zip(W.shape, use)]
+    s = [torch.full((n,), init ** -0.5, dtype=W.dtype) if u else None for n, u in zip(W.shape, use)]
+    Q = None
+    M = torch.zeros_like(W)
+    V = torch.zeros_like(W)
+    t = 0
+    out = []
+
+    def project(X, transpose=False):
+        for i in dims:
+            X = mode_multiply(X, Q[i] if transpose else Q[i].T, i)
+        return X
+
+    for G in grads:
+        if Q is None:
+            for i in dims:
+                Gi = unfold(G, i)
+                L[i] = (1 - sb) * (W.shape[i] / N) * Gi @ Gi.T
+            Q = [torch.linalg.eigh(L[i])[1].flip(1) if use[i] else None for i in range(k)]
+            out.append(W.clone())
+            continue
+        t += 1
+        Gp = project(G)
+        M = beta1 * M + (1 - beta1) * Gp
+        V = beta2 * V + (1 - beta2) * Gp * Gp
+        step = project(M / (V.sqrt() + eps), transpose=True)
+        if normalize:
+            step = step / (1e-30 + step.square().mean().sqrt())
+        W = W - lr * step
+        W = W - lr * wd * W
+        new_L, new_s = list(L), list(s)
+        for i in dims:
+            whitened, scaled = G, Gp
+            for j in dims:
+                if j != i:
+                    whitened = mode_multiply(whitened, (Q[j] * s[j]).T, j)  # G ×_j (Q_j diag(s_j))ᵀ
+                    scaled = mode_multiply(scaled, torch.diag(s[j]), j)
+            Gi = unfold(whitened, i)
+            new_L[i] = sb * L[i] + (1 - sb) * (W.shape[i] / N) * Gi @ Gi.T
+            d = sb / s[i].square() + (1 - sb) * unfold(scaled, i).square().mean(1)
+            new_s[i] = d.rsqrt() if max_clamp is None else d.rsqrt().clamp(max=max(10, min(W.shape[i], max_clamp)))
+        L, s = new_L, new_s
+        if t % freq == 0:
+            Morig = project(M, transpose=True)
+            for i in dims:
+                Q[i] = torch.linalg.qr(L[i] @ Q[i])[0]
+            M = project(Morig)
+        out.append(W.clone())
+    return out
+
+
 def adamw(W0, grads, *, lr, betas, eps, wd):
     beta1, beta2 = betas
     W = W0.clone()

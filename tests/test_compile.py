@@ -40,6 +40,7 @@ def trajectory(make, init, grads, compile_step):
 FACTORIES = {
     "AdamW": lambda ps: precond.AdamW(ps, lr=1e-2, weight_decay=0.1),
     "SOAP": lambda ps: precond.SOAP(ps, lr=1e-2, precondition_frequency=100),
+    "KLSOAP": lambda ps: precond.KLSOAP(ps, lr=1e-2, precondition_frequency=100),
     "Shampoo": lambda ps: precond.Shampoo(ps, lr=1e-2, precondition_frequency=100, grafting="adam",
                                           max_preconditioner_dim=16),
     "KLShampoo": lambda ps: precond.KLShampoo(ps, lr=1e-2, precondition_frequency=100, grafting="adam",

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 import precond
-from precond.preconditioners import (DiagonalCurvature, EigenbasisAdam, InverseRoots, KroneckerPreconditioner,
-                                     MatrixPreconditioner)
+from precond.preconditioners import (DiagonalCurvature, EigenbasisAdam, InverseRoots, KLEigenbasisAdam,
+                                     KroneckerPreconditioner, MatrixPreconditioner)
 from precond.registry import OPTIMIZERS
 
 
@@ -90,3 +90,4 @@ def test_every_preconditioned_optimizer_runs_a_component():
     for name in ("Muon", "ASGO"):
         assert issubclass(kinds[name], MatrixPreconditioner), name
     assert kinds["Sophia"] is DiagonalCurvature and kinds["SOAP"] is EigenbasisAdam
+    assert kinds["KLSOAP"] is KLEigenbasisAdam

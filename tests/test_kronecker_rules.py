@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import precond
-from references import adamw, eshampoo, shampoo, soap, split_blocks
+from references import adamw, eshampoo, kl_soap, shampoo, soap, split_blocks
 
 STEPS = 12
 
@@ -212,6 +212,59 @@ def test_soap_split_policy_blocks_long_dims():
                                                   large_dim_policy="split"), W0, grads)
     ref = run_blocked_reference(soap, W0, grads, 8, lr=0.01, betas=(0.95, 0.95), eps=1e-8, wd=0.01, freq=4)
     assert_trajectories_close(ours, ref, 1e-9)
+
+
+@pytest.mark.parametrize("shape", [(2,), (7,), (5, 6), (3, 4, 5), (2, 3, 2, 2)])
+def test_kl_soap_matches_reference(shape):
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    grads = gradients(shape, steps=15)
+    one_d = len(shape) == 1 and shape[0] == 2  # a 1-D factor of rank 1: unique bases only for n ≤ 2
+    ours, opt = run_library(lambda ps: precond.KLSOAP(ps, lr=0.01, precondition_frequency=4,
+                                                      precondition_1d=one_d), W0, grads)
+    ref = kl_soap(W0, grads, lr=0.01, betas=(0.95, 0.95), eps=1e-8, wd=0.01, freq=4, precondition_1d=one_d)
+    assert_trajectories_close(ours, ref, 1e-9)
+    if len(shape) > 1:  # the KL statistic is not SOAP's (with SOAP's bias correction off, as KL-SOAP's)
+        plain, _ = run_library(lambda ps: precond.SOAP(ps, lr=0.01, precondition_frequency=4, correct_bias=False),
+                               W0, grads)
+        assert float((plain[-1] - ref[-1]).norm() / ref[-1].norm()) > 1e-3
+        # the first bases, then one refresh each 4 updates (14 updates): 4 per factor, none failed
+        assert [(f["refreshes"], f["failures"]) for f in opt.preconditioner_stats()["factors"]] == [(4, 0)] * len(shape)
+
+
+def test_kl_soap_options_and_clamp_match_reference():
+    shape = (6, 5)
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    scale = torch.tensor([1.0, 1.0, 1.0, 1e-3, 1e-4], dtype=torch.float64)  # two directions' d_i → 0: 1/√d clamps
+    grads = [g * scale for g in gradients(shape, steps=15)]
+    hp = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, wd=0.0, freq=3, shampoo_beta=0.5, normalize=True, init=0.5)
+    for clamp in (3, None):  # 3: at max(10, min(n_i, 3)) = 10
+        ours, opt = run_library(lambda ps: precond.KLSOAP(
+            ps, lr=0.01, betas=(0.9, 0.99), weight_decay=0.0, precondition_frequency=3, shampoo_beta=0.5,
+            normalize_grads=True, init_factor=0.5, max_clamp_value=clamp), W0, grads)
+        assert_trajectories_close(ours, kl_soap(W0, grads, max_clamp=clamp, **hp), 1e-9)
+        scales = opt.state[opt.param_groups[0]["params"][0]]["inv_sqrt_eigenvalues1"]
+        assert (float(scales.max()) == 10.0) == (clamp is not None)
+    clamped, free = kl_soap(W0, grads, max_clamp=3, **hp), kl_soap(W0, grads, max_clamp=None, **hp)
+    assert float((clamped[-1] - free[-1]).norm() / free[-1].norm()) > 1e-6  # the clamp is exercised
+
+
+def test_kl_soap_blocks_and_leaves_long_dims():
+    for shape, kw in [((16, 8), dict(large_dim_policy="split")), ((20, 6), dict())]:
+        W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+        grads = gradients(shape, steps=15)
+        ours, _ = run_library(lambda ps: precond.KLSOAP(ps, lr=0.01, precondition_frequency=4, max_precond_dim=8,
+                                                        **kw), W0, grads)
+        hp = dict(lr=0.01, betas=(0.95, 0.95), eps=1e-8, wd=0.01, freq=4)
+        ref = (run_blocked_reference(kl_soap, W0, grads, 8, **hp) if kw else kl_soap(W0, grads, max_dim=8, **hp))
+        assert_trajectories_close(ours, ref, 1e-9)
+
+
+def test_kl_soap_refuses_other_refreshes_and_bad_arguments():
+    p = [torch.nn.Parameter(torch.ones(3, 3))]
+    for kw, name in [(dict(refresh_method="eigh"), "refresh_method"), (dict(refresh_tolerance=0.1), "refresh_tolerance"),
+                     (dict(init_factor=0.0), "init_factor"), (dict(max_clamp_value=-1.0), "max_clamp_value")]:
+        with pytest.raises(ValueError, match=name):
+            precond.KLSOAP(p, **kw)
 
 
 @pytest.mark.parametrize("make", [

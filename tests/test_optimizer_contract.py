@@ -17,6 +17,7 @@ FACTORIES = {
     "EShampoo": lambda ps, **kw: precond.EShampoo(ps, **{"lr": 0.01, "precondition_frequency": 2,
                                                          "max_preconditioner_dim": 8, **kw}),
     "SOAP": lambda ps, **kw: precond.SOAP(ps, **{"lr": 0.01, "precondition_frequency": 2, **kw}),
+    "KLSOAP": lambda ps, **kw: precond.KLSOAP(ps, **{"lr": 0.01, "precondition_frequency": 2, **kw}),
     "Muon": lambda ps, **kw: precond.Muon(ps, **{"lr": 0.02, "adamw_lr": 0.01, **kw}),
     "ASGO": lambda ps, **kw: precond.ASGO(ps, **{"lr": 0.01, "adamw_lr": 0.01, **kw}),
     "Sophia": lambda ps, **kw: precond.Sophia(ps, **{"lr": 0.01, **kw}),
