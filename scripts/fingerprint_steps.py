@@ -30,12 +30,13 @@ SETTINGS = {
                 {"use_decoupled_weight_decay": False, "weight_decay": 0.1, "grafting": "sgd"},
                 {"spectral_normalize": True, "precondition_frequency": 2}],
     "KLShampoo": [{"precondition_frequency": 2}, {"grafting": "adam", "precondition_frequency": 3}],
+    "KLSOAP": [{"precondition_frequency": 2}, {"normalize_grads": True, "correct_bias": True, "max_clamp_value": None}],
     "Muon": [{}, {"nesterov": False, "adjust_lr_fn": "match_rms_adamw", "ns_dtype": "float32"}],
     "ASGO": [{}, {"precondition_frequency": 2}],
     "Sophia": [{}],
 }
 SMALL_BLOCKS = {"Shampoo": "max_preconditioner_dim", "EShampoo": "max_preconditioner_dim",
-                "KLShampoo": "max_preconditioner_dim", "SOAP": "max_precond_dim"}
+                "KLShampoo": "max_preconditioner_dim", "SOAP": "max_precond_dim", "KLSOAP": "max_precond_dim"}
 
 
 def fingerprint(name: str, options: dict, dtype: torch.dtype) -> str:

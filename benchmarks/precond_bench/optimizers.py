@@ -12,6 +12,7 @@ Ours, at each method's published defaults:
   grafting), ε = 1e-8, refresh every 10 steps.
 - Shampoo: Distributed Shampoo's betas (0.9, 0.999), ε = 1e-12, Adam grafting (β₂ 0.95), roots every 10 steps;
   KLShampoo the same.
+- KLSOAP: SOAP's settings above (its authors' Adam has no bias correction, and neither has this row).
 - AdamW+GPA, SOAP+GPA: Generalized Primal Averaging (μ_x 0.9, μ_y 0.8, Distributed Shampoo's defaults)
   around AdamW / SOAP at the settings here, evaluated at the averaged weights.
 - Muon: ``torch.optim.Muon``'s momentum 0.95 (Nesterov) and weight decay 0.1 on the hidden matrices.
@@ -195,6 +196,8 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
     OptimizerSpec("KLShampoo", 3e-3, lambda m, lr, _: precond.KLShampoo(
         _params(m), lr=lr, betas=(0.9, 0.999), epsilon=1e-12, precondition_frequency=10, grafting="adam",
         grafting_beta2=0.95, grafting_epsilon=1e-8)),
+    OptimizerSpec("KLSOAP", 3e-3, lambda m, lr, _: precond.KLSOAP(
+        _params(m), lr=lr, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10)),
     # Iterate averaging (Distributed Shampoo's GPA defaults, mu_x 0.9, mu_y 0.8) around AdamW and SOAP at their
     # settings above; evaluated at the averaged weights x
     OptimizerSpec("AdamW+GPA", 3e-3, lambda m, lr, a: precond.PrimalAveraging(precond.AdamW(
