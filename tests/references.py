@@ -136,6 +136,26 @@ def eshampoo(W0, grads, *, lr, betas, eps, wd, freq=1, grafting=None, graft_beta
     return out
 
 
+def rotate(X, Q, transpose=False):
+    """``X ×_i Q_iᵀ`` over the dims with a basis (into the eigenbasis), or ``X ×_i Q_i`` (back)."""
+    for i, q in enumerate(Q):
+        if q is not None:
+            X = mode_multiply(X, q if transpose else q.T, i)
+    return X
+
+
+def adam_in_basis(G, M, V, Q, betas, eps, normalize):
+    """SOAP's moments of the rotated gradient and its direction ``[M / (√V + ε)]`` rotated back (RMS 1 if
+    ``normalize``): ``(M, V, N)``."""
+    Gp = rotate(G, Q)
+    M = betas[0] * M + (1 - betas[0]) * Gp
+    V = betas[1] * V + (1 - betas[1]) * Gp * Gp
+    N = rotate(M / (V.sqrt() + eps), Q, transpose=True)
+    if normalize:
+        N = N / (1e-30 + N.square().mean().sqrt())
+    return M, V, N
+
+
 def soap(W0, grads, *, lr, betas, eps, wd, freq, shampoo_beta=None, max_dim=10_000, precondition_1d=False,
          normalize=False):
     """SOAP on one tensor in the reference implementation's order (no merging)."""
@@ -151,12 +171,6 @@ def soap(W0, grads, *, lr, betas, eps, wd, freq, shampoo_beta=None, max_dim=10_0
     t = 0
     out = []
 
-    def project(X, transpose=False):
-        for i in range(k):
-            if Q[i] is not None:
-                X = mode_multiply(X, Q[i] if transpose else Q[i].T, i)
-        return X
-
     def accumulate(G):
         for i in range(k):
             if L[i] is not None:
@@ -170,24 +184,19 @@ def soap(W0, grads, *, lr, betas, eps, wd, freq, shampoo_beta=None, max_dim=10_0
             out.append(W.clone())
             continue
         t += 1
-        Gp = project(G)
-        M = beta1 * M + (1 - beta1) * Gp
-        V = beta2 * V + (1 - beta2) * Gp * Gp
-        N = project(M / (V.sqrt() + eps), transpose=True)
-        if normalize:
-            N = N / (1e-30 + N.square().mean().sqrt())
+        M, V, N = adam_in_basis(G, M, V, Q, betas, eps, normalize)
         W = W - lr * math.sqrt(1 - beta2**t) / (1 - beta1**t) * N
         W = W - lr * wd * W
         accumulate(G)
         if t % freq == 0:
-            Morig = project(M, transpose=True)
+            Morig = rotate(M, Q, transpose=True)
             for i in range(k):
                 if Q[i] is None:
                     continue
                 order = torch.argsort(torch.diagonal(Q[i].T @ L[i] @ Q[i]), descending=True)
                 V = V.index_select(i, order)
                 Q[i] = torch.linalg.qr(L[i] @ Q[i][:, order])[0]
-            M = project(Morig)
+            M = rotate(Morig, Q)
         out.append(W.clone())
     return out
 
@@ -198,8 +207,7 @@ def kl_soap(W0, grads, *, lr, betas, eps, wd, freq, shampoo_beta=None, max_dim=1
     each factor is estimated from the gradient whitened along the other dims by ``Q_j diag(s_j)``, with
     ``s_j = d_j^{-1/2}`` from running estimates ``d_j`` of the factors' eigenvalues along ``Q_j``; every
     statistic of a step reads the values from before it. Bases refresh by ``qr(L Q)``, columns unsorted."""
-    beta1, beta2 = betas
-    sb = beta2 if shampoo_beta is None else shampoo_beta
+    sb = betas[1] if shampoo_beta is None else shampoo_beta
     W = W0.clone()
     k, N = W.dim(), W.numel()
     use = [(n <= max_dim) and (k > 1 or precondition_1d) for n in W.shape]
@@ -212,11 +220,6 @@ def kl_soap(W0, grads, *, lr, betas, eps, wd, freq, shampoo_beta=None, max_dim=1
     t = 0
     out = []
 
-    def project(X, transpose=False):
-        for i in dims:
-            X = mode_multiply(X, Q[i] if transpose else Q[i].T, i)
-        return X
-
     for G in grads:
         if Q is None:
             for i in dims:
@@ -226,17 +229,12 @@ def kl_soap(W0, grads, *, lr, betas, eps, wd, freq, shampoo_beta=None, max_dim=1
             out.append(W.clone())
             continue
         t += 1
-        Gp = project(G)
-        M = beta1 * M + (1 - beta1) * Gp
-        V = beta2 * V + (1 - beta2) * Gp * Gp
-        step = project(M / (V.sqrt() + eps), transpose=True)
-        if normalize:
-            step = step / (1e-30 + step.square().mean().sqrt())
+        M, V, step = adam_in_basis(G, M, V, Q, betas, eps, normalize)
         W = W - lr * step
         W = W - lr * wd * W
         new_L, new_s = list(L), list(s)
         for i in dims:
-            whitened, scaled = G, Gp
+            whitened, scaled = G, rotate(G, Q)
             for j in dims:
                 if j != i:
                     whitened = mode_multiply(whitened, (Q[j] * s[j]).T, j)  # G ×_j (Q_j diag(s_j))ᵀ
@@ -247,10 +245,10 @@ def kl_soap(W0, grads, *, lr, betas, eps, wd, freq, shampoo_beta=None, max_dim=1
             new_s[i] = d.rsqrt() if max_clamp is None else d.rsqrt().clamp(max=max(10, min(W.shape[i], max_clamp)))
         L, s = new_L, new_s
         if t % freq == 0:
-            Morig = project(M, transpose=True)
+            Morig = rotate(M, Q, transpose=True)
             for i in dims:
                 Q[i] = torch.linalg.qr(L[i] @ Q[i])[0]
-            M = project(Morig)
+            M = rotate(Morig, Q)
         out.append(W.clone())
     return out
 
