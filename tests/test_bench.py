@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import types
 from pathlib import Path
 
 import numpy as np
@@ -414,6 +415,17 @@ def test_a_run_outside_a_checkout_takes_its_commit_from_the_environment(monkeypa
     assert runner.timing_conditions("cpu")["commit"] is None
     monkeypatch.setenv("PRECOND_COMMIT", "abd4097")
     assert runner.timing_conditions("cpu")["commit"] == "abd4097"
+
+
+def test_the_environments_commit_wins_over_a_copied_checkouts_head(monkeypatch):
+    """A tree copied with a stale ``.git`` (a remote machine's copy) reports the code's commit, not that HEAD."""
+    from precond_bench import runner
+
+    monkeypatch.setattr(runner.subprocess, "run", lambda *a, **k: types.SimpleNamespace(stdout="50c7ddc\n"))
+    monkeypatch.delenv("PRECOND_COMMIT", raising=False)
+    assert runner.timing_conditions("cpu")["commit"] == "50c7ddc"
+    monkeypatch.setenv("PRECOND_COMMIT", "e2adbe7")
+    assert runner.timing_conditions("cpu")["commit"] == "e2adbe7"
 
 
 def test_peer_rows_are_marked_and_unavailable_peers_are_refused(data_dir, tmp_path, monkeypatch):

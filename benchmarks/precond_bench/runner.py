@@ -64,15 +64,17 @@ def _validation_loss(workload: Workload, model, optimizer) -> float:
 
 def timing_conditions(device: str) -> dict[str, Any]:
     """What a run's timings depend on: the device's name, torch's version, its CPU thread count and the
-    commit of the code (outside a git checkout, ``PRECOND_COMMIT`` from the environment, else ``None``). Runs
-    timed under different conditions should not be compared by wall-clock."""
+    commit of the code: ``PRECOND_COMMIT`` from the environment when set (a copy of the tree whose ``.git``
+    is not the code's own), else the checkout's HEAD, else ``None``. Runs timed under different conditions
+    should not be compared by wall-clock."""
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or "cpu")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    commit = commit or os.environ.get("PRECOND_COMMIT") or None
+    commit = os.environ.get("PRECOND_COMMIT") or None
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
     return {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": commit}
 
 
