@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+import precond
+
 from precond_bench import data
 from precond_bench.__main__ import main as bench_main
 from precond_bench.model import GPT, GPTConfig
@@ -87,6 +89,26 @@ def test_metrics():
     p.grad = torch.ones(3, 4)
     opt.step()
     assert state_bytes(opt) == 2 * 12 * 4 + 4  # exp_avg, exp_avg_sq (float32) and a float32 step
+
+
+def test_state_bytes_reaches_into_objects_and_counts_each_storage_once():
+    """Distributed Shampoo keeps its factors in dataclasses inside the state (once counted as zero); a
+    wrapper's state holds its base optimizer's tensors (once counted twice); parameters never count."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Factors:
+        packed: torch.Tensor
+        param_view: torch.Tensor
+
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    p.grad = torch.ones(4, 4)
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.state[p] = {"factors": Factors(torch.zeros(10), p.detach()[0]), "stack_views": [torch.zeros(8)[:4]] * 2}
+    assert state_bytes(opt) == 10 * 4 + 8 * 4
+    averaged = precond.PrimalAveraging(precond.AdamW([p]))
+    averaged.step()
+    assert state_bytes(averaged) == state_bytes(averaged.optimizer) + 16 * 4  # the base's state, and z
 
 
 def fake_run(name, final, curve, diverged=False):

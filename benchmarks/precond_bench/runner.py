@@ -37,17 +37,40 @@ def lr_factor(step: int, steps: int, schedule: dict[str, Any] | None) -> float:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in optimizer state tensors."""
-    def walk(v):
-        if isinstance(v, torch.Tensor):
-            return v.numel() * v.element_size()
-        if isinstance(v, dict):
-            return sum(walk(x) for x in v.values())
-        if isinstance(v, (list, tuple)):
-            return sum(walk(x) for x in v)
-        return 0
-    inner = getattr(optimizer, "optimizer", None)  # an iterate-averaging wrapper: its z and the base's state
-    return sum(walk(s) for s in optimizer.state.values()) + (state_bytes(inner) if inner is not None else 0)
+    """Bytes of distinct storage the optimizer's state holds: the tensors reached from its ``state`` through
+    dicts, lists and the attributes of non-torch objects (Distributed Shampoo keeps its factors in
+    dataclasses), each storage once (views of one stack, a wrapper's state and its base optimizer's), the
+    parameters and their gradients left out."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    skip = {t.untyped_storage().data_ptr() for p in params for t in (p, p.grad) if t is not None}
+    seen: dict[int, int] = {}
+    visited: set[int] = set()
+
+    def walk(value: Any, depth: int = 0) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            if storage.data_ptr() not in skip:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return
+        if id(value) in visited or depth > 12:
+            return
+        visited.add(id(value))
+        if isinstance(value, dict):
+            values = value.values()
+        elif isinstance(value, (list, tuple)):
+            values = value
+        elif hasattr(value, "__dict__") and not type(value).__module__.startswith(("torch", "builtins")):
+            values = vars(value).values()
+        else:
+            return
+        for v in values:
+            walk(v, depth + 1)
+
+    walk(list(optimizer.state.values()))
+    inner = getattr(optimizer, "optimizer", None)  # an iterate-averaging wrapper's base optimizer
+    if inner is not None:
+        walk(list(inner.state.values()))
+    return sum(seen.values())
 
 
 def _validation_loss(workload: Workload, model, optimizer) -> float:

@@ -38,6 +38,8 @@ import torch
 
 import precond
 
+from .runner import state_bytes
+
 BODIES = {"tiny": (2, 64), "20M": (6, 512), "85M": (12, 768), "350M": (24, 1024)}
 PEERS_DIR = Path(__file__).resolve().parents[2] / ".peers"
 FREQUENCY = 10  # refresh period of every preconditioned optimizer (the issue's F=10)
@@ -194,25 +196,6 @@ def optimizers(width: int = 768) -> dict[str, Callable]:
 
 
 # ------------------------------------------------------------------------------------ timing
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of distinct storage held by the optimizer's state tensors (views of one stack count once)."""
-    seen: dict[int, int] = {}
-
-    def walk(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v)
-
-    walk(list(optimizer.state.values()))
-    return sum(seen.values())
-
-
 class Clock:
     """Per-step wall time: CUDA events on a GPU, the host clock elsewhere."""
 
