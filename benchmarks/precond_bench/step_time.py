@@ -40,7 +40,9 @@ import precond
 
 from .runner import state_bytes
 
-BODIES = {"tiny": (2, 64), "20M": (6, 512), "85M": (12, 768), "350M": (24, 1024)}
+# layers, width; "85M-layer" is one layer of the 85M body (its state is a twelfth of the 85M body's: a CPU
+# measures it in minutes)
+BODIES = {"tiny": (2, 64), "20M": (6, 512), "85M": (12, 768), "85M-layer": (1, 768), "350M": (24, 1024)}
 PEERS_DIR = Path(__file__).resolve().parents[2] / ".peers"
 FREQUENCY = 10  # refresh period of every preconditioned optimizer (the F=10)
 
@@ -69,6 +71,14 @@ def _ours(max_dim: int) -> dict[str, Callable]:
         "precond Shampoo tf32": lambda ps: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12,
                                                            precondition_frequency=FREQUENCY, grafting="adam",
                                                            max_preconditioner_dim=max_dim, tf32=True),
+        # factors (and Shampoo's roots) kept as upper triangles: Distributed Shampoo's state, unpacked per use
+        "precond SOAP packed": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=FREQUENCY,
+                                                       packed_factors=True),
+        "precond EShampoo packed": lambda ps: precond.EShampoo(ps, lr=1e-3, precondition_frequency=FREQUENCY,
+                                                               max_preconditioner_dim=max_dim, packed_factors=True),
+        "precond Shampoo packed": lambda ps: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12,
+                                                             precondition_frequency=FREQUENCY, grafting="adam",
+                                                             max_preconditioner_dim=max_dim, packed_factors=True),
         **_refine_rows(max_dim),
     }
 

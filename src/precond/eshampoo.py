@@ -65,7 +65,8 @@ class EShampoo(ShampooFamily):
                  grafting_epsilon: float = 1e-10, refresh_method: str = "eigh", refresh_tolerance: float = 0.0,
                  max_qr_iterations: int = 1, precondition_1d: bool = False, merge_dims: bool = True,
                  large_dim_policy: str = "split", max_factor_ratio: float = 64.0, tf32: bool | str = False, *,
-                 spectral_normalize: bool = False, distributed: Any = None, strict: bool = False) -> None:
+                 spectral_normalize: bool = False, packed_factors: bool = False, distributed: Any = None,
+                 strict: bool = False) -> None:
         super().__init__(params, **shared_arguments(locals()),
                          extra=dict(refresh_method=refresh_method, refresh_tolerance=refresh_tolerance,
                                     max_qr_iterations=max_qr_iterations),

@@ -4,6 +4,10 @@ A stack ``G`` of shape ``[B, n_1, …, n_k]`` holds ``B`` blocks of order ``k``.
 ``G_(i) G_(i)ᵀ`` where ``G_(i)`` is the mode-``i`` unfolding: the contraction of the block with itself
 over every dim but ``i``. Dims without a factor (``None``) pass through unchanged. Everything is a
 batched matmul over the stack.
+
+A factor is symmetric: with ``packed`` it is kept as its upper triangle, ``n(n+1)/2`` numbers a block (as
+Distributed Shampoo keeps its factors), and unpacked into a full matrix for the moment it is read or
+updated (:func:`full_factor`, :func:`update_factors_`), which bounds the extra memory by one bucket's factor.
 """
 
 from __future__ import annotations
@@ -18,27 +22,51 @@ from .engine.batched import decay_, ema_
 from .precision import matmul, matmul_add_
 
 __all__ = ["init_factor_state", "unfold", "factor_outer", "update_factors_", "mode_product", "permute_dim",
-           "factor_matrices", "STATS_WIDTH"]
+           "factor_matrices", "full_factor", "pack", "STATS_WIDTH"]
 
 STATS_WIDTH = len(STATS_FIELDS)  # a factor's counters (precond.engine.STATS_FIELDS)
 
 
 def init_factor_state(shape: Sequence[int], preconditioned: Sequence[bool], dtype: torch.dtype,
-                      device: torch.device | str, matrix: str | None = None) -> dict[str, Tensor]:
-    """One block's zero factors ``factor{i}`` and counters ``stats{i}`` for its preconditioned dims, and,
-    when ``matrix`` names it, a per-factor identity matrix (``"root"`` or ``"basis"``)."""
+                      device: torch.device | str, matrix: str | None = None, packed: bool = False) -> dict[str, Tensor]:
+    """One block's zero factors ``factor{i}`` (``[n, n]``, or its upper triangle ``[n(n+1)/2]`` when
+    ``packed``) and counters ``stats{i}`` for its preconditioned dims, and, when ``matrix`` names it, a
+    per-factor identity matrix (``"root"`` or ``"basis"``; a root is symmetric, so packed too)."""
     state: dict[str, Tensor] = {}
     for i, (n, use) in enumerate(zip(shape, preconditioned)):
         if not use:
             continue
-        state[f"factor{i}"] = torch.zeros(n, n, dtype=dtype, device=device)
+        state[f"factor{i}"] = torch.zeros((n * (n + 1) // 2,) if packed else (n, n), dtype=dtype, device=device)
         if matrix is not None:
-            state[f"{matrix}{i}"] = torch.eye(n, dtype=dtype, device=device)
+            eye = torch.eye(n, dtype=dtype, device=device)
+            state[f"{matrix}{i}"] = pack(eye[None])[0] if packed and matrix == "root" else eye
         stats = torch.zeros(STATS_WIDTH, dtype=torch.int64, device=device)
         if stats.device.type != "meta":
             stats[0] = n
         state[f"stats{i}"] = stats
     return state
+
+
+def _upper(n: int, device: torch.device) -> Tensor:
+    return torch.triu_indices(n, n, device=device)
+
+
+def full_factor(factor: Tensor) -> Tensor:
+    """A bucket's factor stack as ``[B, n, n]``: itself, or unpacked (a new tensor) from ``[B, n(n+1)/2]``."""
+    if factor.dim() == 3:
+        return factor
+    n = int(round(((8 * factor.shape[-1] + 1) ** 0.5 - 1) / 2))
+    rows, cols = _upper(n, factor.device)
+    full = factor.new_empty(factor.shape[0], n, n)
+    full[:, rows, cols] = factor
+    full[:, cols, rows] = factor
+    return full
+
+
+def pack(full: Tensor) -> Tensor:
+    """The upper triangles ``[B, n(n+1)/2]`` of a stack of (symmetric) ``[B, n, n]`` matrices."""
+    rows, cols = _upper(full.shape[-1], full.device)
+    return full[:, rows, cols]
 
 
 def unfold(grads: Tensor, i: int) -> Tensor:
@@ -61,21 +89,30 @@ def update_factors_(state: dict[str, Tensor], grads: Tensor, beta: float, weight
     itself (:func:`~precond.precision.matmul_add_`, on a GPU), never writing the outer product out. Given outers are
     not zero on refused blocks: their new factors are computed aside and committed where finite."""
     for i in range(grads.dim() - 1):
-        factor = state.get(f"factor{i}")
-        if factor is None:
+        stored = state.get(f"factor{i}")
+        if stored is None:
             continue
-        if outers is None and factor.is_cuda:
-            unfolded = unfold(grads, i)
-            matmul_add_(decay_(factor, beta, ok), unfolded, unfolded.mT, alpha=weight)
-        elif outers is None:
-            # Off the GPU the outer product is written out and added, the references' rounding: a factor of
-            # lower rank than its size (the first steps) has a null-space basis that rounding alone sets, and
-            # the GEMM's fused add moved SOAP 5e-3 away from the reference SOAP in float64 (1e-15 this way).
-            ema_(factor, factor_outer(grads, i), beta, weight, ok)
-        else:
-            new = torch.add(factor * beta, outers[i], alpha=weight) if beta != 1.0 else torch.add(
-                factor, outers[i], alpha=weight)
-            commit_(factor, new, ok, require_finite=True)
+        factor = full_factor(stored)  # a packed factor is updated unpacked, then packed back
+        _update_factor_(factor, grads, i, beta, weight, ok, outers)
+        if factor is not stored:
+            stored.copy_(pack(factor))
+
+
+def _update_factor_(factor: Tensor, grads: Tensor, i: int, beta: float, weight: float, ok: Tensor,
+                    outers: dict[int, Tensor] | None) -> None:
+    """:func:`update_factors_` for factor ``i``, given as a full ``[B, n, n]`` stack."""
+    if outers is None and factor.is_cuda:
+        unfolded = unfold(grads, i)
+        matmul_add_(decay_(factor, beta, ok), unfolded, unfolded.mT, alpha=weight)
+    elif outers is None:
+        # Off the GPU the outer product is written out and added, the references' rounding: a factor of
+        # lower rank than its size (the first steps) has a null-space basis that rounding alone sets, and
+        # the GEMM's fused add moved SOAP 5e-3 away from the reference SOAP in float64 (1e-15 this way).
+        ema_(factor, factor_outer(grads, i), beta, weight, ok)
+    else:
+        new = torch.add(factor * beta, outers[i], alpha=weight) if beta != 1.0 else torch.add(
+            factor, outers[i], alpha=weight)
+        commit_(factor, new, ok, require_finite=True)
 
 
 def mode_product(x: Tensor, matrices: Sequence[Tensor | None], transpose: bool = False) -> Tensor:

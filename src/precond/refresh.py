@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .engine import STATS_FIELDS
-from .kronecker import permute_dim
+from .kronecker import full_factor, permute_dim
 from .linalg import (LinAlgFailure, batched_eigh, off_diagonal_ratio, power_qr_step, qr_algorithm,
                      refine_eigenbasis)
 from .precision import matmul
@@ -159,7 +159,7 @@ class EigenbasisRefresh:
         for i, use in enumerate(kind):
             if not use:
                 continue
-            factor, basis = state[f"factor{i}"], state[f"basis{i}"]
+            factor, basis = full_factor(state[f"factor{i}"]), state[f"basis{i}"]
             A = prepare(factor) if prepare is not None else factor
             new, order, changed_i = self.refresh(A, basis, state[f"stats{i}"], ok)
             if self.method in ("power_qr", "qr"):  # the columns were re-sorted: the statistic follows them

@@ -33,7 +33,7 @@ _GRAFTING_BETA2 = {"adam": 0.999, "rmsprop": 0.99, "adagrad": 1.0, "sgd": 1.0}
 SHARED_ARGUMENTS = ("lr", "betas", "epsilon", "weight_decay", "max_preconditioner_dim", "precondition_frequency",
                     "start_preconditioning_step", "use_bias_correction", "use_decoupled_weight_decay", "grafting",
                     "grafting_beta2", "grafting_epsilon", "precondition_1d", "merge_dims", "large_dim_policy",
-                    "max_factor_ratio", "tf32", "spectral_normalize", "distributed", "strict")
+                    "max_factor_ratio", "tf32", "spectral_normalize", "packed_factors", "distributed", "strict")
 
 
 def shared_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -47,14 +47,14 @@ class ShampooFamily(BlockEngine):
 
     _skip_advice = "lower lr, set grafting or raise epsilon"
     _group_rules = {**STEP_RULES, "betas": betas_to_one_rule, "epsilon": check_positive,
-                    "max_factor_ratio": check_positive, "spectral_normalize": flag_rule}
+                    "max_factor_ratio": check_positive, "spectral_normalize": flag_rule, "packed_factors": flag_rule}
 
     def __init__(self, params: Iterable[Any], *, lr: float, betas: tuple[float, float], epsilon: float,
                  weight_decay: float, max_preconditioner_dim: int | float, precondition_frequency: int,
                  start_preconditioning_step: int, use_bias_correction: bool, use_decoupled_weight_decay: bool,
                  grafting: str | None, grafting_beta2: float | None, grafting_epsilon: float,
                  precondition_1d: bool, merge_dims: bool, large_dim_policy: str, max_factor_ratio: float,
-                 tf32: bool | str, spectral_normalize: bool, distributed: Any, strict: bool,
+                 tf32: bool | str, spectral_normalize: bool, packed_factors: bool, distributed: Any, strict: bool,
                  extra: dict[str, Any], preconditioner: KroneckerPreconditioner) -> None:
         self.preconditioner = preconditioner
         check_max_dim("max_preconditioner_dim", max_preconditioner_dim)
@@ -79,7 +79,7 @@ class ShampooFamily(BlockEngine):
                         grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
                         precondition_1d=precondition_1d, merge_dims=merge_dims,
                         large_dim_policy=large_dim_policy, max_factor_ratio=max_factor_ratio, tf32=tf32,
-                        spectral_normalize=spectral_normalize, **extra)
+                        spectral_normalize=spectral_normalize, packed_factors=packed_factors, **extra)
         super().__init__(params, defaults, distributed=distributed, strict=strict)
 
     # ---------------------------------------------------------------------- engine hooks
@@ -106,7 +106,8 @@ class ShampooFamily(BlockEngine):
         return layout.preconditioned_dims(index, group["precondition_1d"])
 
     def _init_block(self, shape, kind, group, dtype, device):
-        state = init_factor_state(shape, kind, dtype, device, matrix=self.preconditioner.matrix)
+        state = init_factor_state(shape, kind, dtype, device, matrix=self.preconditioner.matrix,
+                                  packed=group["packed_factors"])
         diagonal = self._diagonal(group, any(kind))
         if diagonal is not None and diagonal.stateful:
             state["diagonal"] = torch.zeros(shape, dtype=dtype, device=device)
@@ -221,6 +222,10 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
             ``sqrt(d_out/d_in)`` (default False), the explicit normalisation that Qiu et al. (arXiv:2512.05620)
             find steadies the best rate across widths; with it a hidden layer's rate needs no width
             multiplier (:mod:`precond.scaling`). Costs 32 pairs of matrix-vector products per block.
+        packed_factors: keep each Kronecker factor and each inverse root (both symmetric) as its upper
+            triangle, ``n(n+1)/2`` numbers instead of ``n²`` (default False), as Distributed Shampoo keeps them:
+            the state then equals Distributed Shampoo's. A packed matrix is unpacked for the moment it is
+            updated or read (one bucket's at a time), which costs passes over it every step.
         bias_correction: ``"std"`` (default), ``"cross_fit"``, ``"variance_corrected"`` or ``"full"``, per
             group (:mod:`precond.bias_correction`, Nayak et al. 2026), from microbatch statistics collected by
             :meth:`accumulate`. With ``Ĝ_j`` microbatch ``j``'s gradient: ``"cross_fit"`` feeds the first
@@ -260,7 +265,8 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
                  grafting_epsilon: float = 1e-10, inverse_exponent_override: float | dict[int, float] | None = None,
                  root_method: str = "eigh", precondition_1d: bool = False, merge_dims: bool = True,
                  large_dim_policy: str = "split", max_factor_ratio: float = 64.0, tf32: bool | str = False, *,
-                 spectral_normalize: bool = False, pseudo_inverse: bool = False, rank_rtol: float | None = None,
+                 spectral_normalize: bool = False, packed_factors: bool = False, pseudo_inverse: bool = False,
+                 rank_rtol: float | None = None,
                  bias_correction: str = "std", cross_fit_fraction: float = 0.5, fold_at_refresh_only: bool = False,
                  distributed: Any = None, strict: bool = False) -> None:
         check_choice("root_method", root_method, ("eigh", "newton"))

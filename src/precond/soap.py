@@ -71,6 +71,10 @@ class SOAP(BlockEngine):
             ~0.6× the time of ``False`` on 2304² and larger, no gain on 768²).
         spectral_normalize: rescale each block's update to spectral norm ``sqrt(d_out/d_in)`` (default False;
             see :class:`~precond.Shampoo`).
+        packed_factors: keep each Kronecker factor as its upper triangle, ``n(n+1)/2`` numbers instead of
+            ``n²`` (default False), as Distributed Shampoo keeps its factors: the state then equals Distributed
+            Shampoo's for SOAP and EShampoo. A factor is unpacked for the moment it is updated or read (one
+            bucket's factors at a time), which costs two passes over it a step.
         strict: raise ``FloatingPointError`` naming the parameter and block when a gradient or an update is not
             finite, instead of skipping that block's step and counting it (default False).
         distributed: ``None`` (one process, or FSDP2 ``DTensor`` parameters), ``"ddp"`` or a process
@@ -78,7 +82,7 @@ class SOAP(BlockEngine):
     """
 
     _group_rules = {**STEP_RULES, "betas": betas_rule, "eps": check_positive, "max_factor_ratio": check_positive,
-                    "spectral_normalize": flag_rule, **REFRESH_RULES}
+                    "spectral_normalize": flag_rule, "packed_factors": flag_rule, **REFRESH_RULES}
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float = -1, eps: float = 1e-8, weight_decay: float = 0.01,
@@ -86,7 +90,8 @@ class SOAP(BlockEngine):
                  precondition_1d: bool = False, normalize_grads: bool = False, correct_bias: bool = True,
                  refresh_method: str = "power_qr", refresh_tolerance: float = 0.0, max_qr_iterations: int = 1,
                  large_dim_policy: str = "identity", max_factor_ratio: float = 64.0, tf32: bool | str = False, *,
-                 spectral_normalize: bool = False, distributed: Any = None, strict: bool = False) -> None:
+                 spectral_normalize: bool = False, packed_factors: bool = False, distributed: Any = None,
+                 strict: bool = False) -> None:
         if shampoo_beta != -1:
             check_in("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
         check_int("precondition_frequency", precondition_frequency, 1)
@@ -99,7 +104,7 @@ class SOAP(BlockEngine):
                         correct_bias=correct_bias, refresh_method=refresh_method,
                         refresh_tolerance=refresh_tolerance, max_qr_iterations=max_qr_iterations,
                         large_dim_policy=large_dim_policy, max_factor_ratio=max_factor_ratio, tf32=tf32,
-                        spectral_normalize=spectral_normalize)
+                        spectral_normalize=spectral_normalize, packed_factors=packed_factors)
         self.preconditioner = self._make_preconditioner()
         super().__init__(params, defaults, distributed=distributed, strict=strict)
 
@@ -120,7 +125,7 @@ class SOAP(BlockEngine):
         return layout.preconditioned_dims(index, group["precondition_1d"])
 
     def _init_block(self, shape, kind, group, dtype, device):
-        return self.preconditioner.state(shape, kind, dtype, device)
+        return self.preconditioner.state(shape, kind, dtype, device, packed=group["packed_factors"])
 
     def _makes_update(self, bucket: Bucket) -> bool:
         return bucket.calls > 1  # the first step only builds the statistics

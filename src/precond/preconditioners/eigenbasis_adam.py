@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..engine import Bucket, bias_correction, commit_, ema_, per_block
-from ..kronecker import factor_matrices, init_factor_state, mode_product, update_factors_
+from ..kronecker import factor_matrices, full_factor, init_factor_state, mode_product, update_factors_
 from ..refresh import EigenbasisRefresh, policy_of, refresh_due
 
 __all__ = ["EigenbasisAdam"]
@@ -21,8 +21,8 @@ class EigenbasisAdam:
     ``[m / (√v + ε)] ×_1 Q_1 ⋯``) before :meth:`fold` (the factors, then the bases when due)."""
 
     def state(self, shape: tuple[int, ...], kind: tuple[bool, ...], dtype: torch.dtype,
-              device: torch.device | str) -> dict[str, Tensor]:
-        state = init_factor_state(shape, kind, dtype, device, matrix="basis")
+              device: torch.device | str, packed: bool = False) -> dict[str, Tensor]:
+        state = init_factor_state(shape, kind, dtype, device, matrix="basis", packed=packed)
         state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
         return state
@@ -38,7 +38,7 @@ class EigenbasisAdam:
         update_factors_(state, grads, shampoo_beta, 1.0 - shampoo_beta, ok)
         for i, use in enumerate(bucket.kind):
             if use:
-                factor, basis = state[f"factor{i}"], state[f"basis{i}"]
+                factor, basis = full_factor(state[f"factor{i}"]), state[f"basis{i}"]
                 eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
                 basis.copy_(policy.initial(factor + 1e-30 * eye, basis, state[f"stats{i}"], ok))
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..engine import Bucket, commit_
-from ..kronecker import factor_matrices, factor_outer, mode_product, update_factors_
+from ..kronecker import factor_matrices, factor_outer, full_factor, mode_product, update_factors_
 from ..linalg import LinAlgFailure, power_qr_step
 from ..refresh import FALLBACKS, count_refreshes_, policy_of, refresh_due
 from .eigenbasis_adam import EigenbasisAdam
@@ -38,8 +38,8 @@ class KLEigenbasisAdam(EigenbasisAdam):
         self.init_factor, self.max_clamp = init_factor, max_clamp
 
     def state(self, shape: tuple[int, ...], kind: tuple[bool, ...], dtype: torch.dtype,
-              device: torch.device | str) -> dict[str, Tensor]:
-        state = super().state(shape, kind, dtype, device)
+              device: torch.device | str, packed: bool = False) -> dict[str, Tensor]:
+        state = super().state(shape, kind, dtype, device, packed)
         for i, (n, use) in enumerate(zip(shape, kind)):
             if use:
                 state[f"inv_sqrt_eigenvalues{i}"] = torch.full((n,), self.init_factor ** -0.5, dtype=dtype,
@@ -52,7 +52,7 @@ class KLEigenbasisAdam(EigenbasisAdam):
         update_factors_(state, grads, beta, 1.0 - beta, ok, outers=outers)
         policy = policy_of(group, descending=True)
         for i in outers:
-            factor, basis = state[f"factor{i}"], state[f"basis{i}"]
+            factor, basis = full_factor(state[f"factor{i}"]), state[f"basis{i}"]
             eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
             basis.copy_(policy.initial(factor + 1e-30 * eye, basis, state[f"stats{i}"], ok))
 
@@ -95,7 +95,7 @@ class KLEigenbasisAdam(EigenbasisAdam):
             if basis is None:
                 continue
             try:
-                new, _, fell_back = power_qr_step(state[f"factor{i}"], basis, sort=False)
+                new, _, fell_back = power_qr_step(full_factor(state[f"factor{i}"]), basis, sort=False)
                 good = torch.isfinite(new).flatten(1).all(1)
                 state[f"stats{i}"][:, FALLBACKS] += fell_back
             except LinAlgFailure:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import bias_correction as bc
 from ..engine import Bucket, commit_, per_block
-from ..kronecker import factor_matrices, factor_outer, mode_product
+from ..kronecker import factor_matrices, factor_outer, full_factor, mode_product, pack
 from ..linalg import LinAlgFailure, inverse_root_newton, inverse_roots, pseudo_inverse_roots
 from ..refresh import count_refreshes_
 from .base import KroneckerPreconditioner
@@ -46,10 +46,12 @@ class InverseRoots(KroneckerPreconditioner):
         for i, use in enumerate(bucket.kind):
             if not use:
                 continue
-            factor = bucket.state[f"factor{i}"]
+            factor = full_factor(bucket.state[f"factor{i}"])
             factor = factor / per_block(bias2, factor)
             root, good = self._root(bucket, i, factor, exponent, bias2, ok, group)
-            commit_(bucket.state[f"root{i}"], root, ok & good)  # a failed root keeps the last good one
+            stored = bucket.state[f"root{i}"]
+            # a failed root keeps the last good one; a packed root keeps its upper triangle
+            commit_(stored, root if stored.dim() == root.dim() else pack(root), ok & good)
             count_refreshes_(bucket.state[f"stats{i}"], ok, good)
 
     def _root(self, bucket: Bucket, i: int, factor: Tensor, exponent: float, bias2: Tensor, ok: Tensor,
@@ -68,7 +70,7 @@ class InverseRoots(KroneckerPreconditioner):
         return inverse_roots(factor, exponent, group["epsilon"])
 
     def direction(self, bucket: Bucket, m_hat: Tensor, bias2: Tensor, group: dict[str, Any]) -> Tensor:
-        return mode_product(m_hat, factor_matrices(bucket, "root"))
+        return mode_product(m_hat, _roots(bucket))
 
 
 class KLInverseRoots(InverseRoots):
@@ -77,6 +79,11 @@ class KLInverseRoots(InverseRoots):
     ``G̃ = G ×_{j≠i} R_j``; the roots and the direction are :class:`InverseRoots`'."""
 
     def statistics(self, bucket: Bucket, grads: Tensor) -> dict[int, Tensor]:
-        roots = factor_matrices(bucket, "root")
+        roots = _roots(bucket)
         return {i: factor_outer(mode_product(grads, [r if j != i else None for j, r in enumerate(roots)]), i)
                 for i, root in enumerate(roots) if root is not None}
+
+
+def _roots(bucket: Bucket) -> list[Tensor | None]:
+    """The bucket's roots as ``[B, n, n]`` stacks (unpacked where ``packed_factors`` keeps triangles)."""
+    return [None if root is None else full_factor(root) for root in factor_matrices(bucket, "root")]
