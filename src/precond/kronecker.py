@@ -6,8 +6,9 @@ over every dim but ``i``. Dims without a factor (``None``) pass through unchange
 batched matmul over the stack.
 
 A factor is symmetric: with ``packed`` it is kept as its upper triangle, ``n(n+1)/2`` numbers a block (as
-Distributed Shampoo keeps its factors), and unpacked into a full matrix for the moment it is read or
-updated (:func:`full_factor`, :func:`update_factors_`), which bounds the extra memory by one bucket's factor.
+Distributed Shampoo keeps its factors): it is updated in that form (the statistic packed, then added), and
+unpacked into a full matrix only for the moment it is read (:func:`full_factor`: a refresh, one bucket's
+factors at a time).
 """
 
 from __future__ import annotations
@@ -96,29 +97,29 @@ def update_factors_(state: dict[str, Tensor], grads: Tensor, beta: float, weight
     itself (:func:`~precond.precision.matmul_add_`, on a GPU), never writing the outer product out. Given outers are
     not zero on refused blocks: their new factors are computed aside and committed where finite."""
     for i in range(grads.dim() - 1):
-        stored = state.get(f"factor{i}")
-        if stored is None:
-            continue
-        factor = full_factor(stored)  # a packed factor is updated unpacked, then packed back
-        _update_factor_(factor, grads, i, beta, weight, ok, outers)
-        if factor is not stored:
-            stored.copy_(pack(factor))
+        factor = state.get(f"factor{i}")
+        if factor is not None:
+            _update_factor_(factor, grads, i, beta, weight, ok, outers)
 
 
 def _update_factor_(factor: Tensor, grads: Tensor, i: int, beta: float, weight: float, ok: Tensor,
                     outers: dict[int, Tensor] | None) -> None:
-    """:func:`update_factors_` for factor ``i``, given as a full ``[B, n, n]`` stack."""
-    if outers is None and factor.is_cuda:
+    """:func:`update_factors_` for factor ``i``: a ``[B, n, n]`` stack, or packed ``[B, n(n+1)/2]``, which is
+    updated as it is (the statistic packed, then added entry by entry: the same arithmetic on the kept
+    entries as the unpacked update off the GPU)."""
+    packed = factor.dim() == 2
+    if outers is None and factor.is_cuda and not packed:
         unfolded = unfold(grads, i)
         matmul_add_(decay_(factor, beta, ok), unfolded, unfolded.mT, alpha=weight)
     elif outers is None:
         # Off the GPU the outer product is written out and added, the references' rounding: a factor of
         # lower rank than its size (the first steps) has a null-space basis that rounding alone sets, and
         # the GEMM's fused add moved SOAP 5e-3 away from the reference SOAP in float64 (1e-15 this way).
-        ema_(factor, factor_outer(grads, i), beta, weight, ok)
+        outer = factor_outer(grads, i)
+        ema_(factor, pack(outer) if packed else outer, beta, weight, ok)
     else:
-        new = torch.add(factor * beta, outers[i], alpha=weight) if beta != 1.0 else torch.add(
-            factor, outers[i], alpha=weight)
+        outer = pack(outers[i]) if packed else outers[i]
+        new = torch.add(factor * beta, outer, alpha=weight) if beta != 1.0 else torch.add(factor, outer, alpha=weight)
         commit_(factor, new, ok, require_finite=True)
 
 

@@ -224,8 +224,9 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
             multiplier (:mod:`precond.scaling`). Costs 32 pairs of matrix-vector products per block.
         packed_factors: keep each Kronecker factor and each inverse root (both symmetric) as its upper
             triangle, ``n(n+1)/2`` numbers instead of ``n²`` (default False), as Distributed Shampoo keeps them:
-            the state then equals Distributed Shampoo's. A packed matrix is unpacked for the moment it is
-            updated or read (one bucket's at a time), which costs passes over it every step.
+            the state then equals Distributed Shampoo's. A factor is updated packed (its statistic packed by
+            one gather) and unpacked to be read at a refresh; a root is unpacked for every step's direction
+            (one bucket's at a time).
         bias_correction: ``"std"`` (default), ``"cross_fit"``, ``"variance_corrected"`` or ``"full"``, per
             group (:mod:`precond.bias_correction`, Nayak et al. 2026), from microbatch statistics collected by
             :meth:`accumulate`. With ``Ĝ_j`` microbatch ``j``'s gradient: ``"cross_fit"`` feeds the first

@@ -73,8 +73,8 @@ class SOAP(BlockEngine):
             see :class:`~precond.Shampoo`).
         packed_factors: keep each Kronecker factor as its upper triangle, ``n(n+1)/2`` numbers instead of
             ``n²`` (default False), as Distributed Shampoo keeps its factors: the state then equals Distributed
-            Shampoo's for SOAP and EShampoo. A factor is unpacked for the moment it is updated or read (one
-            bucket's factors at a time), which costs two passes over it a step.
+            Shampoo's for SOAP and EShampoo. A factor is updated packed (its statistic packed by one gather)
+            and unpacked only to be read at a refresh (one bucket's factors at a time).
         strict: raise ``FloatingPointError`` naming the parameter and block when a gradient or an update is not
             finite, instead of skipping that block's step and counting it (default False).
         distributed: ``None`` (one process, or FSDP2 ``DTensor`` parameters), ``"ddp"`` or a process
