@@ -34,8 +34,14 @@ class EigenbasisAdam:
     def start(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> None:
         """The first gradient only builds the statistics: the projection never uses the gradient it projects
         (the reference's rule)."""
-        shampoo_beta, policy, state = self._shampoo_beta(group), policy_of(group, descending=True), bucket.state
-        update_factors_(state, grads, shampoo_beta, 1.0 - shampoo_beta, ok)
+        shampoo_beta = self._shampoo_beta(group)
+        update_factors_(bucket.state, grads, shampoo_beta, 1.0 - shampoo_beta, ok)
+        self.first_bases(bucket, ok, group)
+
+    @staticmethod
+    def first_bases(bucket: Bucket, ok: Tensor, group: dict[str, Any]) -> None:
+        """Every factor's first basis, by eigh (descending; ``1e-30·I`` added, as the reference does)."""
+        policy, state = policy_of(group, descending=True), bucket.state
         for i, use in enumerate(bucket.kind):
             if use:
                 factor, basis = full_factor(state[f"factor{i}"]), state[f"basis{i}"]

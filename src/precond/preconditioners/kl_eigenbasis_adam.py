@@ -12,7 +12,7 @@ from torch import Tensor
 from ..engine import Bucket, commit_
 from ..kronecker import factor_matrices, factor_outer, full_factor, mode_product, update_factors_
 from ..linalg import LinAlgFailure, power_qr_step
-from ..refresh import FALLBACKS, count_refreshes_, policy_of, refresh_due
+from ..refresh import FALLBACKS, count_refreshes_, refresh_due
 from .eigenbasis_adam import EigenbasisAdam
 
 __all__ = ["KLEigenbasisAdam"]
@@ -50,11 +50,7 @@ class KLEigenbasisAdam(EigenbasisAdam):
         beta, state, numel = self._shampoo_beta(group), bucket.state, math.prod(bucket.shape)
         outers = {i: factor_outer(grads, i) * (n / numel) for i, n in enumerate(bucket.shape) if bucket.kind[i]}
         update_factors_(state, grads, beta, 1.0 - beta, ok, outers=outers)
-        policy = policy_of(group, descending=True)
-        for i in outers:
-            factor, basis = full_factor(state[f"factor{i}"]), state[f"basis{i}"]
-            eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
-            basis.copy_(policy.initial(factor + 1e-30 * eye, basis, state[f"stats{i}"], ok))
+        self.first_bases(bucket, ok, group)
 
     def fold(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> None:
         """The KL statistics into the factors and eigenvalue estimates, then new bases when due."""
