@@ -209,6 +209,8 @@ def test_time_limit_flag_reaches_the_protocol(data_dir, tmp_path):
     with pytest.raises(ValueError, match="missing: .*sweep AdamW"):  # no time at all: nothing may start
         bench_main(argv)
     assert not (tmp_path / "tiny" / "runs").exists()
+    with pytest.raises(SystemExit, match="--fit plans within --time-limit"):
+        bench_main(argv[:-2] + ["--fit"])
 
 
 def test_model_size_flags_reach_the_workload(data_dir, tmp_path):
@@ -262,11 +264,13 @@ class FakeTraining:
         if deadline is not None and self.clock + steps - done > deadline:  # checkpointed at the deadline
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             checkpoint.write_text(str(done + int(deadline - self.clock)))
+            checkpoint.with_suffix(".json").write_text(json.dumps({"step": done + int(deadline - self.clock)}))
             self.clock = deadline
             return None
         self.clock += steps - done
         if checkpoint is not None and checkpoint.exists():
             checkpoint.unlink()
+            checkpoint.with_suffix(".json").unlink()
         diverged = lr > self.diverge_above
         loss = math.inf if diverged else 1.0 + math.log(lr / self.best_lr) ** 2 + 0.01 * seed
         if spec.name == "AdamW":
@@ -333,6 +337,30 @@ def test_time_limit_checkpoints_the_run_in_progress_and_a_rerun_goes_on(tmp_path
     assert fake.clock == 40 + 2 + 6  # the checkpointed run's last 2 steps, then the other's 6
     assert set(second["summary"]) == {"AdamW", "SOAP"} and not second["unfinished"]
     assert not list((tmp_path / "cpu-lm" / "partial").iterdir())
+
+
+def test_fit_starts_only_the_runs_that_end_within_the_limit_and_resumes_one_that_does(tmp_path, monkeypatch):
+    """Saved runs pace the estimate (1 s a step, plus 10% for runs without ``wall_seconds``): SOAP's sweeps
+    (paced by AdamW's, SOAP having none yet) fit in 40 s, its 6-step full runs (6.6 s) not after 36 s, so
+    neither starts and nothing is left half-done; a call with 7 s makes one. A checkpointed run is paced by
+    the steps it has left."""
+    fake = FakeTraining(monkeypatch, best_lr=SPECS["AdamW"].center_lr)
+    lr = SPECS["SOAP"].center_lr
+    first = run_benchmark(fake_config(tmp_path, ["AdamW", "SOAP"], edge_points=0, time_limit=40, fit=True))
+    assert fake.clock == 36 and not list((tmp_path / "cpu-lm" / "partial").glob("*"))
+    assert first["unfinished"] == [f"full SOAP lr={lr:.4g} seed={s} (needs ~7 s)" for s in (0, 1)]
+    fake.calls.clear()
+    second = run_benchmark(fake_config(tmp_path, ["AdamW", "SOAP"], edge_points=0, time_limit=7, fit=True))
+    assert fake.calls == [("SOAP", lr, 0)] and fake.clock == 42
+    assert second["unfinished"] == [f"full SOAP lr={lr:.4g} seed=1 (needs ~7 s)"]
+
+    # without fit the second full run starts and is cut at the limit after 4 of its 6 steps ...
+    run_benchmark(fake_config(tmp_path, ["AdamW", "SOAP"], edge_points=0, time_limit=4))
+    assert json.loads((tmp_path / "cpu-lm" / "partial" / f"full-SOAP-lr{lr:.4g}-seed1.json").read_text()) == {"step": 4}
+    # ... and its last 2 steps (2.2 s) fit in 3 s
+    fake.calls.clear()
+    last = run_benchmark(fake_config(tmp_path, ["AdamW", "SOAP"], edge_points=0, time_limit=3, fit=True))
+    assert fake.calls == [("SOAP", lr, 1)] and not last["unfinished"]
 
 
 def test_a_matrix_optimizer_run_made_at_another_adamw_setting_is_retrained(tmp_path, monkeypatch):
@@ -649,8 +677,10 @@ def test_an_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit
     whole = train_run(workload, spec, spec.center_lr, **kw)
     path = tmp_path / "partial.pt"
     assert train_run(workload, spec, spec.center_lr, checkpoint=path, stop_at=3, **kw) is None and path.exists()
+    assert json.loads(path.with_suffix(".json").read_text()) == {"step": 3}  # how far, without loading the weights
     resumed = train_run(workload, spec, spec.center_lr, checkpoint=path, **kw)
-    assert resumed["resumed"] and not path.exists()
+    assert resumed["resumed"] and not path.exists() and not path.with_suffix(".json").exists()
+    assert resumed["wall_seconds"] > resumed["train_seconds"]  # the two calls' set-up and evaluations too
     assert [(s, v) for s, _, v in resumed["curve"]] == [(s, v) for s, _, v in whole["curve"]]
     assert resumed["final_train_loss"] == whole["final_train_loss"] and resumed["steps_done"] == 7
     assert resumed["refreshes"] == whole["refreshes"]

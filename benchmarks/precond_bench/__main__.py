@@ -87,7 +87,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="also run these optimizers' full budget (seed 0) one grid step either side of the "
                         "sweep's best rate: is it the full run's best too?")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                   help="start no run that would end past this many seconds (estimated); rerun to go on")
+                   help="after this many seconds the run in progress saves a checkpoint and no other starts; "
+                        "rerun to go on")
+    p.add_argument("--fit", action="store_true",
+                   help="with --time-limit: start or resume only the runs expected to end within it (paced by "
+                        "the saved runs): for a machine's last call, whose checkpoints would be lost")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--report-only", action="store_true",
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.fit and args.time_limit is None:
+        raise SystemExit("--fit plans within --time-limit: give both")
     preset = dict(PRESETS[args.preset])
     for key in ("steps", "sweep_steps", "eval_every", "seeds", "lr_points", "batch_size"):
         if getattr(args, key) is not None:
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     config = BenchConfig(preset=preset, optimizers=list(dict.fromkeys(names)), device=args.device,
                          name=args.name or args.preset, runs_dir=args.runs_dir, data_dir=args.data_dir,
                          edge_points=args.edge_points, time_limit=args.time_limit,
-                         check_rates=tuple(args.check_rate))
+                         check_rates=tuple(args.check_rate), fit=args.fit)
     started = time.time()
     result = run_benchmark(config, None if args.report_only else lambda total: Progress(total, not args.quiet),
                            train=not args.report_only)

@@ -23,6 +23,9 @@ configuration reuses them, so an interrupted sweep resumes where it stopped. Wit
 progress when the limit passes saves a checkpoint (``<runs_dir>/<name>/partial/*.pt``: weights, the
 optimizer's ``state_dict``, random states, curve and clocks) and the next call resumes it bit for bit, so a
 run may be longer than one job; the runs not reached are listed (what a job with a wall-clock limit needs).
+With ``fit`` as well, a call starts or resumes only the runs it expects to finish before the limit (the pace
+of this benchmark's saved runs of the same optimizer, else of its slowest optimizer; a run with no saved pace
+to go by starts): for the last call on a machine, whose checkpoints would be lost with it.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class BenchConfig:
     time_limit: float | None = None  # seconds: the run in progress then checkpoints, the rest wait
     stop_at: int | None = None  # checkpoint every run at this step, as a time limit would (to test resuming)
     check_rates: tuple[str, ...] = ()  # optimizers whose full run is repeated at the neighbouring rates
+    fit: bool = False  # with time_limit: start (or resume) only the runs expected to end before it
 
     def identity(self) -> dict[str, Any]:
         """What must match for saved runs to be reused (the optimizer list may grow)."""
@@ -126,9 +130,12 @@ class _Runs:
         limit = self.config.time_limit
         deadline = None if limit is None else self.started + limit
         checkpoint = _run_path(self.root, phase, name, lr, seed, "partial", ".pt")
-        if not self.train or (deadline is not None and time.perf_counter() >= deadline):
+        need = self._seconds_needed(name, steps, checkpoint) if self.config.fit and deadline is not None else None
+        late = deadline is not None and time.perf_counter() + (need or 0.0) >= deadline
+        if not self.train or late:
             self.unfinished.append(f"{phase} {name} lr={lr:.4g} seed={seed}"
-                                   + (" (checkpointed)" if checkpoint.exists() else ""))
+                                   + (" (checkpointed)" if checkpoint.exists() else "")
+                                   + (f" (needs ~{need:.0f} s)" if need else ""))
             if self.progress:
                 self.progress.skip(steps)
             return None
@@ -155,6 +162,25 @@ class _Runs:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(run, indent=1))
         return run
+
+
+    def _seconds_needed(self, name: str, steps: int, checkpoint: Path) -> float | None:
+        """Expected seconds to finish a run of ``name``: its steps still to go (a checkpoint's sidecar says
+        how far it got) at the slowest pace per step among this benchmark's saved runs of ``name``, else of any
+        optimizer; ``None`` when no run is saved. A run saved before ``wall_seconds`` was recorded is paced by
+        its training time plus 10% (evaluations, set-up)."""
+        paces: dict[str, float] = {}
+        for path in (self.root / "runs").glob("*.json"):
+            run = json.loads(path.read_text())
+            if run.get("steps_done"):
+                wall = run.get("wall_seconds") or 1.1 * run["train_seconds"]
+                paces[run["optimizer"]] = max(paces.get(run["optimizer"], 0.0), wall / run["steps_done"])
+        pace = paces.get(name, max(paces.values(), default=None))
+        if pace is None:
+            return None
+        progress = checkpoint.with_suffix(".json")
+        done = json.loads(progress.read_text())["step"] if progress.exists() else 0
+        return pace * (steps - done)
 
 
 def _best(sweep: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -123,6 +124,8 @@ def _save_checkpoint(path: Path, model, optimizer, progress: dict[str, Any], dev
     partial = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng, **progress}, partial)
     partial.replace(path)  # a call killed while saving leaves the previous checkpoint
+    # how far it got, readable without loading the weights (what a call planning its time needs)
+    path.with_suffix(".json").write_text(json.dumps({"step": progress["step"]}))
 
 
 def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, steps: int, eval_every: int,
@@ -134,12 +137,14 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
     Every group's rate follows ``schedule`` (see :func:`lr_factor`) from the rate it was built with. A step
     is ``workload.accumulation`` micro-batches, each loss scaled by ``1/accumulation`` before its backward.
     Wall-clock counts forward, backward and optimizer work (Sophia's curvature pass included), not the
-    evaluations; ``optimizer_seconds`` is the ``step()`` (and ``update_hessian``) part of it.
+    evaluations; ``optimizer_seconds`` is the ``step()`` (and ``update_hessian``) part of it; ``wall_seconds``
+    is the whole run's (set-up and evaluations too, summed over resumed calls: what a call must plan for).
 
     With ``checkpoint`` (a path), a run that passes ``deadline`` (a ``time.perf_counter()`` value) or reaches
     step ``stop_at`` before its end saves itself there and returns ``None``; called again with the same
     arguments it resumes from that file, bit for bit, and removes it when the run ends.
     """
+    started = time.perf_counter()
     model = workload.model(seed)
     optimizer = spec.build(model, lr, adamw)
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a checkpoint's scheduled rates load
@@ -158,18 +163,19 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
             torch.cuda.set_rng_state(saved["rng"]["cuda"])
         curve, first = [tuple(p) for p in saved["curve"]], saved["step"] + 1
         train_seconds, optimizer_seconds = saved["train_seconds"], saved["optimizer_seconds"]
-        last_loss = saved["last_loss"]
+        last_loss, wall_before = saved["last_loss"], saved.get("wall_seconds", 0.0)
     else:
         with torch.no_grad(), autocast:
             curve = [(0, 0.0, _validation_loss(workload, model, optimizer))]
-        first, train_seconds, optimizer_seconds, last_loss = 1, 0.0, 0.0, math.nan
+        first, train_seconds, optimizer_seconds, last_loss, wall_before = 1, 0.0, 0.0, math.nan, 0.0
     diverged = False
     steps_done = first - 1
     for step in range(first, steps + 1):
         late = deadline is not None and time.perf_counter() > deadline
         if checkpoint is not None and step > first and (late or (stop_at is not None and step == stop_at + 1)):
             done = dict(step=steps_done, curve=curve, train_seconds=train_seconds, optimizer_seconds=optimizer_seconds,
-                        last_loss=last_loss, adamw=adamw_setting)
+                        last_loss=last_loss, adamw=adamw_setting,
+                        wall_seconds=wall_before + time.perf_counter() - started)
             _save_checkpoint(checkpoint, model, optimizer, done, device)
             return None
         _sync(device)
@@ -213,8 +219,9 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
             if not math.isfinite(val):
                 diverged = True
                 break
-    if checkpoint is not None and checkpoint.exists():
-        checkpoint.unlink()
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+        checkpoint.with_suffix(".json").unlink(missing_ok=True)
     stats = optimizer.preconditioner_stats() if hasattr(optimizer, "preconditioner_stats") else {"factors": []}
     tokens = workload.tokens_per_step()
     return {
@@ -226,6 +233,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         "curve": curve, "final_val_loss": curve[-1][2] if not diverged else math.inf,
         "final_train_loss": last_loss, "train_seconds": train_seconds, "optimizer_seconds": optimizer_seconds,
         "optimizer_share": optimizer_seconds / train_seconds if train_seconds else 0.0,
+        "wall_seconds": wall_before + time.perf_counter() - started,  # evaluations and set-up too
         "state_bytes": state_bytes(optimizer),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
         "refreshes": sum(f["refreshes"] for f in stats["factors"]),
