@@ -213,6 +213,30 @@ def test_time_limit_flag_reaches_the_protocol(data_dir, tmp_path):
         bench_main(argv[:-2] + ["--fit"])
 
 
+def test_a_compiled_model_trains_as_the_eager_one_and_its_runs_are_kept_apart(data_dir, tmp_path):
+    """``--compile-model`` (here with ``aot_eager``, which needs no C compiler): the same curve as the eager
+    model to float32 rounding, the backend in workload.json, and an eager rerun into its folder refused."""
+    from precond_bench.runner import train_run
+    preset = PRESETS["tiny"]
+    kw = dict(seed=0, steps=4, eval_every=2, device="cpu", adamw=AdamWSetting(3e-3), schedule=preset["schedule"])
+    eager = train_run(make_workload(preset, data_dir, "cpu"), SPECS["SOAP"], 3e-3, **kw)
+    compiled_workload = make_workload(dict(preset, compile_model="aot_eager"), data_dir, "cpu")
+    compiled = train_run(compiled_workload, SPECS["SOAP"], 3e-3, **kw)
+    assert [s for s, _, _ in compiled["curve"]] == [s for s, _, _ in eager["curve"]]
+    assert [v for _, _, v in compiled["curve"]] == pytest.approx([v for _, _, v in eager["curve"]], rel=1e-5)
+    assert compiled_workload.model(0).state_dict().keys() == make_workload(preset, data_dir, "cpu").model(0).state_dict().keys()
+
+    argv = ["--preset", "tiny", "--optimizers", "AdamW", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path),
+            "--name", "c", "--quiet", "--no-plots", "--seeds", "1", "--lr-points", "1", "--steps", "2",
+            "--sweep-steps", "1"]
+    assert bench_main(argv + ["--compile-model", "aot_eager"]) == 0
+    assert json.loads((tmp_path / "c" / "workload.json").read_text())["compiled"] == "aot_eager"
+    with pytest.raises(ValueError, match="another configuration"):
+        bench_main(argv)
+    with pytest.raises(SystemExit, match="language-model presets"):
+        bench_main(["--preset", "digits", "--compile-model", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path)])
+
+
 def test_model_size_flags_reach_the_workload(data_dir, tmp_path):
     argv = ["--preset", "tiny", "--optimizers", "AdamW", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path),
             "--name", "w", "--quiet", "--no-plots", "--width", "24", "--depth", "2", "--batch-size", "2",

@@ -92,6 +92,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fit", action="store_true",
                    help="with --time-limit: start or resume only the runs expected to end within it (paced by "
                         "the saved runs): for a machine's last call, whose checkpoints would be lost")
+    p.add_argument("--compile-model", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the language model (default backend inductor): a faster forward and "
+                        "backward, so a larger optimizer share; kept in the configuration, never mixed with eager runs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--report-only", action="store_true",
@@ -113,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("steps", "sweep_steps", "eval_every", "seeds", "lr_points", "batch_size"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
+    if args.compile_model:
+        if preset["workload"] != "lm":
+            raise SystemExit(f"--compile-model applies to language-model presets, not {args.preset}")
+        preset["compile_model"] = args.compile_model
     if args.schedule == "constant":
         preset["schedule"] = {"kind": "constant"}
     try:

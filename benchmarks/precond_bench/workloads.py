@@ -69,6 +69,7 @@ class LanguageModel(Workload):
     accumulation: int = 1
     device: str = "cpu"
     corpus: str = "pydocs"
+    compile_backend: str | None = None  # torch.compile's backend for the model (None: eager)
     name: str = "lm"
 
     def __post_init__(self):
@@ -85,7 +86,10 @@ class LanguageModel(Workload):
 
     def model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        return GPT(self.config).to(self.device)
+        model = GPT(self.config).to(self.device)
+        if self.compile_backend is not None:  # in place: parameter names and state_dict keys stay the eager ones
+            model.compile(backend=self.compile_backend)
+        return model
 
     def batch(self, step: int, seed: int):
         """``batch_size · accumulation`` windows, a function of (step, seed): a step sees the same bytes whatever
@@ -111,7 +115,8 @@ class LanguageModel(Workload):
         return {"workload": "lm", "data": f"{CORPORA[self.corpus].title}, bytes", "corpus": self.corpus,
                 "train_bytes": len(self.train), "val_bytes": len(self.val), "parameters": n,
                 "batch_size": self.batch_size, "accumulation": self.accumulation,
-                "bytes_per_step": self.tokens_per_step(), **self.config.__dict__}
+                "bytes_per_step": self.tokens_per_step(), **self.config.__dict__,
+                **({"compiled": self.compile_backend} if self.compile_backend else {})}
 
 
 class DigitsNet(nn.Module):
@@ -218,4 +223,5 @@ def make_workload(preset: dict[str, Any], data_dir: Path, device: str) -> Worklo
         return Digits(Path(data_dir), batch_size=preset["batch_size"], device=device, accumulation=accumulation)
     return LanguageModel(Path(data_dir), GPTConfig(**preset["gpt"]), batch_size=preset["batch_size"],
                          eval_batches=preset.get("eval_batches", 8), device=device,
-                         corpus=preset.get("corpus", "pydocs"), accumulation=accumulation)
+                         corpus=preset.get("corpus", "pydocs"), accumulation=accumulation,
+                         compile_backend=preset.get("compile_model"))
