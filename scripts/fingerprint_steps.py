@@ -21,7 +21,8 @@ STEPS = 7
 SETTINGS = {
     "AdamW": [{}, {"betas": (0.9, 0.95), "weight_decay": 0.0}],
     "SOAP": [{}, {"precondition_frequency": 1, "refresh_method": "refine"}, {"refresh_method": "eigh"},
-             {"refresh_tolerance": 0.05, "precondition_frequency": 2}, {"packed_factors": True}],
+             {"refresh_tolerance": 0.05, "precondition_frequency": 2}, {"packed_factors": True},
+             {"preconditioner_dtype": torch.bfloat16, "precondition_frequency": 2}],
     "EShampoo": [{"precondition_frequency": 2}, {"precondition_frequency": 1, "refresh_method": "refine"},
                  {"refresh_method": "qr", "refresh_tolerance": 0.05, "precondition_frequency": 2},
                  {"grafting": "adam", "precondition_frequency": 3, "betas": (0.0, 0.99)}],
@@ -29,7 +30,9 @@ SETTINGS = {
                 {"root_method": "newton", "precondition_frequency": 2}, {"grafting": "rmsprop", "epsilon": 1e-6},
                 {"use_decoupled_weight_decay": False, "weight_decay": 0.1, "grafting": "sgd"},
                 {"spectral_normalize": True, "precondition_frequency": 2},
-                {"grafting": "adam", "precondition_frequency": 2, "packed_factors": True}],
+                {"grafting": "adam", "precondition_frequency": 2, "packed_factors": True},
+                {"grafting": "adam", "precondition_frequency": 2, "packed_factors": True,
+                 "preconditioner_dtype": torch.float16}],
     "KLShampoo": [{"precondition_frequency": 2}, {"grafting": "adam", "precondition_frequency": 3}],
     "KLSOAP": [{"precondition_frequency": 2}, {"normalize_grads": True, "correct_bias": True, "max_clamp_value": None}],
     "Muon": [{}, {"nesterov": False, "adjust_lr_fn": "match_rms_adamw", "ns_dtype": "float32"}],
@@ -66,7 +69,8 @@ def fingerprint(name: str, options: dict, dtype: torch.dtype) -> str:
         for field, value in sorted(state.items()):
             if torch.is_tensor(value):
                 digest.update(f"{key}.{field}".encode())
-                digest.update(value.detach().contiguous().cpu().numpy().tobytes())
+                flat = value.detach().contiguous().cpu().reshape(-1)  # bytes of any dtype (numpy has no bfloat16)
+                digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return digest.hexdigest()[:16]
 
 
@@ -75,7 +79,7 @@ def main() -> None:
     for name, settings in SETTINGS.items():
         for options in settings:
             for dtype in (torch.float32, torch.float64):
-                result[f"{name} {json.dumps(options, sort_keys=True)} {dtype}"] = fingerprint(name, options, dtype)
+                result[f"{name} {json.dumps(options, sort_keys=True, default=str)} {dtype}"] = fingerprint(name, options, dtype)
     print(json.dumps(result, indent=1))
 
 

@@ -178,6 +178,11 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
     # basis close the gap to AdamW that SOAP and EShampoo refreshed every 10 steps leave?
     OptimizerSpec("SOAP-F1-tf32", 3e-3, _soap(tf32=True, precondition_frequency=1, refresh_method="refine")),
     OptimizerSpec("SOAP-refine-tf32", 3e-3, _soap(tf32=True, refresh_method="refine")),  # the same, at F=10
+    # The least state: factors as upper triangles, eigenbases in bfloat16 (does the loss stay?)
+    OptimizerSpec("SOAP-packed-bf16", 3e-3, _soap(packed_factors=True, preconditioner_dtype=torch.bfloat16)),
+    OptimizerSpec("SOAP-F1-tf32-packed-bf16", 3e-3, _soap(tf32=True, precondition_frequency=1,
+                                                          refresh_method="refine", packed_factors=True,
+                                                          preconditioner_dtype=torch.bfloat16)),
     # The same checked every step by Purifying Shampoo's criterion: refreshed only where
     # ‖QᵀLQ - diag‖ > τ‖QᵀLQ‖ (centred on SOAP-F1-tf32's best rate)
     *[OptimizerSpec(f"SOAP-F1-tf32-tau{tau}", 1e-3, _soap(tf32=True, precondition_frequency=1,

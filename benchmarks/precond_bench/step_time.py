@@ -79,6 +79,15 @@ def _ours(max_dim: int) -> dict[str, Callable]:
         "precond Shampoo packed": lambda ps: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12,
                                                              precondition_frequency=FREQUENCY, grafting="adam",
                                                              max_preconditioner_dim=max_dim, packed_factors=True),
+        # and the eigenbases or roots in bfloat16 as well: the least state (cast up for every product)
+        "precond SOAP packed-bf16": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=FREQUENCY,
+                                                            packed_factors=True, preconditioner_dtype=torch.bfloat16),
+        "precond EShampoo packed-bf16": lambda ps: precond.EShampoo(
+            ps, lr=1e-3, precondition_frequency=FREQUENCY, max_preconditioner_dim=max_dim, packed_factors=True,
+            preconditioner_dtype=torch.bfloat16),
+        "precond Shampoo packed-bf16": lambda ps: precond.Shampoo(
+            ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, precondition_frequency=FREQUENCY, grafting="adam",
+            max_preconditioner_dim=max_dim, packed_factors=True, preconditioner_dtype=torch.bfloat16),
         **_refine_rows(max_dim),
     }
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+
 from .preconditioners import CorrectedEigenvalues
 from .refresh import RULES as REFRESH_RULES
 from .shampoo import ShampooFamily, shared_arguments
@@ -65,7 +67,8 @@ class EShampoo(ShampooFamily):
                  grafting_epsilon: float = 1e-10, refresh_method: str = "eigh", refresh_tolerance: float = 0.0,
                  max_qr_iterations: int = 1, precondition_1d: bool = False, merge_dims: bool = True,
                  large_dim_policy: str = "split", max_factor_ratio: float = 64.0, tf32: bool | str = False, *,
-                 spectral_normalize: bool = False, packed_factors: bool = False, distributed: Any = None,
+                 spectral_normalize: bool = False, packed_factors: bool = False,
+                 preconditioner_dtype: torch.dtype | None = None, distributed: Any = None,
                  strict: bool = False) -> None:
         super().__init__(params, **shared_arguments(locals()),
                          extra=dict(refresh_method=refresh_method, refresh_tolerance=refresh_tolerance,

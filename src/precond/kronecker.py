@@ -30,17 +30,19 @@ STATS_WIDTH = len(STATS_FIELDS)  # a factor's counters (precond.engine.STATS_FIE
 
 
 def init_factor_state(shape: Sequence[int], preconditioned: Sequence[bool], dtype: torch.dtype,
-                      device: torch.device | str, matrix: str | None = None, packed: bool = False) -> dict[str, Tensor]:
+                      device: torch.device | str, matrix: str | None = None, packed: bool = False,
+                      matrix_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """One block's zero factors ``factor{i}`` (``[n, n]``, or its upper triangle ``[n(n+1)/2]`` when
     ``packed``) and counters ``stats{i}`` for its preconditioned dims, and, when ``matrix`` names it, a
-    per-factor identity matrix (``"root"`` or ``"basis"``; a root is symmetric, so packed too)."""
+    per-factor identity matrix (``"root"`` or ``"basis"``; a root is symmetric, so packed too) in
+    ``matrix_dtype`` (default ``dtype``; :func:`factor_matrices` reads a narrower one back in ``dtype``)."""
     state: dict[str, Tensor] = {}
     for i, (n, use) in enumerate(zip(shape, preconditioned)):
         if not use:
             continue
         state[f"factor{i}"] = torch.zeros((n * (n + 1) // 2,) if packed else (n, n), dtype=dtype, device=device)
         if matrix is not None:
-            eye = torch.eye(n, dtype=dtype, device=device)
+            eye = torch.eye(n, dtype=matrix_dtype or dtype, device=device)
             state[f"{matrix}{i}"] = pack(eye[None])[0] if packed and matrix == "root" else eye
         stats = torch.zeros(STATS_WIDTH, dtype=torch.int64, device=device)
         if stats.device.type != "meta":
@@ -148,5 +150,8 @@ def permute_dim(x: Tensor, dim: int, order: Tensor) -> Tensor:
 
 
 def factor_matrices(bucket: Bucket, name: str) -> list[Tensor | None]:
-    """The stacks ``{name}{i}`` of a bucket (``"root"``, ``"basis"``), ``None`` for dims without a factor."""
-    return [bucket.state.get(f"{name}{i}") for i in range(len(bucket.shape))]
+    """The stacks ``{name}{i}`` of a bucket (``"root"``, ``"basis"``), ``None`` for dims without a factor; one
+    kept narrower than the bucket's dtype (``preconditioner_dtype``) is read back as a copy in that dtype
+    (write to ``bucket.state`` itself)."""
+    matrices = [bucket.state.get(f"{name}{i}") for i in range(len(bucket.shape))]
+    return [m if m is None or m.dtype == bucket.dtype else m.to(bucket.dtype) for m in matrices]

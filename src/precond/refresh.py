@@ -161,7 +161,7 @@ class EigenbasisRefresh:
                 continue
             factor, basis = full_factor(state[f"factor{i}"]), state[f"basis{i}"]
             A = prepare(factor) if prepare is not None else factor
-            new, order, changed_i = self.refresh(A, basis, state[f"stats{i}"], ok)
+            new, order, changed_i = self.refresh(A, basis.to(A.dtype), state[f"stats{i}"], ok)
             if self.method in ("power_qr", "qr"):  # the columns were re-sorted: the statistic follows them
                 per_column.copy_(permute_dim(per_column, 1 + i, order))
             basis.copy_(new)

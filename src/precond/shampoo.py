@@ -23,7 +23,7 @@ from .precision import TF32_MODES
 from .preconditioners import InverseRoots, KroneckerPreconditioner
 from .refresh import refresh_due
 from .validation import (STEP_RULES, betas_to_one_rule, check_betas, check_choice, check_int, check_max_dim,
-                         check_nonneg, check_positive, flag_rule, pair)
+                         check_nonneg, check_positive, flag_rule, pair, preconditioner_dtype_rule)
 
 __all__ = ["Shampoo", "ShampooFamily"]
 
@@ -33,7 +33,8 @@ _GRAFTING_BETA2 = {"adam": 0.999, "rmsprop": 0.99, "adagrad": 1.0, "sgd": 1.0}
 SHARED_ARGUMENTS = ("lr", "betas", "epsilon", "weight_decay", "max_preconditioner_dim", "precondition_frequency",
                     "start_preconditioning_step", "use_bias_correction", "use_decoupled_weight_decay", "grafting",
                     "grafting_beta2", "grafting_epsilon", "precondition_1d", "merge_dims", "large_dim_policy",
-                    "max_factor_ratio", "tf32", "spectral_normalize", "packed_factors", "distributed", "strict")
+                    "max_factor_ratio", "tf32", "spectral_normalize", "packed_factors", "preconditioner_dtype",
+                    "distributed", "strict")
 
 
 def shared_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -47,14 +48,16 @@ class ShampooFamily(BlockEngine):
 
     _skip_advice = "lower lr, set grafting or raise epsilon"
     _group_rules = {**STEP_RULES, "betas": betas_to_one_rule, "epsilon": check_positive,
-                    "max_factor_ratio": check_positive, "spectral_normalize": flag_rule, "packed_factors": flag_rule}
+                    "max_factor_ratio": check_positive, "spectral_normalize": flag_rule, "packed_factors": flag_rule,
+                    "preconditioner_dtype": preconditioner_dtype_rule}
 
     def __init__(self, params: Iterable[Any], *, lr: float, betas: tuple[float, float], epsilon: float,
                  weight_decay: float, max_preconditioner_dim: int | float, precondition_frequency: int,
                  start_preconditioning_step: int, use_bias_correction: bool, use_decoupled_weight_decay: bool,
                  grafting: str | None, grafting_beta2: float | None, grafting_epsilon: float,
                  precondition_1d: bool, merge_dims: bool, large_dim_policy: str, max_factor_ratio: float,
-                 tf32: bool | str, spectral_normalize: bool, packed_factors: bool, distributed: Any, strict: bool,
+                 tf32: bool | str, spectral_normalize: bool, packed_factors: bool,
+                 preconditioner_dtype: torch.dtype | None, distributed: Any, strict: bool,
                  extra: dict[str, Any], preconditioner: KroneckerPreconditioner) -> None:
         self.preconditioner = preconditioner
         check_max_dim("max_preconditioner_dim", max_preconditioner_dim)
@@ -79,7 +82,8 @@ class ShampooFamily(BlockEngine):
                         grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
                         precondition_1d=precondition_1d, merge_dims=merge_dims,
                         large_dim_policy=large_dim_policy, max_factor_ratio=max_factor_ratio, tf32=tf32,
-                        spectral_normalize=spectral_normalize, packed_factors=packed_factors, **extra)
+                        spectral_normalize=spectral_normalize, packed_factors=packed_factors,
+                        preconditioner_dtype=preconditioner_dtype, **extra)
         super().__init__(params, defaults, distributed=distributed, strict=strict)
 
     # ---------------------------------------------------------------------- engine hooks
@@ -107,7 +111,7 @@ class ShampooFamily(BlockEngine):
 
     def _init_block(self, shape, kind, group, dtype, device):
         state = init_factor_state(shape, kind, dtype, device, matrix=self.preconditioner.matrix,
-                                  packed=group["packed_factors"])
+                                  packed=group["packed_factors"], matrix_dtype=group["preconditioner_dtype"])
         diagonal = self._diagonal(group, any(kind))
         if diagonal is not None and diagonal.stateful:
             state["diagonal"] = torch.zeros(shape, dtype=dtype, device=device)
@@ -227,6 +231,10 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
             the state then equals Distributed Shampoo's. A factor is updated packed (its statistic packed by
             one gather) and unpacked to be read at a refresh; a root is unpacked for every step's direction
             (one bucket's at a time).
+        preconditioner_dtype: keep the inverse roots (EShampoo: the eigenbases) in this dtype
+            (``torch.bfloat16``, ``torch.float16``; default ``None``: the state's), read back in the state's
+            dtype for every product (Distributed Shampoo's ``inv_factor_matrix_dtype`` and
+            ``factor_matrix_eigenvectors_dtype``). Halves those matrices' memory; factors and arithmetic stay.
         bias_correction: ``"std"`` (default), ``"cross_fit"``, ``"variance_corrected"`` or ``"full"``, per
             group (:mod:`precond.bias_correction`, Nayak et al. 2026), from microbatch statistics collected by
             :meth:`accumulate`. With ``Ĝ_j`` microbatch ``j``'s gradient: ``"cross_fit"`` feeds the first
@@ -266,7 +274,8 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
                  grafting_epsilon: float = 1e-10, inverse_exponent_override: float | dict[int, float] | None = None,
                  root_method: str = "eigh", precondition_1d: bool = False, merge_dims: bool = True,
                  large_dim_policy: str = "split", max_factor_ratio: float = 64.0, tf32: bool | str = False, *,
-                 spectral_normalize: bool = False, packed_factors: bool = False, pseudo_inverse: bool = False,
+                 spectral_normalize: bool = False, packed_factors: bool = False,
+                 preconditioner_dtype: torch.dtype | None = None, pseudo_inverse: bool = False,
                  rank_rtol: float | None = None,
                  bias_correction: str = "std", cross_fit_fraction: float = 0.5, fold_at_refresh_only: bool = False,
                  distributed: Any = None, strict: bool = False) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .blocks import BlockLayout
@@ -13,7 +14,7 @@ from .precision import TF32_MODES
 from .preconditioners import EigenbasisAdam
 from .refresh import RULES as REFRESH_RULES
 from .validation import (STEP_RULES, betas_rule, check_choice, check_in, check_int, check_max_dim, check_positive,
-                         flag_rule, pair)
+                         flag_rule, pair, preconditioner_dtype_rule)
 
 __all__ = ["SOAP"]
 
@@ -75,6 +76,10 @@ class SOAP(BlockEngine):
             ``n²`` (default False), as Distributed Shampoo keeps its factors: the state then equals Distributed
             Shampoo's for SOAP and EShampoo. A factor is updated packed (its statistic packed by one gather)
             and unpacked only to be read at a refresh (one bucket's factors at a time).
+        preconditioner_dtype: keep the eigenbases in this dtype (``torch.bfloat16``, ``torch.float16``; default
+            ``None``: the state's), read back in the state's dtype for every product (Distributed Shampoo's
+            ``factor_matrix_eigenvectors_dtype``). Halves the bases' memory; the factors, moments and
+            arithmetic stay in the state's dtype.
         strict: raise ``FloatingPointError`` naming the parameter and block when a gradient or an update is not
             finite, instead of skipping that block's step and counting it (default False).
         distributed: ``None`` (one process, or FSDP2 ``DTensor`` parameters), ``"ddp"`` or a process
@@ -82,7 +87,8 @@ class SOAP(BlockEngine):
     """
 
     _group_rules = {**STEP_RULES, "betas": betas_rule, "eps": check_positive, "max_factor_ratio": check_positive,
-                    "spectral_normalize": flag_rule, "packed_factors": flag_rule, **REFRESH_RULES}
+                    "spectral_normalize": flag_rule, "packed_factors": flag_rule,
+                    "preconditioner_dtype": preconditioner_dtype_rule, **REFRESH_RULES}
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float = -1, eps: float = 1e-8, weight_decay: float = 0.01,
@@ -90,7 +96,8 @@ class SOAP(BlockEngine):
                  precondition_1d: bool = False, normalize_grads: bool = False, correct_bias: bool = True,
                  refresh_method: str = "power_qr", refresh_tolerance: float = 0.0, max_qr_iterations: int = 1,
                  large_dim_policy: str = "identity", max_factor_ratio: float = 64.0, tf32: bool | str = False, *,
-                 spectral_normalize: bool = False, packed_factors: bool = False, distributed: Any = None,
+                 spectral_normalize: bool = False, packed_factors: bool = False,
+                 preconditioner_dtype: torch.dtype | None = None, distributed: Any = None,
                  strict: bool = False) -> None:
         if shampoo_beta != -1:
             check_in("shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
@@ -104,7 +111,8 @@ class SOAP(BlockEngine):
                         correct_bias=correct_bias, refresh_method=refresh_method,
                         refresh_tolerance=refresh_tolerance, max_qr_iterations=max_qr_iterations,
                         large_dim_policy=large_dim_policy, max_factor_ratio=max_factor_ratio, tf32=tf32,
-                        spectral_normalize=spectral_normalize, packed_factors=packed_factors)
+                        spectral_normalize=spectral_normalize, packed_factors=packed_factors,
+                        preconditioner_dtype=preconditioner_dtype)
         self.preconditioner = self._make_preconditioner()
         super().__init__(params, defaults, distributed=distributed, strict=strict)
 
@@ -125,7 +133,8 @@ class SOAP(BlockEngine):
         return layout.preconditioned_dims(index, group["precondition_1d"])
 
     def _init_block(self, shape, kind, group, dtype, device):
-        return self.preconditioner.state(shape, kind, dtype, device, packed=group["packed_factors"])
+        return self.preconditioner.state(shape, kind, dtype, device, packed=group["packed_factors"],
+                                         basis_dtype=group["preconditioner_dtype"])
 
     def _makes_update(self, bucket: Bucket) -> bool:
         return bucket.calls > 1  # the first step only builds the statistics

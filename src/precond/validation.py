@@ -6,9 +6,11 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 __all__ = ["pair", "check_lr", "check_in", "check_betas", "check_nonneg", "check_finite_nonneg", "check_positive",
            "check_int", "check_choice", "check_max_dim", "check_group", "Rule", "lr_rule", "betas_rule",
-           "betas_to_one_rule", "flag_rule", "fraction_rule", "STEP_RULES"]
+           "betas_to_one_rule", "flag_rule", "fraction_rule", "preconditioner_dtype_rule", "STEP_RULES"]
 
 
 def _number(name: str, value: Any) -> float:
@@ -106,6 +108,11 @@ def flag_rule(name: str, value: Any) -> None:
 
 def fraction_rule(name: str, value: Any) -> None:
     check_in(name, value, 0.0, 1.0, high_open=True)
+
+
+def preconditioner_dtype_rule(name: str, value: Any) -> None:
+    """``None`` (the state's dtype) or a floating dtype to keep the roots or eigenbases in."""
+    check_choice(name, value, (None, torch.bfloat16, torch.float16, torch.float32, torch.float64))
 
 
 # What every optimizer's groups may set.

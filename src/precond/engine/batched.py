@@ -33,6 +33,8 @@ def commit_(target: Tensor, new: Tensor, ok: Tensor, require_finite: bool = Fals
     """
     if require_finite:
         ok = ok & (torch.isfinite(new).flatten(1).all(1) if new.dim() > 1 else torch.isfinite(new))
+    if new.dtype != target.dtype:  # a matrix kept narrower (``preconditioner_dtype``) takes the value rounded
+        new = new.to(target.dtype)
     torch.where(per_block(ok, target), new, target, out=target)
 
 

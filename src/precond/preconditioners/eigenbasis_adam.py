@@ -21,8 +21,9 @@ class EigenbasisAdam:
     ``[m / (√v + ε)] ×_1 Q_1 ⋯``) before :meth:`fold` (the factors, then the bases when due)."""
 
     def state(self, shape: tuple[int, ...], kind: tuple[bool, ...], dtype: torch.dtype,
-              device: torch.device | str, packed: bool = False) -> dict[str, Tensor]:
-        state = init_factor_state(shape, kind, dtype, device, matrix="basis", packed=packed)
+              device: torch.device | str, packed: bool = False,
+              basis_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        state = init_factor_state(shape, kind, dtype, device, matrix="basis", packed=packed, matrix_dtype=basis_dtype)
         state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
         return state
@@ -46,7 +47,7 @@ class EigenbasisAdam:
             if use:
                 factor, basis = full_factor(state[f"factor{i}"]), state[f"basis{i}"]
                 eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
-                basis.copy_(policy.initial(factor + 1e-30 * eye, basis, state[f"stats{i}"], ok))
+                basis.copy_(policy.initial(factor + 1e-30 * eye, basis.to(factor.dtype), state[f"stats{i}"], ok))
 
     def direction(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
         beta1, beta2 = group["betas"]

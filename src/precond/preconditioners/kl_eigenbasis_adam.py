@@ -38,8 +38,9 @@ class KLEigenbasisAdam(EigenbasisAdam):
         self.init_factor, self.max_clamp = init_factor, max_clamp
 
     def state(self, shape: tuple[int, ...], kind: tuple[bool, ...], dtype: torch.dtype,
-              device: torch.device | str, packed: bool = False) -> dict[str, Tensor]:
-        state = super().state(shape, kind, dtype, device, packed)
+              device: torch.device | str, packed: bool = False,
+              basis_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        state = super().state(shape, kind, dtype, device, packed, basis_dtype)
         for i, (n, use) in enumerate(zip(shape, kind)):
             if use:
                 state[f"inv_sqrt_eigenvalues{i}"] = torch.full((n,), self.init_factor ** -0.5, dtype=dtype,
@@ -96,7 +97,7 @@ class KLEigenbasisAdam(EigenbasisAdam):
                 state[f"stats{i}"][:, FALLBACKS] += fell_back
             except LinAlgFailure:
                 new, good = basis, torch.zeros_like(ok)
-            commit_(basis, new, ok & good)
+            commit_(state[f"basis{i}"], new, ok & good)
             count_refreshes_(state[f"stats{i}"], ok, good)
             changed |= ok & good
         commit_(state["exp_avg"], mode_product(moment, factor_matrices(bucket, "basis")), changed)
