@@ -39,20 +39,21 @@ def train(net, opt, steps, seed):
     opt.zero_grad()
 
 
-def make(name, net):
+def make(name, params):
     kw = {"update_period": 2} if name == "Sophia" else {}
-    return FACTORIES[name](net.parameters(), **kw)
+    return FACTORIES[name](params, **kw)
 
 
-def trajectory_after_resume(name, save, load):
-    """Trains, saves, trains on; then restores a fresh pair and trains on. Returns both parameter lists."""
+def trajectory_after_resume(make_optimizer, save, load):
+    """Trains, saves, trains on; then restores a fresh pair and trains on. Returns both parameter lists.
+    ``make_optimizer(params)`` builds the optimizer."""
     net = model()
-    opt = make(name, net)
+    opt = make_optimizer(net.parameters())
     train(net, opt, 6, seed=0)
     saved = save(net, opt)
     train(net, opt, 5, seed=50)
     fresh = model(seed=1)
-    fresh_opt = make(name, fresh)
+    fresh_opt = make_optimizer(fresh.parameters())
     load(fresh, fresh_opt, saved)
     train(fresh, fresh_opt, 5, seed=50)
     return list(net.parameters()), list(fresh.parameters())
@@ -95,7 +96,7 @@ def test_checkpoint_round_trip_resumes_bit_identically(name, how, tmp_path):
         save, load = torch_save, torch_load
     else:
         save, load = dcp_pair(tmp_path, flatten=how == "dcp-flattened")
-    ours, resumed = trajectory_after_resume(name, save, load)
+    ours, resumed = trajectory_after_resume(lambda params: make(name, params), save, load)
     for a, b in zip(ours, resumed):
         assert torch.equal(a, b)
 
@@ -104,7 +105,7 @@ def test_checkpoint_round_trip_resumes_bit_identically(name, how, tmp_path):
 def test_state_is_flat_tensors_per_parameter(name):
     """The layout torch.optim tools expect: per parameter, a dict of tensors (no lists, no nesting)."""
     net = model()
-    opt = make(name, net)
+    opt = make(name, net.parameters())
     train(net, opt, 3, seed=0)
     state = opt.state_dict()["state"]
     assert len(state) == len(list(net.parameters()))

@@ -15,7 +15,7 @@ import precond
 import precond.kronecker as kronecker
 from precond.preconditioners import InverseRoots
 from references import eshampoo, kl_soap, shampoo, soap
-from test_checkpoint import dcp_pair, model, torch_load, torch_save, train
+from test_checkpoint import dcp_pair, torch_load, torch_save, trajectory_after_resume
 from test_kronecker_rules import assert_trajectories_close, gradients, run_library
 
 SHAPES = [(7,), (12, 9), (40, 6), (4, 5, 6)]
@@ -107,16 +107,7 @@ def test_packed_state_resumes_bit_identically(name, how, tmp_path):
     make = {"SOAP": lambda ps: precond.SOAP(ps, lr=0.01, precondition_frequency=2, packed_factors=True),
             "Shampoo": lambda ps: precond.Shampoo(ps, lr=0.01, grafting="adam", packed_factors=True)}[name]
     save, load = (torch_save, torch_load) if how == "torch.save" else dcp_pair(tmp_path, flatten=False)
-    net = model()
-    opt = make(net.parameters())
-    train(net, opt, 6, seed=0)
-    saved = save(net, opt)
-    train(net, opt, 5, seed=50)
-    fresh = model(seed=1)
-    fresh_opt = make(fresh.parameters())
-    load(fresh, fresh_opt, saved)
-    train(fresh, fresh_opt, 5, seed=50)
-    for a, b in zip(net.parameters(), fresh.parameters()):
+    for a, b in zip(*trajectory_after_resume(make, save, load)):
         assert torch.equal(a, b)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import precond
-from test_checkpoint import dcp_pair, model, torch_load, torch_save, train
+from test_checkpoint import dcp_pair, torch_load, torch_save, trajectory_after_resume
 
 SHAPES = [(7,), (12, 9), (40, 6), (4, 5, 6), (2, 3, 4, 5)]
 MAKERS = {  # block size 16: the (40, 6) parameter is split, so blocks of one parameter share a bucket
@@ -118,16 +118,7 @@ def test_narrow_state_resumes_bit_identically(name, how, tmp_path):
             "Shampoo": lambda ps: precond.Shampoo(ps, lr=0.01, grafting="adam", packed_factors=True,
                                                   preconditioner_dtype=torch.float16)}[name]
     save, load = (torch_save, torch_load) if how == "torch.save" else dcp_pair(tmp_path, flatten=False)
-    net = model()
-    opt = make(net.parameters())
-    train(net, opt, 6, seed=0)
-    saved = save(net, opt)
-    train(net, opt, 5, seed=50)
-    fresh = model(seed=1)
-    fresh_opt = make(fresh.parameters())
-    load(fresh, fresh_opt, saved)
-    train(fresh, fresh_opt, 5, seed=50)
-    for a, b in zip(net.parameters(), fresh.parameters()):
+    for a, b in zip(*trajectory_after_resume(make, save, load)):
         assert torch.equal(a, b)
 
 
