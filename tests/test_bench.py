@@ -332,6 +332,25 @@ def test_sweep_grows_past_the_edge_while_the_best_rate_sits_on_it(tmp_path, monk
     assert min(r["lr"] for r in capped["results"]["AdamW"]["sweep"]) == pytest.approx(center / 9)
 
 
+def test_a_centre_moves_the_grid_so_that_an_interior_best_needs_no_extra_rate(tmp_path, monkeypatch):
+    center = SPECS["AdamW"].center_lr
+    fake = FakeTraining(monkeypatch, best_lr=center / 9)
+    result = run_benchmark(fake_config(tmp_path, ["AdamW"], centers={"AdamW": center / 9}))
+    swept = sorted(r["lr"] for r in result["results"]["AdamW"]["sweep"])
+    assert swept == pytest.approx([center / 27, center / 9, center / 3])  # 3 runs where the default grid took 5
+    assert result["results"]["AdamW"]["best_lr"] == pytest.approx(center / 9)
+    assert len([c for c in fake.calls if c[0] == "AdamW"]) == 3 + 2 + 2  # rates, weight decays, seeds
+
+
+def test_center_flag_parses_and_names_the_bad_pair():
+    from precond_bench.__main__ import parse_centers
+    assert parse_centers(["SOAP=9e-3", "Muon=0.06"]) == {"SOAP": 0.009, "Muon": 0.06}
+    for bad, message in (("Nope=1e-3", "unknown optimizer"), ("SOAP=fast", "OPTIMIZER=LR"),
+                         ("SOAP=-1", "positive")):
+        with pytest.raises(SystemExit, match=message):
+            parse_centers([bad])
+
+
 def test_a_sweep_that_diverges_everywhere_tries_a_lower_rate(tmp_path, monkeypatch):
     center = SPECS["SOAP"].center_lr
     FakeTraining(monkeypatch, best_lr=center / 10, diverge_above=center / 5)

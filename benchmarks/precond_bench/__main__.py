@@ -9,6 +9,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .optimizers import DEFAULT_OPTIMIZERS, SPECS, available_optimizers
@@ -83,6 +84,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="extra sweep rates beyond the grid's edge while the best rate sits on it (default 4)")
     p.add_argument("--schedule", choices=("cosine", "constant"), default=None,
                    help="override the preset's schedule (cosine: 5%% linear warmup, cosine decay to 10%%)")
+    p.add_argument("--center", nargs="+", default=(), metavar="OPTIMIZER=LR",
+                   help="centre an optimizer's learning-rate grid elsewhere than its default (e.g. on the rate "
+                        "that won at a neighbouring batch size, so that fewer sweeps reach an interior best)")
     p.add_argument("--check-rate", nargs="+", default=(), metavar="OPTIMIZER", choices=list(SPECS),
                    help="also run these optimizers' full budget (seed 0) one grid step either side of the "
                         "sweep's best rate: is it the full run's best too?")
@@ -101,6 +105,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="train nothing: report the finished runs found under --runs-dir/--name")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
+
+
+def parse_centers(pairs: Sequence[str]) -> dict[str, float]:
+    """``["SOAP=9e-3", ...]`` as ``{"SOAP": 0.009}``; a clear exit on a bad pair."""
+    centers = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in SPECS:
+            raise SystemExit(f"--center {pair}: unknown optimizer {name!r}")
+        try:
+            centers[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"--center {pair}: expected OPTIMIZER=LR, e.g. SOAP=9e-3") from None
+        if not centers[name] > 0:
+            raise SystemExit(f"--center {pair}: the rate must be positive")
+    return centers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     config = BenchConfig(preset=preset, optimizers=list(dict.fromkeys(names)), device=args.device,
                          name=args.name or args.preset, runs_dir=args.runs_dir, data_dir=args.data_dir,
                          edge_points=args.edge_points, time_limit=args.time_limit,
-                         check_rates=tuple(args.check_rate), fit=args.fit)
+                         check_rates=tuple(args.check_rate), fit=args.fit, centers=parse_centers(args.center))
     started = time.time()
     result = run_benchmark(config, None if args.report_only else lambda total: Progress(total, not args.quiet),
                            train=not args.report_only)

@@ -4,7 +4,8 @@ Every run follows the preset's schedule (default: linear warmup over 5% of the r
 10% of the rate; ``constant`` is the other choice), the same for every optimizer; a sweep run is a shorter
 run with its own schedule.
 
-1. Sweep: each optimizer at ``lr_points`` rates on a log grid (factor 3) around its centre, seed 0,
+1. Sweep: each optimizer at ``lr_points`` rates on a log grid (factor 3) around its centre (its spec's, or one
+   given in ``centers``: the best rate of a neighbouring batch size, say), seed 0,
    ``sweep_steps`` steps; the rate with the lowest final validation loss wins (diverged runs lose). While
    the winner sits on the grid's edge the grid grows by one rate beyond it, ``edge_points`` times at most,
    so that no optimizer is judged at a rate its own grid cut short.
@@ -33,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ class BenchConfig:
     stop_at: int | None = None  # checkpoint every run at this step, as a time limit would (to test resuming)
     check_rates: tuple[str, ...] = ()  # optimizers whose full run is repeated at the neighbouring rates
     fit: bool = False  # with time_limit: start (or resume) only the runs expected to end before it
+    centers: dict[str, float] = field(default_factory=dict)  # a grid centre other than the optimizer's default
 
     def identity(self) -> dict[str, Any]:
         """What must match for saved runs to be reused (the optimizer list may grow)."""
@@ -244,7 +246,7 @@ def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True
     adamw = AdamWSetting(SPECS["AdamW"].center_lr)
     for name in order:
         entry = results[name] = {"sweep": [], "full": []}
-        grid = lr_grid(SPECS[name].center_lr, preset["lr_points"], config.lr_factor)
+        grid = lr_grid(config.centers.get(name, SPECS[name].center_lr), preset["lr_points"], config.lr_factor)
         entry["sweep"] = [runs.get("sweep", name, lr, 0, preset["sweep_steps"], adamw) for lr in grid]
         for _ in range(config.edge_points):
             if None in entry["sweep"]:
