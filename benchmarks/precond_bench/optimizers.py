@@ -166,6 +166,13 @@ def _eshampoo(**options) -> Callable[[nn.Module, float, AdamWSetting], Optimizer
     return lambda m, lr, _: precond.EShampoo(_params(m), lr=lr, **kw)
 
 
+def _shampoo(**options) -> Callable[[nn.Module, float, AdamWSetting], Optimizer]:
+    """Our Shampoo at Distributed Shampoo's defaults with Adam grafting (SOAP's β₂ and ε), ``options`` on top."""
+    kw = dict(betas=(0.9, 0.999), epsilon=1e-12, precondition_frequency=10, grafting="adam", grafting_beta2=0.95,
+              grafting_epsilon=1e-8) | options
+    return lambda m, lr, _: precond.Shampoo(_params(m), lr=lr, **kw)
+
+
 SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
     OptimizerSpec("AdamW", 3e-3, lambda m, lr, a: precond.AdamW(_params(m), lr=lr, betas=(0.9, 0.95),
                                                                   weight_decay=a.weight_decay), uses_adamw=True),
@@ -195,9 +202,10 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
     OptimizerSpec("EShampoo-F1-tf32-whole", 3e-3, _eshampoo(tf32=True, precondition_frequency=1,
                                                              refresh_method="refine", max_preconditioner_dim=10000)),
     OptimizerSpec("EShampoo-F1", 3e-3, _eshampoo(precondition_frequency=1, refresh_method="refine")),
-    OptimizerSpec("Shampoo", 3e-3, lambda m, lr, _: precond.Shampoo(
-        _params(m), lr=lr, betas=(0.9, 0.999), epsilon=1e-12, precondition_frequency=10, grafting="adam",
-        grafting_beta2=0.95, grafting_epsilon=1e-8)),
+    OptimizerSpec("Shampoo", 3e-3, _shampoo()),
+    # bfloat16 roots and eigenbases (with packed factors): where does the narrow storage cost loss?
+    OptimizerSpec("Shampoo-packed-bf16", 3e-3, _shampoo(packed_factors=True, preconditioner_dtype=torch.bfloat16)),
+    OptimizerSpec("EShampoo-packed-bf16", 3e-3, _eshampoo(packed_factors=True, preconditioner_dtype=torch.bfloat16)),
     OptimizerSpec("KLShampoo", 3e-3, lambda m, lr, _: precond.KLShampoo(
         _params(m), lr=lr, betas=(0.9, 0.999), epsilon=1e-12, precondition_frequency=10, grafting="adam",
         grafting_beta2=0.95, grafting_epsilon=1e-8)),
