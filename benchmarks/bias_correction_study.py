@@ -21,7 +21,9 @@ the same order (equal tokens). Hyper-parameters are the benchmark's (``precond_b
 ``--lr`` or the benchmark's. The report gives the
 final validation loss per mode (mean ± standard deviation over seeds), its difference to ``std`` per seed,
 and the optimizer's seconds per step (``accumulate`` calls and ``step``) relative to ``std``. Runs are
-appended to ``--out`` as they finish; a rerun skips those already there.
+appended to ``--out`` as they finish; a rerun skips those already there (one ``--out`` holds one model, step
+count, batch and device kind: another is refused). With ``--time-limit SECONDS`` no run starts that would end
+past it (paced by the longest saved run of the same optimizer, else of any); a rerun goes on.
 """
 
 from __future__ import annotations
@@ -126,10 +128,11 @@ def run(workload: LanguageModel, name: str, mode: str, seed: int, args: argparse
             curve.append((step, workload.validation_loss(model)))
             model.train()
             eval_seconds += time.perf_counter() - start
-    train_seconds = time.perf_counter() - began - eval_seconds
+    wall_seconds = time.perf_counter() - began
+    train_seconds = wall_seconds - eval_seconds
     return {"optimizer": name, "mode": mode, "seed": seed, "lr": lr, "arm": arm, "final_val_loss": curve[-1][1],
             "curve": curve, "optimizer_seconds_per_step": optimizer_seconds / args.steps,
-            "train_seconds_per_step": train_seconds / args.steps, "steps": args.steps,
+            "train_seconds_per_step": train_seconds / args.steps, "wall_seconds": wall_seconds, "steps": args.steps,
             "microbatches": n, "batch_size": args.batch_size, "device": args.device,
             "model": {"width": args.width, "depth": args.depth, "context": args.context}}
 
@@ -213,14 +216,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--context", type=int, default=64)
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="start no run that would end past this many seconds (paced by the saved runs); rerun to go on")
     return run_or_report(p.parse_args(argv), run_study, report, plot)
+
+
+def configuration(run: dict) -> dict:
+    """What runs must share to sit in one results file: model, steps, batch and the kind of device."""
+    return {"model": run.get("model"), "steps": run.get("steps"), "microbatches": run.get("microbatches"),
+            "batch_size": run.get("batch_size"), "device": str(run.get("device", "cpu")).split(":")[0]}
+
+
+def expected_seconds(done: list[dict], name: str) -> float | None:
+    """A run's expected wall-clock: the longest saved run of optimizer ``name``, else of any (``None``: no run
+    saved). Runs saved before ``wall_seconds`` was recorded count their training time plus 20%."""
+    def wall(r: dict) -> float:
+        return r.get("wall_seconds") or 1.2 * r["train_seconds_per_step"] * r["steps"]
+    mine = [wall(r) for r in done if r.get("optimizer", "AdamW") == name]
+    return max(mine or [wall(r) for r in done], default=None)
 
 
 def run_study(args: argparse.Namespace) -> None:
     config = GPTConfig(width=args.width, depth=args.depth, heads=max(1, args.width // 32), context=args.context)
     workload = LanguageModel(Path(args.data_dir), config, batch_size=args.batch_size, device=args.device)
     done = json.loads(args.out.read_text()) if args.out.exists() else []
+    wanted = configuration({"model": {"width": args.width, "depth": args.depth, "context": args.context},
+                            "steps": args.steps, "microbatches": args.microbatches, "batch_size": args.batch_size,
+                            "device": args.device})
+    other = next((configuration(r) for r in done if configuration(r) != wanted), None)
+    if other is not None:
+        raise SystemExit(f"{args.out} holds runs of another configuration ({other}, not {wanted}); choose another --out")
     seen = {(r.get("optimizer", "AdamW"), r["mode"], r["seed"], _arm(r), r["lr"]) for r in done}
+    started, waiting = time.perf_counter(), []
     for name in args.optimizer:
         modes = [m for m in args.modes if name == "AdamW" or m not in ("loo", "loo_jensen")]
         for lr in (rate or OPTIMIZERS[name][0] for rate in args.lr):
@@ -229,12 +256,18 @@ def run_study(args: argparse.Namespace) -> None:
                     for mode in modes:
                         if (name, mode, seed, arm, lr) in seen:
                             continue
+                        need = expected_seconds(done, name) or 0.0
+                        if args.time_limit is not None and time.perf_counter() - started + need > args.time_limit:
+                            waiting.append(f"{name} {arm} lr={lr:g} {mode} seed={seed}")
+                            continue
                         r = run(workload, name, mode, seed, args, arm, lr)
                         done.append(r)
                         print(f"{name} {arm} lr={lr:g} {mode} seed={seed}: {r['final_val_loss']:.4f}",
                               file=sys.stderr, flush=True)
                         args.out.parent.mkdir(parents=True, exist_ok=True)
                         args.out.write_text(json.dumps(done, indent=1))
+    if waiting:
+        print(f"{len(waiting)} runs not made (--time-limit; rerun to go on): " + "; ".join(waiting), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -606,6 +606,28 @@ def test_bias_correction_study_script_runs_every_mode_on_equal_tokens(data_dir, 
     assert "| std |" in table and "| full |" in table
 
 
+def test_bias_correction_study_keeps_one_configuration_per_file_and_plans_within_a_time_limit(data_dir, tmp_path,
+                                                                                                capsys):
+    study = study_script("bias_correction_study")
+    out = tmp_path / "bc.json"
+
+    def argv(*extra, steps=2):
+        return ["--out", str(out), "--data-dir", str(data_dir), "--steps", str(steps), "--eval-every", "1",
+                "--width", "16", "--depth", "1", "--context", "8", "--batch-size", "2", "--microbatches", "2",
+                "--modes", "std", *extra]
+
+    assert study.main(argv("--seeds", "0")) == 0
+    saved = out.read_text()
+    assert json.loads(saved)[0]["wall_seconds"] > 0
+    # a second seed expected to take as long as the first does not fit in no time: nothing starts
+    assert study.main(argv("--seeds", "0", "1", "--time-limit", "0")) == 0
+    assert out.read_text() == saved and "1 runs not made (--time-limit" in capsys.readouterr().err
+    assert study.main(argv("--seeds", "0", "1", "--time-limit", "600")) == 0
+    assert {r["seed"] for r in json.loads(out.read_text())} == {0, 1}
+    with pytest.raises(SystemExit, match="another configuration"):  # 3 steps: not comparable with 2
+        study.main(argv("--seeds", "2", steps=3))
+
+
 def test_bias_correction_ablation_separates_the_schedule_from_the_correction(data_dir, tmp_path):
     """The headline arm's dense rate is 1.5× and its floor 0.2; embedding and head stay on std at the base rate;
     the report sets std at headline against std at baseline (the schedule's share)."""
