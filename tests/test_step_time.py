@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from precond_bench import step_time
 
 
@@ -20,5 +22,18 @@ def test_tiny_cpu_run_reports_every_optimizer(tmp_path, capsys):
     assert list(rows) == names
     for row in rows.values():
         assert row["mean_ms"] > 0 and row["max_ms"] >= row["median_ms"] > 0 and row["state_mib"] > 0
+        assert row["peak_mib"] >= row["state_mib"]  # on a CPU too: the state and the steps' temporaries
     table = capsys.readouterr().out
     assert all(f"| {name} |" in table for name in names)
+
+
+def test_cpu_transient_peak_counts_what_the_steps_hold_at_once_and_release():
+    """Two 4 MB temporaries alive together, then a third after both died: the peak is 8 MB, not 12."""
+    def steps():
+        a, b = torch.ones(1 << 20), torch.ones(1 << 20)  # 4 MiB each
+        del a, b
+        return torch.ones(1 << 20).sum()
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    peak = step_time.cpu_transient_peak(torch.optim.SGD([param], lr=0.1), [param], steps)
+    assert 8 << 20 <= peak < (8 << 20) + (1 << 16)

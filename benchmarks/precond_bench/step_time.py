@@ -10,7 +10,8 @@ periods are timed step by step with CUDA events (the host clock on a CPU). Repor
 median ms per step (a step that refreshes nothing), the slowest step (a refresh), the ratio of the mean to
 fused AdamW's, the memory the optimizer holds after stepping (on a GPU: allocated memory beyond parameters
 and gradients, whatever the state's layout; on a CPU: the bytes of its state tensors) and the peak memory of
-its steps. Our optimizers' non-refresh steps are also run under ``torch.cuda.set_sync_debug_mode("error")``
+its steps (on a CPU: its state plus the most bytes its steps allocated at once over one more refresh period,
+counted by torch's ``MemTracker``; eager rows only). Our optimizers' non-refresh steps are also run under ``torch.cuda.set_sync_debug_mode("error")``
 to check that they never wait for the device.
 
 Rows ending in "compiled" (listed by ``--list``, run only when named) wrap ``opt.step`` in ``torch.compile``
@@ -237,6 +238,24 @@ class Clock:
         return [1e3 * (b - a) for a, b in zip(self.marks, self.marks[1:])]
 
 
+def cpu_transient_peak(opt: Any, params: list[torch.Tensor], run_steps: Callable[[], Any]) -> int | None:
+    """On a CPU, the most bytes that ``run_steps()`` held at once beyond what existed before it (temporaries;
+    state that grows), from torch's ``MemTracker`` (allocations made under it, released as their storage
+    dies). ``None`` where the tracker is not available."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:
+        return None
+    tracker = MemTracker()
+    tracker.track_external(*params, opt)
+    cpu = torch.device("cpu")
+    with tracker:
+        entry = tracker.get_tracker_snapshot("current")[cpu]["Total"]
+        run_steps()
+        peak = tracker.get_tracker_snapshot("peak")[cpu]["Total"]
+    return peak - entry
+
+
 def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.device, warmup: int,
                    periods: int, check_syncs: bool) -> dict[str, Any]:
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -285,7 +304,9 @@ def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.
         resident = torch.cuda.memory_allocated() - base
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        resident, peak = state_bytes(opt), None
+        resident = state_bytes(opt)
+        peak = None if isinstance(opt.step, CompiledStep) else resident + cpu_transient_peak(
+            opt, params, lambda: [step(i) for i in range(warmup + steps, warmup + steps + FREQUENCY)])
     result = {
         "mean_ms": sum(times) / len(times),
         "median_ms": sorted(times)[len(times) // 2],  # 9 of 10 steps refresh nothing: the median is such a step

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .engine import STATS_FIELDS
-from .kronecker import full_factor, permute_dim
+from .kronecker import full_factor, matrix_chunks, permute_dim
 from .linalg import (LinAlgFailure, batched_eigh, off_diagonal_ratio, power_qr_step, qr_algorithm,
                      refine_eigenbasis)
 from .precision import matmul
@@ -150,22 +150,26 @@ class EigenbasisRefresh:
                 changed)
 
     def refresh_bucket_(self, state: dict[str, Tensor], kind: tuple[bool, ...], ok: Tensor, per_column: Tensor,
-                        prepare: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                        prepare: Callable[[Tensor, slice], Tensor] | None = None) -> Tensor:
         """Refresh, in place, the ``basis{i}`` of every factor ``factor{i}`` of a bucket (the layout of
-        :func:`precond.kronecker.init_factor_state`), through ``prepare(factor)`` if given. ``per_column``
-        (a ``[B, …]`` per-coordinate statistic) is permuted along dim ``i`` with power-QR's column order.
-        Returns which blocks had a basis recomputed."""
+        :func:`precond.kronecker.init_factor_state`), through ``prepare(factor, part)`` if given (``part``: the
+        blocks of the chunk). ``per_column`` (a ``[B, …]`` per-coordinate statistic) is permuted along dim ``i``
+        with power-QR's column order. Chunk by chunk (:func:`precond.kronecker.matrix_chunks`). Returns which
+        blocks had a basis recomputed."""
         changed = torch.zeros_like(ok)
         for i, use in enumerate(kind):
             if not use:
                 continue
-            factor, basis = full_factor(state[f"factor{i}"]), state[f"basis{i}"]
-            A = prepare(factor) if prepare is not None else factor
-            new, order, changed_i = self.refresh(A, basis.to(A.dtype), state[f"stats{i}"], ok)
-            if self.method in ("power_qr", "qr"):  # the columns were re-sorted: the statistic follows them
-                per_column.copy_(permute_dim(per_column, 1 + i, order))
-            basis.copy_(new)
-            changed |= changed_i
+            factors, basis, stats = state[f"factor{i}"], state[f"basis{i}"], state[f"stats{i}"]
+            for part in matrix_chunks(basis.shape[0], basis.shape[-1], factors.dtype):
+                A = full_factor(factors[part])
+                if prepare is not None:
+                    A = prepare(A, part)
+                new, order, changed_part = self.refresh(A, basis[part].to(A.dtype), stats[part], ok[part])
+                if self.method in ("power_qr", "qr"):  # the columns were re-sorted: the statistic follows them
+                    per_column[part] = permute_dim(per_column[part], 1 + i, order)
+                basis[part] = new
+                changed[part] |= changed_part
         return changed
 
     def _recompute(self, A: Tensor, Q: Tensor, stats: Tensor, index: Tensor | None,

@@ -342,11 +342,12 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
         if bc.corrects_variance(mode) and index >= n_a and self._refreshes(bucket, bucket.calls + 1):
             micro.setdefault("variance_grads", []).append(grad)
 
-    def _eigenvalue_variance(self, bucket: Bucket, i: int, bias2: Tensor, Q: Tensor) -> Tensor:
-        """``Var(λ̄)`` of factor ``i`` along the columns ``q_k`` of ``Q``: the variance over the microbatches of
-        ``‖q_kᵀĜ_j,(i)‖²``, over their count, times the factor's weight, bias-corrected as the factor is."""
+    def _eigenvalue_variance(self, bucket: Bucket, i: int, bias2: Tensor, Q: Tensor, part: slice) -> Tensor:
+        """``Var(λ̄)`` of factor ``i`` along the columns ``q_k`` of ``Q`` (the blocks ``part``): the variance over
+        the microbatches of ``‖q_kᵀĜ_j,(i)‖²``, over their count, times the factor's weight, bias-corrected as
+        the factor is."""
         micro, beta2 = self._micro_state(bucket), bucket.group["betas"][1]
         weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
-        along = torch.stack([(Q.mT @ unfold(grad, i)).square().sum(-1) for grad in micro["variance_grads"]])
+        along = torch.stack([(Q.mT @ unfold(grad[part], i)).square().sum(-1) for grad in micro["variance_grads"]])
         variance = along.var(0, unbiased=True) / along.shape[0]  # ‖q_kᵀ Ĝ_j,(i)‖² over j: Var(mean)
-        return variance * (weight / bias2).square().unsqueeze(-1)
+        return variance * (weight / bias2[part]).square().unsqueeze(-1)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..engine import Bucket, bias_correction, commit_, ema_, per_block
-from ..kronecker import factor_matrices, full_factor, init_factor_state, mode_product, update_factors_
+from ..kronecker import factor_matrices, full_factor, init_factor_state, matrix_chunks, mode_product, update_factors_
 from ..refresh import EigenbasisRefresh, policy_of, refresh_due
 
 __all__ = ["EigenbasisAdam"]
@@ -44,10 +44,13 @@ class EigenbasisAdam:
         """Every factor's first basis, by eigh (descending; ``1e-30·I`` added, as the reference does)."""
         policy, state = policy_of(group, descending=True), bucket.state
         for i, use in enumerate(bucket.kind):
-            if use:
-                factor, basis = full_factor(state[f"factor{i}"]), state[f"basis{i}"]
+            if not use:
+                continue
+            factors, basis, stats = state[f"factor{i}"], state[f"basis{i}"], state[f"stats{i}"]
+            for part in matrix_chunks(basis.shape[0], basis.shape[-1], factors.dtype):
+                factor = full_factor(factors[part])
                 eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
-                basis.copy_(policy.initial(factor + 1e-30 * eye, basis.to(factor.dtype), state[f"stats{i}"], ok))
+                basis[part] = policy.initial(factor + 1e-30 * eye, basis[part].to(factor.dtype), stats[part], ok[part])
 
     def direction(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
         beta1, beta2 = group["betas"]

@@ -28,9 +28,9 @@ class CorrectedEigenvalues(KroneckerPreconditioner):
         return {"eigenvalues": torch.zeros(shape, dtype=dtype, device=device)}
 
     def refresh(self, bucket: Bucket, bias2: Tensor, ok: Tensor, group: dict[str, Any]) -> None:
-        def ridge(factor: Tensor) -> Tensor:
+        def ridge(factor: Tensor, part: slice) -> Tensor:
             eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
-            return factor / per_block(bias2, factor) + group["epsilon"] * eye
+            return factor / per_block(bias2[part], factor) + group["epsilon"] * eye
 
         policy_of(group).refresh_bucket_(bucket.state, bucket.kind, ok, bucket.state["eigenvalues"], ridge)
 

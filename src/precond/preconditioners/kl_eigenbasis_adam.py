@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..engine import Bucket, commit_
-from ..kronecker import factor_matrices, factor_outer, full_factor, mode_product, update_factors_
+from ..kronecker import factor_matrices, factor_outer, full_factor, matrix_chunks, mode_product, update_factors_
 from ..linalg import LinAlgFailure, power_qr_step
 from ..refresh import FALLBACKS, count_refreshes_, refresh_due
 from .eigenbasis_adam import EigenbasisAdam
@@ -91,15 +91,17 @@ class KLEigenbasisAdam(EigenbasisAdam):
         for i, basis in enumerate(bases):
             if basis is None:
                 continue
-            try:
-                new, _, fell_back = power_qr_step(full_factor(state[f"factor{i}"]), basis, sort=False)
-                good = torch.isfinite(new).flatten(1).all(1)
-                state[f"stats{i}"][:, FALLBACKS] += fell_back
-            except LinAlgFailure:
-                new, good = basis, torch.zeros_like(ok)
-            commit_(state[f"basis{i}"], new, ok & good)
-            count_refreshes_(state[f"stats{i}"], ok, good)
-            changed |= ok & good
+            factors, stats = state[f"factor{i}"], state[f"stats{i}"]
+            for part in matrix_chunks(basis.shape[0], basis.shape[-1], factors.dtype):
+                try:
+                    new, _, fell_back = power_qr_step(full_factor(factors[part]), basis[part], sort=False)
+                    good = torch.isfinite(new).flatten(1).all(1)
+                    stats[part, FALLBACKS] += fell_back
+                except LinAlgFailure:
+                    new, good = basis[part], torch.zeros_like(ok[part])
+                commit_(state[f"basis{i}"][part], new, ok[part] & good)
+                count_refreshes_(stats[part], ok[part], good)
+                changed[part] |= ok[part] & good
         commit_(state["exp_avg"], mode_product(moment, factor_matrices(bucket, "basis")), changed)
 
 

@@ -10,15 +10,16 @@ from torch import Tensor
 
 from .. import bias_correction as bc
 from ..engine import Bucket, commit_, per_block
-from ..kronecker import factor_matrices, factor_outer, full_factor, mode_product, pack
+from ..kronecker import factor_matrices, factor_outer, full_factor, matrix_chunks, mode_product, pack
 from ..linalg import LinAlgFailure, inverse_root_newton, inverse_roots, pseudo_inverse_roots
 from ..refresh import count_refreshes_
 from .base import KroneckerPreconditioner
 
 __all__ = ["InverseRoots", "KLInverseRoots", "inverse_exponent"]
 
-# ``Var(λ̄)`` of factor ``i`` along the columns of ``Q`` (bucket, i, bias2, Q): the variance-corrected inversion
-EigenvalueVariance = Callable[[Bucket, int, Tensor, Tensor], Tensor]
+# ``Var(λ̄)`` of factor ``i`` along the columns of ``Q`` (bucket, i, bias2, Q, part: the blocks of ``Q``): the
+# variance-corrected inversion
+EigenvalueVariance = Callable[[Bucket, int, Tensor, Tensor, slice], Tensor]
 
 
 def inverse_exponent(order: int, group: dict[str, Any]) -> float:
@@ -46,20 +47,22 @@ class InverseRoots(KroneckerPreconditioner):
         for i, use in enumerate(bucket.kind):
             if not use:
                 continue
-            factor = full_factor(bucket.state[f"factor{i}"])
-            factor = factor / per_block(bias2, factor)
-            root, good = self._root(bucket, i, factor, exponent, bias2, ok, group)
-            stored = bucket.state[f"root{i}"]
-            # a failed root keeps the last good one; a packed root keeps its upper triangle
-            commit_(stored, root if stored.dim() == root.dim() else pack(root), ok & good)
-            count_refreshes_(bucket.state[f"stats{i}"], ok, good)
+            factors, stored, stats = (bucket.state[f"{name}{i}"] for name in ("factor", "root", "stats"))
+            for part in matrix_chunks(factors.shape[0], bucket.shape[i], factors.dtype):
+                factor = full_factor(factors[part])
+                factor = factor / per_block(bias2[part], factor)
+                root, good = self._root(bucket, i, factor, exponent, bias2, ok[part], group, part)
+                # a failed root keeps the last good one; a packed root keeps its upper triangle
+                commit_(stored[part], root if stored.dim() == root.dim() else pack(root), ok[part] & good)
+                count_refreshes_(stats[part], ok[part], good)
 
     def _root(self, bucket: Bucket, i: int, factor: Tensor, exponent: float, bias2: Tensor, ok: Tensor,
-              group: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """Factor ``i``'s new roots and which of them are good."""
+              group: dict[str, Any], part: slice) -> tuple[Tensor, Tensor]:
+        """Factor ``i``'s new roots for the blocks ``part`` (``factor`` and ``ok`` are theirs), and which are
+        good."""
         if self.variance is not None and bc.corrects_variance(group["bias_correction"]):
             return bc.corrected_inverse_roots(factor, exponent, group["epsilon"],
-                                              lambda Q: self.variance(bucket, i, bias2, Q))
+                                              lambda Q: self.variance(bucket, i, bias2, Q, part))
         if group["pseudo_inverse"]:
             return pseudo_inverse_roots(factor, exponent, group["rank_rtol"])
         if group["root_method"] == "newton":
