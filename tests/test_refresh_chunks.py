@@ -89,7 +89,7 @@ def test_variance_corrected_roots_are_chunked_with_their_microbatch_statistics(m
 def test_chunks_hold_at_most_the_budget_and_at_least_one_matrix():
     f32 = torch.float32
     assert matrix_chunks(24, 3072, f32) == [slice(i, i + 1) for i in range(24)]  # 36 MiB each: one a chunk
-    assert matrix_chunks(24, 2048, f32) == [slice(i, i + 4) for i in range(0, 24, 4)]  # 16 MiB: four
-    assert matrix_chunks(24, 768, f32) == [slice(0, 24)]  # 2.25 MiB: all 24 in 54 MiB
+    assert matrix_chunks(24, 2048, f32) == [slice(i, i + 2) for i in range(0, 24, 2)]  # 16 MiB: two
+    assert matrix_chunks(24, 768, f32) == [slice(0, 14), slice(14, 24)]  # 2.25 MiB: 14 in 31.5 MiB
     assert matrix_chunks(5, 768, torch.float64) == [slice(0, 5)]
     assert matrix_chunks(0, 768, f32) == []

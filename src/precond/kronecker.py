@@ -31,8 +31,9 @@ STATS_WIDTH = len(STATS_FIELDS)  # a factor's counters (precond.engine.STATS_FIE
 # A refresh (eigh, QR, roots) of a stack of factors holds several stack-sized temporaries at once; it runs over
 # chunks of at most this many bytes of matrices, so that its peak memory does not grow with the bucket (24
 # factors of 3072² in GPT-2 small's body: 864 MiB a copy). Batching pays for small matrices, which still share
-# a chunk; one large matrix fills a GPU alone.
-REFRESH_CHUNK_BYTES = 64 << 20
+# a chunk; one large matrix fills a GPU alone. Measured on the 20M body (CPU, BENCHMARKS.md): SOAP's peak with
+# packed factors 1,404 MiB at 64 MiB chunks, 1,174 at 32, 1,030 at 16; Distributed Shampoo's 1,228.
+REFRESH_CHUNK_BYTES = 32 << 20
 
 
 def matrix_chunks(count: int, n: int, dtype: torch.dtype) -> list[slice]:
