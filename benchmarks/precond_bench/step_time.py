@@ -55,40 +55,31 @@ def body_shapes(layers: int, width: int) -> list[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------------- optimizers
+def _kronecker_rows(max_dim: int, suffix: str = "", **options: Any) -> dict[str, Callable]:
+    """Our SOAP, EShampoo and Shampoo (Adam grafting) at F = ``FREQUENCY`` with ``options``, named
+    ``precond <method>[ <suffix>]``."""
+    name = (lambda method: f"precond {method} {suffix}") if suffix else (lambda method: f"precond {method}")
+    return {
+        name("SOAP"): lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=FREQUENCY, **options),
+        name("EShampoo"): lambda ps: precond.EShampoo(ps, lr=1e-3, precondition_frequency=FREQUENCY,
+                                                      max_preconditioner_dim=max_dim, **options),
+        name("Shampoo"): lambda ps: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12,
+                                                    precondition_frequency=FREQUENCY, grafting="adam",
+                                                    max_preconditioner_dim=max_dim, **options),
+    }
+
+
 def _ours(max_dim: int) -> dict[str, Callable]:
     return {
         "precond AdamW": lambda ps: precond.AdamW(ps, lr=1e-3),
         "precond Muon": lambda ps: precond.Muon(ps, lr=0.02),
-        "precond SOAP": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=FREQUENCY),
-        "precond EShampoo": lambda ps: precond.EShampoo(ps, lr=1e-3, precondition_frequency=FREQUENCY,
-                                                        max_preconditioner_dim=max_dim),
-        "precond Shampoo": lambda ps: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12,
-                                                      precondition_frequency=FREQUENCY, grafting="adam",
-                                                      max_preconditioner_dim=max_dim),
-        "precond SOAP tf32": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=FREQUENCY, tf32=True),
+        **_kronecker_rows(max_dim),
+        **_kronecker_rows(max_dim, "tf32", tf32=True),
         "precond SOAP 3xtf32": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=FREQUENCY, tf32="3x"),
-        "precond EShampoo tf32": lambda ps: precond.EShampoo(ps, lr=1e-3, precondition_frequency=FREQUENCY,
-                                                             max_preconditioner_dim=max_dim, tf32=True),
-        "precond Shampoo tf32": lambda ps: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12,
-                                                           precondition_frequency=FREQUENCY, grafting="adam",
-                                                           max_preconditioner_dim=max_dim, tf32=True),
         # factors (and Shampoo's roots) kept as upper triangles: Distributed Shampoo's state, unpacked per use
-        "precond SOAP packed": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=FREQUENCY,
-                                                       packed_factors=True),
-        "precond EShampoo packed": lambda ps: precond.EShampoo(ps, lr=1e-3, precondition_frequency=FREQUENCY,
-                                                               max_preconditioner_dim=max_dim, packed_factors=True),
-        "precond Shampoo packed": lambda ps: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12,
-                                                             precondition_frequency=FREQUENCY, grafting="adam",
-                                                             max_preconditioner_dim=max_dim, packed_factors=True),
+        **_kronecker_rows(max_dim, "packed", packed_factors=True),
         # and the eigenbases or roots in bfloat16 as well: the least state (cast up for every product)
-        "precond SOAP packed-bf16": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=FREQUENCY,
-                                                            packed_factors=True, preconditioner_dtype=torch.bfloat16),
-        "precond EShampoo packed-bf16": lambda ps: precond.EShampoo(
-            ps, lr=1e-3, precondition_frequency=FREQUENCY, max_preconditioner_dim=max_dim, packed_factors=True,
-            preconditioner_dtype=torch.bfloat16),
-        "precond Shampoo packed-bf16": lambda ps: precond.Shampoo(
-            ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, precondition_frequency=FREQUENCY, grafting="adam",
-            max_preconditioner_dim=max_dim, packed_factors=True, preconditioner_dtype=torch.bfloat16),
+        **_kronecker_rows(max_dim, "packed-bf16", packed_factors=True, preconditioner_dtype=torch.bfloat16),
         **_refine_rows(max_dim),
     }
 
