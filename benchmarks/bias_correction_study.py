@@ -245,7 +245,8 @@ def run_study(args: argparse.Namespace) -> None:
                             "device": args.device})
     other = next((configuration(r) for r in done if configuration(r) != wanted), None)
     if other is not None:
-        raise SystemExit(f"{args.out} holds runs of another configuration ({other}, not {wanted}); choose another --out")
+        raise SystemExit(f"{args.out} holds runs of another configuration ({other}, not {wanted}); "
+                         "choose another --out")
     seen = {(r.get("optimizer", "AdamW"), r["mode"], r["seed"], _arm(r), r["lr"]) for r in done}
     started, waiting = time.perf_counter(), []
     for name in args.optimizer:

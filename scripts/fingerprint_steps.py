@@ -79,7 +79,8 @@ def main() -> None:
     for name, settings in SETTINGS.items():
         for options in settings:
             for dtype in (torch.float32, torch.float64):
-                result[f"{name} {json.dumps(options, sort_keys=True, default=str)} {dtype}"] = fingerprint(name, options, dtype)
+                key = f"{name} {json.dumps(options, sort_keys=True, default=str)} {dtype}"
+                result[key] = fingerprint(name, options, dtype)
     print(json.dumps(result, indent=1))
 
 

@@ -11,8 +11,8 @@ median ms per step (a step that refreshes nothing), the slowest step (a refresh)
 fused AdamW's, the memory the optimizer holds after stepping (on a GPU: allocated memory beyond parameters
 and gradients, whatever the state's layout; on a CPU: the bytes of its state tensors) and the peak memory of
 its steps (on a CPU: its state plus the most bytes its steps allocated at once over one more refresh period,
-counted by torch's ``MemTracker``; eager rows only). Our optimizers' non-refresh steps are also run under ``torch.cuda.set_sync_debug_mode("error")``
-to check that they never wait for the device.
+counted by torch's ``MemTracker``; eager rows only). Our optimizers' non-refresh steps are also run under
+``torch.cuda.set_sync_debug_mode("error")`` to check that they never wait for the device.
 
 Rows ending in "compiled" (listed by ``--list``, run only when named) wrap ``opt.step`` in ``torch.compile``
 after its first, eager call; their last column adds the graphs compiled and the graph breaks met.
