@@ -18,8 +18,9 @@ from precond_bench import data
 from precond_bench.__main__ import main as bench_main
 from precond_bench.model import GPT, GPTConfig
 from precond_bench.optimizers import ADAMW_WEIGHT_DECAYS, SPECS, AdamWSetting, OptimizerSpec
-from precond_bench.protocol import BenchConfig, lr_grid, mean_curve, run_benchmark, steps_to_target, summarize
-from precond_bench.report import curve_colours, markdown_table
+from precond_bench.protocol import (BenchConfig, loss_spike, lr_grid, mean_curve, run_benchmark, steps_to_target,
+                                   summarize)
+from precond_bench.report import curve_colours, markdown_table, notes
 from precond_bench.runner import lr_factor, state_bytes, train_run
 from precond_bench.workloads import PRESETS, Digits, LanguageModel, make_workload, with_batch_axis
 
@@ -809,3 +810,20 @@ def test_the_table_reports_each_optimizers_throughput():
     table = markdown_table(summary)
     assert [line.rsplit("|", 2)[1].strip() for line in table.splitlines() if line.startswith("| AdamW")] == ["1.25M/s"]
     assert [line.rsplit("|", 2)[1].strip() for line in table.splitlines() if line.startswith("| SOAP")] == ["—"]
+
+
+def test_a_full_runs_loss_spike_is_found_and_reported():
+    """A rise to ≥ 1.2× the lowest loss so far is a spike (where it left, its peak, when it was back); the
+    slow drift of a converging curve is not."""
+    spiky = [(0, 0.0, 5.6), (24, 1.0, 2.3), (96, 4.0, 1.511), (120, 5.0, 3.022), (144, 6.0, 3.171),
+             (240, 10.0, 1.716), (264, 11.0, 1.37), (1200, 50.0, 0.81)]
+    assert loss_spike(spiky) == {"from": [96, 1.511], "peak": [144, 3.171], "recovered": 264}
+    assert loss_spike(spiky[:5])["recovered"] is None
+    assert loss_spike([(0, 0.0, 5.6), (10, 1.0, 1.0), (20, 2.0, 1.19), (30, 3.0, 0.9)]) is None
+    results = {"AdamW": {"best_lr": 1e-3, "full": [fake_run("AdamW", 0.8, [(0, 0, 5.6), (1200, 50.0, 0.8)])]},
+               "Shampoo": {"best_lr": 3e-3, "full": [fake_run("Shampoo", 0.81, spiky)]}}
+    summary = summarize(results)
+    assert summary["AdamW"]["spike"] is None
+    text = notes(summary)
+    assert "- Shampoo: 1.5110 at step 96 → 3.1710 at step 144, back at 1.5110 by step 264." in text
+    assert "AdamW:" not in text

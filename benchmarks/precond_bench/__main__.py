@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .optimizers import DEFAULT_OPTIMIZERS, SPECS, available_optimizers
 from .protocol import BenchConfig, run_benchmark
-from .report import rate_checks, write_report
+from .report import notes, write_report
 from .workloads import PRESETS, with_batch_axis
 
 
@@ -172,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{json.dumps(result['workload'])}\ndevice: {device}, torch {torch.__version__}, "
               f"{time.time() - started:.0f} s\n")
     print(table)
-    checks = rate_checks(result["summary"])
-    if checks:
-        print("\n" + checks)
+    remarks = notes(result["summary"])
+    if remarks:
+        print("\n" + remarks)
     if result["unfinished"]:
         print(f"\n{len(result['unfinished'])} runs not made (--time-limit or --report-only; rerun to go on): "
               + "; ".join(result["unfinished"]))

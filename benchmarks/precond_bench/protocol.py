@@ -80,6 +80,28 @@ def steps_to_target(curve: list[tuple[int, float, float]], target: float) -> tup
     return None
 
 
+SPIKE_RATIO = 1.2  # a validation loss this many times its lowest so far is a spike, not evaluation noise
+
+
+def loss_spike(curve: list[tuple[int, float, float]]) -> dict[str, Any] | None:
+    """The largest rise of a curve's validation loss over its lowest value so far, when it reaches
+    :data:`SPIKE_RATIO`: where the loss stood (``from``), its highest point (``peak``) and the first step at
+    which it was back at or below the level it left (``recovered``, None if never). A sweep whose schedule
+    leaves the peak rate at once can pick a rate that the full run, held near the peak for longer, cannot
+    keep; the spike is how that shows."""
+    worst, lowest = None, None
+    for step, _, loss in curve:
+        if lowest is not None and loss >= SPIKE_RATIO * lowest[1] and (worst is None or loss / lowest[1] > worst[0]):
+            worst = (loss / lowest[1], lowest, (step, loss))
+        if lowest is None or loss < lowest[1]:
+            lowest = (step, loss)
+    if worst is None:
+        return None
+    _, (start, level), (peak, high) = worst
+    back = next((s for s, _, loss in curve if s > peak and loss <= level), None)
+    return {"from": [start, level], "peak": [peak, high], "recovered": back}
+
+
 def _shared_points(runs: list[dict[str, Any]]):
     """Per evaluation step that all runs share: (step, [each run's (step, seconds, loss)])."""
     steps = set.intersection(*(set(s for s, _, _ in r["curve"]) for r in runs))
@@ -320,7 +342,7 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "failures": entry["full"][0]["failures"], "curve": curve, "band": seed_band(runs) if runs else [],
             "weight_decay": entry.get("weight_decay"), "peer": SPECS[name].peer if name in SPECS else None,
             "timed_under": sorted({_timing_key(r) for r in entry["full"]}),
-            "rate_check": entry.get("rate_check"),
+            "rate_check": entry.get("rate_check"), "spike": loss_spike(curve),
         }
         if name == "AdamW":
             reference = out[name]

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown_table", "write_report", "plot_curves", "plot_ratios", "curve_colours"]
+__all__ = ["markdown_table", "notes", "write_report", "plot_curves", "plot_ratios", "curve_colours"]
 
 
 def _fmt(value, spec: str, missing: str = "—") -> str:
@@ -87,6 +87,29 @@ def rate_checks(summary: dict[str, dict[str, Any]]) -> str:
         return ""
     return "Full-run rate check (seed 0, the full budget, one grid step either side of the sweep's rate):\n" + \
         "\n".join(lines)
+
+
+def spikes(summary: dict[str, dict[str, Any]]) -> str:
+    """One line per optimizer whose full run's (seed-mean) validation loss spiked (``protocol.loss_spike``)."""
+    lines = []
+    for name, row in summary.items():
+        spike = row.get("spike")
+        if not spike:
+            continue
+        (start, level), (peak, high), back = spike["from"], spike["peak"], spike["recovered"]
+        again = f"back at {level:.4f} by step {back}" if back is not None else "never back at that level"
+        lines.append(f"- {name}: {level:.4f} at step {start} → {high:.4f} at step {peak}, {again}.")
+    if not lines:
+        return ""
+    from .protocol import SPIKE_RATIO
+
+    return (f"Loss spikes in the full runs (validation loss ≥ {SPIKE_RATIO:g}× its lowest so far; a rate the short sweep "
+            "picked may be too high for the full run: `--check-rate` runs its neighbours):\n" + "\n".join(lines))
+
+
+def notes(summary: dict[str, dict[str, Any]]) -> str:
+    """What the table cannot say: the full-run rate checks and the loss spikes, one paragraph each."""
+    return "\n\n".join(filter(None, (rate_checks(summary), spikes(summary))))
 
 
 def _throughput(per_second: float | None) -> str:
@@ -201,9 +224,9 @@ def write_report(result: dict[str, Any], out_dir: Path, plots: bool = True) -> s
     header = (f"# Benchmark `{result['config']['name']}`\n\nWorkload: {json.dumps(w)}\n\n"
               f"Device: {result['config']['device']}. Preset: {json.dumps(result['config']['preset'])}\n\n")
     text = header + table + "\n"
-    checks = rate_checks(result["summary"])
-    if checks:
-        text += "\n" + checks + "\n"
+    remarks = notes(result["summary"])
+    if remarks:
+        text += "\n" + remarks + "\n"
     if result.get("unfinished"):
         text += ("\nNot run yet (a time limit, or a report of saved runs only): "
                  + "; ".join(result["unfinished"]) + "\n")
