@@ -131,8 +131,10 @@ def _update_factor_(factor: Tensor, grads: Tensor, i: int, beta: float, weight: 
         # Off the GPU the outer product is written out and added, the references' rounding: a factor of
         # lower rank than its size (the first steps) has a null-space basis that rounding alone sets, and
         # the GEMM's fused add moved SOAP 5e-3 away from the reference SOAP in float64 (1e-15 this way).
-        outer = factor_outer(grads, i)
-        ema_(factor, pack(outer) if packed else outer, beta, weight, ok)
+        # Written out a chunk of blocks at a time, so that the step's peak does not grow with the bucket.
+        for part in matrix_chunks(grads.shape[0], grads.shape[1 + i], factor.dtype):
+            outer = factor_outer(grads[part], i)
+            ema_(factor[part], pack(outer) if packed else outer, beta, weight, ok[part])
     else:
         outer = pack(outers[i]) if packed else outers[i]
         new = torch.add(factor * beta, outer, alpha=weight) if beta != 1.0 else torch.add(factor, outer, alpha=weight)

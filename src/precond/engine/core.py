@@ -270,23 +270,37 @@ class BlockEngine(torch.optim.Optimizer):
     def _step(self) -> None:
         buckets, work = self._plan(), self._work
         contiguous: dict[Tensor, Tensor] = {}  # non-contiguous parameters are updated through a copy
-        gathered = [self._gather(bucket, contiguous) for bucket in buckets]                    # (a)
+        # Where each direction is applied as soon as it is made and no gradient must be vetted before the first
+        # update (``strict``), a bucket's gradients are gathered only when its turn comes: the step then holds
+        # one bucket's stack of gradients, direction and temporaries at a time (its peak memory).
+        lazy = work.applies_at_once and not self._strict
+        gathered = [None if lazy and not b.fused else self._gather(b, contiguous) for b in buckets]  # (a)
         if self._strict:
             for bucket, (_, ok) in zip(buckets, gathered):
                 self._raise_if_any(bucket, ~ok, "its gradient is not finite (or its norm passes gradient_bound)")
         directions: dict[int, Tensor | None] = {}
-        for i, (bucket, (grads, ok)) in enumerate(zip(buckets, gathered)):                     # (b)
-            if not bucket.fused:
-                bucket.calls += 1
-                bucket.state["step"].add_(ok.to(torch.float32))
-                directions[i] = work.directions(self, bucket, grads, ok)
+        updated: dict[int, Tensor] = {}  # the blocks updated in (d), where that differs from the usable ones
+        for i, bucket in enumerate(buckets):                                                   # (b)
+            if bucket.fused:
+                continue
+            grads, ok = gathered[i] or self._gather(bucket, contiguous)
+            gathered[i] = (None, ok)
+            bucket.calls += 1
+            bucket.state["step"].add_(ok.to(torch.float32))
+            direction = work.directions(self, bucket, grads, ok)
+            del grads
+            if not work.applies_at_once:
+                directions[i] = direction
+            elif direction is not None:                                                        # (d) at once
+                updated[i] = work.apply(self, i, bucket, direction, ok, contiguous)
+            del direction
         work.exchange(buckets, directions)                                                     # (c)
-        applied = [ok for _, ok in gathered]
         for i, (bucket, (grads, ok)) in enumerate(zip(buckets, gathered)):                     # (d)
             if bucket.fused:
-                applied[i] = self._fused_adam(bucket, grads, ok, contiguous)
+                updated[i] = self._fused_adam(bucket, grads, ok, contiguous)
             elif directions.get(i) is not None:
-                applied[i] = work.apply(self, i, bucket, directions[i], ok, contiguous)
+                updated[i] = work.apply(self, i, bucket, directions[i], ok, contiguous)
+        applied = [updated.get(i, ok) for i, (_, ok) in enumerate(gathered)]
         for i, done in work.share(self, buckets, contiguous):                                  # (e)
             if self._strict:
                 self._raise_if_any(buckets[i], applied[i] & ~done, _UNSOUND)
