@@ -67,49 +67,48 @@ def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byt
     return "\n".join(lines)
 
 
-def rate_checks(summary: dict[str, dict[str, Any]]) -> str:
-    """One line per optimizer whose full run was repeated at the neighbouring rates (``--check-rate``)."""
-    lines = []
-    for name, row in summary.items():
-        check = row.get("rate_check")
-        if not check:
-            continue
-        losses = {float(lr): loss for lr, loss in check.items()}
-        parts = [("**{:.3g} → {}**" if lr == row["best_lr"] else "{:.3g} → {}").format(
-            lr, "—" if loss is None else f"{loss:.4f}") for lr, loss in sorted(losses.items())]
-        if None in losses.values():
-            verdict = "not complete"
-        else:
-            verdict = ("the sweep's rate is also the full run's best" if min(losses, key=losses.get) == row["best_lr"]
-                       else "a neighbouring rate is better for the full run")
-        lines.append(f"- {name}: {', '.join(parts)}: {verdict}.")
-    if not lines:
-        return ""
-    return "Full-run rate check (seed 0, the full budget, one grid step either side of the sweep's rate):\n" + \
-        "\n".join(lines)
+def _rate_check_line(name: str, row: dict[str, Any]) -> str | None:
+    """An optimizer whose full run was repeated at the neighbouring rates (``--check-rate``): the losses and
+    whether the sweep's rate won."""
+    if not row.get("rate_check"):
+        return None
+    losses = {float(lr): loss for lr, loss in row["rate_check"].items()}
+    parts = [("**{:.3g} → {}**" if lr == row["best_lr"] else "{:.3g} → {}").format(
+        lr, "—" if loss is None else f"{loss:.4f}") for lr, loss in sorted(losses.items())]
+    if None in losses.values():
+        verdict = "not complete"
+    else:
+        verdict = ("the sweep's rate is also the full run's best" if min(losses, key=losses.get) == row["best_lr"]
+                   else "a neighbouring rate is better for the full run")
+    return f"- {name}: {', '.join(parts)}: {verdict}."
 
 
-def spikes(summary: dict[str, dict[str, Any]]) -> str:
-    """One line per optimizer whose full run's (seed-mean) validation loss spiked (``protocol.loss_spike``)."""
-    lines = []
-    for name, row in summary.items():
-        spike = row.get("spike")
-        if not spike:
-            continue
-        (start, level), (peak, high), back = spike["from"], spike["peak"], spike["recovered"]
-        again = f"back at {level:.4f} by step {back}" if back is not None else "never back at that level"
-        lines.append(f"- {name}: {level:.4f} at step {start} → {high:.4f} at step {peak}, {again}.")
-    if not lines:
-        return ""
-    from .protocol import SPIKE_RATIO
-
-    return (f"Loss spikes in the full runs (validation loss ≥ {SPIKE_RATIO:g}× its lowest so far; a rate the short sweep "
-            "picked may be too high for the full run: `--check-rate` runs its neighbours):\n" + "\n".join(lines))
+def _spike_line(name: str, row: dict[str, Any]) -> str | None:
+    """An optimizer whose full run's (seed-mean) validation loss spiked (``protocol.loss_spike``)."""
+    if not row.get("spike"):
+        return None
+    (start, level), (peak, high), back = row["spike"]["from"], row["spike"]["peak"], row["spike"]["recovered"]
+    again = f"back at {level:.4f} by step {back}" if back is not None else "never back at that level"
+    return f"- {name}: {level:.4f} at step {start} → {high:.4f} at step {peak}, {again}."
 
 
 def notes(summary: dict[str, dict[str, Any]]) -> str:
-    """What the table cannot say: the full-run rate checks and the loss spikes, one paragraph each."""
-    return "\n\n".join(filter(None, (rate_checks(summary), spikes(summary))))
+    """What the table cannot say, a paragraph each where it applies: the full-run rate checks and the loss
+    spikes."""
+    from .protocol import SPIKE_RATIO
+
+    headings = {
+        _rate_check_line: "Full-run rate check (seed 0, the full budget, one grid step either side of the sweep's "
+                          "rate):",
+        _spike_line: f"Loss spikes in the full runs (validation loss ≥ {SPIKE_RATIO:g}× its lowest so far; a rate "
+                     "the short sweep picked may be too high for the full run: `--check-rate` runs its neighbours):",
+    }
+    paragraphs = []
+    for line, heading in headings.items():
+        lines = [text for name, row in summary.items() if (text := line(name, row))]
+        if lines:
+            paragraphs.append("\n".join([heading, *lines]))
+    return "\n\n".join(paragraphs)
 
 
 def _throughput(per_second: float | None) -> str:
