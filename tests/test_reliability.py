@@ -68,6 +68,28 @@ def test_the_bound_is_relative_to_the_weights_and_one():
     assert opt.preconditioner_stats()["nonfinite_skipped_blocks"] == 0  # within 1e4 × RMS(W) = 1e6
 
 
+def test_the_soundness_test_per_block():
+    """RMS(lr·s·P) ≤ B·max(RMS(W), 1), finite: each side of the bound, the weights' RMS against 1, non-finite
+    updates and weights, and a tensor rate."""
+    from precond.engine.core import _sound_update
+
+    direction = torch.ones(6, 4, 4)  # RMS 1
+    direction[3, 0, 0], direction[4, 0, 0] = float("nan"), float("inf")
+    weights = torch.full((6, 4, 4), 0.5)
+    weights[1], weights[5] = 3.0, float("nan")
+    norms = torch.linalg.vector_norm(weights, dim=(1, 2))
+    lr = 0.999 * UPDATE_BOUND  # block 0: RMS(W) 0.5 < 1, so the bound is B·1: just within
+    sound = _sound_update(direction, norms, lr, 1.0)
+    assert sound.tolist() == [True, True, True, False, False, False]
+    assert not _sound_update(direction, norms, 1.001 * UPDATE_BOUND, 1.0)[0]  # just past B·1
+    assert bool(_sound_update(direction, norms, 2.99 * UPDATE_BOUND, 1.0)[1])  # block 1: within B·RMS(W) = 3B
+    assert not _sound_update(direction, norms, 3.01 * UPDATE_BOUND, 1.0)[1]
+    huge = torch.full((1, 4, 4), float("inf"))  # infinite weights still bound a finite update
+    assert bool(_sound_update(torch.ones(1, 4, 4), torch.linalg.vector_norm(huge, dim=(1, 2)), 1.0, 1.0)[0])
+    tensor_lr = _sound_update(direction, norms, torch.tensor(lr), -1.0)  # the sign of the scale does not matter
+    assert torch.equal(tensor_lr, sound)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_strict_raises_naming_the_parameter_and_block(name):
     a, b = torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(8, 4))

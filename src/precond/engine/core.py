@@ -378,10 +378,10 @@ class BlockEngine(torch.optim.Optimizer):
         weight_norms = (torch.stack(torch._foreach_norm(blocks)) if weights is None
                         else torch.linalg.vector_norm(weights, dim=dims))
         scale = self._direction_scale(bucket, group)
-        unsound = ok & ~_sound_update(direction, weight_norms, lr, scale)
+        sound = _sound_update(direction, weight_norms, lr, scale)
         if self._strict and may_raise:  # under DDP raised after the exchange, in every process alike
-            self._raise_if_any(bucket, unsound, _UNSOUND)
-        ok = ok & ~unsound
+            self._raise_if_any(bucket, ok & ~sound, _UNSOUND)
+        ok = ok & sound
         dtype = blocks[0].dtype
         decay = wd != 0.0 and mode != "l2"
         if decay:
@@ -628,15 +628,21 @@ _UNSOUND = f"its update is not finite or its RMS exceeds {UPDATE_BOUND:g}× max(
 
 def _sound_update(direction: Tensor, weight_norms: Tensor, lr: float | Tensor, scale: float) -> Tensor:
     """Per block: the update ``lr·scale·P`` is finite and within :data:`UPDATE_BOUND` (see ``_apply``);
-    ``weight_norms`` holds each block's Frobenius norm."""
+    ``weight_norms`` holds each block's Frobenius norm.
+
+    ``RMS(lr·s·P) ≤ B·max(RMS(W), 1)`` is tested as ``‖P‖·|lr·s|/B ≤ max(‖W‖, √n)``, with the right side
+    clamped to float32's largest value, so that an infinite or NaN update fails the one comparison (NaN
+    weights fail it too): five operators a bucket, where the host's launches are what a step costs."""
     numel = max(1, math.prod(direction.shape[1:]))
     # The norm in the direction's own dtype (accumulated in float32) and layout: a float32 copy of a bf16
     # stack, or a flattened copy of a transposed one (Muon's tall matrices), would cost two passes more.
     dims = tuple(range(1, direction.dim()))
-    step_rms = torch.linalg.vector_norm(direction, dim=dims).float() / math.sqrt(numel)
-    step_rms = step_rms * (lr.to(step_rms.device).abs() if isinstance(lr, Tensor) else abs(lr)) * abs(scale)
-    weight_rms = weight_norms.float() / math.sqrt(numel)
-    return torch.isfinite(step_rms) & (step_rms <= UPDATE_BOUND * weight_rms.clamp(min=1.0))
+    norms = torch.linalg.vector_norm(direction, dim=dims).float()
+    if isinstance(lr, Tensor):
+        step = norms * (lr.to(norms.device).abs() * (abs(scale) / UPDATE_BOUND))
+    else:
+        step = norms * (abs(lr * scale) / UPDATE_BOUND)
+    return step <= weight_norms.float().clamp(min=math.sqrt(numel), max=torch.finfo(torch.float32).max)
 
 
 def _refuse_complex(optimizer: str, group: dict[str, Any], index: int) -> None:

@@ -1,0 +1,75 @@
+"""Operators one optimizer step dispatches, views aside: on a GPU each is a launch the host must enqueue, so
+this count is what a host-bound step (Muon's, BENCHMARKS.md) costs, measured without a GPU.
+
+    PYTHONPATH=src:benchmarks python scripts/count_step_ops.py [--layers 12] [--by-line] Muon SOAP AdamW
+
+The body is GPT-2 small's matrix shapes at width 8 (the count does not depend on the width: the same buckets)."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import traceback
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import precond
+from precond_bench.step_time import body_shapes
+
+# aliasing operators: no kernel, no launch
+VIEWS = {"view", "_unsafe_view", "reshape", "expand", "t", "transpose", "select", "slice", "unsqueeze", "squeeze",
+         "as_strided", "permute", "alias", "detach", "unbind", "split", "split_with_sizes", "_reshape_alias",
+         "unfold", "lift_fresh", "diagonal"}
+MAKE = {
+    "AdamW": lambda ps: precond.AdamW(ps, lr=1e-3),
+    "Muon": lambda ps: precond.Muon(ps, lr=0.02),
+    "SOAP": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=100),  # a step without a refresh
+    "EShampoo": lambda ps: precond.EShampoo(ps, lr=1e-3, precondition_frequency=100),
+    "Shampoo": lambda ps: precond.Shampoo(ps, lr=1e-3, precondition_frequency=100, grafting="adam"),
+}
+
+
+class OperatorCount(TorchDispatchMode):
+    def __init__(self, by_line: bool) -> None:
+        super().__init__()
+        self.by_line, self.counts = by_line, collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in VIEWS:
+            if self.by_line:  # the innermost line of the library that made the call
+                frames = [f for f in traceback.extract_stack() if "/precond/" in f.filename]
+                name = f"{frames[-1].filename.split('/precond/')[-1]}:{frames[-1].lineno}" if frames else name
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(name: str, layers: int, by_line: bool) -> collections.Counter:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in body_shapes(layers, 8)]
+    opt = MAKE[name](params)
+    for _ in range(4):  # past the first steps (state, SOAP's statistics-only step)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    with OperatorCount(by_line) as counter:
+        opt.step()
+    return counter.counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("optimizers", nargs="+", choices=list(MAKE))
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--by-line", action="store_true", help="count per line of the library, not per operator")
+    args = parser.parse_args()
+    for name in args.optimizers:
+        counts = count(name, args.layers, args.by_line)
+        print(f"{name}: {sum(counts.values())} operators a step")
+        for what, n in counts.most_common(12):
+            print(f"  {n:4d}  {what}")
+
+
+if __name__ == "__main__":
+    main()
