@@ -93,7 +93,7 @@ def gradient_rows(stack: Tensor, dtype: torch.dtype) -> Tensor:
 def refusal_factors(value: float, ok: Tensor, dtype: torch.dtype) -> Tensor:
     """``[B]``: ``value`` for the blocks with ``ok``, exactly 1 for the others; a per-block decay (of a
     statistic, of the weights) that leaves a refused block as it was."""
-    return torch.full(ok.shape, value, dtype=dtype, device=ok.device).masked_fill_(~ok, 1.0)
+    return torch.ones(ok.shape, dtype=dtype, device=ok.device).masked_fill_(ok, value)
 
 
 def decay_(target: Tensor, beta: float, ok: Tensor) -> Tensor:
