@@ -16,7 +16,8 @@ preconditioner keeps and how it turns a stack of gradients into a stack of searc
 A step runs in five phases: (a) gather the gradients into buckets and flag blocks with non-finite
 gradients, (b) compute the directions of the blocks this process owns, (c) exchange the directions of
 whole matrices gathered from FSDP2 shards, (d) apply weight decay and ``W ← W - lr·P``, (e) under DDP,
-exchange the new weights of the blocks each process owns (in one process (c) and (e) do nothing). How work
+exchange the new weights of the blocks each process owns (in one process (c) and (e) do nothing, and (a),
+(b) and (d) run a bucket at a time, so that one bucket's temporaries are alive at once). How work
 and state are split between processes (DDP, FSDP2) is described in :mod:`~precond.engine.distribute`, whose
 ``Work`` object runs the phases that differ; the step itself never branches on the set-up.
 Nothing in a step that does not refresh a preconditioner waits for the device. A group with ``"tf32"`` set
