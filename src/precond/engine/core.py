@@ -16,8 +16,9 @@ preconditioner keeps and how it turns a stack of gradients into a stack of searc
 A step runs in five phases: (a) gather the gradients into buckets and flag blocks with non-finite
 gradients, (b) compute the directions of the blocks this process owns, (c) exchange the directions of
 whole matrices gathered from FSDP2 shards, (d) apply weight decay and ``W ← W - lr·P``, (e) under DDP,
-exchange the new weights of the blocks each process owns (in one process (c) and (e) do nothing, and (a),
-(b) and (d) run a bucket at a time, so that one bucket's temporaries are alive at once). How work
+exchange the new weights of the blocks each process owns (in one process (c) and (e) do nothing). Where (c)
+has nothing to exchange, (a), (b) and (d) run a bucket at a time, so that one bucket's temporaries are alive
+at once. How work
 and state are split between processes (DDP, FSDP2) is described in :mod:`~precond.engine.distribute`, whose
 ``Work`` object runs the phases that differ; the step itself never branches on the set-up.
 Nothing in a step that does not refresh a preconditioner waits for the device. A group with ``"tf32"`` set
@@ -274,8 +275,9 @@ class BlockEngine(torch.optim.Optimizer):
         # Where each direction is applied as soon as it is made and no gradient must be vetted before the first
         # update (``strict``), a bucket's gradients are gathered only when its turn comes: the step then holds
         # one bucket's stack of gradients, direction and temporaries at a time (its peak memory).
-        lazy = work.applies_at_once and not self._strict
-        gathered = [None if lazy and not b.fused else self._gather(b, contiguous) for b in buckets]  # (a)
+        at_once = [not b.fused and work.applies_at_once(b) for b in buckets]
+        gathered = [None if now and not self._strict else self._gather(b, contiguous)             # (a)
+                    for b, now in zip(buckets, at_once)]
         if self._strict:
             for bucket, (_, ok) in zip(buckets, gathered):
                 self._raise_if_any(bucket, ~ok, "its gradient is not finite (or its norm passes gradient_bound)")
@@ -290,7 +292,7 @@ class BlockEngine(torch.optim.Optimizer):
             bucket.state["step"].add_(ok.to(torch.float32))
             direction = work.directions(self, bucket, grads, ok)
             del grads
-            if not work.applies_at_once:
+            if not at_once[i]:
                 directions[i] = direction
             elif direction is not None:                                                        # (d) at once
                 updated[i] = work.apply(self, i, bucket, direction, ok, contiguous)

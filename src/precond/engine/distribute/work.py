@@ -30,9 +30,11 @@ Contiguous = dict[Tensor, Tensor]  # non-contiguous parameters, updated through 
 class LocalWork:
     """Every block is stepped where it lies: one process, or FSDP2 shards preconditioned in place."""
 
-    # Nothing passes between (b) and (d): each bucket's direction is applied as soon as it is made, so that one
-    # bucket's direction and gradients are alive at a time rather than all of them (a step's peak memory).
-    applies_at_once = True
+    def applies_at_once(self, bucket: Bucket) -> bool:
+        """Whether nothing passes between (b) and (d) for ``bucket``: its direction is then applied as soon as
+        it is made (and its gradients gathered only then), so that one bucket's direction and gradients are
+        alive at a time rather than all of them (a step's peak memory)."""
+        return True
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
@@ -72,7 +74,9 @@ Work = LocalWork  # the interface; SplitWork overrides every phase that differs
 class SplitWork(LocalWork):
     """DDP (``distributed=``) and FSDP2 (DTensor parameters): see :mod:`precond.engine.distribute`."""
 
-    applies_at_once = False  # (c) exchanges the directions of every bucket at once
+    def applies_at_once(self, bucket: Bucket) -> bool:
+        """Except whole matrices from FSDP2 shards: their gathers and (c)'s exchange are collectives."""
+        return bucket.rows is None
 
     def __init__(self, topology: Topology) -> None:
         super().__init__(topology)
