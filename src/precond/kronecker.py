@@ -14,7 +14,7 @@ factors at a time).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -24,7 +24,7 @@ from .engine.batched import decay_, ema_
 from .precision import matmul, matmul_add_
 
 __all__ = ["init_factor_state", "unfold", "factor_outer", "update_factors_", "mode_product", "permute_dim",
-           "factor_matrices", "full_factor", "pack", "matrix_chunks", "STATS_WIDTH", "REFRESH_CHUNK_BYTES"]
+           "factor_matrices", "full_factor", "pack", "matrix_chunks", "factor_chunks", "STATS_WIDTH", "REFRESH_CHUNK_BYTES"]
 
 STATS_WIDTH = len(STATS_FIELDS)  # a factor's counters (precond.engine.STATS_FIELDS)
 
@@ -41,6 +41,13 @@ def matrix_chunks(count: int, n: int, dtype: torch.dtype) -> list[slice]:
     (at least one matrix)."""
     size = max(1, REFRESH_CHUNK_BYTES // (n * n * torch.empty((), dtype=dtype).element_size()))
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def factor_chunks(factors: Tensor, n: int) -> Iterator[tuple[slice, Tensor]]:
+    """``(part, F)`` for each chunk (:func:`matrix_chunks`) of a stack of ``n × n`` factors, packed or not:
+    the blocks ``part`` and their factors as whole matrices (a refresh's input)."""
+    for part in matrix_chunks(factors.shape[0], n, factors.dtype):
+        yield part, full_factor(factors[part])
 
 
 def init_factor_state(shape: Sequence[int], preconditioned: Sequence[bool], dtype: torch.dtype,

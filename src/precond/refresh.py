@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .engine import STATS_FIELDS
-from .kronecker import full_factor, matrix_chunks, permute_dim
+from .kronecker import factor_chunks, permute_dim
 from .linalg import (LinAlgFailure, batched_eigh, off_diagonal_ratio, power_qr_step, qr_algorithm,
                      refine_eigenbasis)
 from .precision import matmul
@@ -154,15 +154,14 @@ class EigenbasisRefresh:
         """Refresh, in place, the ``basis{i}`` of every factor ``factor{i}`` of a bucket (the layout of
         :func:`precond.kronecker.init_factor_state`), through ``prepare(factor, part)`` if given (``part``: the
         blocks of the chunk). ``per_column`` (a ``[B, …]`` per-coordinate statistic) is permuted along dim ``i``
-        with power-QR's column order. Chunk by chunk (:func:`precond.kronecker.matrix_chunks`). Returns which
+        with power-QR's column order. Chunk by chunk (:func:`precond.kronecker.factor_chunks`). Returns which
         blocks had a basis recomputed."""
         changed = torch.zeros_like(ok)
         for i, use in enumerate(kind):
             if not use:
                 continue
             factors, basis, stats = state[f"factor{i}"], state[f"basis{i}"], state[f"stats{i}"]
-            for part in matrix_chunks(basis.shape[0], basis.shape[-1], factors.dtype):
-                A = full_factor(factors[part])
+            for part, A in factor_chunks(factors, basis.shape[-1]):
                 if prepare is not None:
                     A = prepare(A, part)
                 new, order, changed_part = self.refresh(A, basis[part].to(A.dtype), stats[part], ok[part])

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..engine import Bucket, bias_correction, commit_, ema_, per_block
-from ..kronecker import factor_matrices, full_factor, init_factor_state, matrix_chunks, mode_product, update_factors_
+from ..kronecker import factor_chunks, factor_matrices, init_factor_state, mode_product, update_factors_
 from ..refresh import EigenbasisRefresh, policy_of, refresh_due
 
 __all__ = ["EigenbasisAdam"]
@@ -47,8 +47,7 @@ class EigenbasisAdam:
             if not use:
                 continue
             factors, basis, stats = state[f"factor{i}"], state[f"basis{i}"], state[f"stats{i}"]
-            for part in matrix_chunks(basis.shape[0], basis.shape[-1], factors.dtype):
-                factor = full_factor(factors[part])
+            for part, factor in factor_chunks(factors, basis.shape[-1]):
                 eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
                 basis[part] = policy.initial(factor + 1e-30 * eye, basis[part].to(factor.dtype), stats[part], ok[part])
 

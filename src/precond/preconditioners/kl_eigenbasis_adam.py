@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..engine import Bucket, commit_
-from ..kronecker import factor_matrices, factor_outer, full_factor, matrix_chunks, mode_product, update_factors_
+from ..kronecker import factor_chunks, factor_matrices, factor_outer, mode_product, update_factors_
 from ..linalg import LinAlgFailure, power_qr_step
 from ..refresh import FALLBACKS, count_refreshes_, refresh_due
 from .eigenbasis_adam import EigenbasisAdam
@@ -92,9 +92,9 @@ class KLEigenbasisAdam(EigenbasisAdam):
             if basis is None:
                 continue
             factors, stats = state[f"factor{i}"], state[f"stats{i}"]
-            for part in matrix_chunks(basis.shape[0], basis.shape[-1], factors.dtype):
+            for part, factor in factor_chunks(factors, basis.shape[-1]):
                 try:
-                    new, _, fell_back = power_qr_step(full_factor(factors[part]), basis[part], sort=False)
+                    new, _, fell_back = power_qr_step(factor, basis[part], sort=False)
                     good = torch.isfinite(new).flatten(1).all(1)
                     stats[part, FALLBACKS] += fell_back
                 except LinAlgFailure:

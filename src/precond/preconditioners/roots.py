@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import bias_correction as bc
 from ..engine import Bucket, commit_, per_block
-from ..kronecker import factor_matrices, factor_outer, full_factor, matrix_chunks, mode_product, pack
+from ..kronecker import factor_chunks, factor_matrices, factor_outer, full_factor, mode_product, pack
 from ..linalg import LinAlgFailure, inverse_root_newton, inverse_roots, pseudo_inverse_roots
 from ..refresh import count_refreshes_
 from .base import KroneckerPreconditioner
@@ -48,8 +48,7 @@ class InverseRoots(KroneckerPreconditioner):
             if not use:
                 continue
             factors, stored, stats = (bucket.state[f"{name}{i}"] for name in ("factor", "root", "stats"))
-            for part in matrix_chunks(factors.shape[0], bucket.shape[i], factors.dtype):
-                factor = full_factor(factors[part])
+            for part, factor in factor_chunks(factors, bucket.shape[i]):
                 factor = factor / per_block(bias2[part], factor)
                 root, good = self._root(bucket, i, factor, exponent, bias2, ok[part], group, part)
                 # a failed root keeps the last good one; a packed root keeps its upper triangle
