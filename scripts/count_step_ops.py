@@ -65,11 +65,12 @@ def main() -> None:
     parser.add_argument("optimizers", nargs="+", choices=list(MAKE))
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--by-line", action="store_true", help="count per line of the library, not per operator")
+    parser.add_argument("--top", type=int, default=12, help="how many of the most frequent to list")
     args = parser.parse_args()
     for name in args.optimizers:
         counts = count(name, args.layers, args.by_line)
         print(f"{name}: {sum(counts.values())} operators a step")
-        for what, n in counts.most_common(12):
+        for what, n in counts.most_common(args.top):
             print(f"  {n:4d}  {what}")
 
 
