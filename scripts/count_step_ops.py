@@ -29,6 +29,9 @@ MAKE = {
     "SOAP": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=100),  # a step without a refresh
     "EShampoo": lambda ps: precond.EShampoo(ps, lr=1e-3, precondition_frequency=100),
     "Shampoo": lambda ps: precond.Shampoo(ps, lr=1e-3, precondition_frequency=100, grafting="adam"),
+    # the every-step refinement of the large-batch benchmark (SOAP-F1-tf32, EShampoo-F1-tf32)
+    "SOAP-F1": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=1, refresh_method="refine"),
+    "EShampoo-F1": lambda ps: precond.EShampoo(ps, lr=1e-3, precondition_frequency=1, refresh_method="refine"),
 }
 
 

@@ -198,6 +198,36 @@ def test_refine_eigenbasis_is_batched_and_stops_each_matrix_at_the_tolerance():
         assert float(linalg.off_diagonal_ratio(X[b].T @ A[b] @ X[b])) <= 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectral_norm_estimate_rescaled_every_fourth_product_equals_rescaling_every_one(dtype):
+    """The refinement's rotation bound estimates ``‖W‖₂`` rescaling ``v`` only every fourth product: the same
+    estimate to rounding as rescaling after each (a power iteration's direction does not depend on its
+    scale), a lower bound of the true norm close to it, and finite at the refinement's largest ``W`` (every
+    entry at ``max_angle``, the worst growth between rescalings) and at one so small that ``v`` underflows."""
+    g = torch.Generator().manual_seed(3)
+    B = 0.05 * torch.rand(6, 300, 300, generator=g, dtype=torch.float64) * 2 - 0.05
+    W = (B - B.mT).clamp(-0.05, 0.05).to(dtype)  # antisymmetric, clipped as in refine_eigenbasis
+    every = linalg._spectral_norm_estimate(W)
+    fourth = linalg._spectral_norm_estimate(W, normalize_every=4)
+    torch.testing.assert_close(fourth, every, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+    true = torch.linalg.matrix_norm(W.double(), ord=2)[..., None, None]
+    assert bool((fourth.double() <= true * (1 + 1e-5)).all()) and bool((fourth.double() >= 0.9 * true).all())
+    n = 4096
+    worst = torch.full((1, n, n), 0.05, dtype=torch.float32).triu(1)
+    worst = worst - worst.mT
+    big = linalg._spectral_norm_estimate(worst, normalize_every=4)
+    assert bool(torch.isfinite(big).all()) and float(big) <= float(torch.linalg.matrix_norm(worst, ord="fro"))
+    tiny = linalg._spectral_norm_estimate(1e-12 * worst[:, :64, :64], normalize_every=4)
+    assert bool(torch.isfinite(tiny).all()) and float(tiny) < 1e-9
+
+
+def test_finite_bases_refuses_a_basis_with_an_infinite_or_nan_entry():
+    Q = torch.eye(5, dtype=torch.float32).expand(4, 5, 5).clone()
+    Q[1, 2, 3], Q[2, 0, 0] = float("inf"), float("nan")
+    assert linalg.finite_bases(Q).tolist() == [True, False, False, True]
+    assert linalg.finite_bases(Q.double()).tolist() == [True, False, False, True]
+
+
 def test_symmetric_eigh_retries_in_float64(monkeypatch):
     real = torch.linalg.eigh
     calls = []

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .engine import STATS_FIELDS
 from .kronecker import factor_chunks, permute_dim
-from .linalg import (LinAlgFailure, batched_eigh, off_diagonal_ratio, power_qr_step, qr_algorithm,
+from .linalg import (LinAlgFailure, batched_eigh, finite_bases, off_diagonal_ratio, power_qr_step, qr_algorithm,
                      refine_eigenbasis)
 from .precision import matmul
 from .validation import Rule, check_choice, check_in, check_int
@@ -192,7 +192,7 @@ class EigenbasisRefresh:
         if self.method in ("qr", "refine"):
             stats[slice(None) if index is None else index, QR_ITERATIONS] += iterations
         if self.method != "eigh":
-            good = torch.isfinite(Q_new).flatten(1).all(1)
+            good = finite_bases(Q_new)
         if self.descending and self.method in ("eigh", "qr"):  # both sort ascending; refine keeps the order
             Q_new = torch.flip(Q_new, [-1])
             if self.method == "qr":

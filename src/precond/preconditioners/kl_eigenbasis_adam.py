@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..engine import Bucket, commit_
 from ..kronecker import factor_chunks, factor_matrices, factor_outer, mode_product, update_factors_
-from ..linalg import LinAlgFailure, power_qr_step
+from ..linalg import LinAlgFailure, finite_bases, power_qr_step
 from ..refresh import FALLBACKS, count_refreshes_, refresh_due
 from .eigenbasis_adam import EigenbasisAdam
 
@@ -95,7 +95,7 @@ class KLEigenbasisAdam(EigenbasisAdam):
             for part, factor in factor_chunks(factors, basis.shape[-1]):
                 try:
                     new, _, fell_back = power_qr_step(factor, basis[part], sort=False)
-                    good = torch.isfinite(new).flatten(1).all(1)
+                    good = finite_bases(new)
                     stats[part, FALLBACKS] += fell_back
                 except LinAlgFailure:
                     new, good = basis[part], torch.zeros_like(ok[part])
