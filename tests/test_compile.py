@@ -51,6 +51,14 @@ FACTORIES = {
     "ASGO": lambda ps: precond.ASGO(ps, lr=1e-2, precondition_frequency=100),
 }
 OPTIMIZERS = pytest.mark.parametrize("make", list(FACTORIES.values()), ids=list(FACTORIES))
+# The large-batch benchmark's settings: a refinement every step, under the TF32 flag that step() sets (read
+# inside the traced step, the flag broke the graph and dynamo then ran each bucket's frame eagerly)
+SETTINGS = {
+    "SOAP-F1-tf32": lambda ps: precond.SOAP(ps, lr=1e-2, precondition_frequency=1, refresh_method="refine",
+                                            tf32=True),
+    "EShampoo-F1-tf32": lambda ps: precond.EShampoo(ps, lr=1e-2, precondition_frequency=1,
+                                                    refresh_method="refine", tf32=True),
+}
 
 
 def breaks_inside_the_step() -> dict:
@@ -58,7 +66,7 @@ def breaks_inside_the_step() -> dict:
     return {k: v for k, v in counters["graph_break"].items() if "BlockEngine.step" not in k}
 
 
-@OPTIMIZERS
+@pytest.mark.parametrize("make", [*FACTORIES.values(), *SETTINGS.values()], ids=[*FACTORIES, *SETTINGS])
 def test_compiled_step_has_no_graph_break_no_recompile_and_equals_eager(make):
     torch._dynamo.reset()
     counters.clear()

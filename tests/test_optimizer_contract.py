@@ -440,6 +440,39 @@ def test_tf32_flag_applies_to_the_optimizer_steps_only(name, monkeypatch):
         FACTORIES[name](net.parameters(), tf32="yes")
 
 
+def test_tf32_is_set_per_group_when_the_groups_differ(monkeypatch):
+    """Groups that share a TF32 mode have it set once around the step; groups that differ have each its own
+    while its directions are computed, spectral normalisation included, and the setting is restored."""
+    matmul = torch.backends.cuda.matmul
+    before, seen = matmul.fp32_precision, []
+    real_directions, real_normalize = precond.SOAP._directions, precond.engine.core.spectral_normalize
+
+    def directions(self, bucket, grads, ok, group):
+        seen.append((group["tf32"], "directions", matmul.fp32_precision))
+        return real_directions(self, bucket, grads, ok, group)
+
+    def normalize(direction, transposed=False):
+        seen.append((None, "normalize", matmul.fp32_precision))
+        return real_normalize(direction, transposed=transposed)
+
+    monkeypatch.setattr(precond.SOAP, "_directions", directions)
+    monkeypatch.setattr("precond.engine.core.spectral_normalize", normalize)
+    a, b = torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(5, 3))
+    opt = precond.SOAP([{"params": [a], "tf32": True, "spectral_normalize": True}, {"params": [b]}], lr=1e-2)
+    for _ in range(2):
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        opt.step()
+    assert matmul.fp32_precision == before
+    assert {(mode, where, flag) for mode, where, flag in seen if where == "directions"} == {
+        (True, "directions", "tf32"), (False, "directions", before)}
+    assert {flag for _, where, flag in seen if where == "normalize"} == {"tf32"}  # inside group a's block
+    seen.clear()
+    opt.param_groups[1]["tf32"] = True  # now uniform: set once by step()
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    opt.step()
+    assert {flag for _, _, flag in seen} == {"tf32"} and matmul.fp32_precision == before
+
+
 @pytest.mark.parametrize("name", ["SOAP", "Muon", "AdamW"])
 def test_non_finite_gradients_warn_once_per_parameter_then_count(name, caplog):
     net = model()

@@ -116,6 +116,10 @@ def _compiled_rows(max_dim: int) -> dict[str, Callable]:
     # host launches nothing per kernel (on a CPU the same as the plain compiled rows)
     for name in ("precond AdamW", "precond Muon", "precond SOAP"):
         rows[f"{name} compiled reduce-overhead"] = compiled(_ours(max_dim)[name], "reduce-overhead")
+    # The large-batch benchmark's every-step refinement, bound by its ~1,600 launches a step on the 20M body
+    for name in ("precond SOAP refine tf32 F=1", "precond EShampoo refine tf32 F=1"):
+        rows[f"{name} compiled"] = compiled(_refine_rows(max_dim)[name])
+        rows[f"{name} compiled reduce-overhead"] = compiled(_refine_rows(max_dim)[name], "reduce-overhead")
     return rows
 
 

@@ -22,8 +22,9 @@ at once. How work
 and state are split between processes (DDP, FSDP2) is described in :mod:`~precond.engine.distribute`, whose
 ``Work`` object runs the phases that differ; the step itself never branches on the set-up.
 Nothing in a step that does not refresh a preconditioner waits for the device. A group with ``"tf32"`` set
-computes its directions with TF32 (``True``) or three-pass TF32 (``"3x"``) float32 matmuls on CUDA
-(:mod:`~precond.precision`; the global setting is restored afterwards); a group
+computes its directions (spectral normalisation included) with TF32 (``True``) or three-pass TF32 (``"3x"``)
+float32 matmuls on CUDA (:mod:`~precond.precision`; the global setting is restored afterwards; when every
+group asks the same, it is set once around the step, outside what ``torch.compile`` traces); a group
 with ``"spectral_normalize": True`` (offered by Shampoo, EShampoo and SOAP) rescales each direction block of
 two or more dims to spectral norm ``sqrt(d_out/d_in)`` (:func:`~precond.linalg.spectral_normalize`) before
 the rate multiplies it (``"transposed": True``: the blocks are stored ``(d_in, d_out)``, Hugging Face's
@@ -40,6 +41,7 @@ on such a step, as torch's fused kernel takes one skip flag per call (the behavi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -119,6 +121,7 @@ class BlockEngine(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._distributed = distributed
         self._strict = strict
+        self._step_tf32: bool | str | None = None  # the TF32 mode step() set for every group (None: per group)
         self._topology: Topology = resolve_topology(self._all_params(), distributed)
         self._work = work_for(self._topology)
         self._plan_key: tuple | None = None
@@ -259,7 +262,12 @@ class BlockEngine(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step()
+        # The TF32 setting every group shares is set here, in an eager frame: dynamo cannot trace reading the
+        # global flag, and a graph break inside the context manager made it skip each bucket's whole frame.
+        modes = {group.get("tf32", False) for group in self.param_groups}
+        self._step_tf32 = modes.pop() if len(modes) == 1 else None
+        with tf32_matmuls(self._step_tf32 or False):
+            self._step()
         return loss
 
     # Compiled as a frame of its own, also inside a compiled function that calls ``opt.step()``: there the
@@ -316,10 +324,11 @@ class BlockEngine(torch.optim.Optimizer):
         """(b) for the blocks of ``bucket`` (this process's, when the work is split): the method's directions,
         with the group's TF32 setting and spectral normalisation."""
         group = bucket.group
-        with tf32_matmuls(group.get("tf32", False)):
+        mode = group.get("tf32", False)
+        with contextlib.nullcontext() if mode == self._step_tf32 else tf32_matmuls(mode):  # set by step()
             direction = self._directions(bucket, grads, ok, group)
-        if direction is not None and group.get("spectral_normalize", False) and len(bucket.shape) >= 2:
-            direction = spectral_normalize(direction, transposed=group.get("transposed", False))
+            if direction is not None and group.get("spectral_normalize", False) and len(bucket.shape) >= 2:
+                direction = spectral_normalize(direction, transposed=group.get("transposed", False))
         return direction
 
     def _gather(self, bucket: Bucket, contiguous: dict[Tensor, Tensor]) -> tuple[Any, Tensor]:
