@@ -239,6 +239,36 @@ def test_a_compiled_model_trains_as_the_eager_one_and_its_runs_are_kept_apart(da
         bench_main(["--preset", "digits", "--compile-model", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path)])
 
 
+def test_a_compiled_optimizer_step_trains_as_the_eager_one_its_compiles_timed_apart(data_dir, tmp_path):
+    """``--compile-step`` (``aot_eager``): the same curve as the eager step to float32 rounding, the steps that
+    compiled timed in ``compile_seconds`` and not in the wall-clock, kept across a resume, and the runs of
+    the compiled configuration kept apart from eager ones."""
+    from precond_bench.runner import train_run
+    preset = PRESETS["tiny"]
+    kw = dict(seed=0, steps=6, eval_every=2, device="cpu", adamw=AdamWSetting(3e-3), schedule=preset["schedule"])
+    workload = make_workload(preset, data_dir, "cpu")
+    eager = train_run(workload, SPECS["SOAP"], 3e-3, **kw)
+    compiled = train_run(workload, SPECS["SOAP"], 3e-3, compile_step="aot_eager", **kw)
+    assert [v for _, _, v in compiled["curve"]] == pytest.approx([v for _, _, v in eager["curve"]], rel=1e-5)
+    assert "compile_seconds" not in eager and compiled["compile_seconds"] > 0
+    assert compiled["optimizer_seconds"] < compiled["compile_seconds"]  # 4 compiled steps, far below compiling
+    checkpoint = tmp_path / "run.pt"
+    assert train_run(workload, SPECS["SOAP"], 3e-3, compile_step="aot_eager", checkpoint=checkpoint, stop_at=3,
+                     **kw) is None
+    before = torch.load(checkpoint, weights_only=False)["compile_seconds"]
+    resumed = train_run(workload, SPECS["SOAP"], 3e-3, compile_step="aot_eager", checkpoint=checkpoint, **kw)
+    assert [v for _, _, v in resumed["curve"]] == pytest.approx([v for _, _, v in compiled["curve"]], rel=1e-5)
+    assert 0 < before < resumed["compile_seconds"]  # the resumed call compiled again, and counts both
+
+    argv = ["--preset", "tiny", "--optimizers", "AdamW", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path),
+            "--name", "c", "--quiet", "--no-plots", "--seeds", "1", "--lr-points", "1", "--steps", "3",
+            "--sweep-steps", "2"]
+    assert bench_main(argv + ["--compile-step", "aot_eager"]) == 0
+    assert all(json.loads(p.read_text())["compile_step"] == "aot_eager" for p in (tmp_path / "c" / "runs").iterdir())
+    with pytest.raises(ValueError, match="another configuration"):
+        bench_main(argv)
+
+
 def test_model_size_flags_reach_the_workload(data_dir, tmp_path):
     argv = ["--preset", "tiny", "--optimizers", "AdamW", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path),
             "--name", "w", "--quiet", "--no-plots", "--width", "24", "--depth", "2", "--batch-size", "2",

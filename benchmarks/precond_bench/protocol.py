@@ -176,7 +176,7 @@ class _Runs:
 
         run = train_run(self.workload, spec, lr, seed, steps, self.config.preset["eval_every"], self.config.device,
                         adamw, counted, self.config.preset.get("schedule"), checkpoint=checkpoint, deadline=deadline,
-                        stop_at=self.stop_at)
+                        stop_at=self.stop_at, compile_step=self.config.preset.get("compile_step"))
         if self.progress:  # steps not trained in this call (made by an earlier one, after a divergence or the
             self.progress.skip(steps - ticked[0])  # limit) leave the bar
         if run is None:  # the limit passed: checkpointed, to go on at the next call

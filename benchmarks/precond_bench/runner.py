@@ -102,6 +102,12 @@ def timing_conditions(device: str) -> dict[str, Any]:
     return {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": commit}
 
 
+def _graphs_compiled() -> int:
+    """How many graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -130,8 +136,8 @@ def _save_checkpoint(path: Path, model, optimizer, progress: dict[str, Any], dev
 
 def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, steps: int, eval_every: int,
               device: str, adamw: AdamWSetting, progress=None, schedule: dict[str, Any] | None = None,
-              checkpoint: Path | None = None, deadline: float | None = None, stop_at: int | None = None
-              ) -> dict[str, Any] | None:
+              checkpoint: Path | None = None, deadline: float | None = None, stop_at: int | None = None,
+              compile_step: str | None = None) -> dict[str, Any] | None:
     """Train, evaluating every ``eval_every`` steps; stops early (``diverged``) on a non-finite loss.
 
     Every group's rate follows ``schedule`` (see :func:`lr_factor`) from the rate it was built with. A step
@@ -143,8 +149,14 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
     With ``checkpoint`` (a path), a run that passes ``deadline`` (a ``time.perf_counter()`` value) or reaches
     step ``stop_at`` before its end saves itself there and returns ``None``; called again with the same
     arguments it resumes from that file, bit for bit, and removes it when the run ends.
+
+    With ``compile_step`` (a ``torch.compile`` backend), every ``step()`` after a call's first (which creates
+    or loads the state eagerly) is compiled. A step during which dynamo compiled a graph is timed apart
+    (``compile_seconds``): the wall-clock is the compiled step's, as a long run sees it.
     """
     started = time.perf_counter()
+    if compile_step is not None:  # every optimizer's step is one code object: a fresh cache, no recompile limit
+        torch._dynamo.reset()
     model = workload.model(seed)
     optimizer = spec.build(model, lr, adamw)
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a checkpoint's scheduled rates load
@@ -164,17 +176,21 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         curve, first = [tuple(p) for p in saved["curve"]], saved["step"] + 1
         train_seconds, optimizer_seconds = saved["train_seconds"], saved["optimizer_seconds"]
         last_loss, wall_before = saved["last_loss"], saved.get("wall_seconds", 0.0)
+        compile_before = saved.get("compile_seconds", 0.0)
     else:
         with torch.no_grad(), autocast:
             curve = [(0, 0.0, _validation_loss(workload, model, optimizer))]
         first, train_seconds, optimizer_seconds, last_loss, wall_before = 1, 0.0, 0.0, math.nan, 0.0
+        compile_before = 0.0
     diverged = False
     steps_done = first - 1
+    compiled = None if compile_step is None else torch.compile(optimizer.step, backend=compile_step)
+    compile_seconds = compile_before
     for step in range(first, steps + 1):
         late = deadline is not None and time.perf_counter() > deadline
         if checkpoint is not None and step > first and (late or (stop_at is not None and step == stop_at + 1)):
             done = dict(step=steps_done, curve=curve, train_seconds=train_seconds, optimizer_seconds=optimizer_seconds,
-                        last_loss=last_loss, adamw=adamw_setting,
+                        last_loss=last_loss, adamw=adamw_setting, compile_seconds=compile_seconds,
                         wall_seconds=wall_before + time.perf_counter() - started)
             _save_checkpoint(checkpoint, model, optimizer, done, device)
             return None
@@ -192,7 +208,8 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         factor = lr_factor(step, steps, schedule)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
-        optimizer.step()
+        graphs = _graphs_compiled()
+        (optimizer.step if compiled is None or step == first else compiled)()
         optimizer.zero_grad(set_to_none=True)
         if spec.needs_hessian and optimizer.hessian_update_due():
             with autocast:  # on the last micro-batch: the curvature estimate needs no more
@@ -203,6 +220,9 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
             optimizer.zero_grad(set_to_none=True)
         _sync(device)
         t2 = time.perf_counter()
+        if compiled is not None and _graphs_compiled() != graphs:  # this step compiled: timed apart
+            compile_seconds += t2 - t1
+            t2 = t1
         train_seconds += t2 - t0
         optimizer_seconds += t2 - t1
         last_loss = float(total)
@@ -233,6 +253,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         "curve": curve, "final_val_loss": curve[-1][2] if not diverged else math.inf,
         "final_train_loss": last_loss, "train_seconds": train_seconds, "optimizer_seconds": optimizer_seconds,
         "optimizer_share": optimizer_seconds / train_seconds if train_seconds else 0.0,
+        **({"compile_step": compile_step, "compile_seconds": compile_seconds} if compile_step else {}),
         "wall_seconds": wall_before + time.perf_counter() - started,  # evaluations and set-up too
         "state_bytes": state_bytes(optimizer),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
