@@ -145,3 +145,18 @@ def test_a_compiled_function_calling_step_compiles_once(make):
     assert counters["stats"]["unique_graphs"] <= 3, counters["stats"]["unique_graphs"]
     assert "recompile_limit" not in str(dict(counters["misc"])).lower()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@OPTIMIZERS
+def test_state_stacks_are_marked_static_for_cuda_graphs(make):
+    """torch.compile's "reduce-overhead" skips a CUDA graph whose mutated inputs may move; the bucket stacks
+    (moments, factors, bases, counters) are marked as living at one address, unguarded (no recompile)."""
+    init, grads = params_and_grads(4)
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = make(params)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    stacks = [t for bucket in opt._buckets for t in bucket.state.values() if isinstance(t, torch.Tensor)]
+    assert stacks and all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in stacks)

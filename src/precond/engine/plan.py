@@ -227,6 +227,10 @@ def _stack_state(optimizer: Any, bucket: Bucket, fresh: dict[str, Tensor]) -> No
     for name in fresh:
         parts = [optimizer.state[m.param].get(m.prefix + name, fresh[name]) for m in bucket.members]
         stack = torch.stack(parts)
+        # A stack lives as long as its bucket: CUDA graphs (torch.compile's "reduce-overhead") may then read
+        # and write it in place instead of skipping a graph whose mutated inputs have no fixed address (a new
+        # address re-records the graph; nothing is guarded, so no recompile).
+        torch._dynamo.mark_static_address(stack)
         bucket.state[name] = stack
         for j, m in enumerate(bucket.members):
             optimizer.state[m.param][m.prefix + name] = stack[j]
