@@ -314,7 +314,7 @@ class FakeTraining:
         monkeypatch.setattr(protocol, "make_workload", lambda *a: type("W", (), {"describe": lambda s: {}})())
 
     def __call__(self, workload, spec, lr, seed, steps, eval_every, device, adamw, progress=None, schedule=None,
-                 checkpoint=None, deadline=None, stop_at=None):
+                 checkpoint=None, deadline=None, stop_at=None, compile_step=None):
         self.calls.append((spec.name, lr, seed))
         done = int(checkpoint.read_text()) if checkpoint is not None and checkpoint.exists() else 0
         if deadline is not None and self.clock + steps - done > deadline:  # checkpointed at the deadline
