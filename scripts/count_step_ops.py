@@ -5,7 +5,11 @@ this count is what a host-bound step (Muon's, BENCHMARKS.md) costs, measured wit
 
 The body is GPT-2 small's matrix shapes at width 8: the same buckets as at its width 768, where the count
 differs only in how a bucket's weights are written (Muon: 188 operators at width 8, 184 at 768, whose large
-buckets are updated in place instead of through a stack)."""
+buckets are updated in place instead of through a stack). ``--bench-model`` counts the benchmark's own
+optimizers instead (names of ``precond_bench``, e.g. SOAP-F1-tf32) on the batch-size axis's 20M model, its
+embedding and head included:
+
+    PYTHONPATH=src:benchmarks python scripts/count_step_ops.py --bench-model SOAP-F1-tf32 Muon AdamW"""
 
 from __future__ import annotations
 
@@ -50,13 +54,24 @@ class OperatorCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(name: str, layers: int, by_line: bool) -> collections.Counter:
+def _bench_model_optimizer(name: str) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """The benchmark's optimizer ``name`` at its centre rate on the 20M model of the batch-size axis."""
+    from precond_bench.model import GPT, GPTConfig
+    from precond_bench.optimizers import SPECS, AdamWSetting
+    model = GPT(GPTConfig(vocab_size=256, context=256, width=512, depth=6, heads=8))
+    return list(model.parameters()), SPECS[name].build(model, SPECS[name].center_lr, AdamWSetting(3e-3))
+
+
+def count(name: str, layers: int, by_line: bool, bench_model: bool = False) -> collections.Counter:
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s)) for s in body_shapes(layers, 8)]
-    opt = MAKE[name](params)
+    if bench_model:
+        params, opt = _bench_model_optimizer(name)
+    else:
+        params = [torch.nn.Parameter(torch.randn(s)) for s in body_shapes(layers, 8)]
+        opt = MAKE[name](params)
     for _ in range(4):  # past the first steps (state, SOAP's statistics-only step)
         for p in params:
-            p.grad = torch.randn_like(p)
+            p.grad = torch.randn_like(p) * 1e-3
         opt.step()
     with OperatorCount(by_line) as counter:
         opt.step()
@@ -65,13 +80,20 @@ def count(name: str, layers: int, by_line: bool) -> collections.Counter:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("optimizers", nargs="+", choices=list(MAKE))
+    parser.add_argument("optimizers", nargs="+")
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--bench-model", action="store_true",
+                        help="the benchmark's optimizers (precond_bench names) on the batch axis's 20M model")
     parser.add_argument("--by-line", action="store_true", help="count per line of the library, not per operator")
     parser.add_argument("--top", type=int, default=12, help="how many of the most frequent to list")
     args = parser.parse_args()
+    from precond_bench.optimizers import SPECS
+    known = SPECS if args.bench_model else MAKE
+    unknown = [n for n in args.optimizers if n not in known]
+    if unknown:
+        parser.error(f"unknown optimizers {unknown}; choose from {sorted(known)}")
     for name in args.optimizers:
-        counts = count(name, args.layers, args.by_line)
+        counts = count(name, args.layers, args.by_line, args.bench_model)
         print(f"{name}: {sum(counts.values())} operators a step")
         for what, n in counts.most_common(args.top):
             print(f"  {n:4d}  {what}")
