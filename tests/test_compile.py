@@ -160,3 +160,30 @@ def test_state_stacks_are_marked_static_for_cuda_graphs(make):
         opt.step()
     stacks = [t for bucket in opt._buckets for t in bucket.state.values() if isinstance(t, torch.Tensor)]
     assert stacks and all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in stacks)
+
+
+@pytest.mark.parametrize("make", [*FACTORIES.values(), *SETTINGS.values()], ids=[*FACTORIES, *SETTINGS])
+def test_a_rate_changed_at_every_step_compiles_once(make):
+    """A scheduler writes a new Python ``lr`` into the groups before every step. The compiled step reads it as
+    a number in the graph, not a constant to guard on: before, each new rate recompiled the step, until
+    dynamo's recompile limit sent it back to eager."""
+    torch._dynamo.reset()
+    counters.clear()
+    init, grads = params_and_grads(8)
+
+    def run(compile_step):
+        params = [torch.nn.Parameter(x.clone()) for x in init]
+        opt = make(params)
+        step = torch.compile(opt.step, backend="aot_eager") if compile_step else opt.step
+        for i, gs in enumerate(grads):
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 * (i + 1) / len(grads)  # warmup, as LambdaLR writes it
+            (opt.step if i == 0 else step)()
+        return [p.detach() for p in params]
+
+    compiled = run(True)
+    assert counters["stats"]["unique_graphs"] <= 2
+    for a, b in zip(compiled, run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

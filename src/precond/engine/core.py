@@ -396,9 +396,14 @@ class BlockEngine(torch.optim.Optimizer):
         ok = ok & sound
         dtype = blocks[0].dtype
         decay = wd != 0.0 and mode != "l2"
+        # A tensor lr (as torch allows) is used without reading it on the host. Under torch.compile a Python
+        # lr goes the same way: as the ``alpha=`` of an add or a fill value it would be specialised, and a
+        # scheduler's new rate at every step would recompile the step at every step.
+        as_tensor = isinstance(lr, Tensor) or torch.compiler.is_compiling()
+        rate = lr.to(ok.device) if isinstance(lr, Tensor) else lr
         if decay:
-            if isinstance(lr, Tensor):
-                factors = 1.0 - (lr.to(ok.device) * wd) * ok.to(dtype)
+            if as_tensor:
+                factors = 1.0 - (rate * wd) * ok.to(dtype)
             else:
                 factors = refusal_factors(1.0 - lr * wd, ok, dtype)
 
@@ -413,8 +418,8 @@ class BlockEngine(torch.optim.Optimizer):
         direction = torch.where(per_block(ok, direction), direction, 0.0)
         if dtype in (torch.bfloat16, torch.float16):  # low-precision parameters take a rounded update
             direction = direction.to(dtype)
-        if isinstance(lr, Tensor):  # a tensor lr (as torch allows) is used without reading it on the host
-            direction, alpha = direction * (lr.to(direction.device) * scale), -1.0
+        if as_tensor:
+            direction, alpha = direction * (rate * scale), -1.0
         else:
             alpha = -lr * scale
         if weights is None:
