@@ -251,6 +251,7 @@ def test_a_compiled_optimizer_step_trains_as_the_eager_one_its_compiles_timed_ap
     compiled = train_run(workload, SPECS["SOAP"], 3e-3, compile_step="aot_eager", **kw)
     assert [v for _, _, v in compiled["curve"]] == pytest.approx([v for _, _, v in eager["curve"]], rel=1e-5)
     assert "compile_seconds" not in eager and compiled["compile_seconds"] > 0
+    assert compiled["compile_steps"] == [2, 3]  # a graph, then its re-trace for the dynamic step counts
     assert compiled["optimizer_seconds"] < compiled["compile_seconds"]  # 4 compiled steps, far below compiling
     checkpoint = tmp_path / "run.pt"
     assert train_run(workload, SPECS["SOAP"], 3e-3, compile_step="aot_eager", checkpoint=checkpoint, stop_at=3,
@@ -259,6 +260,7 @@ def test_a_compiled_optimizer_step_trains_as_the_eager_one_its_compiles_timed_ap
     resumed = train_run(workload, SPECS["SOAP"], 3e-3, compile_step="aot_eager", checkpoint=checkpoint, **kw)
     assert [v for _, _, v in resumed["curve"]] == pytest.approx([v for _, _, v in compiled["curve"]], rel=1e-5)
     assert 0 < before < resumed["compile_seconds"]  # the resumed call compiled again, and counts both
+    assert resumed["compile_steps"][:2] == [2, 3] and len(resumed["compile_steps"]) <= 4
 
     argv = ["--preset", "tiny", "--optimizers", "AdamW", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path),
             "--name", "c", "--quiet", "--no-plots", "--seeds", "1", "--lr-points", "1", "--steps", "3",

@@ -152,7 +152,8 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
 
     With ``compile_step`` (a ``torch.compile`` backend), every ``step()`` after a call's first (which creates
     or loads the state eagerly) is compiled. A step during which dynamo compiled a graph is timed apart
-    (``compile_seconds``): the wall-clock is the compiled step's, as a long run sees it.
+    (``compile_seconds``; which steps, ``compile_steps``: a step that recompiles at every step shows there):
+    the wall-clock is the compiled step's, as a long run sees it.
     """
     started = time.perf_counter()
     if compile_step is not None:  # every optimizer's step is one code object: a fresh cache, no recompile limit
@@ -186,11 +187,13 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
     steps_done = first - 1
     compiled = None if compile_step is None else torch.compile(optimizer.step, backend=compile_step)
     compile_seconds = compile_before
+    compile_steps: list[int] = list(saved.get("compile_steps", [])) if saved is not None else []
     for step in range(first, steps + 1):
         late = deadline is not None and time.perf_counter() > deadline
         if checkpoint is not None and step > first and (late or (stop_at is not None and step == stop_at + 1)):
             done = dict(step=steps_done, curve=curve, train_seconds=train_seconds, optimizer_seconds=optimizer_seconds,
                         last_loss=last_loss, adamw=adamw_setting, compile_seconds=compile_seconds,
+                        compile_steps=compile_steps,
                         wall_seconds=wall_before + time.perf_counter() - started)
             _save_checkpoint(checkpoint, model, optimizer, done, device)
             return None
@@ -222,6 +225,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         t2 = time.perf_counter()
         if compiled is not None and _graphs_compiled() != graphs:  # this step compiled: timed apart
             compile_seconds += t2 - t1
+            compile_steps.append(step)
             t2 = t1
         train_seconds += t2 - t0
         optimizer_seconds += t2 - t1
@@ -253,7 +257,8 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         "curve": curve, "final_val_loss": curve[-1][2] if not diverged else math.inf,
         "final_train_loss": last_loss, "train_seconds": train_seconds, "optimizer_seconds": optimizer_seconds,
         "optimizer_share": optimizer_seconds / train_seconds if train_seconds else 0.0,
-        **({"compile_step": compile_step, "compile_seconds": compile_seconds} if compile_step else {}),
+        **({"compile_step": compile_step, "compile_seconds": compile_seconds, "compile_steps": compile_steps}
+           if compile_step else {}),
         "wall_seconds": wall_before + time.perf_counter() - started,  # evaluations and set-up too
         "state_bytes": state_bytes(optimizer),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
