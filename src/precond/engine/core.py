@@ -122,6 +122,8 @@ class BlockEngine(torch.optim.Optimizer):
         self._distributed = distributed
         self._strict = strict
         self._step_tf32: bool | str | None = None  # the TF32 mode step() set for every group (None: per group)
+        self._last_rates: list[Any] | None = None  # the groups' lr at the last step()
+        self._rates_move = False  # whether a group's Python lr has changed between steps (a scheduler)
         self._topology: Topology = resolve_topology(self._all_params(), distributed)
         self._work = work_for(self._topology)
         self._plan_key: tuple | None = None
@@ -266,9 +268,20 @@ class BlockEngine(torch.optim.Optimizer):
         # global flag, and a graph break inside the context manager made it skip each bucket's whole frame.
         modes = {group.get("tf32", False) for group in self.param_groups}
         self._step_tf32 = modes.pop() if len(modes) == 1 else None
+        self._note_rates()
         with tf32_matmuls(self._step_tf32 or False):
             self._step()
         return loss
+
+    def _note_rates(self) -> None:
+        """Whether the groups' Python rates move between steps (read on the host, in the eager frame; tensor
+        rates are the caller's to move). Once they have, a compiled step reads its rate as a number inside the
+        graph (:meth:`_apply`) rather than as a constant that each new rate would recompile."""
+        rates = [group["lr"] for group in self.param_groups]
+        last, self._last_rates = self._last_rates, rates
+        if last is not None and not self._rates_move:
+            self._rates_move = len(rates) != len(last) or any(
+                not isinstance(a, Tensor) and not isinstance(b, Tensor) and a != b for a, b in zip(rates, last))
 
     # Compiled as a frame of its own, also inside a compiled function that calls ``opt.step()``: there the
     # optimizer is reached through a global, and dynamo specialises a global's integers (the step counters the
@@ -397,9 +410,10 @@ class BlockEngine(torch.optim.Optimizer):
         dtype = blocks[0].dtype
         decay = wd != 0.0 and mode != "l2"
         # A tensor lr (as torch allows) is used without reading it on the host. Under torch.compile a Python
-        # lr goes the same way: as the ``alpha=`` of an add or a fill value it would be specialised, and a
-        # scheduler's new rate at every step would recompile the step at every step.
-        as_tensor = isinstance(lr, Tensor) or torch.compiler.is_compiling()
+        # lr that a scheduler moves goes the same way: as the ``alpha=`` of an add or a fill value it would be
+        # specialised, and each new rate would recompile the step. A fixed one stays a constant, so that the
+        # compiled step rounds as the eager one.
+        as_tensor = isinstance(lr, Tensor) or (self._rates_move and torch.compiler.is_compiling())
         rate = lr.to(ok.device) if isinstance(lr, Tensor) else lr
         if decay:
             if as_tensor:
