@@ -26,13 +26,19 @@ def params_and_grads(steps):
     return init, grads
 
 
-def trajectory(make, init, grads, compile_step):
+def trajectory(make, init, grads, compile_step, rate=None, made=None):
+    """The weights after a step per gradient set; ``rate(i)``, if given, is written into every group's ``lr``
+    before step ``i`` (as a scheduler does); ``made`` (a list) receives the optimizer."""
     params = [torch.nn.Parameter(x.clone()) for x in init]
     opt = make(params)
+    if made is not None:
+        made.append(opt)
     step = torch.compile(opt.step, backend="aot_eager") if compile_step else opt.step
     for i, gs in enumerate(grads):
         for p, g in zip(params, gs):
             p.grad = g.clone()
+        for group in opt.param_groups if rate is not None else ():
+            group["lr"] = rate(i)
         (opt.step if i == 0 else step)()  # the first step creates the state eagerly
     return [p.detach() for p in params]
 
@@ -151,14 +157,9 @@ def test_a_compiled_function_calling_step_compiles_once(make):
 def test_state_stacks_are_marked_static_for_cuda_graphs(make):
     """torch.compile's "reduce-overhead" skips a CUDA graph whose mutated inputs may move; the bucket stacks
     (moments, factors, bases, counters) are marked as living at one address, unguarded (no recompile)."""
-    init, grads = params_and_grads(4)
-    params = [torch.nn.Parameter(x.clone()) for x in init]
-    opt = make(params)
-    for gs in grads:
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
-    stacks = [t for bucket in opt._buckets for t in bucket.state.values() if isinstance(t, torch.Tensor)]
+    made = []
+    trajectory(make, *params_and_grads(4), compile_step=False, made=made)
+    stacks = [t for bucket in made[0]._buckets for t in bucket.state.values() if isinstance(t, torch.Tensor)]
     assert stacks and all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in stacks)
 
 
@@ -170,20 +171,8 @@ def test_a_rate_changed_at_every_step_compiles_once(make):
     torch._dynamo.reset()
     counters.clear()
     init, grads = params_and_grads(8)
-
-    def run(compile_step):
-        params = [torch.nn.Parameter(x.clone()) for x in init]
-        opt = make(params)
-        step = torch.compile(opt.step, backend="aot_eager") if compile_step else opt.step
-        for i, gs in enumerate(grads):
-            for p, g in zip(params, gs):
-                p.grad = g.clone()
-            for group in opt.param_groups:
-                group["lr"] = 1e-2 * (i + 1) / len(grads)  # warmup, as LambdaLR writes it
-            (opt.step if i == 0 else step)()
-        return [p.detach() for p in params]
-
-    compiled = run(True)
+    warmup = lambda i: 1e-2 * (i + 1) / len(grads)  # noqa: E731  (as LambdaLR writes it)
+    compiled = trajectory(make, init, grads, compile_step=True, rate=warmup)
     assert counters["stats"]["unique_graphs"] <= 2
-    for a, b in zip(compiled, run(False)):
+    for a, b in zip(compiled, trajectory(make, init, grads, compile_step=False, rate=warmup)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
