@@ -177,16 +177,14 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         curve, first = [tuple(p) for p in saved["curve"]], saved["step"] + 1
         train_seconds, optimizer_seconds = saved["train_seconds"], saved["optimizer_seconds"]
         last_loss, wall_before = saved["last_loss"], saved.get("wall_seconds", 0.0)
-        compile_before = saved.get("compile_seconds", 0.0)
     else:
         with torch.no_grad(), autocast:
             curve = [(0, 0.0, _validation_loss(workload, model, optimizer))]
         first, train_seconds, optimizer_seconds, last_loss, wall_before = 1, 0.0, 0.0, math.nan, 0.0
-        compile_before = 0.0
     diverged = False
     steps_done = first - 1
     compiled = None if compile_step is None else torch.compile(optimizer.step, backend=compile_step)
-    compile_seconds = compile_before
+    compile_seconds = saved.get("compile_seconds", 0.0) if saved is not None else 0.0
     compile_steps: list[int] = list(saved.get("compile_steps", [])) if saved is not None else []
     for step in range(first, steps + 1):
         late = deadline is not None and time.perf_counter() > deadline
