@@ -58,7 +58,8 @@ def _bench_model_optimizer(name: str) -> tuple[list[torch.nn.Parameter], torch.o
     """The benchmark's optimizer ``name`` at its centre rate on the 20M model of the batch-size axis."""
     from precond_bench.model import GPT, GPTConfig
     from precond_bench.optimizers import SPECS, AdamWSetting
-    model = GPT(GPTConfig(vocab_size=256, context=256, width=512, depth=6, heads=8))
+    from precond_bench.workloads import PRESETS
+    model = GPT(GPTConfig(**PRESETS["gpu"]["gpt"]))  # the batch axis's model (`--preset gpu`), bytes: vocab 256
     return list(model.parameters()), SPECS[name].build(model, SPECS[name].center_lr, AdamWSetting(3e-3))
 
 
