@@ -23,6 +23,7 @@ def test_tiny_cpu_run_reports_every_optimizer(tmp_path, capsys):
     for row in rows.values():
         assert row["mean_ms"] > 0 and row["max_ms"] >= row["median_ms"] > 0 and row["state_mib"] > 0
         assert row["peak_mib"] >= row["state_mib"]  # on a CPU too: the state and the steps' temporaries
+        assert row["warmup_s"] > 0 and "cudagraph_skips" not in row  # eager rows compile nothing
     table = capsys.readouterr().out
     assert all(f"| {name} |" in table for name in names)
 
@@ -37,3 +38,12 @@ def test_cpu_transient_peak_counts_what_the_steps_hold_at_once_and_release():
     param = torch.nn.Parameter(torch.zeros(3))
     peak = step_time.cpu_transient_peak(torch.optim.SGD([param], lr=0.1), [param], steps)
     assert 8 << 20 <= peak < (8 << 20) + (1 << 16)
+
+
+def test_a_compiled_row_shows_what_compiling_made_and_cost():
+    row = {"mean_ms": 2.0, "median_ms": 2.0, "max_ms": 3.0, "state_mib": 5.0, "peak_mib": 6.0, "sync_free": True,
+           "warmup_s": 41.2, "graphs": 2, "graph_breaks": 1, "cudagraph_skips": 3}
+    results = {"device": "cuda", "torch": "x", "date": "d",
+               "sizes": {"tiny": {"matrices": 1, "parameters": 10, "rows": {"precond SOAP compiled": row}}}}
+    line = [l for l in step_time.markdown(results).splitlines() if l.startswith("| precond SOAP compiled")][0]
+    assert "2 graphs, 1 breaks, 3 CUDA-graph skips, warm-up 41 s" in line

@@ -268,6 +268,7 @@ def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.
     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     from torch._dynamo.utils import counters
     graphs_before, breaks_before = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    skips_before = counters["inductor"]["cudagraph_skips"]
     opt = make(params)
 
     def step(i: int) -> None:
@@ -277,8 +278,12 @@ def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.
 
     if isinstance(opt.step, CompiledStep):  # the second refresh still re-traces once (a step count turns dynamic)
         warmup = max(warmup, 2 * FREQUENCY + 2)
+    started = time.perf_counter()
     for i in range(warmup):
         step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - started  # with a compiled step: what compiling it cost, in seconds
     sync_free = None
     if check_syncs and device.type == "cuda":
         # A step that refreshes nothing (the warm-up ended just past a refresh) must not wait for the device.
@@ -313,11 +318,14 @@ def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.
         "state_mib": resident / 2**20,
         "peak_mib": peak / 2**20 if peak is not None else None,
         "sync_free": sync_free,
+        "warmup_s": warmup_s,
     }
-    if isinstance(opt.step, CompiledStep):
-        from torch._dynamo.utils import counters  # what compiling cost: graphs made, breaks met
+    if isinstance(opt.step, CompiledStep):  # what compiling made: graphs, breaks, graphs not captured
         result["graphs"] = counters["stats"]["unique_graphs"] - graphs_before
         result["graph_breaks"] = sum(counters["graph_break"].values()) - breaks_before
+        # "reduce-overhead" replays a graph as a CUDA graph unless inductor skips it (a CPU tensor, a mutated
+        # input without a fixed address, ...): such a row would time plain compiled kernels
+        result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips_before
     del opt, params, grads
     return result
 
@@ -363,7 +371,8 @@ def markdown(results: dict[str, Any]) -> str:
             peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "—"
             sync = {None: "—", True: "yes"}.get(r["sync_free"], r["sync_free"])
             if "graphs" in r:  # compiling frees and caches memory of its own: the memory columns would mislead
-                sync = f"{sync}; {r['graphs']} graphs, {r['graph_breaks']} breaks"
+                sync = (f"{sync}; {r['graphs']} graphs, {r['graph_breaks']} breaks, "
+                        f"{r.get('cudagraph_skips', 0)} CUDA-graph skips, warm-up {r.get('warmup_s', math.nan):.0f} s")
                 r = dict(r, state_mib=math.nan)
                 peak = "—"
             lines.append(f"| {name} | {r['mean_ms']:.2f} | {r['median_ms']:.2f} | {r['max_ms']:.1f} | {ratio} | "
