@@ -209,6 +209,8 @@ def _attach_state(optimizer: Any, bucket: Bucket) -> None:
                 state.update({m.prefix + k: v for k, v in fresh.items()})
         for name in ("exp_avg", "exp_avg_sq"):
             bucket.state[name] = [optimizer.state[m.param][m.prefix + name] for m in bucket.members]
+            for moment in bucket.state[name]:
+                torch._dynamo.mark_static_address(moment)  # as the stacks below, for CUDA graphs
         _stack_state(optimizer, bucket, engine_entries(bucket.device))
         bucket.state["steps"] = list(bucket.state["step"].unbind(0))  # the kernel takes a list of 0-d tensors
         return

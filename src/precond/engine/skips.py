@@ -49,6 +49,8 @@ class SkipCount:
             torch._foreach_add_(counters, list(bad.split([len(ok) for ok in oks])))
         if self.total is None:
             self.total = torch.zeros((), dtype=torch.int64, device=bad.device)
+            if not torch.compiler.is_compiling():  # made by an eager step: one address for CUDA graphs
+                torch._dynamo.mark_static_address(self.total)
         self.total.add_(bad.sum())
         if not torch.compiler.is_compiling():  # a compiled step only counts; the next eager call reads them
             self.check(wait=False)
