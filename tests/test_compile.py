@@ -26,9 +26,10 @@ def params_and_grads(steps):
     return init, grads
 
 
-def trajectory(make, init, grads, compile_step, rate=None, made=None):
+def trajectory(make, init, grads, compile_step, rate=None, made=None, from_first=False):
     """The weights after a step per gradient set; ``rate(i)``, if given, is written into every group's ``lr``
-    before step ``i`` (as a scheduler does); ``made`` (a list) receives the optimizer."""
+    before step ``i`` (as a scheduler does); ``made`` (a list) receives the optimizer. The first step, which
+    creates the state, runs eagerly unless ``from_first``."""
     params = [torch.nn.Parameter(x.clone()) for x in init]
     opt = make(params)
     if made is not None:
@@ -39,7 +40,7 @@ def trajectory(make, init, grads, compile_step, rate=None, made=None):
             p.grad = g.clone()
         for group in opt.param_groups if rate is not None else ():
             group["lr"] = rate(i)
-        (opt.step if i == 0 else step)()  # the first step creates the state eagerly
+        (opt.step if i == 0 and not from_first else step)()
     return [p.detach() for p in params]
 
 
@@ -153,6 +154,28 @@ def test_a_compiled_function_calling_step_compiles_once(make):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+# torch 2.13 fails inside dynamo (an IndexError creating a shape guard for a reshape) when the orthogonalised
+# methods' step is compiled from its first call with a 3-D parameter among 2-D ones; after one eager step it
+# compiles (the tests above). Strict, so that a torch that fixes it shows here.
+FIRST_CALL_FAILS = {"Muon", "ASGO"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=IndexError, reason="see FIRST_CALL_FAILS"))
+    if n in FIRST_CALL_FAILS else n for n in [*FACTORIES, *SETTINGS]])
+def test_a_step_compiled_from_its_first_call_equals_eager(name):
+    """The state is then made while dynamo traces: the plan is built in an eager frame of its own (dynamo
+    refuses to trace ``mark_static_address``, and a step compiled from its first call raised there)."""
+    make = {**FACTORIES, **SETTINGS}[name]
+    torch._dynamo.reset()
+    init, grads = params_and_grads(4)
+    compiled = trajectory(make, init, grads, compile_step=True, from_first=True)
+    eager = trajectory(make, init, grads, compile_step=False)
+    for a, b in zip(compiled, eager):
+        assert bool(torch.isfinite(a).all())
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("make", [*FACTORIES.values(), *SETTINGS.values()], ids=[*FACTORIES, *SETTINGS])
 def test_every_tensor_the_step_writes_has_a_fixed_address_for_cuda_graphs(make):
     """torch.compile's "reduce-overhead" replays a graph as a CUDA graph only if every input it writes in place
@@ -162,13 +185,13 @@ def test_every_tensor_the_step_writes_has_a_fixed_address_for_cuda_graphs(make):
     moments were not: every optimizer's compiled step was skipped)."""
     from torch._dynamo.backends.common import aot_autograd
 
-    written = []
+    written, now = [], [0]
 
     def inspect(gm, example_inputs):
         meta = torch._guards.TracingContext.try_get().fw_metadata
         static = set(meta.static_input_indices)
         mutated = [i for i, info in enumerate(meta.input_info) if info.mutates_data or info.mutates_metadata]
-        written.append((len(mutated), [i for i in mutated if i not in static]))
+        written.append((now[0], len(mutated), [i for i in mutated if i not in static]))
         return gm
 
     torch._dynamo.reset()
@@ -177,11 +200,13 @@ def test_every_tensor_the_step_writes_has_a_fixed_address_for_cuda_graphs(make):
     opt = make(params)
     step = torch.compile(opt.step, backend=aot_autograd(fw_compiler=inspect))
     for i, gs in enumerate(grads):
+        now[0] = i
         for p, g in zip(params, gs):
             p.grad = g.clone()
         (opt.step if i == 0 else step)()  # the first step creates the state eagerly
-    assert written and all(count > 0 for count, _ in written)  # the graphs write their state in place
-    assert all(not moving for _, moving in written), written
+    steady = [(count, moving) for i, count, moving in written]
+    assert steady and all(count > 0 for count, _ in steady)  # the graphs write their state in place
+    assert all(not moving for _, moving in steady), written
 
 
 @pytest.mark.parametrize("make", [*FACTORIES.values(), *SETTINGS.values()], ids=[*FACTORIES, *SETTINGS])

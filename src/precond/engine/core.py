@@ -252,10 +252,19 @@ class BlockEngine(torch.optim.Optimizer):
             with_grad.append(params)
         key = tuple(tuple(map(id, params)) for params in with_grad)
         if key != self._plan_key:
-            self._buckets = build_buckets(self, self.param_groups, with_grad)
-            self._plan_key = key
-            self._say_guard_notes()
+            self._build_plan(with_grad, key)
         return self._buckets
+
+    # Run eagerly, even inside a step compiled from its first call (one graph break on the steps that plan):
+    # the state is made here and marked as living at one address (``mark_static_address``, which dynamo
+    # refuses to trace), so that every graph traced after it sees static state.
+    @torch._dynamo.disable
+    def _build_plan(self, with_grad: list[list[Tensor]], key: tuple) -> None:
+        self._buckets = build_buckets(self, self.param_groups, with_grad)
+        self._plan_key = key
+        if self._buckets:
+            self._skips.prepare(self._buckets[0].device)
+        self._say_guard_notes()
 
     # ------------------------------------------------------------------------------- the step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -213,6 +213,8 @@ def _attach_state(optimizer: Any, bucket: Bucket) -> None:
                 torch._dynamo.mark_static_address(moment)  # as the stacks below, for CUDA graphs
         _stack_state(optimizer, bucket, engine_entries(bucket.device))
         bucket.state["steps"] = list(bucket.state["step"].unbind(0))  # the kernel takes a list of 0-d tensors
+        for step in bucket.state["steps"]:  # views of a static stack, but a graph may take them as inputs
+            torch._dynamo.mark_static_address(step)
         return
     method = optimizer._init_block(bucket.shape, bucket.kind, bucket.group, bucket.dtype, bucket.device)
     if bucket.local is bucket:
@@ -230,8 +232,9 @@ def _stack_state(optimizer: Any, bucket: Bucket, fresh: dict[str, Tensor]) -> No
         parts = [optimizer.state[m.param].get(m.prefix + name, fresh[name]) for m in bucket.members]
         stack = torch.stack(parts)
         # A stack lives as long as its bucket: CUDA graphs (torch.compile's "reduce-overhead") may then read
-        # and write it in place instead of skipping a graph whose mutated inputs have no fixed address (a new
-        # address re-records the graph; nothing is guarded, so no recompile).
+        # and write it in place; inductor skips the capture of a graph that writes an input not marked so (a
+        # new address re-records the graph; nothing is guarded, so no recompile). Plans are built eagerly
+        # (``BlockEngine._build_plan``): dynamo refuses to trace this call.
         torch._dynamo.mark_static_address(stack)
         bucket.state[name] = stack
         for j, m in enumerate(bucket.members):

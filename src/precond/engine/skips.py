@@ -36,6 +36,14 @@ class SkipCount:
         self.copy: tuple[Tensor, Any] | None = None  # a host copy of the total in flight, its event
         self.unchecked_steps = 0  # steps since that copy was made
 
+    def prepare(self, device: torch.device) -> None:
+        """Make the running total on ``device`` (eagerly, when a plan is built) and mark it as living at one
+        address: a compiled step writes it in place, and CUDA graphs are captured only where every tensor a
+        graph writes is static."""
+        if self.total is None:
+            self.total = torch.zeros((), dtype=torch.int64, device=device)
+            torch._dynamo.mark_static_address(self.total)
+
     def note(self, buckets: list[Bucket], oks: list[Tensor]) -> None:
         """Count the blocks of each bucket that its mask ``ok`` refused."""
         if not buckets:
@@ -47,10 +55,8 @@ class SkipCount:
         else:  # one mask for all buckets: five operators a step, where a bucket at a time took three each
             bad = ~torch.cat(oks)
             torch._foreach_add_(counters, list(bad.split([len(ok) for ok in oks])))
-        if self.total is None:
+        if self.total is None:  # made by prepare() when the plan was built; this is for a caller without one
             self.total = torch.zeros((), dtype=torch.int64, device=bad.device)
-            if not torch.compiler.is_compiling():  # made by an eager step: one address for CUDA graphs
-                torch._dynamo.mark_static_address(self.total)
         self.total.add_(bad.sum())
         if not torch.compiler.is_compiling():  # a compiled step only counts; the next eager call reads them
             self.check(wait=False)
