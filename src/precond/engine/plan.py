@@ -213,8 +213,6 @@ def _attach_state(optimizer: Any, bucket: Bucket) -> None:
                 torch._dynamo.mark_static_address(moment)  # as the stacks below, for CUDA graphs
         _stack_state(optimizer, bucket, engine_entries(bucket.device))
         bucket.state["steps"] = list(bucket.state["step"].unbind(0))  # the kernel takes a list of 0-d tensors
-        for step in bucket.state["steps"]:  # views of a static stack, but a graph may take them as inputs
-            torch._dynamo.mark_static_address(step)
         return
     method = optimizer._init_block(bucket.shape, bucket.kind, bucket.group, bucket.dtype, bucket.device)
     if bucket.local is bucket:

@@ -55,9 +55,7 @@ class SkipCount:
         else:  # one mask for all buckets: five operators a step, where a bucket at a time took three each
             bad = ~torch.cat(oks)
             torch._foreach_add_(counters, list(bad.split([len(ok) for ok in oks])))
-        if self.total is None:  # made by prepare() when the plan was built; this is for a caller without one
-            self.total = torch.zeros((), dtype=torch.int64, device=bad.device)
-        self.total.add_(bad.sum())
+        self.total.add_(bad.sum())  # made by prepare() when the plan was built
         if not torch.compiler.is_compiling():  # a compiled step only counts; the next eager call reads them
             self.check(wait=False)
 
