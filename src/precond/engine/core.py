@@ -278,6 +278,8 @@ class BlockEngine(torch.optim.Optimizer):
         modes = {group.get("tf32", False) for group in self.param_groups}
         self._step_tf32 = modes.pop() if len(modes) == 1 else None
         self._note_rates()
+        if self._plan_key is None:  # planned before _step: a step compiled from its first call then traces whole
+            self._plan()
         with tf32_matmuls(self._step_tf32 or False):
             self._step()
         return loss

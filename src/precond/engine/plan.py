@@ -151,6 +151,9 @@ def build_buckets(optimizer: Any, groups: list[dict[str, Any]], with_grad: list[
         else:
             bucket.local = bucket
         _attach_state(optimizer, bucket)
+        # cached now: their first read takes cached_property's lock, which dynamo cannot trace (in a step
+        # compiled from its first call, that graph break sent the whole step back to eager)
+        _ = bucket.contiguous, bucket.param_dtype
         buckets.append(bucket)
     return buckets
 
