@@ -2,7 +2,8 @@
 
 The references are not part of precond: put their sources in the git-ignored folder ``.peers/``
 (``.peers/optimizers`` = facebookresearch/optimizers, ``.peers/SOAP`` = nikhilvyas/SOAP,
-``.peers/KL-Methods`` = yorkerlin/KL-Methods, the KL-SOAP authors' code), then run
+``.peers/KL-Methods`` = yorkerlin/KL-Methods, the KL-SOAP authors' code; the GPA authors' ``GPAAdamW`` is
+``.peers/optimizers/gpa``), then run
 
     python scripts/compare_references.py
 
@@ -230,9 +231,35 @@ def kl_soap_cases():
     return cases
 
 
+def gpa_cases():
+    """AdamW under GPA against the GPA authors' ``GPAAdamW`` (facebookresearch/optimizers' ``gpa``), at
+    Distributed Shampoo's coefficients and at theirs, with Adam's first moment on and off."""
+    sys.path.insert(0, str(ROOT / ".peers" / "optimizers"))  # for its own `gpa.gpa_types` import
+    # its moments are float32 whatever the parameters' dtype: float64 here, to compare the algorithm
+    source = (ROOT / ".peers" / "optimizers" / "gpa" / "gpa_adamw.py").read_text()
+    source = source.replace("p, dtype=torch.float32, memory_format", "p, dtype=p.dtype, memory_format")
+    module = types.ModuleType("reference_gpa_adamw")
+    exec(compile(source, "gpa_adamw.py", "exec"), module.__dict__)
+    GPAAdamW = module.GPAAdamW
+
+    def theirs(ps, beta1, mu_x, mu_y):
+        opt = GPAAdamW(ps, lr=3e-3, beta1=beta1, beta2=0.95, eps=1e-8, weight_decay=0.1,
+                       eval_interp_coeff=mu_x, train_interp_coeff=mu_y)
+        opt.train()
+        return opt
+
+    cases = []
+    for beta1, mu_x, mu_y in [(0.9, 0.9, 0.8), (0.0, 0.9, 0.8), (0.9, 0.9967, 0.7)]:
+        ours = lambda ps, b=beta1, x=mu_x, y=mu_y: precond.averaging.PrimalAveraging(
+            precond.AdamW(ps, lr=3e-3, betas=(b, 0.95), eps=1e-8, weight_decay=0.1), x, y)
+        ref = lambda ps, b=beta1, x=mu_x, y=mu_y: theirs(ps, b, x, y)
+        cases.append((f"AdamW + GPA mu_x={mu_x} mu_y={mu_y} beta1={beta1} vs GPAAdamW, evaluated at x", ours, ref))
+    return cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["shampoo", "soap", "klsoap"], default=None)
+    parser.add_argument("--only", choices=["shampoo", "soap", "klsoap", "gpa"], default=None)
     args = parser.parse_args()
     # Both references create some scalars and buffers with the default dtype (Distributed Shampoo's bias
     # corrections, the reference SOAP's factors): float64 there too, or they round to float32.
@@ -245,6 +272,8 @@ def main() -> None:
         cases += soap_cases()
     if args.only in (None, "klsoap"):
         cases += kl_soap_cases()
+    if args.only in (None, "gpa"):
+        cases += gpa_cases()
     print(f"| case | max rel. diff of W | max rel. diff of ΔW |\n|---|---|---|")
     for name, ours, ref, *own in cases:
         start, steps = own or (init, grads)

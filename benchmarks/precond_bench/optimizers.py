@@ -14,7 +14,8 @@ Ours, at each method's published defaults:
   KLShampoo the same.
 - KLSOAP: SOAP's settings above (its authors' Adam has no bias correction, and neither has this row).
 - AdamW+GPA, SOAP+GPA: Generalized Primal Averaging (μ_x 0.9, μ_y 0.8, Distributed Shampoo's defaults)
-  around AdamW / SOAP at the settings here, evaluated at the averaged weights.
+  around AdamW / SOAP at the settings here, evaluated at the averaged weights. ``-b0``: the same with the
+  base optimizer's β₁ = 0, so that the averaging is the only momentum (Distributed Shampoo's GPA examples).
 - Muon: ``torch.optim.Muon``'s momentum 0.95 (Nesterov) and weight decay 0.1 on the hidden matrices.
 - ASGO: its root every step (``β₂ = 0.8`` statistics move fast: at 10 steps the root goes stale and the CPU
   LM ends 0.5 nats/byte worse after 100 steps) by 10 Newton–Schulz iterations, the authors' practical solver
@@ -216,6 +217,11 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
     OptimizerSpec("AdamW+GPA", 3e-3, lambda m, lr, a: precond.PrimalAveraging(precond.AdamW(
         _params(m), lr=lr, betas=(0.9, 0.95), weight_decay=a.weight_decay)), uses_adamw=True),
     OptimizerSpec("SOAP+GPA", 3e-3, lambda m, lr, a: precond.PrimalAveraging(_soap()(m, lr, a))),
+    # The same with the base optimizer's first moment off (beta1 = 0): GPA's averaging is then the only momentum,
+    # as in Distributed Shampoo's GPA examples (betas=(0.0, ...)); with beta1 = 0.9 the two momenta compound
+    OptimizerSpec("AdamW+GPA-b0", 3e-3, lambda m, lr, a: precond.PrimalAveraging(precond.AdamW(
+        _params(m), lr=lr, betas=(0.0, 0.95), weight_decay=a.weight_decay)), uses_adamw=True),
+    OptimizerSpec("SOAP+GPA-b0", 3e-3, lambda m, lr, a: precond.PrimalAveraging(_soap(betas=(0.0, 0.95))(m, lr, a))),
     OptimizerSpec("Muon", 2e-2, lambda m, lr, a: precond.Muon(
         precond.param_groups(m), lr=lr, weight_decay=0.1, adamw_lr=a.lr, adamw_betas=(0.9, 0.95),
         adamw_weight_decay=a.weight_decay), uses_adamw=True),
@@ -237,7 +243,7 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
 
 OURS = list(OPTIMIZERS)
 # heavyball's rows only when named: its compilation takes minutes per optimizer before the first step
-DEFAULT_OPTIMIZERS = OURS + ["AdamW+GPA", "torch.AdamW", "torch.Muon", "pytorch_optimizer.SOAP", "pytorch_optimizer.Muon"]
+DEFAULT_OPTIMIZERS = OURS + ["AdamW+GPA-b0", "torch.AdamW", "torch.Muon", "pytorch_optimizer.SOAP", "pytorch_optimizer.Muon"]
 
 
 def available_optimizers(names: list[str]) -> list[str]:

@@ -118,11 +118,11 @@ def _throughput(per_second: float | None) -> str:
     return f"{per_second / 1e6:.3g}M/s" if per_second >= 1e5 else f"{per_second / 1e3:.3g}k/s"
 
 
-# Thirty distinct colours (matplotlib's tab20, then tab20b's darker shades): one per known optimizer.
+# Thirty-six distinct colours (matplotlib's tab20, then tab20b's shades): one per known optimizer.
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
             "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
             "#dbdb8d", "#9edae5", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#5254a3", "#8ca252",
-            "#bd9e39", "#ad494a", "#a55194"]
+            "#bd9e39", "#ad494a", "#a55194", "#6b6ecf", "#b5cf6b", "#e7ba52", "#d6616b", "#ce6dbd", "#9c9ede"]
 
 
 def curve_colours(names) -> dict[str, str | None]:
