@@ -147,16 +147,25 @@ def shampoo_cases():
     return cases
 
 
+def load_patched(path: str, replacements: dict[str, str]) -> types.ModuleType:
+    """A peer's source file under ``.peers/``, run as a module after the textual ``replacements`` (each must
+    occur: a peer that changed is an error, not a silent float32 comparison)."""
+    source = (ROOT / ".peers" / path).read_text()
+    for old, new in replacements.items():
+        if old not in source:
+            raise RuntimeError(f"{path} no longer contains {old!r}: update the comparison")
+        source = source.replace(old, new)
+    module = types.ModuleType(f"reference_{Path(path).stem}")
+    exec(compile(source, path, "exec"), module.__dict__)
+    return module
+
+
 def load_reference_soap(float64_internals: bool):
     """The reference SOAP module; ``float64_internals`` swaps its hard-coded float32 casts for float64
     so that the comparison measures the algorithm, not float32 rounding."""
-    source = (ROOT / ".peers" / "SOAP" / "soap.py").read_text()
-    if float64_internals:
-        source = (source.replace("m.data.float()", "m.data.double()").replace("o.data.float()", "o.data.double()")
-                  .replace("!= torch.float:", "!= torch.float64:"))
-    module = types.ModuleType("reference_soap")
-    exec(compile(source, "reference_soap.py", "exec"), module.__dict__)
-    return module.SOAP
+    casts = {"m.data.float()": "m.data.double()", "o.data.float()": "o.data.double()",
+             "!= torch.float:": "!= torch.float64:"}
+    return load_patched("SOAP/soap.py", casts if float64_internals else {}).SOAP
 
 
 def soap_cases():
@@ -236,11 +245,8 @@ def gpa_cases():
     Distributed Shampoo's coefficients and at theirs, with Adam's first moment on and off."""
     sys.path.insert(0, str(ROOT / ".peers" / "optimizers"))  # for its own `gpa.gpa_types` import
     # its moments are float32 whatever the parameters' dtype: float64 here, to compare the algorithm
-    source = (ROOT / ".peers" / "optimizers" / "gpa" / "gpa_adamw.py").read_text()
-    source = source.replace("p, dtype=torch.float32, memory_format", "p, dtype=p.dtype, memory_format")
-    module = types.ModuleType("reference_gpa_adamw")
-    exec(compile(source, "gpa_adamw.py", "exec"), module.__dict__)
-    GPAAdamW = module.GPAAdamW
+    GPAAdamW = load_patched("optimizers/gpa/gpa_adamw.py", {
+        "p, dtype=torch.float32, memory_format": "p, dtype=p.dtype, memory_format"}).GPAAdamW
 
     def theirs(ps, beta1, mu_x, mu_y):
         opt = GPAAdamW(ps, lr=3e-3, beta1=beta1, beta2=0.95, eps=1e-8, weight_decay=0.1,

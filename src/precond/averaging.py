@@ -13,10 +13,10 @@ which, without decay, is ``x ← μ_x·x + (1 − μ_x)·z`` followed by ``y = �
 ``x`` is read off the shrunk ``z``, as in Distributed Shampoo). GPA holds ``μ_x``
 (``eval_interp_coeff``) and ``μ_y`` (``train_interp_coeff``) fixed: ``μ_y = 1`` with the base optimizer
 ``SGD(momentum=0)`` at ``lr / (1 − μ_x)`` is heavy-ball momentum ``μ_x``, ``μ_y = μ_x`` is Nesterov's.
-Either averaging is a momentum of its own: around Adam, SOAP and the like give the base optimizer ``β₁ = 0``
-(with ``β₁ = 0.9`` the two momenta compound, and the benchmark's LM trains far slower; BENCHMARKS.md).
 Schedule-Free sets ``μ_x = 1 − lr_t^p / Σ_{i≤t} lr_i^p`` at every step (``p = eval_coeff_lr_power``, the
 paper's Eq. 23 for ``p = 2``), an average weighted by the rate, which replaces the decay schedule.
+Either averaging is a momentum of its own: around Adam, SOAP and the like give the base optimizer ``β₁ = 0``
+(with ``β₁ = 0.9`` the two momenta compound, and the benchmark's LM trains far slower; BENCHMARKS.md).
 
 :meth:`IterateAveraging.eval` moves the parameters to ``x`` (``y + (1 − 1/μ_y)·(z − y)``) and
 :meth:`~IterateAveraging.train` back to ``y`` (``x + (1 − μ_y)·(z − x)``); a step in eval mode is an error.
