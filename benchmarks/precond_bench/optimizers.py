@@ -167,6 +167,11 @@ def _eshampoo(**options) -> Callable[[nn.Module, float, AdamWSetting], Optimizer
     return lambda m, lr, _: precond.EShampoo(_params(m), lr=lr, **kw)
 
 
+def _adamw(betas=(0.9, 0.95)) -> Callable[[nn.Module, float, AdamWSetting], Optimizer]:
+    """Our AdamW at the GPT-2/3 recipe's betas and the tuned weight decay."""
+    return lambda m, lr, a: precond.AdamW(_params(m), lr=lr, betas=betas, weight_decay=a.weight_decay)
+
+
 def _shampoo(**options) -> Callable[[nn.Module, float, AdamWSetting], Optimizer]:
     """Our Shampoo at Distributed Shampoo's defaults with Adam grafting (SOAP's β₂ and ε), ``options`` on top."""
     kw = dict(betas=(0.9, 0.999), epsilon=1e-12, precondition_frequency=10, grafting="adam", grafting_beta2=0.95,
@@ -175,8 +180,7 @@ def _shampoo(**options) -> Callable[[nn.Module, float, AdamWSetting], Optimizer]
 
 
 SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
-    OptimizerSpec("AdamW", 3e-3, lambda m, lr, a: precond.AdamW(_params(m), lr=lr, betas=(0.9, 0.95),
-                                                                  weight_decay=a.weight_decay), uses_adamw=True),
+    OptimizerSpec("AdamW", 3e-3, _adamw(), uses_adamw=True),
     OptimizerSpec("SOAP", 3e-3, _soap()),
     # The same SOAP with TF32 matmuls (not in the default list): does the loss curve follow float32's?
     OptimizerSpec("SOAP-tf32", 3e-3, _soap(tf32=True)),
@@ -214,13 +218,12 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
         _params(m), lr=lr, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10)),
     # Iterate averaging (Distributed Shampoo's GPA defaults, mu_x 0.9, mu_y 0.8) around AdamW and SOAP at their
     # settings above; evaluated at the averaged weights x
-    OptimizerSpec("AdamW+GPA", 3e-3, lambda m, lr, a: precond.PrimalAveraging(precond.AdamW(
-        _params(m), lr=lr, betas=(0.9, 0.95), weight_decay=a.weight_decay)), uses_adamw=True),
+    OptimizerSpec("AdamW+GPA", 3e-3, lambda m, lr, a: precond.PrimalAveraging(_adamw()(m, lr, a)), uses_adamw=True),
     OptimizerSpec("SOAP+GPA", 3e-3, lambda m, lr, a: precond.PrimalAveraging(_soap()(m, lr, a))),
     # The same with the base optimizer's first moment off (beta1 = 0): GPA's averaging is then the only momentum,
     # as in Distributed Shampoo's GPA examples (betas=(0.0, ...)); with beta1 = 0.9 the two momenta compound
-    OptimizerSpec("AdamW+GPA-b0", 3e-3, lambda m, lr, a: precond.PrimalAveraging(precond.AdamW(
-        _params(m), lr=lr, betas=(0.0, 0.95), weight_decay=a.weight_decay)), uses_adamw=True),
+    OptimizerSpec("AdamW+GPA-b0", 3e-3, lambda m, lr, a: precond.PrimalAveraging(_adamw((0.0, 0.95))(m, lr, a)),
+                  uses_adamw=True),
     OptimizerSpec("SOAP+GPA-b0", 3e-3, lambda m, lr, a: precond.PrimalAveraging(_soap(betas=(0.0, 0.95))(m, lr, a))),
     OptimizerSpec("Muon", 2e-2, lambda m, lr, a: precond.Muon(
         precond.param_groups(m), lr=lr, weight_decay=0.1, adamw_lr=a.lr, adamw_betas=(0.9, 0.95),
