@@ -104,6 +104,18 @@ def _split_z(state: dict[Any, dict], params: list[Tensor]) -> tuple[dict[Any, di
     return base_state, zs
 
 
+def _average(p: Tensor, z: Tensor, y: Tensor, mu_x: float, mu_y: float, lr: float, wd: float) -> None:
+    """One averaging step in place: the base optimizer moved ``p`` from ``y`` by ``d``; ``z`` takes the
+    whole move (and the base's decoupled decay), ``y`` (the new parameters) the interpolation between them."""
+    if wd != 0.0:
+        z.mul_(1.0 - lr * wd)
+    d = p.detach() - y
+    z_minus_y = z - y
+    z.add_(d)
+    y.add_(d, alpha=1.0 - mu_x * mu_y).add_(z_minus_y, alpha=1.0 - mu_x)
+    p.copy_(y)
+
+
 class IterateAveraging(torch.optim.Optimizer):
     """The base of :class:`PrimalAveraging` and :class:`ScheduleFree`: wraps ``optimizer`` and shares its
     ``param_groups`` (an LR scheduler given this object edits the base optimizer's rates). Its state per
@@ -180,17 +192,8 @@ class IterateAveraging(torch.optim.Optimizer):
         rates = _decay_rates(self.optimizer) if decoupled else {}
         mu_xs = [self._eval_interp_coeff(i) for i in range(len(self.param_groups))]
         coeffs = {id(p): mu_x for mu_x, g in zip(mu_xs, self.param_groups) for p in g["params"]}
-        mu_y = self.train_interp_coeff
         for p, z, y in zip(params, zs, before):
-            lr, wd = rates.get(p, (0.0, 0.0))
-            if wd != 0.0:
-                z.mul_(1.0 - lr * wd)
-            mu_x = coeffs[id(p)]
-            d = p.detach() - y
-            z_minus_y = z - y
-            z.add_(d)
-            y.add_(d, alpha=1.0 - mu_x * mu_y).add_(z_minus_y, alpha=1.0 - mu_x)
-            p.copy_(y)
+            _average(p, z, y, coeffs[id(p)], self.train_interp_coeff, *rates.get(p, (0.0, 0.0)))
         return loss
 
     @torch.no_grad()
