@@ -122,7 +122,7 @@ class IterateAveraging(torch.optim.Optimizer):
     parameter is ``z``; per group ``lr_sum`` (Schedule-Free's ``Σ lr^p``) and the mode, kept in the shared
     groups (``"iterate_averaging_lr_sum"``, ``"iterate_averaging_training"``). ``state_dict()`` is the base
     optimizer's with ``z`` one more tensor of each parameter's state (``"iterate_averaging_z"``): the flat
-    layout ``torch.distributed.checkpoint`` and its ``get_optimizer_state_dict`` expect, flattened or not."""
+    layout distributed checkpointing (DCP) and its ``get_optimizer_state_dict`` expect, flattened or not."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, train_interp_coeff: float) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):

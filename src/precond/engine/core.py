@@ -603,7 +603,7 @@ class BlockEngine(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state saved by :meth:`state_dict` (or by ``torch.distributed.checkpoint``; AdamW also loads
+        """Loads a state saved by :meth:`state_dict` (or by distributed checkpointing, DCP; AdamW also loads
         ``torch.optim.AdamW``'s, whose groups' extra options then stay in the groups, and torch's loads ours).
 
         Every saved tensor is checked against the shape and dtype this optimizer would create (computed

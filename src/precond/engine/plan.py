@@ -4,7 +4,7 @@ A *bucket* holds blocks of one param group that share (block shape, state dtype,
 count); its state lives in stacked tensors (leading dim = block), and each parameter's entries in
 ``optimizer.state`` are views into those stacks. So a step is a few batched calls per bucket, while
 ``state_dict()`` still sees one flat dict of tensors per parameter, as the ``torch.optim`` ecosystem
-(``torch.save``, ``torch.distributed.checkpoint``) expects.
+(``torch.save``, distributed checkpointing: DCP) expects.
 
 Per-parameter keys are the optimizer's own names (``"exp_avg"``, ``"factor0"``, …) for a parameter of
 one block, and ``"block{b}.{name}"`` for a parameter cut into several blocks. Every block also has a
