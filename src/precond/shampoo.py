@@ -42,6 +42,37 @@ def shared_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
     return {name: arguments[name] for name in SHARED_ARGUMENTS}
 
 
+def _checked_defaults(*, lr: float, betas: tuple[float, float], epsilon: float, weight_decay: float,
+                      max_preconditioner_dim: int | float, precondition_frequency: int,
+                      start_preconditioning_step: int, use_bias_correction: bool,
+                      use_decoupled_weight_decay: bool, grafting: str | None, grafting_beta2: float | None,
+                      grafting_epsilon: float, precondition_1d: bool, merge_dims: bool, large_dim_policy: str,
+                      max_factor_ratio: float, tf32: bool | str, spectral_normalize: bool, packed_factors: bool,
+                      preconditioner_dtype: torch.dtype | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """The family's arguments checked, as a param group's defaults (a start of ``-1``: the frequency)."""
+    check_max_dim("max_preconditioner_dim", max_preconditioner_dim)
+    check_int("precondition_frequency", precondition_frequency, 1)
+    if start_preconditioning_step != -1:
+        check_int("start_preconditioning_step", start_preconditioning_step, 1)
+    check_choice("grafting", grafting, (None, *GRAFTING_KINDS))
+    if grafting_beta2 is None:
+        grafting_beta2 = _GRAFTING_BETA2.get(grafting, 0.999)
+    if grafting in ("adam", "rmsprop"):
+        check_betas((0.0, grafting_beta2), name="grafting_beta2 (as betas)")
+    check_positive("grafting_epsilon", grafting_epsilon)
+    check_choice("large_dim_policy", large_dim_policy, ("split", "identity"))
+    check_choice("tf32", tf32, TF32_MODES)
+    return dict(lr=lr, betas=pair(betas), epsilon=epsilon, weight_decay=weight_decay,
+                max_preconditioner_dim=max_preconditioner_dim, precondition_frequency=precondition_frequency,
+                start_preconditioning_step=(precondition_frequency if start_preconditioning_step == -1
+                                            else start_preconditioning_step),
+                use_bias_correction=use_bias_correction, use_decoupled_weight_decay=use_decoupled_weight_decay,
+                grafting=grafting, grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
+                precondition_1d=precondition_1d, merge_dims=merge_dims, large_dim_policy=large_dim_policy,
+                max_factor_ratio=max_factor_ratio, tf32=tf32, spectral_normalize=spectral_normalize,
+                packed_factors=packed_factors, preconditioner_dtype=preconditioner_dtype, **extra)
+
+
 class ShampooFamily(BlockEngine):
     """The step Shampoo, KL-Shampoo and EShampoo share around their ``preconditioner`` component; see
     :class:`Shampoo` for the arguments."""
@@ -51,40 +82,10 @@ class ShampooFamily(BlockEngine):
                     "max_factor_ratio": check_positive, "spectral_normalize": flag_rule, "packed_factors": flag_rule,
                     "preconditioner_dtype": preconditioner_dtype_rule}
 
-    def __init__(self, params: Iterable[Any], *, lr: float, betas: tuple[float, float], epsilon: float,
-                 weight_decay: float, max_preconditioner_dim: int | float, precondition_frequency: int,
-                 start_preconditioning_step: int, use_bias_correction: bool, use_decoupled_weight_decay: bool,
-                 grafting: str | None, grafting_beta2: float | None, grafting_epsilon: float,
-                 precondition_1d: bool, merge_dims: bool, large_dim_policy: str, max_factor_ratio: float,
-                 tf32: bool | str, spectral_normalize: bool, packed_factors: bool,
-                 preconditioner_dtype: torch.dtype | None, distributed: Any, strict: bool,
-                 extra: dict[str, Any], preconditioner: KroneckerPreconditioner) -> None:
+    def __init__(self, params: Iterable[Any], *, distributed: Any, strict: bool,
+                 preconditioner: KroneckerPreconditioner, **arguments: Any) -> None:
         self.preconditioner = preconditioner
-        check_max_dim("max_preconditioner_dim", max_preconditioner_dim)
-        check_int("precondition_frequency", precondition_frequency, 1)
-        if start_preconditioning_step != -1:
-            check_int("start_preconditioning_step", start_preconditioning_step, 1)
-        check_choice("grafting", grafting, (None, *GRAFTING_KINDS))
-        if grafting_beta2 is None:
-            grafting_beta2 = _GRAFTING_BETA2.get(grafting, 0.999)
-        if grafting in ("adam", "rmsprop"):
-            check_betas((0.0, grafting_beta2), name="grafting_beta2 (as betas)")
-        check_positive("grafting_epsilon", grafting_epsilon)
-        check_choice("large_dim_policy", large_dim_policy, ("split", "identity"))
-        check_choice("tf32", tf32, TF32_MODES)
-        defaults = dict(lr=lr, betas=pair(betas), epsilon=epsilon, weight_decay=weight_decay,
-                        max_preconditioner_dim=max_preconditioner_dim,
-                        precondition_frequency=precondition_frequency,
-                        start_preconditioning_step=(precondition_frequency if start_preconditioning_step == -1
-                                                    else start_preconditioning_step),
-                        use_bias_correction=use_bias_correction,
-                        use_decoupled_weight_decay=use_decoupled_weight_decay, grafting=grafting,
-                        grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
-                        precondition_1d=precondition_1d, merge_dims=merge_dims,
-                        large_dim_policy=large_dim_policy, max_factor_ratio=max_factor_ratio, tf32=tf32,
-                        spectral_normalize=spectral_normalize, packed_factors=packed_factors,
-                        preconditioner_dtype=preconditioner_dtype, **extra)
-        super().__init__(params, defaults, distributed=distributed, strict=strict)
+        super().__init__(params, _checked_defaults(**arguments), distributed=distributed, strict=strict)
 
     # ---------------------------------------------------------------------- engine hooks
     def _weight_decay_mode(self, group: dict[str, Any]) -> str:
