@@ -89,6 +89,12 @@ def _with_z(state: dict[Any, dict], zs: dict[Tensor, Tensor], params: list[Tenso
     return state
 
 
+def _merged_state(base_state: dict[Tensor, dict], zs: dict[Tensor, Tensor]) -> collections.defaultdict:
+    """Per parameter, the base optimizer's state with ``z`` added."""
+    return collections.defaultdict(dict, {p: {**base_state.get(p, {}), **({_Z: zs[p]} if p in zs else {})}
+                                          for p in set(zs) | set(base_state)})
+
+
 def _split_z(state: dict[Any, dict], params: list[Tensor]) -> tuple[dict[Any, dict], dict[Tensor, Tensor]]:
     """The inverse of :func:`_with_z`: the base optimizer's saved state, and ``z`` per parameter (checked)."""
     base_state, zs = {}, {}
@@ -160,9 +166,7 @@ class IterateAveraging(torch.optim.Optimizer):
     @property
     def state(self) -> collections.defaultdict:
         """Per parameter, the base optimizer's state and ``z``, as one state (what ``state_dict`` saves)."""
-        params = set(self._zs) | set(self.optimizer.state)
-        return collections.defaultdict(dict, {p: {**self.optimizer.state.get(p, {}), **(
-            {_Z: self._zs[p]} if p in self._zs else {})} for p in params})
+        return _merged_state(self.optimizer.state, self._zs)
 
     @property
     def training(self) -> bool:
@@ -173,10 +177,6 @@ class IterateAveraging(torch.optim.Optimizer):
     def lr_sums(self) -> list[float]:
         """Per group, Schedule-Free's ``Σ lr^p`` so far."""
         return [float(g.get(_LR_SUM, 0.0)) for g in self.param_groups]
-
-    def _set_training(self, training: bool) -> None:
-        for group in self.param_groups:
-            group[_TRAINING] = training
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -197,22 +197,23 @@ class IterateAveraging(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
-    def _move(self, factor: float) -> None:
+    def _move(self, factor: float, training: bool) -> None:
+        """The parameters ``factor`` of the way to ``z``; then the mode is ``training``."""
         for p in self._params():
             if p in self._zs:
                 p.add_(self._zs[p] - p, alpha=factor)
+        for group in self.param_groups:
+            group[_TRAINING] = training
 
     def eval(self) -> None:
         """Parameters to the averaged iterate ``x``, to evaluate (a no-op in eval mode)."""
         if self.training:
-            self._move(1.0 - 1.0 / self.train_interp_coeff)
-            self._set_training(False)
+            self._move(1.0 - 1.0 / self.train_interp_coeff, training=False)
 
     def train(self) -> None:
         """Parameters back to ``y``, where gradients are taken (a no-op in train mode)."""
         if not self.training:
-            self._move(1.0 - self.train_interp_coeff)
-            self._set_training(True)
+            self._move(1.0 - self.train_interp_coeff, training=True)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none)
