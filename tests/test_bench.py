@@ -239,6 +239,26 @@ def test_a_compiled_model_trains_as_the_eager_one_and_its_runs_are_kept_apart(da
         bench_main(["--preset", "digits", "--compile-model", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path)])
 
 
+def test_compile_step_takes_a_mode_after_the_backend(data_dir, monkeypatch):
+    """``--compile-step inductor:reduce-overhead`` reaches ``torch.compile`` as backend and mode (CUDA graphs
+    on a GPU); a bare backend passes no mode."""
+    from precond_bench.runner import train_run
+    calls = []
+
+    def recording_compile(fn, **kwargs):
+        calls.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    preset = PRESETS["tiny"]
+    kw = dict(seed=0, steps=2, eval_every=2, device="cpu", adamw=AdamWSetting(3e-3), schedule=preset["schedule"])
+    workload = make_workload(preset, data_dir, "cpu")
+    run = train_run(workload, SPECS["AdamW"], 3e-3, compile_step="inductor:reduce-overhead", **kw)
+    train_run(workload, SPECS["AdamW"], 3e-3, compile_step="aot_eager", **kw)
+    assert calls == [{"backend": "inductor", "mode": "reduce-overhead"}, {"backend": "aot_eager"}]
+    assert run["compile_step"] == "inductor:reduce-overhead"
+
+
 def test_a_compiled_optimizer_step_trains_as_the_eager_one_its_compiles_timed_apart(data_dir, tmp_path):
     """``--compile-step`` (``aot_eager``): the same curve as the eager step to float32 rounding, the steps that
     compiled timed in ``compile_seconds`` and not in the wall-clock, kept across a resume, and the runs of

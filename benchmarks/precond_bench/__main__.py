@@ -99,10 +99,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-model", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the language model (default backend inductor): a faster forward and "
                         "backward, so a larger optimizer share; kept in the configuration, never mixed with eager runs")
-    p.add_argument("--compile-step", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile each optimizer's step after its first (default backend inductor); the "
-                        "steps that compile are timed apart (compile_seconds), not in the wall-clock; kept in "
-                        "the configuration, never mixed with eager runs")
+    p.add_argument("--compile-step", nargs="?", const="inductor", default=None, metavar="BACKEND[:MODE]",
+                   help="torch.compile each optimizer's step after its first (default backend inductor; "
+                        "inductor:reduce-overhead replays it as CUDA graphs); the steps that compile are timed "
+                        "apart (compile_seconds), not in the wall-clock; kept in the configuration, never mixed "
+                        "with eager runs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--report-only", action="store_true",

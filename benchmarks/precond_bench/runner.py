@@ -134,6 +134,12 @@ def _save_checkpoint(path: Path, model, optimizer, progress: dict[str, Any], dev
     path.with_suffix(".json").write_text(json.dumps({"step": progress["step"]}))
 
 
+def _compiled(step, setting: str):
+    """``torch.compile`` of ``step`` under ``BACKEND[:MODE]``."""
+    backend, _, mode = setting.partition(":")
+    return torch.compile(step, backend=backend, **({"mode": mode} if mode else {}))
+
+
 def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, steps: int, eval_every: int,
               device: str, adamw: AdamWSetting, progress=None, schedule: dict[str, Any] | None = None,
               checkpoint: Path | None = None, deadline: float | None = None, stop_at: int | None = None,
@@ -150,7 +156,8 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
     step ``stop_at`` before its end saves itself there and returns ``None``; called again with the same
     arguments it resumes from that file, bit for bit, and removes it when the run ends.
 
-    With ``compile_step`` (a ``torch.compile`` backend), every ``step()`` after a call's first (which creates
+    With ``compile_step`` (a ``torch.compile`` backend, and after a colon its mode: ``inductor:reduce-overhead``
+    replays the step as CUDA graphs), every ``step()`` after a call's first (which creates
     or loads the state eagerly) is compiled. A step during which dynamo compiled a graph is timed apart
     (``compile_seconds``; which steps, ``compile_steps``: a step that recompiles at every step shows there):
     the wall-clock is the compiled step's, as a long run sees it.
@@ -183,7 +190,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         first, train_seconds, optimizer_seconds, last_loss, wall_before = 1, 0.0, 0.0, math.nan, 0.0
     diverged = False
     steps_done = first - 1
-    compiled = None if compile_step is None else torch.compile(optimizer.step, backend=compile_step)
+    compiled = None if compile_step is None else _compiled(optimizer.step, compile_step)
     compile_seconds = saved.get("compile_seconds", 0.0) if saved is not None else 0.0
     compile_steps: list[int] = list(saved.get("compile_steps", [])) if saved is not None else []
     for step in range(first, steps + 1):
