@@ -241,7 +241,7 @@ def test_a_compiled_model_trains_as_the_eager_one_and_its_runs_are_kept_apart(da
 
 def test_compile_step_takes_a_mode_after_the_backend(data_dir, monkeypatch):
     """``--compile-step inductor:reduce-overhead`` reaches ``torch.compile`` as backend and mode (CUDA graphs
-    on a GPU); a bare backend passes no mode."""
+    on a GPU); a bare backend passes no mode; the run records inductor's CUDA-graph skips (none here)."""
     from precond_bench.runner import train_run
     calls = []
 
@@ -256,7 +256,7 @@ def test_compile_step_takes_a_mode_after_the_backend(data_dir, monkeypatch):
     run = train_run(workload, SPECS["AdamW"], 3e-3, compile_step="inductor:reduce-overhead", **kw)
     train_run(workload, SPECS["AdamW"], 3e-3, compile_step="aot_eager", **kw)
     assert calls == [{"backend": "inductor", "mode": "reduce-overhead"}, {"backend": "aot_eager"}]
-    assert run["compile_step"] == "inductor:reduce-overhead"
+    assert run["compile_step"] == "inductor:reduce-overhead" and run["cudagraph_skips"] == 0
 
 
 def test_a_compiled_optimizer_step_trains_as_the_eager_one_its_compiles_timed_apart(data_dir, tmp_path):

@@ -108,6 +108,12 @@ def _graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def _cudagraph_skips() -> int:
+    """How many compiled graphs inductor has run without CUDA graphs in this process (``reduce-overhead``)."""
+    from torch._dynamo.utils import counters
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -193,12 +199,13 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
     compiled = None if compile_step is None else _compiled(optimizer.step, compile_step)
     compile_seconds = saved.get("compile_seconds", 0.0) if saved is not None else 0.0
     compile_steps: list[int] = list(saved.get("compile_steps", [])) if saved is not None else []
+    skips_before = _cudagraph_skips() - (saved.get("cudagraph_skips", 0) if saved is not None else 0)
     for step in range(first, steps + 1):
         late = deadline is not None and time.perf_counter() > deadline
         if checkpoint is not None and step > first and (late or (stop_at is not None and step == stop_at + 1)):
             done = dict(step=steps_done, curve=curve, train_seconds=train_seconds, optimizer_seconds=optimizer_seconds,
                         last_loss=last_loss, adamw=adamw_setting, compile_seconds=compile_seconds,
-                        compile_steps=compile_steps,
+                        compile_steps=compile_steps, cudagraph_skips=_cudagraph_skips() - skips_before,
                         wall_seconds=wall_before + time.perf_counter() - started)
             _save_checkpoint(checkpoint, model, optimizer, done, device)
             return None
@@ -262,8 +269,8 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         "curve": curve, "final_val_loss": curve[-1][2] if not diverged else math.inf,
         "final_train_loss": last_loss, "train_seconds": train_seconds, "optimizer_seconds": optimizer_seconds,
         "optimizer_share": optimizer_seconds / train_seconds if train_seconds else 0.0,
-        **({"compile_step": compile_step, "compile_seconds": compile_seconds, "compile_steps": compile_steps}
-           if compile_step else {}),
+        **({"compile_step": compile_step, "compile_seconds": compile_seconds, "compile_steps": compile_steps,
+            "cudagraph_skips": _cudagraph_skips() - skips_before} if compile_step else {}),
         "wall_seconds": wall_before + time.perf_counter() - started,  # evaluations and set-up too
         "state_bytes": state_bytes(optimizer),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
