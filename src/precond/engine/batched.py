@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["per_block", "commit_", "decay_", "ema_", "refusal_factors", "bias_correction", "gradient_bound",
-           "gradient_mask", "gradient_rows"]
+           "gradient_mask", "gradient_rows", "UPDATE_BOUND"]
 
 
 def per_block(values: Tensor, like: Tensor) -> Tensor:
@@ -52,6 +52,11 @@ def gradient_bound(dtype: torch.dtype) -> float:
     (1.8e17 in float32). Its squares, the Kronecker factors and second moments built from them, and their
     products in a refresh, then stay finite."""
     return math.sqrt(torch.finfo(dtype).max) * 1e-2
+
+
+# An update whose RMS exceeds this × max(RMS(W), 1) is not applied (BlockEngine._apply): no step of any rate a
+# model survives comes near it.
+UPDATE_BOUND = 1e4
 
 
 def gradient_mask(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:

@@ -3,8 +3,9 @@
 :class:`BlockEngine` is a ``torch.optim.Optimizer`` that owns what all methods share: param groups,
 closures, cutting parameters into blocks, bucketing blocks for batched arithmetic (see
 :mod:`~precond.engine.plan`), weight decay, the guard against non-finite gradients, statistics and
-``state_dict`` handling. A public optimizer subclasses it and supplies the hooks that say what its
-preconditioner keeps and how it turns a stack of gradients into a stack of search directions:
+``state_dict`` handling (the last two in base classes of their own: :class:`~precond.engine.reports.EngineReports`
+and :class:`~precond.engine.saved_state.StateLoading`). A public optimizer subclasses it and supplies the hooks
+that say what its preconditioner keeps and how it turns a stack of gradients into a stack of search directions:
 
 - ``_layout(param, group)``: the :class:`~precond.blocks.BlockLayout` of a parameter;
 - ``_block_kind(layout, index, group)``: a hashable that separates blocks needing different arithmetic
@@ -42,10 +43,7 @@ on such a step, as torch's fused kernel takes one skip flag per call (the behavi
 from __future__ import annotations
 
 import contextlib
-import itertools
-import logging
 import math
-import re
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
@@ -55,15 +53,14 @@ from torch import Tensor
 from ..blocks import BlockLayout
 from ..linalg import spectral_normalize, tf32_matmuls
 from ..validation import Rule, check_group, flag_rule
-from .batched import gradient_mask, per_block, refusal_factors
+from .batched import UPDATE_BOUND, gradient_mask, per_block, refusal_factors
 from .distribute import Topology, agree_any, local, resolve_topology, work_for
-from .plan import Bucket, Member, block_prefix, build_buckets, engine_entries, fresh_block_state, state_dtype
-from .saved_state import STATS_KEY, checked_state
+from .plan import Bucket, Member, block_prefix, build_buckets
+from .reports import STATS_FIELDS, EngineReports
+from .saved_state import StateLoading
 from .skips import SkipCount
 
 __all__ = ["BlockEngine", "WEIGHT_DECAY_MODES", "STATS_FIELDS"]
-
-logger = logging.getLogger("precond")
 
 
 def _traced_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -97,19 +94,13 @@ def _traced_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
 # "l2": the gradient becomes G + wd·W before anything else sees it.
 WEIGHT_DECAY_MODES = ("decoupled", "decoupled_after", "l2")
 
-# The one layout of a factor's counters (``stats{i}``, int64): its dim, then how often its root or basis was
-# recomputed, kept by the adaptive criterion, QR-iterated, failed (kept the last good one), and fell back from
-# CholeskyQR to Householder QR. precond.kronecker allocates them, precond.refresh counts, this module reports.
-STATS_FIELDS = ("dim", "refreshes", "skipped", "qr_iterations", "failures", "fallbacks")
 
 
-class BlockEngine(torch.optim.Optimizer):
+class BlockEngine(EngineReports, StateLoading, torch.optim.Optimizer):
     """Base class: see the module docstring. Not used directly."""
 
     # The hyper-parameters a param group may set, each with its check (see precond.validation.check_group).
     _group_rules: dict[str, Rule] = {}
-    # What the warning about skipped steps advises (Shampoo adds its own remedies).
-    _skip_advice = "lower lr"
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], distributed: Any = None,
                  strict: bool = False) -> None:
@@ -474,15 +465,6 @@ class BlockEngine(torch.optim.Optimizer):
                     rates[member.param] = rate
         return rates
 
-    def _raise_if_any(self, bucket: Bucket, bad: Tensor, what: str) -> None:
-        """``strict=True``: raise naming the first parameter and block of ``bad`` (reads ``bad`` on the host)."""
-        if not bool(bad.any()):
-            return
-        member = bucket.members[int(bad.nonzero()[0, 0])]  # masks follow the members (exchanged buckets too)
-        where = f"{self._name_of(member.param)} (shape {tuple(member.param.shape)}), block {member.block}"
-        raise FloatingPointError(f"{type(self).__name__} (strict=True): {where}: {what}; nothing was updated "
-                                 f"for it: {self._skip_advice}")
-
     def _fused_adam(self, bucket: Bucket, grads: list[Tensor], ok: Tensor,
                     contiguous: dict[Tensor, Tensor]) -> Tensor:
         """AdamW by torch's fused kernel; a non-finite gradient anywhere in the bucket skips the bucket, and so
@@ -515,156 +497,11 @@ class BlockEngine(torch.optim.Optimizer):
         bucket.calls += 1
         return ok
 
-    def _note_guard(self, param: Tensor, layout: BlockLayout, precondition_1d: bool) -> BlockLayout:
-        """Notes once per parameter what the memory guard changed in its layout; :meth:`_say_guard_notes` says
-        it, once for all the parameters a plan noted."""
-        if id(param) not in self._guard_noted:
-            self._guard_noted.add(id(param))
-            note = layout.guard_note(precondition_1d)
-            if note is not None:
-                self._guard_pending.append((self._name_of(param), tuple(param.shape), note, layout.max_factor_ratio))
-        return layout
-
-    def _say_guard_notes(self) -> None:
-        if not self._guard_pending:
-            return
-        notes, self._guard_pending = self._guard_pending, []
-        examples = "; ".join(f"{name} {shape}: {note}" for name, shape, note, _ in notes[:3])
-        more = f"; and {len(notes) - 3} more" if len(notes) > 3 else ""
-        logger.warning("%s: the memory guard max_factor_ratio=%g changed the layout of %d parameter(s) (%s%s). It "
-                       "keeps each Kronecker factor within that many times its block's elements; Distributed Shampoo "
-                       "has none (max_factor_ratio=float('inf') for its layout)",
-                       type(self).__name__, notes[0][3], len(notes), examples, more)
-
-    def _name_of(self, param: Tensor) -> str:
-        """``param``'s name in its group's ``param_names``, else ``"parameter {i} of group {g}"``."""
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p is param:
-                    names = group.get("param_names")
-                    return repr(names[pi]) if names else f"parameter {pi} of group {gi}"
-        return "a parameter"
-
-    def _warn_new_nonfinite(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) in self._warned:
-                    continue
-                count = sum(int(v) for k, v in self.state.get(p, {}).items() if k.endswith("nonfinite"))
-                if count:
-                    self._warned.add(id(p))
-                    logger.warning("%s: %s (shape %s): a step was skipped for some of its blocks, whose gradient "
-                                   "or update was not finite (or the update's RMS passed %g× the weights'); their "
-                                   "weights were left as they were. If it repeats, %s. Said once per parameter; "
-                                   "preconditioner_stats() counts every skip (strict=True raises instead)",
-                                   type(self).__name__, self._name_of(p), tuple(p.shape), UPDATE_BOUND,
-                                   self._skip_advice)
-
-    # -------------------------------------------------------------------------- statistics
-    def time_communication(self, enabled: bool = True) -> None:
-        """Start (or stop) counting the time of this optimizer's collectives in :attr:`communication_seconds`.
-
-        Each collective is then bracketed by device syncs, which costs a little: a diagnostic, off by default.
-        """
-        self._topology.timed = enabled
-        self._topology.comm_seconds = 0.0
-
-    @property
-    def communication_seconds(self) -> float:
-        """Seconds spent in this optimizer's collectives (exchanging directions, gathering whole matrices)
-        since :meth:`time_communication` was called."""
-        return self._topology.comm_seconds
-
-    def preconditioner_stats(self) -> dict[str, Any]:
-        """Per-factor counters and guard counts, for people to read and benchmarks to report.
-
-        Returns ``{"factors": [...], "nonfinite_skipped_blocks": int}`` (block steps skipped for a non-finite
-        gradient, or an update that was not finite or passed :data:`UPDATE_BOUND`); each factor record holds
-        ``group, param, block, factor, dim`` and the counters ``refreshes`` (recomputed), ``skipped``
-        (kept by the adaptive criterion), ``qr_iterations``, ``failures`` (kept the last good result) and
-        ``fallbacks`` (power-QR refreshes whose CholeskyQR2 failed and took Householder QR).
-        Reading them waits for the device.
-        """
-        factors: list[dict[str, Any]] = []
-        skipped = 0
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                state = self.state.get(p, {})
-                for key, value in sorted(state.items(), key=lambda kv: _natural(kv[0])):
-                    if key.endswith("nonfinite"):
-                        skipped += int(value)
-                    match = STATS_KEY.match(key)
-                    if match:
-                        block, factor = int(match.group(1) or 0), int(match.group(2))
-                        record = dict(zip(STATS_FIELDS, (int(v) for v in value.tolist())))
-                        factors.append({"group": gi, "param": pi, "block": block, "factor": factor, **record})
-        self._skips.check(wait=True)
-        return {"factors": factors, "nonfinite_skipped_blocks": skipped}
-
-    # ---------------------------------------------------------------------------- state_dict
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state saved by :meth:`state_dict` (or by distributed checkpointing, DCP; AdamW also loads
-        ``torch.optim.AdamW``'s, whose groups' extra options then stay in the groups, and torch's loads ours).
-
-        Every saved tensor is checked against the shape and dtype this optimizer would create (computed
-        on the ``meta`` device, so no second state is built) before anything is changed; tensors keep
-        their saved dtype (the float32 state of a bf16 parameter stays float32) and are copied, so
-        continuing from a checkpoint is bit-identical to not stopping.
-        """
-        groups, saved_groups = self.param_groups, state_dict["param_groups"]
-        for index, saved in enumerate(saved_groups):  # a torch.optim.AdamW checkpoint with options we lack
-            for option in ("amsgrad", "maximize", "differentiable"):
-                if saved.get(option, False):
-                    raise ValueError(f"state_dict's param group {index} has {option}=True, which "
-                                     f"{type(self).__name__} does not implement")
-        if len(groups) != len(saved_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, the optimizer {len(groups)}")
-        params = list(itertools.chain.from_iterable(g["params"] for g in groups))
-        saved_ids = list(itertools.chain.from_iterable(g["params"] for g in saved_groups))
-        if len(saved_ids) != len(params):
-            raise ValueError(f"state_dict has {len(saved_ids)} parameters, the optimizer has {len(params)}")
-        # The hyper-parameters that shape the state are the saved groups' (they replace the current ones).
-        group_of = [dict(g, **{k: v for k, v in s.items() if k != "params"})
-                    for g, s in zip(groups, saved_groups) for _ in g["params"]]
-        by_id = {saved: (p, group) for saved, p, group in zip(saved_ids, params, group_of)}
-        loaded = {}
-        for key, value in state_dict["state"].items():
-            if key not in by_id:
-                raise ValueError(f"state_dict has state for parameter {key!r}, which its param_groups do not list")
-            p, group = by_id[key]
-            loaded[p] = checked_state(self, value, p, group, key)
-        defaults = dict(self.defaults)
-        super().load_state_dict({"state": {}, "param_groups": saved_groups})
-        self.defaults = defaults  # torch's load adds "differentiable" to the defaults, and so to every group
-        for group in self.param_groups:  # a checkpoint from before an option existed takes its default
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        for p, value in loaded.items():
-            self.state[p] = {k: v.detach().to(device=p.device, copy=True) if isinstance(v, Tensor) else v
-                             for k, v in value.items()}
-        self._plan_key = None
-        self._work.reset()
-        self._skips.reset()
-
-    def _expected_state(self, p: Tensor, group: dict[str, Any], owned_only: bool = True) -> dict[str, Tensor]:
-        """The per-parameter state this optimizer creates for ``p``, as meta tensors (of the blocks this
-        process owns; every block's counters)."""
-        expected = {}
-        for m in self._members(p, group):
-            shape = tuple(m.data().shape) if m.fused else tuple(m.layout.block_shapes[m.block])
-            if owned_only and m.owner not in (None, self._topology.rank):
-                fresh = engine_entries("meta")
-            else:
-                fresh = fresh_block_state(self, shape, m.kind, group, state_dtype(p), "meta")
-            expected.update({m.prefix + k: v for k, v in fresh.items()})
-        return expected
-
 
 # A bucket of at least this many elements is updated in place (BlockEngine._apply): four passes over its
 # weights fewer, a launch or two per block more. 2²² float32 elements are 16 MB, 5 µs of an H100's bandwidth
 # per pass, about what the extra launches cost the host.
 IN_PLACE_ELEMENTS = 1 << 22
-UPDATE_BOUND = 1e4  # an update whose RMS exceeds this × max(RMS(W), 1) is not applied (BlockEngine._apply)
 _UNSOUND = f"its update is not finite or its RMS exceeds {UPDATE_BOUND:g}× max(RMS(W), 1)"
 
 
@@ -705,8 +542,3 @@ def _named(group: dict[str, Any], index: int) -> dict[str, Any]:
     if "param_names" in group or any(isinstance(p, tuple) for p in group["params"]):
         return group
     return dict(group, param_names=[f"group{index}.{i}" for i in range(len(group["params"]))])
-
-
-def _natural(key: str) -> list[Any]:
-    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", key)]
-
