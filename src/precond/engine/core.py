@@ -517,8 +517,12 @@ def _sound_update(direction: Tensor, weight_norms: Tensor, lr: float | Tensor, s
     # stack, or a flattened copy of a transposed one (Muon's tall matrices), would cost two passes more.
     dims = tuple(range(1, direction.dim()))
     norms = torch.linalg.vector_norm(direction, dim=dims).float()
-    if isinstance(lr, Tensor):
-        step = norms * (lr.to(norms.device).abs() * (abs(scale) / UPDATE_BOUND))
+    if isinstance(lr, Tensor) or torch.compiler.is_compiling():
+        # A tensor times the rate first: Python arithmetic on a scheduler's rate (``abs(lr·s)``, even ``lr·c``)
+        # made torch 2.11's compiled step guard on its value, and so recompile at every new rate until
+        # dynamo's limit sent it back to eager.
+        rate = lr.to(norms.device) if isinstance(lr, Tensor) else lr
+        step = (norms * rate).abs() * (abs(scale) / UPDATE_BOUND)
     else:
         step = norms * (abs(lr * scale) / UPDATE_BOUND)
     return step <= weight_norms.float().clamp(min=math.sqrt(numel), max=torch.finfo(torch.float32).max)
