@@ -95,7 +95,6 @@ def _traced_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
 WEIGHT_DECAY_MODES = ("decoupled", "decoupled_after", "l2")
 
 
-
 class BlockEngine(EngineReports, StateLoading, torch.optim.Optimizer):
     """Base class: see the module docstring. Not used directly."""
 
