@@ -162,6 +162,17 @@ def test_tiny_benchmark_runs_writes_outputs_and_resumes(data_dir, tmp_path):
     # a different configuration under the same name is refused
     with pytest.raises(ValueError, match="another configuration"):
         bench_main(argv + ["--steps", "9"])
+    # more seeds (or sweep rates) plan more runs of the same configuration: the saved ones are kept, the
+    # new seed's full runs are added, and the folder still serves the plan it was made with
+    assert bench_main(argv + ["--seeds", str(PRESETS["tiny"]["seeds"] + 1)]) == 0
+    grown = {p.name for p in (out / "runs").iterdir()}
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir() if p in stamp} == \
+        {p.name: t for p, t in stamp.items()}
+    added = grown - {p.name for p in stamp}
+    assert added == {f"full-{n}-lr{json.loads((out / 'runs' / f).read_text())['lr']:.4g}"
+                     f"-seed{PRESETS['tiny']['seeds']}.json"
+                     for n in ("AdamW", "Muon") for f in files if f.startswith(f"full-{n}-")}
+    assert bench_main(argv) == 0
 
 
 def test_every_benchmark_optimizer_trains_the_tiny_model(data_dir):

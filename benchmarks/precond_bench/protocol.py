@@ -20,7 +20,8 @@ run with its own schedule.
    presets): the first evaluation at or below the target.
 
 Every run is written to ``<runs_dir>/<name>/runs/*.json`` as soon as it ends; a rerun with the same
-configuration reuses them, so an interrupted sweep resumes where it stopped. With ``time_limit`` the run in
+configuration reuses them, so an interrupted sweep resumes where it stopped (more seeds or sweep rates are
+the same configuration: they add runs). With ``time_limit`` the run in
 progress when the limit passes saves a checkpoint (``<runs_dir>/<name>/partial/*.pt``: weights, the
 optimizer's ``state_dict``, random states, curve and clocks) and the next call resumes it bit for bit, so a
 run may be longer than one job; the runs not reached are listed (what a job with a wall-clock limit needs).
@@ -64,8 +65,20 @@ class BenchConfig:
     centers: dict[str, float] = field(default_factory=dict)  # a grid centre other than the optimizer's default
 
     def identity(self) -> dict[str, Any]:
-        """What must match for saved runs to be reused (the optimizer list may grow)."""
+        """The configuration, as ``config.json`` records it; :func:`reuse_key` says which part must match."""
         return {"preset": self.preset, "device": self.device.split(":")[0], "lr_factor": self.lr_factor}
+
+
+# How many seeds and sweep rates a call plans picks which runs it makes, not how any one run trains: a folder
+# made with one seed takes a second, and a wider grid, without starting over.
+PLAN_ONLY = ("seeds", "lr_points")
+
+
+def reuse_key(identity: dict[str, Any]) -> dict[str, Any]:
+    """What must match for saved runs to be reused: the identity less :data:`PLAN_ONLY` (the optimizer list
+    may grow too)."""
+    preset = {k: v for k, v in identity["preset"].items() if k not in PLAN_ONLY}
+    return {**identity, "preset": preset}
 
 
 def lr_grid(center: float, points: int, factor: float) -> list[float]:
@@ -252,7 +265,7 @@ def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True
     identity_file = root / "config.json"
     if identity_file.exists():
         saved = json.loads(identity_file.read_text())
-        if saved != json.loads(json.dumps(config.identity())):
+        if reuse_key(saved) != reuse_key(json.loads(json.dumps(config.identity()))):
             raise ValueError(f"{root} holds runs of another configuration; choose another --name "
                              f"or remove the folder (saved: {saved})")
     identity_file.write_text(json.dumps(config.identity(), indent=1))
