@@ -215,6 +215,40 @@ def test_rate_check_repeats_the_full_run_one_grid_step_either_side(data_dir, tmp
     assert verdict in (tmp_path / "tiny" / "report.md").read_text()
 
 
+def test_a_plan_lists_the_runs_still_to_make_paced_by_the_saved_ones_and_trains_nothing(data_dir, tmp_path,
+                                                                                          capsys):
+    base = ["--preset", "tiny", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--quiet", "--no-plots",
+            "--lr-points", "1", "--edge-points", "0"]
+    assert bench_main(base + ["--seeds", "1", "--optimizers", "AdamW", "Muon", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / "tiny").exists()  # nothing written
+    assert [line.split(" s  ")[1] for line in out.splitlines()[:-1]] == [
+        f"sweep AdamW lr={SPECS['AdamW'].center_lr:.4g} seed=0",
+        f"AdamW's weight-decay sweep ({len(ADAMW_WEIGHT_DECAYS) - 1} runs) at its best rate",
+        "full AdamW at its sweep's best rate, 1 seed(s)", "Muon's sweep (1 rate(s)) and full runs, after AdamW's"]
+    assert "4 with no saved run to pace them" in out
+
+    assert bench_main(base + ["--seeds", "1", "--optimizers", "AdamW"]) == 0
+    runs = tmp_path / "tiny" / "runs"
+    saved = [json.loads(path.read_text()) for path in runs.iterdir()]
+    stamp = {path: path.stat().st_mtime_ns for path in runs.iterdir()}
+    pace = max(r["wall_seconds"] / r["steps_done"] for r in saved)
+    best = next(r["lr"] for r in saved if r["phase"] == "full")
+    steps, sweep_steps = PRESETS["tiny"]["steps"], PRESETS["tiny"]["sweep_steps"]
+    capsys.readouterr()
+    assert bench_main(base + ["--seeds", "2", "--optimizers", "AdamW", "Muon", "--plan"]) == 0
+    listed = [line.split(" s  ") for line in capsys.readouterr().out.splitlines()[:-1]]
+    expected = [(f"full AdamW lr={best:.4g} seed=1", steps), (f"sweep Muon lr={SPECS['Muon'].center_lr:.4g} seed=0",
+                                                             sweep_steps),
+                ("full Muon at its sweep's best rate, 2 seed(s)", 2 * steps)]
+    assert [label for _, label in listed] == [label for label, _ in expected]
+    # the pace is the slowest saved run's (Muon has none of its own yet)
+    assert [float(seconds) for seconds, _ in listed] == pytest.approx([round(pace * n) for _, n in expected], abs=1)
+    assert {path: path.stat().st_mtime_ns for path in runs.iterdir()} == stamp
+    assert bench_main(base + ["--seeds", "1", "--optimizers", "AdamW", "--plan"]) == 0
+    assert "nothing to make" in capsys.readouterr().out
+
+
 def test_time_limit_flag_reaches_the_protocol(data_dir, tmp_path):
     argv = ["--preset", "tiny", "--optimizers", "AdamW", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path),
             "--quiet", "--no-plots", "--time-limit", "0"]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .optimizers import DEFAULT_OPTIMIZERS, SPECS, available_optimizers
-from .protocol import BenchConfig, run_benchmark
+from .protocol import BenchConfig, plan_benchmark, run_benchmark
 from .report import notes, write_report
 from .workloads import PRESETS, with_batch_axis
 
@@ -108,6 +108,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: report the finished runs found under --runs-dir/--name")
+    p.add_argument("--plan", action="store_true",
+                   help="train nothing: list the runs still to make and their expected seconds, paced by the "
+                        "saved runs (a 20-step probe run of an optimizer gives it a pace)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -167,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                          name=args.name or args.preset, runs_dir=args.runs_dir, data_dir=args.data_dir,
                          edge_points=args.edge_points, time_limit=args.time_limit,
                          check_rates=tuple(args.check_rate), fit=args.fit, centers=parse_centers(args.center))
+    if args.plan:
+        return print_plan(plan_benchmark(config), Path(args.runs_dir) / config.name)
     started = time.time()
     result = run_benchmark(config, None if args.report_only else lambda total: Progress(total, not args.quiet),
                            train=not args.report_only)
@@ -186,6 +191,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{len(result['unfinished'])} runs not made (--time-limit or --report-only; rerun to go on): "
               + "; ".join(result["unfinished"]))
     print(f"\nreport: {out_dir / 'report.md'}")
+    return 0
+
+
+def print_plan(pending: list[tuple[str, float | None]], folder: Path) -> int:
+    """The runs still to make under ``folder``, one a line, with their expected seconds and the total."""
+    if not pending:
+        print(f"nothing to make under {folder}: every planned run is saved")
+        return 0
+    for label, seconds in pending:
+        print(f"{'?' if seconds is None else f'{seconds:.0f}':>7} s  {label}")
+    known = [s for _, s in pending if s is not None]
+    unknown = len(pending) - len(known)
+    print(f"{len(pending)} entries, ~{sum(known):.0f} s at the saved runs' pace"
+          + (f"; {unknown} with no saved run to pace them" if unknown else "")
+          + " (sweep rates beyond a grid's edge not foreseen)")
     return 0
 
 

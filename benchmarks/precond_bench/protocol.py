@@ -45,7 +45,8 @@ from .optimizers import ADAMW_WEIGHT_DECAYS, SPECS, AdamWSetting
 from .runner import train_run
 from .workloads import make_workload
 
-__all__ = ["BenchConfig", "lr_grid", "run_benchmark", "summarize", "steps_to_target", "mean_curve", "seed_band"]
+__all__ = ["BenchConfig", "lr_grid", "run_benchmark", "plan_benchmark", "summarize", "steps_to_target", "mean_curve",
+           "seed_band"]
 
 
 @dataclass
@@ -151,6 +152,7 @@ class _Runs:
         self.workload = None  # built on the first run that must be trained: a finished benchmark re-reports anywhere
         self.started = time.perf_counter()
         self.unfinished: list[str] = []
+        self.pending: list[tuple[str, float | None]] = []  # (run, expected seconds): what a plan lists
         self.stop_at = config.stop_at
 
     def get(self, phase: str, name: str, lr: float, seed: int, steps: int, adamw: AdamWSetting) -> dict | None:
@@ -167,12 +169,13 @@ class _Runs:
         limit = self.config.time_limit
         deadline = None if limit is None else self.started + limit
         checkpoint = _run_path(self.root, phase, name, lr, seed, "partial", ".pt")
-        need = self._seconds_needed(name, steps, checkpoint) if self.config.fit and deadline is not None else None
+        paced = not self.train or (self.config.fit and deadline is not None)
+        need = self._seconds_needed(name, steps, checkpoint) if paced else None
         late = deadline is not None and time.perf_counter() + (need or 0.0) >= deadline
         if not self.train or late:
-            self.unfinished.append(f"{phase} {name} lr={lr:.4g} seed={seed}"
-                                   + (" (checkpointed)" if checkpoint.exists() else "")
-                                   + (f" (needs ~{need:.0f} s)" if need else ""))
+            label = f"{phase} {name} lr={lr:.4g} seed={seed}" + (" (checkpointed)" if checkpoint.exists() else "")
+            self.unfinished.append(label + (f" (needs ~{need:.0f} s)" if need else ""))
+            self.pending.append((label, need))
             if self.progress:
                 self.progress.skip(steps)
             return None
@@ -201,7 +204,12 @@ class _Runs:
         return run
 
 
-    def _seconds_needed(self, name: str, steps: int, checkpoint: Path) -> float | None:
+    def expect(self, label: str, name: str, steps: int) -> None:
+        """A plan's entry for runs that cannot be named yet (their rate waits for a sweep): ``steps`` steps of
+        ``name`` in all."""
+        self.pending.append((label, self._seconds_needed(name, steps)))
+
+    def _seconds_needed(self, name: str, steps: int, checkpoint: Path | None = None) -> float | None:
         """Expected seconds to finish a run of ``name``: its steps still to go (a checkpoint's sidecar says
         how far it got) at the slowest pace per step among this benchmark's saved runs of ``name``, else of any
         optimizer; ``None`` when no run is saved. A run saved before ``wall_seconds`` was recorded is paced by
@@ -215,8 +223,8 @@ class _Runs:
         pace = paces.get(name, max(paces.values(), default=None))
         if pace is None:
             return None
-        progress = checkpoint.with_suffix(".json")
-        done = json.loads(progress.read_text())["step"] if progress.exists() else 0
+        progress = None if checkpoint is None else checkpoint.with_suffix(".json")
+        done = json.loads(progress.read_text())["step"] if progress is not None and progress.exists() else 0
         return pace * (steps - done)
 
 
@@ -258,28 +266,60 @@ def _sweep_weight_decay(runs: _Runs, entry: dict[str, Any], best: dict[str, Any]
     return None if None in tried else min(tried, key=lambda r: r["final_val_loss"])
 
 
-def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True) -> dict[str, Any]:
-    """Run (or, with ``train=False``, only collect) every planned run; see the module docstring."""
-    root = Path(config.runs_dir) / config.name
-    root.mkdir(parents=True, exist_ok=True)
+def _check_identity(config: BenchConfig, root: Path) -> None:
+    """Refuse a folder whose saved runs were made under another configuration."""
     identity_file = root / "config.json"
     if identity_file.exists():
         saved = json.loads(identity_file.read_text())
         if reuse_key(saved) != reuse_key(json.loads(json.dumps(config.identity()))):
             raise ValueError(f"{root} holds runs of another configuration; choose another --name "
                              f"or remove the folder (saved: {saved})")
-    identity_file.write_text(json.dumps(config.identity(), indent=1))
+
+
+def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True) -> dict[str, Any]:
+    """Run (or, with ``train=False``, only collect) every planned run; see the module docstring."""
+    root = Path(config.runs_dir) / config.name
+    root.mkdir(parents=True, exist_ok=True)
+    _check_identity(config, root)
+    (root / "config.json").write_text(json.dumps(config.identity(), indent=1))
     preset = config.preset
-    order = sorted(config.optimizers, key=lambda n: n != "AdamW")  # AdamW first: its setting serves others
-    total = len(order) * (preset["lr_points"] * preset["sweep_steps"] + preset["seeds"] * preset["steps"])
-    if "AdamW" in order:
+    total = len(config.optimizers) * (preset["lr_points"] * preset["sweep_steps"] + preset["seeds"] * preset["steps"])
+    if "AdamW" in config.optimizers:
         total += (len(ADAMW_WEIGHT_DECAYS) - 1) * preset["sweep_steps"]
     progress = progress_factory(total) if progress_factory else None
     runs = _Runs(config, root, progress, train)
+    results = _walk(config, runs)
+    if progress:
+        progress.close()
+    results = {name: entry for name, entry in results.items() if len(entry["full"]) == preset["seeds"]}
+    if not results:
+        raise ValueError(f"no optimizer has all its full runs under {root}; missing: {runs.unfinished}")
+    summary = summarize(results)
+    return {"config": asdict(config), "workload": json.loads((root / "workload.json").read_text()),
+            "results": results, "summary": summary, "unfinished": runs.unfinished}
 
+
+def plan_benchmark(config: BenchConfig) -> list[tuple[str, float | None]]:
+    """The runs still to make, each with its expected seconds (paced by the folder's saved runs of the same
+    optimizer, else of its slowest; ``None`` with no saved run to go by), training and writing nothing. Runs
+    whose rate waits for a sweep are listed as one entry per optimizer; the rates a sweep adds beyond its
+    grid's edge are not foreseen."""
+    root = Path(config.runs_dir) / config.name
+    _check_identity(config, root)
+    runs = _Runs(config, root, None, train=False)
+    _walk(config, runs)
+    return runs.pending
+
+
+def _walk(config: BenchConfig, runs: _Runs) -> dict[str, dict[str, Any]]:
+    """The protocol's runs in order, each saved, trained or (not training) listed; per optimizer its sweep,
+    best rate and full runs as far as they exist."""
+    preset, progress = config.preset, runs.progress
+    order = sorted(config.optimizers, key=lambda n: n != "AdamW")  # AdamW first: its setting serves others
     results: dict[str, dict[str, Any]] = {}
     adamw = AdamWSetting(SPECS["AdamW"].center_lr)
-    for name in order:
+    full_steps = preset["seeds"] * preset["steps"]
+    for position, name in enumerate(order):
         entry = results[name] = {"sweep": [], "full": []}
         grid = lr_grid(config.centers.get(name, SPECS[name].center_lr), preset["lr_points"], config.lr_factor)
         entry["sweep"] = [runs.get("sweep", name, lr, 0, preset["sweep_steps"], adamw) for lr in grid]
@@ -298,8 +338,16 @@ def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True
         if None in entry["sweep"] or None in entry.get("weight_decay_sweep", []):  # unfinished: decides nothing
             entry["sweep"] = [r for r in entry["sweep"] if r is not None]
             if progress:
-                progress.skip(preset["seeds"] * preset["steps"])
+                progress.skip(full_steps)
+            if name == "AdamW" and "weight_decay_sweep" not in entry:
+                decays = len(ADAMW_WEIGHT_DECAYS) - 1
+                runs.expect(f"AdamW's weight-decay sweep ({decays} runs) at its best rate", name,
+                            decays * preset["sweep_steps"])
+            runs.expect(f"full {name} at its sweep's best rate, {preset['seeds']} seed(s)", name, full_steps)
             if name == "AdamW":  # nor can the optimizers that use AdamW's tuned setting run
+                for other in order[position + 1:]:
+                    runs.expect(f"{other}'s sweep ({preset['lr_points']} rate(s)) and full runs, after AdamW's", other,
+                                preset["lr_points"] * preset["sweep_steps"] + full_steps)
                 break
             continue
         # every rate diverged: the full runs take the smallest, the likeliest to train (and show that it does not)
@@ -310,16 +358,13 @@ def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True
         full = [runs.get("full", name, entry["best_lr"], seed, preset["steps"], adamw)
                 for seed in range(preset["seeds"])]
         entry["full"] = [r for r in full if r is not None]
-        if name in config.check_rates and full[0] is not None:
-            entry["rate_check"] = _check_rate(runs, name, full[0], preset["steps"], config.lr_factor, adamw)
-    if progress:
-        progress.close()
-    results = {name: entry for name, entry in results.items() if len(entry["full"]) == preset["seeds"]}
-    if not results:
-        raise ValueError(f"no optimizer has all its full runs under {root}; missing: {runs.unfinished}")
-    summary = summarize(results)
-    return {"config": asdict(config), "workload": json.loads((root / "workload.json").read_text()),
-            "results": results, "summary": summary, "unfinished": runs.unfinished}
+        if name in config.check_rates:
+            if full[0] is not None:
+                entry["rate_check"] = _check_rate(runs, name, full[0], preset["steps"], config.lr_factor, adamw)
+            else:
+                runs.expect(f"check {name} at the two rates beside {entry['best_lr']:.4g}", name,
+                            2 * preset["steps"])
+    return results
 
 
 def _timing_key(run: dict[str, Any]) -> str:
