@@ -228,6 +228,10 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
     OptimizerSpec("Muon", 2e-2, lambda m, lr, a: precond.Muon(
         precond.param_groups(m), lr=lr, weight_decay=0.1, adamw_lr=a.lr, adamw_betas=(0.9, 0.95),
         adamw_weight_decay=a.weight_decay), uses_adamw=True),
+    # Muon's iteration carried by the Gram matrix, float16 (Zhang, Amsel, Chen & Dao 2026): fewer FLOPs
+    OptimizerSpec("Muon-gram", 2e-2, lambda m, lr, a: precond.Muon(
+        precond.param_groups(m), lr=lr, weight_decay=0.1, adamw_lr=a.lr, adamw_betas=(0.9, 0.95),
+        adamw_weight_decay=a.weight_decay, ns_algorithm="gram_newton_schulz", ns_dtype="float16"), uses_adamw=True),
     OptimizerSpec("ASGO", 1e-2, lambda m, lr, a: precond.ASGO(
         precond.param_groups(m), lr=lr, weight_decay=0.0, precondition_frequency=1, root_method="newton_schulz",
         ns_steps=10, adamw_lr=a.lr, adamw_weight_decay=a.weight_decay), uses_adamw=True),

@@ -73,6 +73,9 @@ def _ours(max_dim: int) -> dict[str, Callable]:
     return {
         "precond AdamW": lambda ps: precond.AdamW(ps, lr=1e-3),
         "precond Muon": lambda ps: precond.Muon(ps, lr=0.02),
+        # the same iteration through the Gram matrix, in float16 as its authors run it (non-square matrices)
+        "precond Muon gram fp16": lambda ps: precond.Muon(ps, lr=0.02, ns_algorithm="gram_newton_schulz",
+                                                          ns_dtype="float16"),
         **_kronecker_rows(max_dim),
         **_kronecker_rows(max_dim, "tf32", tf32=True),
         "precond SOAP 3xtf32": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=FREQUENCY, tf32="3x"),
@@ -114,7 +117,7 @@ def _compiled_rows(max_dim: int) -> dict[str, Callable]:
     rows["torch AdamW foreach compiled"] = compiled(lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True))
     # "reduce-overhead": the compiled graphs replayed as CUDA graphs where inductor can capture them, so the
     # host launches nothing per kernel (on a CPU the same as the plain compiled rows)
-    for name in ("precond AdamW", "precond Muon", "precond SOAP"):
+    for name in ("precond AdamW", "precond Muon", "precond Muon gram fp16", "precond SOAP"):
         rows[f"{name} compiled reduce-overhead"] = compiled(_ours(max_dim)[name], "reduce-overhead")
     # The large-batch benchmark's every-step refinement, bound by its ~1,600 launches a step on the 20M body
     for name in ("precond SOAP refine tf32 F=1", "precond EShampoo refine tf32 F=1"):

@@ -9,18 +9,30 @@ import torch
 from torch import Tensor
 
 from ..engine import Bucket, per_block
-from ..linalg import newton_schulz
+from ..linalg import gram_newton_schulz, gram_newton_schulz_flops, newton_schulz, newton_schulz_flops
 from .base import MatrixPreconditioner
 
-__all__ = ["NS_DTYPES", "Orthogonalized"]
+__all__ = ["NS_DTYPES", "NS_ALGORITHMS", "Orthogonalized", "uses_gram"]
 
-NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+             "float64": torch.float64}
+NS_ALGORITHMS = ("newton_schulz", "gram_newton_schulz")
+
+
+def uses_gram(rows: int, cols: int, group: dict[str, Any]) -> bool:
+    """Whether a ``rows × cols`` matrix of this group runs the Gram iteration: asked for, and fewer FLOPs
+    than the plain one (not for square or nearly square matrices, where the Gram products cost more)."""
+    if group.get("ns_algorithm", "newton_schulz") != "gram_newton_schulz":
+        return False
+    steps, resets = group["ns_steps"], tuple(group["gram_newton_schulz_reset_iterations"])
+    return gram_newton_schulz_flops(rows, cols, steps, resets) < newton_schulz_flops(rows, cols, steps)
 
 
 class Orthogonalized(MatrixPreconditioner):
     r"""``B ← μB + (1-μ)G``; ``U = (1-μ)G + μB`` (Nesterov) or ``B``; the direction
     ``NS^{(n)}_{a,b,c}(U / max(‖U‖_F, ε)) ≈ polar(U)``, in the group's ``ns_dtype`` (as torch.optim.Muon
-    adds it; the shape's rate factor is the optimizer's)."""
+    adds it; the shape's rate factor is the optimizer's), by the group's ``ns_algorithm``: the plain
+    iteration, or the same one carried by the Gram matrix where that costs fewer FLOPs (:func:`uses_gram`)."""
 
     def state(self, shape: tuple[int, ...], kind: Hashable, group: dict[str, Any], dtype: torch.dtype,
               device: torch.device | str) -> dict[str, Tensor]:
@@ -36,5 +48,9 @@ class Orthogonalized(MatrixPreconditioner):
             update = torch.lerp(grads, buf, momentum, out=torch.empty_like(grads, dtype=dtype))
         else:
             update = buf
+        if uses_gram(*update.shape[-2:], group):
+            return gram_newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype,
+                                      keep_dtype=True,
+                                      reset_iterations=tuple(group["gram_newton_schulz_reset_iterations"]))
         return newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype,
                              keep_dtype=True)
