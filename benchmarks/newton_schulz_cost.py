@@ -96,9 +96,9 @@ def main() -> None:
     print("\nrelative distance to the float64 plain iteration (256 × 1024)")
     variants = {"plain bfloat16 (Muon's default)": (newton_schulz, torch.bfloat16, {}),
                 "plain float16": (newton_schulz, torch.float16, {}),
-                "Gram float16, reset after step 2": (gram_newton_schulz, torch.float16, {}),
-                "Gram float16, no reset": (gram_newton_schulz, torch.float16, {"reset_iterations": ()}),
-                "Gram bfloat16, reset after step 2": (gram_newton_schulz, torch.bfloat16, {})}
+                "Gram float16, restart after step 2": (gram_newton_schulz, torch.float16, {}),
+                "Gram float16, no restart": (gram_newton_schulz, torch.float16, {"restart_iterations": ()}),
+                "Gram bfloat16, restart after step 2": (gram_newton_schulz, torch.bfloat16, {})}
     print("| iteration | " + " | ".join(matrices(4, 8)) + " |\n|---|---|---|---|")
     for label, (fn, dtype, kw) in variants.items():
         cells = []

@@ -3,7 +3,8 @@
 The references are not part of precond: put their sources in the git-ignored folder ``.peers/``
 (``.peers/optimizers`` = facebookresearch/optimizers, ``.peers/SOAP`` = nikhilvyas/SOAP,
 ``.peers/KL-Methods`` = yorkerlin/KL-Methods, the KL-SOAP authors' code; the GPA authors' ``GPAAdamW`` is
-``.peers/optimizers/gpa``), then run
+``.peers/optimizers/gpa``; ``.peers/gram-newton-schulz`` = NoahAmsel/gram-newton-schulz, for Muon's
+iteration), then run
 
     python scripts/compare_references.py
 
@@ -263,10 +264,49 @@ def gpa_cases():
     return cases
 
 
+def gram_newton_schulz_table() -> None:
+    """Our Newton–Schulz iterations against the Gram Newton–Schulz authors' (``.peers/gram-newton-schulz`` =
+    NoahAmsel/gram-newton-schulz, its torch path: no custom kernels, no compile): in float64, their
+    iterations on the matrix normalised as they do; in float16, their whole call (normalised in float32,
+    cast to float16) against ours in float16. Muon's coefficients (one triple) and Polar Express's (one per
+    step, theirs), restarting after the 2nd step."""
+    sys.path.insert(0, str(ROOT / ".peers" / "gram-newton-schulz"))
+    from gram_newton_schulz import POLAR_EXPRESS_COEFFICIENTS, GramNewtonSchulz
+
+    from precond.linalg import gram_newton_schulz, newton_schulz
+    print("| iteration | coefficients | shape | dtype | rel. diff |\n|---|---|---|---|---|")
+    for label, coefficients in (("Muon's", [(3.4445, -4.7750, 2.0315)] * 5),
+                                ("Polar Express", [tuple(c) for c in POLAR_EXPRESS_COEFFICIENTS])):
+        theirs = GramNewtonSchulz(ns_use_kernels=False, ns_coefficients=coefficients,
+                                  gram_newton_schulz_reset_iterations=[2], compile_kwargs=None)
+        for shape in [(64, 256), (256, 64), (3, 48, 160)]:
+            G = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+            wide = G.mT if shape[-2] > shape[-1] else G
+            # normalised as ours (and torch.optim.Muon) do, by max(‖G‖, ε): theirs divide by ‖G‖ + ε, a
+            # relative ε/‖G‖ (1e-9 here) that the iteration's result keeps
+            X = (wide / wide.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)).reshape(-1, *wide.shape[-2:])
+            for name, ours, ref in (
+                    ("Gram", gram_newton_schulz(G, 5, coefficients, 1e-7, torch.float64),
+                     theirs._gram_newton_schulz(X.clone())),
+                    ("standard", newton_schulz(G, 5, coefficients, 1e-7, torch.float64),
+                     theirs._standard_newton_schulz(X.clone()))):
+                ref = ref.reshape(wide.shape)
+                ref = ref.mT if shape[-2] > shape[-1] else ref
+                print(f"| {name} | {label} | {shape} | float64 | {float((ours - ref).norm() / ref.norm()):.2e} |")
+            with contextlib.redirect_stdout(io.StringIO()):  # its divergence check prints
+                ref = theirs(G.float()).double()
+            ours = gram_newton_schulz(G.float(), 5, coefficients, 1e-7, torch.float16).double()
+            print(f"| Gram | {label} | {shape} | float16 | {float((ours - ref).norm() / ref.norm()):.2e} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["shampoo", "soap", "klsoap", "gpa"], default=None)
+    parser.add_argument("--only", choices=["shampoo", "soap", "klsoap", "gpa", "gram"], default=None)
     args = parser.parse_args()
+    if args.only in (None, "gram"):
+        gram_newton_schulz_table()
+        if args.only == "gram":
+            return
     # Both references create some scalars and buffers with the default dtype (Distributed Shampoo's bias
     # corrections, the reference SOAP's factors): float64 there too, or they round to float32.
     torch.set_default_dtype(torch.float64)

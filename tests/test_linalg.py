@@ -286,25 +286,25 @@ def plain_newton_schulz(G, steps, a=MUON_ABC[0], b=MUON_ABC[1], c=MUON_ABC[2]):
 
 
 @pytest.mark.parametrize("shape", [(12, 40), (40, 12), (3, 16, 48), (20, 20)])
-@pytest.mark.parametrize("resets", [(), (2,), (1, 3)])
+@pytest.mark.parametrize("restarts", [(), (2,), (1, 3)])
 @pytest.mark.parametrize("steps", [1, 3, 5, 7])
-def test_gram_newton_schulz_equals_the_plain_iteration_in_float64(shape, resets, steps):
+def test_gram_newton_schulz_equals_the_plain_iteration_in_float64(shape, restarts, steps):
     G = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(steps))
     expected = plain_newton_schulz(G, steps)
-    got = linalg.gram_newton_schulz(G, steps, MUON_ABC, 1e-7, torch.float64, reset_iterations=resets)
+    got = linalg.gram_newton_schulz(G, steps, MUON_ABC, 1e-7, torch.float64, restart_iterations=restarts)
     assert float(torch.linalg.norm(got - expected) / torch.linalg.norm(expected)) < 1e-12
 
 
 @pytest.mark.parametrize("rows, cols", [(16, 64), (48, 16), (24, 24), (16, 40)])
-@pytest.mark.parametrize("resets", [(), (2,), (1, 3)])
-def test_newton_schulz_flop_counts_are_the_products_each_iteration_runs(rows, cols, resets):
+@pytest.mark.parametrize("restarts", [(), (2,), (1, 3)])
+def test_newton_schulz_flop_counts_are_the_products_each_iteration_runs(rows, cols, restarts):
     from torch.utils.flop_counter import FlopCounterMode
     G = torch.randn(2, rows, cols, dtype=torch.float64)
     for run, formula in ((lambda: linalg.newton_schulz(G, 5, MUON_ABC, 1e-7, torch.float64),
                           2 * linalg.newton_schulz_flops(rows, cols, 5)),
                          (lambda: linalg.gram_newton_schulz(G, 5, MUON_ABC, 1e-7, torch.float64,
-                                                            reset_iterations=resets),
-                          2 * linalg.gram_newton_schulz_flops(rows, cols, 5, resets))):
+                                                            restart_iterations=restarts),
+                          2 * linalg.gram_newton_schulz_flops(rows, cols, 5, restarts))):
         with FlopCounterMode(display=False) as counter:
             run()
         assert counter.get_total_flops() == formula  # two matrices in the stack
@@ -324,9 +324,9 @@ def _test_matrices(m, n):
 
 @pytest.mark.parametrize("kind", ["gaussian", "decaying", "low rank"])
 def test_gram_newton_schulz_in_float16_is_closer_to_float64_than_the_bfloat16_default(kind):
-    """The precision Muon pairs the Gram iteration with (its authors' float16, reset after the 2nd step) is
+    """The precision Muon pairs the Gram iteration with (its authors' float16, restart after the 2nd step) is
     at least twice as close to the float64 iteration as torch.optim.Muon's bfloat16 plain iteration; without
-    the reset, float16 loses that on the ill-conditioned matrices."""
+    the restart, float16 loses that on the ill-conditioned matrices."""
     G = _test_matrices(64, 256)[kind]
     exact = linalg.newton_schulz(G, 5, MUON_ABC, 1e-7, torch.float64)
 
@@ -337,8 +337,8 @@ def test_gram_newton_schulz_in_float16_is_closer_to_float64_than_the_bfloat16_de
     gram = error(linalg.gram_newton_schulz(G, 5, MUON_ABC, 1e-7, torch.float16))
     assert gram < default / 2
     if kind != "gaussian":
-        unreset = linalg.gram_newton_schulz(G, 5, MUON_ABC, 1e-7, torch.float16, reset_iterations=())
-        assert error(unreset) > 2 * gram
+        unrestarted = linalg.gram_newton_schulz(G, 5, MUON_ABC, 1e-7, torch.float16, restart_iterations=())
+        assert error(unrestarted) > 2 * gram
 
 
 @pytest.mark.parametrize("function", [linalg.newton_schulz, linalg.gram_newton_schulz])

@@ -60,7 +60,7 @@ def newton_schulz_reference(G, steps=5, a=3.4445, b=-4.7750, c=2.0315, eps=1e-7)
 
 @pytest.mark.parametrize("shape", [(6, 10), (4, 3, 3, 3), (20, 6), (7, 7)])
 @pytest.mark.parametrize("nesterov", [True, False])
-@pytest.mark.parametrize("ns_algorithm", ["newton_schulz", "gram_newton_schulz"])
+@pytest.mark.parametrize("ns_algorithm", ["standard_newton_schulz", "gram_newton_schulz"])
 def test_muon_float32_matches_a_plain_reference_including_conv_weights(shape, nesterov, ns_algorithm):
     """Either iteration (the Gram one on all but the square shape) against the plain iteration written out."""
     W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -78,24 +78,24 @@ def test_muon_float32_matches_a_plain_reference_including_conv_weights(shape, ne
 
 def test_muon_takes_the_gram_iteration_only_where_it_saves_flops_and_validates_its_arguments():
     from precond.preconditioners.orthogonal import uses_gram
-    group = dict(ns_algorithm="gram_newton_schulz", ns_steps=5, gram_newton_schulz_reset_iterations=(2,))
+    group = dict(ns_algorithm="gram_newton_schulz", ns_steps=5, gram_newton_schulz_restart_iterations=(2,))
     # GPT-2 small's body: qkv (768×2304), MLP (768×3072, 3072×768) yes; the square projection no
     assert [uses_gram(r, c, group) for r, c in [(2304, 768), (3072, 768), (768, 3072), (768, 768)]] == \
         [True, True, True, False]
     assert not uses_gram(768, 1024, group)  # 4/3 wide: 38.7 m³ against 36.7 m³ of the plain iteration
-    assert not uses_gram(768, 3072, dict(group, ns_algorithm="newton_schulz"))
+    assert not uses_gram(768, 3072, dict(group, ns_algorithm="standard_newton_schulz"))
     W = [nn.Parameter(torch.randn(4, 8))]
     with pytest.raises(ValueError, match="ns_algorithm"):
         precond.Muon(W, ns_algorithm="gram")
     for resets in [(0,), (5,), (2.0,)]:
-        with pytest.raises(ValueError, match="gram_newton_schulz_reset_iterations"):
-            precond.Muon(W, gram_newton_schulz_reset_iterations=resets)
+        with pytest.raises(ValueError, match="gram_newton_schulz_restart_iterations"):
+            precond.Muon(W, gram_newton_schulz_restart_iterations=resets)
     with pytest.raises(ValueError, match="ns_dtype"):
         precond.Muon(W, ns_dtype="float8")
     opt = precond.Muon(W, ns_algorithm="gram_newton_schulz", ns_dtype="float16")
     with pytest.raises(ValueError, match="ns_algorithm.*param group 1"):
         opt.add_param_group({"params": [nn.Parameter(torch.randn(4, 8))], "ns_algorithm": "svd"})
-    assert opt.param_groups[0]["gram_newton_schulz_reset_iterations"] == (2,)
+    assert opt.param_groups[0]["gram_newton_schulz_restart_iterations"] == (2,)
 
 
 def test_muon_routes_non_matrix_parameters_to_adamw():
@@ -399,3 +399,32 @@ def test_muon_adamw_lr_default_is_adamw_sized():
     assert [(g["lr"], g["lr"] * g["adamw_lr_ratio"]) for g in opt.param_groups] == [(0.02, pytest.approx(3e-4))]
     shared = precond.Muon([w, b], lr=1e-3, adjust_lr_fn="match_rms_adamw")
     assert [(g["lr"], g["adamw_lr_ratio"]) for g in shared.param_groups] == [(1e-3, 1.0)]
+
+
+def test_muon_takes_one_coefficient_triple_per_step_in_either_iteration():
+    """Per-step coefficients (Polar Express's, Amsel et al. 2025) against the plain iteration written out."""
+    polar_express = [(8.28721201814563, -23.595886519098837, 17.300387312530933),
+                     (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+                     (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+                     (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+                     (2.300652019954817, -1.6689039845747493, 0.4188073119525673)]
+    shape = (6, 20)
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    grads = [g[0] for g in fixed_gradients([shape], 6, torch.float64)]
+    W, B = W0.clone(), torch.zeros(shape, dtype=torch.float64)
+    for G in grads:
+        B = 0.95 * B + 0.05 * G
+        X = 0.05 * G + 0.95 * B
+        X = X / X.norm()
+        for a, b, c in polar_express:
+            A = X @ X.T
+            X = a * X + (b * A + c * A @ A) @ X
+        W = W * (1 - 0.02 * 0.1) - 0.02 * X
+    for algorithm in ("standard_newton_schulz", "gram_newton_schulz"):
+        (ours,), opt = run(lambda ps: precond.Muon(ps, lr=0.02, ns_coefficients=polar_express, ns_dtype="float64",
+                                                   ns_algorithm=algorithm), [W0], [[g] for g in grads])
+        torch.testing.assert_close(ours, W, rtol=1e-12, atol=1e-12)
+        assert opt.param_groups[0]["ns_coefficients"] == tuple(polar_express)
+    for bad in [(1.0, 2.0), polar_express[:4], [(1.0, 2.0, 3.0)] * 4 + [(1.0, 2.0)]]:
+        with pytest.raises(ValueError, match="ns_coefficients"):
+            precond.Muon([nn.Parameter(torch.randn(4, 8))], ns_coefficients=bad)

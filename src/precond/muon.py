@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .engine import ADAM, Bucket
+from .linalg import Coefficients, per_step_coefficients
 from .matrix import MatrixOptimizer, is_matrix
 from .preconditioners import NS_DTYPES, Orthogonalized
 from .preconditioners.orthogonal import NS_ALGORITHMS
@@ -40,7 +41,8 @@ class Muon(MatrixOptimizer):
         W &\leftarrow W(1 - \text{lr}\cdot\text{wd}) - \text{lr}\cdot r(\text{shape})\, O
 
     with the quintic step ``A = XXᵀ; X ← aX + (bA + cA²)X`` (on the wide orientation) and ``r`` from
-    ``adjust_lr_fn``. Follows ``torch.optim.Muon`` argument for argument on 2-D parameters.
+    ``adjust_lr_fn``. Follows ``torch.optim.Muon`` argument for argument on 2-D parameters. Beyond torch,
+    ``ns_coefficients`` may also be ``ns_steps`` triples, one per step (e.g. Polar Express's, Amsel et al. 2025).
 
     Beyond torch: parameters that should not be orthogonalised (1-D ones, and those in a group with
     ``"matrix": False``, e.g. embeddings and the output head from :func:`precond.param_groups`) run AdamW
@@ -50,13 +52,15 @@ class Muon(MatrixOptimizer):
     ``adjust_lr_fn="match_rms_adamw"`` Muon's rate is AdamW-sized already and both share ``lr`` (Moonlight).
     ``ns_dtype`` selects the Newton–Schulz precision ("bfloat16" as torch, "float16", "float32", "float64").
 
-    ``ns_algorithm="gram_newton_schulz"`` (Zhang, Amsel, Chen & Dao 2026) computes the same iteration through
+    ``ns_algorithm="gram_newton_schulz"`` (Zhang, Amsel, Chen & Dao 2026; the default is
+    ``"standard_newton_schulz"``, their Muon's names for the two) computes the same iteration through
     the Gram matrix ``R = XXᵀ``: ``P = aI + bR + cR²; Q ← QP; R ← PRP``, then ``X ← QX`` once at the end,
-    restarting from ``X ← QX`` after each iteration in ``gram_newton_schulz_reset_iterations`` (1-based;
+    restarting from ``X ← QX`` after each iteration in ``gram_newton_schulz_restart_iterations`` (1-based;
     default after the 2nd), which keeps half precision stable. Equal to the plain iteration in exact
     arithmetic, it takes ``8m²n + 28m³`` FLOPs for five steps against ``20m²n + 10m³`` on an ``m × n`` matrix
-    (``m ≤ n``): 0.67× at ``n = 4m``, 0.74× at ``n = 3m``. Square and nearly square matrices keep the plain
-    iteration, where the Gram products cost more. Pair it with ``ns_dtype="float16"``, as its authors do:
+    (``m ≤ n``): 0.67× at ``n = 4m``, 0.74× at ``n = 3m``. Matrices with ``n ≤ 1.5m`` keep the plain
+    iteration, where the Gram products cost more FLOPs (the authors' symmetric GEMM kernels halve them; these
+    are torch's). Pair it with ``ns_dtype="float16"``, as its authors do:
     measured against the float64 iteration it is then several times closer than the default bfloat16 plain
     iteration (BENCHMARKS.md, "Gram Newton–Schulz").
 
@@ -75,28 +79,33 @@ class Muon(MatrixOptimizer):
                     "ns_algorithm": lambda name, value: check_choice(name, value, NS_ALGORITHMS)}
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+                 nesterov: bool = True, ns_coefficients: Coefficients = (3.4445, -4.7750, 2.0315),
                  eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None,
-                 ns_dtype: str = "bfloat16", ns_algorithm: str = "newton_schulz",
-                 gram_newton_schulz_reset_iterations: Iterable[int] = (2,), adamw_lr: float | None = None,
+                 ns_dtype: str = "bfloat16", ns_algorithm: str = "standard_newton_schulz",
+                 gram_newton_schulz_restart_iterations: Iterable[int] = (2,), adamw_lr: float | None = None,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
                  adamw_weight_decay: float | None = None, *, distributed: Any = None, strict: bool = False) -> None:
-        if not (isinstance(ns_coefficients, (tuple, list)) and len(ns_coefficients) == 3):
-            raise ValueError(f"Invalid ns_coefficients: {ns_coefficients!r} (must be three numbers a, b, c)")
         check_int("ns_steps", ns_steps, 1)
         if ns_steps >= 100:
             raise ValueError(f"Invalid ns_steps: {ns_steps} (must be < 100)")
+        try:
+            per_step = per_step_coefficients(ns_coefficients, ns_steps)
+        except (TypeError, ValueError):
+            raise ValueError(f"Invalid ns_coefficients: {ns_coefficients!r} (must be three numbers a, b, c, or "
+                             f"ns_steps = {ns_steps} such triples, one per step)") from None
+        one_triple = all(isinstance(v, (int, float)) for v in ns_coefficients)  # as torch.optim.Muon keeps it
+        coefficients = tuple(ns_coefficients) if one_triple else tuple(per_step)
         check_choice("adjust_lr_fn", adjust_lr_fn, (None, "original", "match_rms_adamw"))
         check_choice("ns_dtype", ns_dtype, tuple(NS_DTYPES))
         check_choice("ns_algorithm", ns_algorithm, NS_ALGORITHMS)
-        resets = tuple(gram_newton_schulz_reset_iterations)
+        resets = tuple(gram_newton_schulz_restart_iterations)
         if not all(isinstance(t, int) and 1 <= t < ns_steps for t in resets):
-            raise ValueError(f"Invalid gram_newton_schulz_reset_iterations: {resets!r} (each an iteration after "
+            raise ValueError(f"Invalid gram_newton_schulz_restart_iterations: {resets!r} (each an iteration after "
                              f"which to restart, an int from 1 to ns_steps - 1 = {ns_steps - 1})")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
+                        ns_coefficients=coefficients, eps=eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, ns_algorithm=ns_algorithm,
-                        gram_newton_schulz_reset_iterations=resets)
+                        gram_newton_schulz_restart_iterations=resets)
         if adamw_lr is None:
             adamw_lr = lr if adjust_lr_fn == "match_rms_adamw" else DEFAULT_ADAMW_LR
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas,

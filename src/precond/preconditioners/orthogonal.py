@@ -16,15 +16,15 @@ __all__ = ["NS_DTYPES", "NS_ALGORITHMS", "Orthogonalized", "uses_gram"]
 
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
              "float64": torch.float64}
-NS_ALGORITHMS = ("newton_schulz", "gram_newton_schulz")
+NS_ALGORITHMS = ("standard_newton_schulz", "gram_newton_schulz")
 
 
 def uses_gram(rows: int, cols: int, group: dict[str, Any]) -> bool:
     """Whether a ``rows × cols`` matrix of this group runs the Gram iteration: asked for, and fewer FLOPs
     than the plain one (not for square or nearly square matrices, where the Gram products cost more)."""
-    if group.get("ns_algorithm", "newton_schulz") != "gram_newton_schulz":
+    if group.get("ns_algorithm", "standard_newton_schulz") != "gram_newton_schulz":
         return False
-    steps, resets = group["ns_steps"], tuple(group["gram_newton_schulz_reset_iterations"])
+    steps, resets = group["ns_steps"], tuple(group["gram_newton_schulz_restart_iterations"])
     return gram_newton_schulz_flops(rows, cols, steps, resets) < newton_schulz_flops(rows, cols, steps)
 
 
@@ -51,6 +51,6 @@ class Orthogonalized(MatrixPreconditioner):
         if uses_gram(*update.shape[-2:], group):
             return gram_newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype,
                                       keep_dtype=True,
-                                      reset_iterations=tuple(group["gram_newton_schulz_reset_iterations"]))
+                                      restart_iterations=tuple(group["gram_newton_schulz_restart_iterations"]))
         return newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype,
                              keep_dtype=True)
