@@ -55,6 +55,7 @@ FACTORIES = {
     "EShampoo": lambda ps: precond.EShampoo(ps, lr=1e-2, precondition_frequency=100),
     "Sophia": lambda ps: precond.Sophia(ps, lr=1e-2),
     "Muon": lambda ps: precond.Muon(ps, lr=1e-2, ns_dtype="float32"),
+    "Muon-gram": lambda ps: precond.Muon(ps, lr=1e-2, ns_dtype="float32", ns_algorithm="gram_newton_schulz"),
     "ASGO": lambda ps: precond.ASGO(ps, lr=1e-2, precondition_frequency=100),
 }
 OPTIMIZERS = pytest.mark.parametrize("make", list(FACTORIES.values()), ids=list(FACTORIES))
