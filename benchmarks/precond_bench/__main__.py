@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                          edge_points=args.edge_points, time_limit=args.time_limit,
                          check_rates=tuple(args.check_rate), fit=args.fit, centers=parse_centers(args.center))
     if args.plan:
-        return print_plan(plan_benchmark(config), Path(args.runs_dir) / config.name)
+        return print_plan(plan_benchmark(config), Path(args.runs_dir) / config.name, args.time_limit)
     started = time.time()
     result = run_benchmark(config, None if args.report_only else lambda total: Progress(total, not args.quiet),
                            train=not args.report_only)
@@ -194,12 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_plan(pending: list[tuple[str, float | None]], folder: Path) -> int:
-    """The runs still to make under ``folder``, one a line, with their expected seconds and the total."""
+def print_plan(pending: list[tuple[str, float | None]], folder: Path, time_limit: float | None = None) -> int:
+    """The runs still to make under ``folder``, one a line, with their expected seconds and the total; with
+    ``time_limit``, a line where a call of that many seconds would stop (the runs in order, none skipped)."""
     if not pending:
         print(f"nothing to make under {folder}: every planned run is saved")
         return 0
+    elapsed, marked = 0.0, time_limit is None
     for label, seconds in pending:
+        elapsed += seconds or 0.0
+        if not marked and elapsed > time_limit:
+            print(f"-- a call of --time-limit {time_limit:g} s ends here --")
+            marked = True
         print(f"{'?' if seconds is None else f'{seconds:.0f}':>7} s  {label}")
     known = [s for _, s in pending if s is not None]
     unknown = len(pending) - len(known)
