@@ -245,10 +245,11 @@ def test_a_plan_lists_the_runs_still_to_make_paced_by_the_saved_ones_and_trains_
     # the pace is the slowest saved run's (Muon has none of its own yet)
     assert [float(seconds) for seconds, _ in listed] == pytest.approx([round(pace * n) for _, n in expected], abs=1)
     assert {path: path.stat().st_mtime_ns for path in runs.iterdir()} == stamp
+    limit = pace * (2 * steps + sweep_steps)  # past the first two entries, half-way into the third
     assert bench_main(base + ["--seeds", "2", "--optimizers", "AdamW", "Muon", "--plan", "--time-limit",
-                              str(pace * (steps + sweep_steps) + 0.5)]) == 0
+                              repr(limit)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out.index(f"-- a call of --time-limit {pace * (steps + sweep_steps) + 0.5:g} s ends here --") == 2
+    assert out.index(f"-- a call of --time-limit {limit:g} s ends here --") == 2
     assert bench_main(base + ["--seeds", "1", "--optimizers", "AdamW", "--plan"]) == 0
     assert "nothing to make" in capsys.readouterr().out
 
