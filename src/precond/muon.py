@@ -60,9 +60,9 @@ class Muon(MatrixOptimizer):
     arithmetic, it takes ``8m²n + 28m³`` FLOPs for five steps against ``20m²n + 10m³`` on an ``m × n`` matrix
     (``m ≤ n``): 0.67× at ``n = 4m``, 0.74× at ``n = 3m``. Matrices with ``n ≤ 1.5m`` keep the plain
     iteration, where the Gram products cost more FLOPs (the authors' symmetric GEMM kernels halve them; these
-    are torch's). Pair it with ``ns_dtype="float16"``, as its authors do:
-    measured against the float64 iteration it is then several times closer than the default bfloat16 plain
-    iteration (BENCHMARKS.md, "Gram Newton–Schulz").
+    are torch's). Pair it with ``ns_dtype="float16"``, as its authors do: measured against the float64
+    iteration it is then several times closer than the default bfloat16 plain iteration (BENCHMARKS.md,
+    "Muon through the Gram matrix").
 
     The shape factor reads a matrix as ``(fan_out, fan_in)``, ``nn.Linear``'s layout; a group with
     ``"transposed": True`` holds matrices stored ``(fan_in, fan_out)`` (Hugging Face's ``Conv1D``), which
@@ -96,16 +96,14 @@ class Muon(MatrixOptimizer):
         one_triple = all(isinstance(v, (int, float)) for v in ns_coefficients)  # as torch.optim.Muon keeps it
         coefficients = tuple(ns_coefficients) if one_triple else tuple(per_step)
         check_choice("adjust_lr_fn", adjust_lr_fn, (None, "original", "match_rms_adamw"))
-        check_choice("ns_dtype", ns_dtype, tuple(NS_DTYPES))
-        check_choice("ns_algorithm", ns_algorithm, NS_ALGORITHMS)
-        resets = tuple(gram_newton_schulz_restart_iterations)
-        if not all(isinstance(t, int) and 1 <= t < ns_steps for t in resets):
-            raise ValueError(f"Invalid gram_newton_schulz_restart_iterations: {resets!r} (each an iteration after "
-                             f"which to restart, an int from 1 to ns_steps - 1 = {ns_steps - 1})")
+        restarts = tuple(gram_newton_schulz_restart_iterations)  # ns_dtype, ns_algorithm: the group rules
+        if not all(isinstance(t, int) and 1 <= t < ns_steps for t in restarts):
+            raise ValueError(f"Invalid gram_newton_schulz_restart_iterations: {restarts!r} (each an iteration "
+                             f"after which to restart, an int from 1 to ns_steps - 1 = {ns_steps - 1})")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=coefficients, eps=eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, ns_algorithm=ns_algorithm,
-                        gram_newton_schulz_restart_iterations=resets)
+                        gram_newton_schulz_restart_iterations=restarts)
         if adamw_lr is None:
             adamw_lr = lr if adjust_lr_fn == "match_rms_adamw" else DEFAULT_ADAMW_LR
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas,

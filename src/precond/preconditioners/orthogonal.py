@@ -24,8 +24,8 @@ def uses_gram(rows: int, cols: int, group: dict[str, Any]) -> bool:
     than the plain one (not for square or nearly square matrices, where the Gram products cost more)."""
     if group.get("ns_algorithm", "standard_newton_schulz") != "gram_newton_schulz":
         return False
-    steps, resets = group["ns_steps"], tuple(group["gram_newton_schulz_restart_iterations"])
-    return gram_newton_schulz_flops(rows, cols, steps, resets) < newton_schulz_flops(rows, cols, steps)
+    steps, restarts = group["ns_steps"], tuple(group["gram_newton_schulz_restart_iterations"])
+    return gram_newton_schulz_flops(rows, cols, steps, restarts) < newton_schulz_flops(rows, cols, steps)
 
 
 class Orthogonalized(MatrixPreconditioner):
