@@ -30,6 +30,7 @@ VIEWS = {"view", "_unsafe_view", "reshape", "expand", "t", "transpose", "select"
 MAKE = {
     "AdamW": lambda ps: precond.AdamW(ps, lr=1e-3),
     "Muon": lambda ps: precond.Muon(ps, lr=0.02),
+    "Muon-gram": lambda ps: precond.Muon(ps, lr=0.02, ns_algorithm="gram_newton_schulz", ns_dtype="float16"),
     "SOAP": lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=100),  # a step without a refresh
     "EShampoo": lambda ps: precond.EShampoo(ps, lr=1e-3, precondition_frequency=100),
     "Shampoo": lambda ps: precond.Shampoo(ps, lr=1e-3, precondition_frequency=100, grafting="adam"),
