@@ -391,11 +391,12 @@ def newton_schulz(
     ``A = X Xᵀ; X ← aX + (bA + cA²) X``, with one ``(a, b, c)`` or one per step (:func:`per_step_coefficients`).
     Works on a matrix or a stack of them (``[k, m, n]``), so a bucket of same-shaped matrices is one call.
     """
-    X = _half_safe(G, dtype, eps)
+    half = dtype == torch.float16  # normalised before the cast: float16's range ends at 65504
+    X = _normalised(G, eps).to(dtype) if half else G.to(dtype)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
-    if X.dtype != torch.float16:  # normalised after the cast, as torch.optim.Muon does (its bf16 rounding)
+    if not half:  # normalised after the cast, as torch.optim.Muon does (its bf16 rounding)
         X = X / torch.linalg.matrix_norm(X, keepdim=True).clamp(min=eps)
     # addmm/baddbmm fuse the scalings as torch.optim.Muon does, so the bf16 rounding matches it.
     fused = torch.addmm if X.dim() == 2 else torch.baddbmm
@@ -416,11 +417,6 @@ def _normalised(G: Tensor, eps: float) -> Tensor:
     return G / torch.linalg.matrix_norm(G, keepdim=True).clamp(min=eps)
 
 
-def _half_safe(G: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
-    """``G`` in ``dtype``; for float16, normalised before the cast."""
-    return _normalised(G, eps).to(dtype) if dtype == torch.float16 else G.to(dtype)
-
-
 def gram_newton_schulz(
     G: Tensor,
     steps: int,
@@ -438,8 +434,8 @@ def gram_newton_schulz(
     start (``R₀ = X Xᵀ``) and the end (``X ← Q X``): ``8m²n + 28m³`` FLOPs for five steps with one restart
     against ``20m²n + 10m³``. Equal to :func:`newton_schulz` in exact arithmetic; in half precision the
     recurrence for ``R`` drifts (spurious negative eigenvalues), so after each iteration listed in
-    ``restart_iterations`` (1-based; the authors restart once, after the 2nd of 5) the iteration starts again from
-    ``X ← Q X``, ``R ← X Xᵀ``, ``Q ← I``. The authors compute in float16 (its 10-bit mantissa against
+    ``restart_iterations`` (1-based; the authors restart once, after the 2nd of 5) the iteration starts
+    again from ``X ← Q X``, ``R ← X Xᵀ``, ``Q ← I``. The authors compute in float16 (its 10-bit mantissa against
     bfloat16's 7; ``X`` is normalised, so its range suffices).
     """
     X = _normalised(G, eps).to(dtype)  # before the cast, as its authors do
