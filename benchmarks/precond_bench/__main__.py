@@ -176,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     result = run_benchmark(config, None if args.report_only else lambda total: Progress(total, not args.quiet),
                            train=not args.report_only)
     out_dir = Path(args.runs_dir) / config.name
+    if not result["results"]:  # a call cut by --time-limit before any optimizer's full runs: go on next time
+        print(f"no optimizer has all its full runs under {out_dir} yet; {len(result['unfinished'])} runs not "
+              "made: " + "; ".join(result["unfinished"]))
+        return 1 if args.report_only else 0
     table = write_report(result, out_dir, plots=not args.no_plots)
     if args.report_only:
         print(f"\n{json.dumps(result['workload'])}\nreport of the saved runs (device: {args.device})\n")

@@ -211,21 +211,62 @@ class _Runs:
 
     def _seconds_needed(self, name: str, steps: int, checkpoint: Path | None = None) -> float | None:
         """Expected seconds to finish a run of ``name``: its steps still to go (a checkpoint's sidecar says
-        how far it got) at the slowest pace per step among this benchmark's saved runs of ``name``, else of any
-        optimizer; ``None`` when no run is saved. A run saved before ``wall_seconds`` was recorded is paced by
-        its training time plus 10% (evaluations, set-up)."""
-        paces: dict[str, float] = {}
-        for path in (self.root / "runs").glob("*.json"):
-            run = json.loads(path.read_text())
-            if run.get("steps_done"):
-                wall = run.get("wall_seconds") or 1.1 * run["train_seconds"]
-                paces[run["optimizer"]] = max(paces.get(run["optimizer"], 0.0), wall / run["steps_done"])
-        pace = paces.get(name, max(paces.values(), default=None))
-        if pace is None:
+        how far it got) at the slowest pace per step among this benchmark's saved runs of ``name``. Without
+        one, a step is this folder's model part (the slowest saved step less its optimizer) plus ``name``'s
+        optimizer step as saved beside it (a folder of the same model, another batch size: the optimizer's
+        step does not depend on the batch), else the slowest saved step of any optimizer; ``None`` with no
+        saved run here. A run saved before ``wall_seconds`` was recorded is paced by its training time plus
+        10% (evaluations, set-up)."""
+        here = _paces(self.root)
+        if not here:
             return None
+        if name in here:
+            pace = here[name][0]
+        else:
+            beside = {}
+            for sibling in self.root.parent.iterdir():
+                if sibling != self.root and _same_model(self.root, sibling):
+                    for other, (wall, opt) in _paces(sibling, _devices(self.root)).items():
+                        beside[other] = max(beside.get(other, 0.0), opt)
+            model = max(wall - opt for wall, opt in here.values())
+            pace = model + beside[name] if name in beside else max(wall for wall, _ in here.values())
         progress = None if checkpoint is None else checkpoint.with_suffix(".json")
         done = json.loads(progress.read_text())["step"] if progress is not None and progress.exists() else 0
         return pace * (steps - done)
+
+
+def _saved_runs(root: Path):
+    for path in (root / "runs").glob("*.json"):
+        run = json.loads(path.read_text())
+        if run.get("steps_done"):
+            yield run
+
+
+def _devices(root: Path) -> set[str | None]:
+    return {(run.get("conditions") or {}).get("device") for run in _saved_runs(root)}
+
+
+def _paces(root: Path, devices: set[str | None] | None = None) -> dict[str, tuple[float, float]]:
+    """Per optimizer, the slowest saved seconds per step under ``root`` (optionally on ``devices`` only):
+    the whole step's (evaluations included) and its optimizer's."""
+    paces: dict[str, tuple[float, float]] = {}
+    for run in _saved_runs(root):
+        if devices is not None and (run.get("conditions") or {}).get("device") not in devices:
+            continue
+        wall = (run.get("wall_seconds") or 1.1 * run["train_seconds"]) / run["steps_done"]
+        opt = run["optimizer_seconds"] / run["steps_done"]
+        old = paces.get(run["optimizer"], (0.0, 0.0))
+        paces[run["optimizer"]] = (max(old[0], wall), max(old[1], opt))
+    return paces
+
+
+def _same_model(root: Path, other: Path) -> bool:
+    """Whether two benchmark folders train the same model on the same data (their batch may differ)."""
+    configs = [folder / "config.json" for folder in (root, other)]
+    if not all(c.exists() for c in configs):
+        return False
+    mine, theirs = (json.loads(c.read_text())["preset"] for c in configs)
+    return all(mine.get(k) == theirs.get(k) for k in ("workload", "corpus", "gpt"))
 
 
 def _best(sweep: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -292,10 +333,9 @@ def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True
     if progress:
         progress.close()
     results = {name: entry for name, entry in results.items() if len(entry["full"]) == preset["seeds"]}
-    if not results:
-        raise ValueError(f"no optimizer has all its full runs under {root}; missing: {runs.unfinished}")
-    summary = summarize(results)
-    return {"config": asdict(config), "workload": json.loads((root / "workload.json").read_text()),
+    summary = summarize(results) if results else {}  # none finished yet: what a call cut by its limit may leave
+    workload = root / "workload.json"  # written by the first run trained here
+    return {"config": asdict(config), "workload": json.loads(workload.read_text()) if workload.exists() else {},
             "results": results, "summary": summary, "unfinished": runs.unfinished}
 
 
