@@ -1,7 +1,8 @@
 """Why does EShampoo refreshed every step trail SOAP on the GPU LM at 1M bytes a step? Probes on the CPU preset.
 
     PYTHONPATH=src:benchmarks python benchmarks/eshampoo_probe.py [--lr 0.01 ...] [--seeds 0 1]
-        [--accumulation 16 --warmup-steps 30] [--variants SOAP-F1 EShampoo-F1 AdamW]
+        [--accumulation 16 --warmup-steps 30] [--variants SOAP-F1 EShampoo-F1 SOAP-F1-64 EShampoo-F1-64
+        EShampoo-F1-eigh-first AdamW]
 
 Trains the CPU preset's LM (`--preset cpu`: 300 steps, warmup + cosine) with SOAP and EShampoo, both refining
 their bases at every step (the GPU rows SOAP-F1-tf32 and EShampoo-F1-tf32; TF32 has no effect on a CPU), as they
@@ -43,11 +44,10 @@ def eigh_first(model, lr, adamw):
 VARIANTS = {
     "SOAP-F1": SPECS["SOAP-F1-tf32"],
     "EShampoo-F1": SPECS["EShampoo-F1-tf32"],
-    "SOAP-F1, blocks of 64": OptimizerSpec("SOAP-F1-64", 1e-2, _soap(**EVERY_STEP, max_precond_dim=64,
-                                                                       large_dim_policy="split")),
-    "EShampoo-F1, blocks of 64": OptimizerSpec("EShampoo-F1-64", 1e-2,
-                                               _eshampoo(**EVERY_STEP, max_preconditioner_dim=64)),
-    "EShampoo-F1, eigh first basis": OptimizerSpec("EShampoo-F1-eigh-first", 1e-2, eigh_first),
+    "SOAP-F1-64": OptimizerSpec("SOAP-F1-64", 1e-2, _soap(**EVERY_STEP, max_precond_dim=64,
+                                                          large_dim_policy="split")),
+    "EShampoo-F1-64": OptimizerSpec("EShampoo-F1-64", 1e-2, _eshampoo(**EVERY_STEP, max_preconditioner_dim=64)),
+    "EShampoo-F1-eigh-first": OptimizerSpec("EShampoo-F1-eigh-first", 1e-2, eigh_first),
     "AdamW": SPECS["AdamW"],
 }
 
