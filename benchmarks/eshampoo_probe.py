@@ -73,5 +73,6 @@ def main() -> None:
                       for seed in args.seeds]
             print(f"{name} lr={lr:g}: " + ", ".join(f"{f:.4f}" for f in finals), flush=True)
 
+
 if __name__ == "__main__":
     main()

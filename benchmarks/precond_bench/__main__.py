@@ -110,7 +110,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="train nothing: report the finished runs found under --runs-dir/--name")
     p.add_argument("--plan", action="store_true",
                    help="train nothing: list the runs still to make and their expected seconds, paced by the "
-                        "folder's saved runs of the same optimizer, else by its slowest ('?' with none saved)")
+                        "folder's saved runs of the same optimizer, else by the folder's model step plus the "
+                        "optimizer's step in a folder of the same model beside it, else by the folder's slowest "
+                        "step ('?' with none saved)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 

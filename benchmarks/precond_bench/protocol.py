@@ -217,16 +217,19 @@ class _Runs:
         step does not depend on the batch), else the slowest saved step of any optimizer; ``None`` with no
         saved run here. A run saved before ``wall_seconds`` was recorded is paced by its training time plus
         10% (evaluations, set-up)."""
-        here = _paces(self.root)
+        saved = list(_saved_runs(self.root))
+        here = _paces(saved)
         if not here:
             return None
         if name in here:
             pace = here[name][0]
         else:
+            devices = {_device(run) for run in saved}  # the optimizer's step differs between devices
             beside = {}
             for sibling in self.root.parent.iterdir():
                 if sibling != self.root and _same_model(self.root, sibling):
-                    for other, (wall, opt) in _paces(sibling, _devices(self.root)).items():
+                    same_device = [run for run in _saved_runs(sibling) if _device(run) in devices]
+                    for other, (_, opt) in _paces(same_device).items():
                         beside[other] = max(beside.get(other, 0.0), opt)
             model = max(wall - opt for wall, opt in here.values())
             pace = model + beside[name] if name in beside else max(wall for wall, _ in here.values())
@@ -242,17 +245,15 @@ def _saved_runs(root: Path):
             yield run
 
 
-def _devices(root: Path) -> set[str | None]:
-    return {(run.get("conditions") or {}).get("device") for run in _saved_runs(root)}
+def _device(run: dict[str, Any]) -> str | None:
+    return (run.get("conditions") or {}).get("device")
 
 
-def _paces(root: Path, devices: set[str | None] | None = None) -> dict[str, tuple[float, float]]:
-    """Per optimizer, the slowest saved seconds per step under ``root`` (optionally on ``devices`` only):
-    the whole step's (evaluations included) and its optimizer's."""
+def _paces(runs: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Per optimizer, the slowest seconds per step among ``runs``: the whole step's (evaluations included) and
+    its optimizer's."""
     paces: dict[str, tuple[float, float]] = {}
-    for run in _saved_runs(root):
-        if devices is not None and (run.get("conditions") or {}).get("device") not in devices:
-            continue
+    for run in runs:
         wall = (run.get("wall_seconds") or 1.1 * run["train_seconds"]) / run["steps_done"]
         opt = run["optimizer_seconds"] / run["steps_done"]
         old = paces.get(run["optimizer"], (0.0, 0.0))
@@ -340,8 +341,8 @@ def run_benchmark(config: BenchConfig, progress_factory=None, train: bool = True
 
 
 def plan_benchmark(config: BenchConfig) -> list[tuple[str, float | None]]:
-    """The runs still to make, each with its expected seconds (paced by the folder's saved runs of the same
-    optimizer, else of its slowest; ``None`` with no saved run to go by), training and writing nothing. Runs
+    """The runs still to make, each with its expected seconds (paced as :meth:`_Runs._seconds_needed` says;
+    ``None`` with no saved run to go by), training and writing nothing. Runs
     whose rate waits for a sweep are listed as one entry per optimizer; the rates a sweep adds beyond its
     grid's edge are not foreseen."""
     root = Path(config.runs_dir) / config.name
