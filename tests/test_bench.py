@@ -458,6 +458,38 @@ def test_center_flag_parses_and_names_the_bad_pair():
             parse_centers([bad])
 
 
+def test_a_peer_takes_its_twins_rate_without_a_sweep_of_its_own(tmp_path, monkeypatch):
+    """``rate_from``: torch.AdamW runs its full seeds at the rate (and weight decay) AdamW's sweep picked,
+    listed after its twin whatever the order given, and the report marks the rate as AdamW's."""
+    center = SPECS["AdamW"].center_lr
+    fake = FakeTraining(monkeypatch, best_lr=center * 3)
+    config = fake_config(tmp_path, ["torch.AdamW", "AdamW"], rate_from={"torch.AdamW": "AdamW"})
+    result = run_benchmark(config)
+    peer = result["results"]["torch.AdamW"]
+    assert peer["sweep"] == [] and peer["best_lr"] == result["results"]["AdamW"]["best_lr"] == pytest.approx(center * 3)
+    calls = [c for c in fake.calls if c[0] == "torch.AdamW"]
+    assert [c[1] for c in calls] == [pytest.approx(center * 3)] * 2  # two seeds, no sweep run
+    assert result["summary"]["torch.AdamW"]["rate_from"] == "AdamW"
+    row = markdown_table(result["summary"]).splitlines()
+    assert any(line.startswith("| torch.AdamW (peer) | 0.009 (AdamW's) |") for line in row)
+
+    # the twin's sweep not made yet: the peer's runs wait for it, and a plan says so
+    plan = plan_benchmark(fake_config(tmp_path / "new", ["AdamW", "torch.AdamW"], rate_from={"torch.AdamW": "AdamW"}))
+    assert plan[-1][0] == "full torch.AdamW at AdamW's best rate, after AdamW's sweep"
+    assert not any("sweep torch.AdamW" in label for label, _ in plan)
+
+
+def test_rate_from_flag_names_the_bad_pair():
+    from precond_bench.__main__ import parse_rate_from
+    names = ["AdamW", "torch.AdamW", "SOAP", "pytorch_optimizer.SOAP"]
+    assert parse_rate_from(["torch.AdamW=AdamW", "pytorch_optimizer.SOAP=SOAP"], names) == {
+        "torch.AdamW": "AdamW", "pytorch_optimizer.SOAP": "SOAP"}
+    for bad, message in ((["torch.Muon=Muon"], "not among --optimizers"), (["torch.AdamW=Muon"], "its twin"),
+                         (["torch.AdamW=AdamW", "SOAP=torch.AdamW"], "swept itself"), (["AdamW=AdamW"], "swept itself")):
+        with pytest.raises(SystemExit, match=message):
+            parse_rate_from(bad, names)
+
+
 def test_a_sweep_that_diverges_everywhere_tries_a_lower_rate(tmp_path, monkeypatch):
     center = SPECS["SOAP"].center_lr
     FakeTraining(monkeypatch, best_lr=center / 10, diverge_above=center / 5)

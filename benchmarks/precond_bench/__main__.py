@@ -87,6 +87,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--center", nargs="+", default=(), metavar="OPTIMIZER=LR",
                    help="centre an optimizer's learning-rate grid elsewhere than its default (e.g. on the rate "
                         "that won at a neighbouring batch size, so that fewer sweeps reach an interior best)")
+    p.add_argument("--rate-from", nargs="+", default=(), metavar="PEER=TWIN",
+                   help="run PEER's full runs at the rate TWIN's sweep picked, without a sweep of its own (a "
+                        "peer of the same algorithm as one of ours, e.g. torch.AdamW=AdamW; TWIN must be among "
+                        "--optimizers)")
     p.add_argument("--check-rate", nargs="+", default=(), metavar="OPTIMIZER", choices=list(SPECS),
                    help="also run these optimizers' full budget (seed 0) one grid step either side of the "
                         "sweep's best rate: is it the full run's best too?")
@@ -133,6 +137,21 @@ def parse_centers(pairs: Sequence[str]) -> dict[str, float]:
     return centers
 
 
+def parse_rate_from(pairs: Sequence[str], names: Sequence[str]) -> dict[str, str]:
+    """``["torch.AdamW=AdamW", ...]`` as ``{"torch.AdamW": "AdamW"}``; a clear exit on a bad pair."""
+    twins = {}
+    for pair in pairs:
+        peer, _, twin = pair.partition("=")
+        if peer not in names:
+            raise SystemExit(f"--rate-from {pair}: {peer!r} is not among --optimizers")
+        if twin not in names:
+            raise SystemExit(f"--rate-from {pair}: its twin {twin!r} is not among --optimizers (its sweep gives the rate)")
+        if twin == peer or twin in dict(p.partition("=")[::2] for p in pairs):
+            raise SystemExit(f"--rate-from {pair}: the twin must be swept itself, not take another's rate")
+        twins[peer] = twin
+    return twins
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -171,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     config = BenchConfig(preset=preset, optimizers=list(dict.fromkeys(names)), device=args.device,
                          name=args.name or args.preset, runs_dir=args.runs_dir, data_dir=args.data_dir,
                          edge_points=args.edge_points, time_limit=args.time_limit,
-                         check_rates=tuple(args.check_rate), fit=args.fit, centers=parse_centers(args.center))
+                         check_rates=tuple(args.check_rate), fit=args.fit, centers=parse_centers(args.center),
+                         rate_from=parse_rate_from(args.rate_from, list(dict.fromkeys(names))))
     if args.plan:
         return print_plan(plan_benchmark(config), Path(args.runs_dir) / config.name, args.time_limit)
     started = time.time()

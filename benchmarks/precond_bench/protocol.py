@@ -12,6 +12,9 @@ run with its own schedule.
 2. AdamW (swept first) then sweeps its weight decay over ``ADAMW_WEIGHT_DECAYS`` at its best rate. Its tuned
    (rate, weight decay) trains every parameter that Muon, ASGO and their peers route to AdamW.
 3. Full runs: the winning rate for ``steps`` steps on seeds ``0..seeds-1``.
+   With ``rate_from`` (``{peer: twin}``), a peer of the same algorithm as one of ours skips the sweep and
+   runs at the rate its twin's sweep picked (the same update rule: the same best rate, and its sweep's device
+   time saved); the report marks that rate as the twin's.
 4. With ``check_rates``, the named optimizers also run the full budget (seed 0) one grid step either side of
    the winning rate: does the sweep's short run pick the full run's best rate? (``rate_check`` in the
    summary and a line under the table.)
@@ -64,6 +67,7 @@ class BenchConfig:
     check_rates: tuple[str, ...] = ()  # optimizers whose full run is repeated at the neighbouring rates
     fit: bool = False  # with time_limit: start (or resume) only the runs expected to end before it
     centers: dict[str, float] = field(default_factory=dict)  # a grid centre other than the optimizer's default
+    rate_from: dict[str, str] = field(default_factory=dict)  # peer -> twin: the peer runs at the twin's best rate
 
     def identity(self) -> dict[str, Any]:
         """The configuration, as ``config.json`` records it; :func:`reuse_key` says which part must match."""
@@ -356,12 +360,24 @@ def _walk(config: BenchConfig, runs: _Runs) -> dict[str, dict[str, Any]]:
     """The protocol's runs in order, each saved, trained or (not training) listed; per optimizer its sweep,
     best rate and full runs as far as they exist."""
     preset, progress = config.preset, runs.progress
-    order = sorted(config.optimizers, key=lambda n: n != "AdamW")  # AdamW first: its setting serves others
+    # AdamW first (its setting serves others), the peers that take a twin's rate last (after their twins)
+    order = sorted(config.optimizers, key=lambda n: (n != "AdamW", n in config.rate_from))
     results: dict[str, dict[str, Any]] = {}
     adamw = AdamWSetting(SPECS["AdamW"].center_lr)
     full_steps = preset["seeds"] * preset["steps"]
     for position, name in enumerate(order):
         entry = results[name] = {"sweep": [], "full": []}
+        if name in config.rate_from:
+            twin = config.rate_from[name]
+            if "best_lr" not in results.get(twin, {}):
+                if progress:
+                    progress.skip(full_steps)
+                runs.expect(f"full {name} at {twin}'s best rate, after {twin}'s sweep", name, full_steps)
+                continue
+            entry["best_lr"], entry["rate_from"] = results[twin]["best_lr"], twin
+            entry["full"] = [r for r in (runs.get("full", name, entry["best_lr"], seed, preset["steps"], adamw)
+                                         for seed in range(preset["seeds"])) if r is not None]
+            continue
         grid = lr_grid(config.centers.get(name, SPECS[name].center_lr), preset["lr_points"], config.lr_factor)
         entry["sweep"] = [runs.get("sweep", name, lr, 0, preset["sweep_steps"], adamw) for lr in grid]
         for _ in range(config.edge_points):
@@ -387,8 +403,12 @@ def _walk(config: BenchConfig, runs: _Runs) -> dict[str, dict[str, Any]]:
             runs.expect(f"full {name} at its sweep's best rate, {preset['seeds']} seed(s)", name, full_steps)
             if name == "AdamW":  # nor can the optimizers that use AdamW's tuned setting run
                 for other in order[position + 1:]:
-                    runs.expect(f"{other}'s sweep ({preset['lr_points']} rate(s)) and full runs, after AdamW's", other,
-                                preset["lr_points"] * preset["sweep_steps"] + full_steps)
+                    if other in config.rate_from:
+                        twin = config.rate_from[other]
+                        runs.expect(f"full {other} at {twin}'s best rate, after {twin}'s sweep", other, full_steps)
+                    else:
+                        runs.expect(f"{other}'s sweep ({preset['lr_points']} rate(s)) and full runs, after AdamW's",
+                                    other, preset["lr_points"] * preset["sweep_steps"] + full_steps)
                 break
             continue
         # every rate diverged: the full runs take the smallest, the likeliest to train (and show that it does not)
@@ -441,7 +461,7 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "failures": entry["full"][0]["failures"], "curve": curve, "band": seed_band(runs) if runs else [],
             "weight_decay": entry.get("weight_decay"), "peer": SPECS[name].peer if name in SPECS else None,
             "timed_under": sorted({_timing_key(r) for r in entry["full"]}),
-            "rate_check": entry.get("rate_check"), "spike": loss_spike(curve),
+            "rate_check": entry.get("rate_check"), "rate_from": entry.get("rate_from"), "spike": loss_spike(curve),
         }
         if name == "AdamW":
             reference = out[name]

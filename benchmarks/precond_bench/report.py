@@ -40,7 +40,8 @@ def _conditions_note(summary: dict[str, dict[str, Any]]) -> tuple[str, list[str]
 
 def _rate(row: dict[str, Any]) -> str:
     wd = f", wd {row['weight_decay']:g}" if row.get("weight_decay") is not None else ""
-    return f"{_fmt(row['best_lr'], '.3g')}{wd}{_edge_mark(row)}"
+    twin = f" ({row['rate_from']}'s)" if row.get("rate_from") else ""  # taken from its twin's sweep, not swept
+    return f"{_fmt(row['best_lr'], '.3g')}{twin}{wd}{_edge_mark(row)}"
 
 
 def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byte") -> str:
@@ -50,7 +51,8 @@ def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byt
         f"Target: AdamW's final validation loss, {target:.4f} {unit}. Ratios are relative to AdamW "
         "(< 1 is faster). Final loss: mean ± half-range over seeds. † the best rate is the edge of the swept "
         "rates (the sweep stopped growing): a rate beyond it may be better. (peer): another library's "
-        "implementation of the same algorithm, same hyper-parameters." + mixed,
+        "implementation of the same algorithm, same hyper-parameters; a rate marked (X's) is X's best, not swept "
+        "again." + mixed,
         "",
         "| optimizer | best lr | final val loss | steps to target | × AdamW | time to target (s) | × AdamW "
         "| optimizer share of step | state MB | peak GPU MB | refreshes / failures | throughput |",
