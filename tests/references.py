@@ -44,9 +44,11 @@ def diagonal_direction(kind: str, v: torch.Tensor, x: torch.Tensor, t: int, beta
 
 
 def shampoo(W0, grads, *, lr, betas, eps, wd, freq=1, start=None, grafting=None, graft_beta2=0.999,
-            graft_eps=1e-10, bias_correction=True, decoupled=True, exponent=None, kl=False):
+            graft_eps=1e-10, bias_correction=True, decoupled=True, exponent=None, kl=False, refine=None):
     """Shampoo on one block (no blocking here), Distributed Shampoo's order of operations. ``kl``:
-    KL-Shampoo, each factor's statistic from G multiplied along every other dim by that dim's current root."""
+    KL-Shampoo, each factor's statistic from G multiplied along every other dim by that dim's current root.
+    ``refine(M, Q)``: roots from a warm-started eigenbasis, numpy's at the first refresh, then ``refine``'s
+    update of the last one, the eigenvalues read off ``diag(QᵀMQ)`` and lifted to at least ε."""
     beta1, beta2 = betas
     start = freq if start is None else start
     W = W0.clone()
@@ -73,7 +75,17 @@ def shampoo(W0, grads, *, lr, betas, eps, wd, freq=1, start=None, grafting=None,
             V = graft_beta2 * V + (1 - graft_beta2) * G * G
         bc2 = 1 - beta2**t if (bias_correction and beta2 < 1) else 1.0
         if (t % freq == 0 and t > start) or t == start:
-            R = [numpy_power(L[i] / bc2 + eps * torch.eye(L[i].shape[0], dtype=W.dtype), -p) for i in range(k)]
+            Ms = [L[i] / bc2 + eps * torch.eye(L[i].shape[0], dtype=W.dtype) for i in range(k)]
+            if refine is None:
+                R = [numpy_power(M_i, -p) for M_i in Ms]
+            else:
+                if t == start:
+                    Q = [torch.from_numpy(np.linalg.eigh(M_i.numpy())[1]) for M_i in Ms]
+                else:
+                    Q = [refine(M_i, Q_i) for M_i, Q_i in zip(Ms, Q)]
+                lams = [torch.diagonal(Q_i.T @ M_i @ Q_i) for M_i, Q_i in zip(Ms, Q)]
+                lams = [lam - lam.min() + eps if lam.min() < eps else lam for lam in lams]
+                R = [(Q_i * lam**-p) @ Q_i.T for Q_i, lam in zip(Q, lams)]
         M = beta1 * M + (1 - beta1) * G
         Mh = M / (1 - beta1**t) if bias_correction else M
         if grafting is not None:

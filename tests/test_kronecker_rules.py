@@ -136,6 +136,34 @@ def test_shampoo_inverse_exponent_override_and_newton_root():
     assert_trajectories_close(newton, ref, 1e-5)  # Newton stops at a 1e-6 residual
 
 
+# (shape, first refresh): factors of full rank by then, so that numpy's first basis is the library's up to signs
+REFINED_ROOT_CASES = [((7,), 8), ((5, 6), 2), ((3, 4, 5), 2), ((2, 3, 2, 2), 2), ((20, 6), 2)]
+
+
+@pytest.mark.parametrize("shape, start", REFINED_ROOT_CASES)
+def test_shampoo_roots_from_a_refined_eigenbasis_match_the_reference(shape, start):
+    """``root_method="refine"``: the reference takes numpy's eigenbasis at the first refresh and then
+    refines the last one (by :func:`precond.linalg.refine_eigenbasis`, tested on its own); blocks of 8."""
+    from precond.linalg import refine_eigenbasis
+    W0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    grads = gradients(shape)
+    kw = dict(lr=0.05, betas=(0.9, 0.999), eps=1e-6, wd=0.01, freq=2, start=start, grafting="adam")
+    ref = run_blocked_reference(shampoo, W0, grads, 8, **kw,
+                                refine=lambda M, Q: refine_eigenbasis(M[None], Q[None])[0][0])
+    ours, opt = run_library(lambda ps: precond.Shampoo(
+        ps, lr=0.05, betas=(0.9, 0.999), epsilon=1e-6, weight_decay=0.01, precondition_frequency=2,
+        start_preconditioning_step=start, grafting="adam", root_method="refine", max_preconditioner_dim=8,
+        merge_dims=False, precondition_1d=True), W0, grads)
+    assert_trajectories_close(ours, ref, 1e-9)
+    # the roots are not eigh's after the first refresh: a refined basis lags the factor it refines
+    exact = run_blocked_reference(shampoo, W0, grads, 8, **kw)
+    assert float((ours[-1] - exact[-1]).norm() / exact[-1].norm()) > 1e-9
+    refreshes = 1 + (STEPS - start) // 2
+    stats = opt.preconditioner_stats()["factors"]
+    assert stats and all(f["failures"] == 0 and f["refreshes"] == refreshes for f in stats)
+    assert all(f["qr_iterations"] == refreshes - 1 for f in stats)  # every refresh but the first (eigh)
+
+
 def test_shampoo_one_dimensional_parameters_default_to_the_diagonal_method():
     W0 = torch.randn(9, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     grads = gradients((9,))

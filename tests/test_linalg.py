@@ -156,6 +156,29 @@ def test_refine_eigenbasis_converges_to_float64_eigh_from_a_nearby_basis():
     torch.testing.assert_close((X * V).sum(0).abs(), torch.ones(10, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
+def test_refined_inverse_roots_are_eighs_from_an_exact_basis_and_converge_from_a_nearby_one():
+    """Shampoo's ``root_method="refine"``: from the exact eigenbasis the root is eigh's (and the ε shift
+    rule is eigh's); from a rotated basis, repeated refreshes of a fixed factor converge to it."""
+    A, _ = spd(10, seed=3, cond=1e4)
+    A = A - 1.0001 * torch.linalg.eigvalsh(A)[0] * torch.eye(10, dtype=torch.float64)  # λ_min ≈ -1e-4·λ: shifted
+    exact = linalg.inverse_root(A, 0.25, 1e-6)
+    _, V = torch.linalg.eigh(A + 1e-6 * torch.eye(10, dtype=torch.float64))
+    roots, Q, ok, taken = linalg.refined_inverse_roots(A[None], V[None], 0.25, 1e-6)
+    assert bool(ok[0]) and int(taken[0]) <= 1
+    torch.testing.assert_close(roots[0], exact, rtol=1e-9, atol=1e-9 * float(exact.abs().max()))
+    B, _ = spd(10, seed=5, cond=1e3)
+    target = linalg.inverse_root(B, 0.25, 1e-6)
+    Q = rotated(torch.linalg.eigh(B)[1], 0.05, seed=6)[None]
+    errors = []
+    for _ in range(6):
+        roots, Q, ok, _ = linalg.refined_inverse_roots(B[None], Q, 0.25, 1e-6)
+        errors.append(float((roots[0] - target).norm() / target.norm()))
+    # quadratic convergence until the off-diagonal ratio, read as a difference of squares, is below its
+    # resolution (√ε of the dtype: 1.5e-8 in float64); the refinement stops there
+    assert errors[0] > 1e-3 and errors[1] < 1e-3 and errors[2] < 1e-6, errors
+    assert errors[-1] < 1e-6
+
+
 def drifted_factor(n, m, steps, seed, A=None, beta=0.99):
     """An EMA of ``G Gᵀ`` over ``steps`` gradients ``n × m`` with a decaying column scale, continued from ``A``:
     the dense, partly clustered spectrum of a real Kronecker factor."""

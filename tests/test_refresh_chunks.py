@@ -29,6 +29,8 @@ CASES = {
                                    precondition_frequency=2),
     "Shampoo": dict(cls=precond.Shampoo, grafting="adam", precondition_frequency=2, max_preconditioner_dim=16),
     "Shampoo newton, packed": dict(cls=precond.Shampoo, root_method="newton", packed_factors=True, epsilon=1e-4),
+    "Shampoo refine, packed, blocked": dict(cls=precond.Shampoo, root_method="refine", packed_factors=True,
+                                            precondition_frequency=2, max_preconditioner_dim=16, epsilon=1e-4),
     "KLShampoo": dict(cls=precond.KLShampoo, grafting="adam", precondition_frequency=2),
 }
 

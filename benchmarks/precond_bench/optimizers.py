@@ -208,6 +208,8 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
                                                              refresh_method="refine", max_preconditioner_dim=10000)),
     OptimizerSpec("EShampoo-F1", 3e-3, _eshampoo(precondition_frequency=1, refresh_method="refine")),
     OptimizerSpec("Shampoo", 3e-3, _shampoo()),
+    # the same with its roots from a warm-started eigenbasis, refined by matmuls (no eigh after the first)
+    OptimizerSpec("Shampoo-refine", 3e-3, _shampoo(root_method="refine")),
     # bfloat16 roots and eigenbases (with packed factors): where does the narrow storage cost loss?
     OptimizerSpec("Shampoo-packed-bf16", 3e-3, _shampoo(packed_factors=True, preconditioner_dtype=torch.bfloat16)),
     OptimizerSpec("EShampoo-packed-bf16", 3e-3, _eshampoo(packed_factors=True, preconditioner_dtype=torch.bfloat16)),

@@ -127,7 +127,8 @@ def _compiled_rows(max_dim: int) -> dict[str, Callable]:
 
 
 def _refine_rows(max_dim: int) -> dict[str, Callable]:
-    """SOAP and EShampoo with the matmul-only refresh, at F=10 and refreshing every step (F=1)."""
+    """SOAP and EShampoo with the matmul-only refresh, at F=10 and refreshing every step (F=1); Shampoo with its
+    roots from a refined eigenbasis, at F=10."""
     rows: dict[str, Callable] = {}
     for frequency in (FREQUENCY, 1):
         for tf32 in (False, True, "3x"):
@@ -140,6 +141,11 @@ def _refine_rows(max_dim: int) -> dict[str, Callable]:
                 lambda ps, f=frequency, t=tf32: precond.EShampoo(ps, lr=1e-3, precondition_frequency=f, tf32=t,
                                                                  max_preconditioner_dim=max_dim,
                                                                  refresh_method="refine"))
+            if frequency == FREQUENCY:  # Shampoo's roots from a refined eigenbasis (eigh at the first refresh)
+                rows[f"precond Shampoo {suffix}"] = (
+                    lambda ps, t=tf32: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12,
+                                                       precondition_frequency=FREQUENCY, grafting="adam", tf32=t,
+                                                       max_preconditioner_dim=max_dim, root_method="refine"))
     # Every step under Purifying Shampoo's criterion: checked for all factors, refined where it fails
     rows["precond SOAP refine tf32 F=1 tau=0.03"] = lambda ps: precond.SOAP(
         ps, lr=3e-3, precondition_frequency=1, tf32=True, refresh_method="refine", refresh_tolerance=0.03)

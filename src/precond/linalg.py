@@ -22,6 +22,7 @@ __all__ = [
     "symmetric_eigh",
     "batched_eigh",
     "inverse_roots",
+    "refined_inverse_roots",
     "shifted_eigh",
     "spectral_function",
     "pseudo_inverse_roots",
@@ -106,6 +107,27 @@ def inverse_roots(A: Tensor, exponent: float, epsilon: float) -> tuple[Tensor, T
     """
     L, Q, ok = shifted_eigh(A, epsilon)
     return spectral_function(Q, L.pow(-exponent), ok)
+
+
+def refined_inverse_roots(A: Tensor, Q: Tensor, exponent: float, epsilon: float,
+                          iterations: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""``(A_b + εI)^{-exponent}`` through a warm-started eigenbasis, matmul only: ``(roots, bases, ok, taken)``.
+
+    With ``M = A + εI`` and ``Q`` the basis of the last refresh, ``Q`` is refined (``iterations`` steps of
+    :func:`refine_eigenbasis`), the eigenvalues are estimated as ``λ = diag(QᵀMQ)``, shifted as
+    :func:`inverse_roots` shifts them (so that ``λ_min ≥ ε``), and the root is ``Q diag(λ^{-exponent}) Qᵀ``:
+    Distributed Shampoo's eigendecomposed root with a warm-started decomposition, as its QR config does, here
+    with the refinement that batches on a GPU. Exact where ``Q`` diagonalises ``M``; otherwise the error is
+    that of the basis, which each refresh shrinks. ``ok`` is False where the basis or the root came out
+    non-finite (the caller keeps the last good ones); ``taken``: refinement steps per matrix.
+    """
+    M = A + epsilon * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    Q, taken = refine_eigenbasis(M, Q, iterations)
+    L = (matmul(M, Q) * Q).sum(-2)  # diag(QᵀMQ), one product
+    lam_min = L.min(-1, keepdim=True).values
+    L = torch.where(lam_min < epsilon, L - lam_min + epsilon, L)
+    roots, ok = spectral_function(Q, L.pow(-exponent), finite_bases(Q))
+    return roots, Q, ok, taken
 
 
 def pseudo_inverse_roots(A: Tensor, exponent: float, rank_rtol: float | None = None) -> tuple[Tensor, Tensor]:

@@ -27,6 +27,8 @@ from .validation import (STEP_RULES, betas_to_one_rule, check_betas, check_choic
 
 __all__ = ["Shampoo", "ShampooFamily"]
 
+ROOT_METHODS = ("eigh", "newton", "refine")
+
 _GRAFTING_BETA2 = {"adam": 0.999, "rmsprop": 0.99, "adagrad": 1.0, "sgd": 1.0}
 
 # The constructor arguments Shampoo and EShampoo share (Distributed Shampoo's names).
@@ -118,7 +120,7 @@ class ShampooFamily(BlockEngine):
             state["diagonal"] = torch.zeros(shape, dtype=dtype, device=device)
         if group["betas"][0] > 0.0:
             state["momentum"] = torch.zeros(shape, dtype=dtype, device=device)
-        state.update(self.preconditioner.state(shape, dtype, device))
+        state.update(self.preconditioner.state(shape, kind, group, dtype, device))
         return state
 
     def _directions(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
@@ -210,7 +212,13 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
         grafting_epsilon: epsilon of the grafted method (default 1e-10).
         inverse_exponent_override: exponent ``p`` in ``(L+εI)^{-p}`` instead of ``1/(2k)``: a float for
             every order, or ``{order: exponent}``.
-        root_method: ``"eigh"`` (default) or ``"newton"`` (coupled Newton; needs ``1/p`` integral).
+        root_method: ``"eigh"`` (default), ``"newton"`` (coupled Newton; needs ``1/p`` integral) or
+            ``"refine"``: each factor keeps the eigenbasis its root was made from (``eigh`` at the first
+            refresh), and later refreshes refine it by one matmul-only step
+            (:func:`precond.linalg.refined_inverse_roots`), the root ``Q diag(diag(QᵀMQ)^{-p}) Qᵀ``. Batched
+            products only (fast on a GPU, no LAPACK after the first refresh); one more ``n × n`` matrix per
+            factor. Exact where the basis has converged; the refresh after a large change of the factors is
+            an approximation that the next ones refine.
         precondition_1d: give 1-D parameters a full factor instead of the diagonal method (default False).
         merge_dims: merge adjacent small dims as Distributed Shampoo does (default True).
         large_dim_policy: ``"split"`` dims longer than ``max_preconditioner_dim`` into blocks (default) or
@@ -265,6 +273,7 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
 
     _group_rules = {**ShampooFamily._group_rules, **bc.RULES, "epsilon": check_nonneg, "pseudo_inverse": flag_rule,
                     "fold_at_refresh_only": flag_rule,
+                    "root_method": lambda name, value: check_choice(name, value, ROOT_METHODS),
                     "rank_rtol": lambda name, v: v is None or check_nonneg(name, v)}
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, betas: tuple[float, float] = (0.9, 1.0),
@@ -280,7 +289,7 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
                  rank_rtol: float | None = None,
                  bias_correction: str = "std", cross_fit_fraction: float = 0.5, fold_at_refresh_only: bool = False,
                  distributed: Any = None, strict: bool = False) -> None:
-        check_choice("root_method", root_method, ("eigh", "newton"))
+        check_choice("root_method", root_method, ROOT_METHODS)
         if isinstance(inverse_exponent_override, dict):
             for order, exponent in inverse_exponent_override.items():
                 check_positive(f"inverse_exponent_override[{order}]", exponent)

@@ -35,8 +35,10 @@ class KroneckerPreconditioner(ABC):
     # Adam in the identity basis (corrected eigenvalues)
     needs_diagonal_when_unfactored: bool = True
 
-    def state(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> dict[str, Tensor]:
-        """Per-block state beyond the factors and their matrices; none by default."""
+    def state(self, shape: tuple[int, ...], kind: tuple[bool, ...], group: dict[str, Any], dtype: torch.dtype,
+              device: torch.device | str) -> dict[str, Tensor]:
+        """Per-block state beyond the factors and their matrices (``kind``: which dims have a factor); none by
+        default."""
         return {}
 
     def statistics(self, bucket: Bucket, grads: Tensor) -> dict[int, Tensor] | None:

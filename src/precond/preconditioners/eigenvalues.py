@@ -24,7 +24,8 @@ class CorrectedEigenvalues(KroneckerPreconditioner):
     matrix = "basis"
     needs_diagonal_when_unfactored = False
 
-    def state(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> dict[str, Tensor]:
+    def state(self, shape: tuple[int, ...], kind: tuple[bool, ...], group: dict[str, Any], dtype: torch.dtype,
+              device: torch.device | str) -> dict[str, Tensor]:
         return {"eigenvalues": torch.zeros(shape, dtype=dtype, device=device)}
 
     def refresh(self, bucket: Bucket, bias2: Tensor, ok: Tensor, group: dict[str, Any]) -> None:

@@ -11,8 +11,9 @@ from torch import Tensor
 from .. import bias_correction as bc
 from ..engine import Bucket, commit_, per_block
 from ..kronecker import factor_chunks, factor_matrices, factor_outer, full_factor, mode_product, pack
-from ..linalg import LinAlgFailure, inverse_root_newton, inverse_roots, pseudo_inverse_roots
-from ..refresh import count_refreshes_
+from ..linalg import (LinAlgFailure, inverse_root_newton, inverse_roots, pseudo_inverse_roots, refined_inverse_roots,
+                      shifted_eigh, spectral_function)
+from ..refresh import QR_ITERATIONS, count_refreshes_
 from .base import KroneckerPreconditioner
 
 __all__ = ["InverseRoots", "KLInverseRoots", "inverse_exponent"]
@@ -42,6 +43,16 @@ class InverseRoots(KroneckerPreconditioner):
     def __init__(self, variance: EigenvalueVariance | None = None) -> None:
         self.variance = variance
 
+    def state(self, shape: tuple[int, ...], kind: tuple[bool, ...], group: dict[str, Any], dtype: torch.dtype,
+              device: torch.device | str) -> dict[str, Tensor]:
+        """With ``root_method="refine"``, each factor's eigenbasis ``basis{i}`` (identity until the first
+        refresh), in ``preconditioner_dtype`` like the roots."""
+        if group["root_method"] != "refine":
+            return {}
+        basis_dtype = group["preconditioner_dtype"] or dtype
+        return {f"basis{i}": torch.eye(n, dtype=basis_dtype, device=device) for i, (n, use) in enumerate(zip(shape, kind))
+                if use}
+
     def refresh(self, bucket: Bucket, bias2: Tensor, ok: Tensor, group: dict[str, Any]) -> None:
         exponent = inverse_exponent(len(bucket.shape), group)
         for i, use in enumerate(bucket.kind):
@@ -50,7 +61,11 @@ class InverseRoots(KroneckerPreconditioner):
             factors, stored, stats = (bucket.state[f"{name}{i}"] for name in ("factor", "root", "stats"))
             for part, factor in factor_chunks(factors, bucket.shape[i]):
                 factor = factor / per_block(bias2[part], factor)
-                root, good = self._root(bucket, i, factor, exponent, bias2, ok[part], group, part)
+                if group["root_method"] == "refine" and bucket.calls != group["start_preconditioning_step"]:
+                    root, good = self._refined_root(bucket.state[f"basis{i}"], stats, factor, exponent, ok, group,
+                                                    part)
+                else:
+                    root, good = self._root(bucket, i, factor, exponent, bias2, ok[part], group, part)
                 # a failed root keeps the last good one; a packed root keeps its upper triangle
                 commit_(stored[part], root if stored.dim() == root.dim() else pack(root), ok[part] & good)
                 count_refreshes_(stats[part], ok[part], good)
@@ -64,12 +79,26 @@ class InverseRoots(KroneckerPreconditioner):
                                               lambda Q: self.variance(bucket, i, bias2, Q, part))
         if group["pseudo_inverse"]:
             return pseudo_inverse_roots(factor, exponent, group["rank_rtol"])
+        if group["root_method"] == "refine":  # the first refresh: the basis that later ones refine
+            L, Q, good = shifted_eigh(factor, group["epsilon"])
+            commit_(bucket.state[f"basis{i}"][part], Q, ok & good)
+            return spectral_function(Q, L.pow(-exponent), good)
         if group["root_method"] == "newton":
             try:
                 return inverse_root_newton(factor, round(1.0 / exponent), group["epsilon"]), torch.ones_like(ok)
             except LinAlgFailure:
                 return factor, torch.zeros_like(ok)
         return inverse_roots(factor, exponent, group["epsilon"])
+
+    @staticmethod
+    def _refined_root(basis: Tensor, stats: Tensor, factor: Tensor, exponent: float, ok: Tensor,
+                      group: dict[str, Any], part: slice) -> tuple[Tensor, Tensor]:
+        """``root_method="refine"`` after the first refresh: the stored basis refined one step, kept where
+        the new root is good; the refinement steps counted."""
+        root, Q, good, taken = refined_inverse_roots(factor, basis[part].to(factor.dtype), exponent, group["epsilon"])
+        commit_(basis[part], Q, ok[part] & good)
+        stats[part, QR_ITERATIONS] += taken * ok[part]
+        return root, good
 
     def direction(self, bucket: Bucket, m_hat: Tensor, bias2: Tensor, group: dict[str, Any]) -> Tensor:
         return mode_product(m_hat, _roots(bucket))
