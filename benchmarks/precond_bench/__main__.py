@@ -139,16 +139,15 @@ def parse_centers(pairs: Sequence[str]) -> dict[str, float]:
 
 def parse_rate_from(pairs: Sequence[str], names: Sequence[str]) -> dict[str, str]:
     """``["torch.AdamW=AdamW", ...]`` as ``{"torch.AdamW": "AdamW"}``; a clear exit on a bad pair."""
-    twins = {}
-    for pair in pairs:
-        peer, _, twin = pair.partition("=")
+    twins = dict(pair.partition("=")[::2] for pair in pairs)
+    for peer, twin in twins.items():
+        pair = f"{peer}={twin}"
         if peer not in names:
             raise SystemExit(f"--rate-from {pair}: {peer!r} is not among --optimizers")
         if twin not in names:
             raise SystemExit(f"--rate-from {pair}: its twin {twin!r} is not among --optimizers (its sweep gives the rate)")
-        if twin == peer or twin in dict(p.partition("=")[::2] for p in pairs):
+        if twin in twins:  # itself, or another peer that takes a rate
             raise SystemExit(f"--rate-from {pair}: the twin must be swept itself, not take another's rate")
-        twins[peer] = twin
     return twins
 
 
