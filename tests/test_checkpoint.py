@@ -137,3 +137,15 @@ def test_a_checkpoint_saved_before_the_fallbacks_counter_loads_with_it_at_zero()
     fresh.load_state_dict({"state": old, "param_groups": saved["param_groups"]})
     for want, got in zip(opt.preconditioner_stats()["factors"], fresh.preconditioner_stats()["factors"], strict=True):
         assert got == {**want, "fallbacks": 0}
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("how", ["torch.save", "dcp"])
+def test_shampoo_with_refined_roots_resumes_its_bases_bit_identically(how, tmp_path):
+    """``root_method="refine"`` keeps an eigenbasis per factor beside its root: saved at step 6 (after the
+    first, eigh, refresh at step 2 and refined ones at 4 and 6), resumed, refined on from it."""
+    save, load = (torch_save, torch_load) if how == "torch.save" else dcp_pair(tmp_path, flatten=False)
+    ours, resumed = trajectory_after_resume(
+        lambda params: FACTORIES["Shampoo"](params, root_method="refine", precondition_frequency=2), save, load)
+    for a, b in zip(ours, resumed):
+        assert torch.equal(a, b)
