@@ -473,6 +473,11 @@ def test_a_peer_takes_its_twins_rate_without_a_sweep_of_its_own(tmp_path, monkey
     row = markdown_table(result["summary"]).splitlines()
     assert any(line.startswith("| torch.AdamW (peer) | 0.009 (AdamW's) |") for line in row)
 
+    # a peer's rate can be checked like a swept one: full runs one grid step either side of the twin's rate
+    checked = run_benchmark(fake_config(tmp_path / "checked", ["AdamW", "torch.AdamW"], check_rates=("torch.AdamW",),
+                                        rate_from={"torch.AdamW": "AdamW"}))
+    assert sorted(checked["summary"]["torch.AdamW"]["rate_check"]) == pytest.approx([center, center * 3, center * 9])
+
     # the twin's sweep not made yet: the peer's runs wait for it, and a plan says so
     plan = plan_benchmark(fake_config(tmp_path / "new", ["AdamW", "torch.AdamW"], rate_from={"torch.AdamW": "AdamW"}))
     assert plan[-1][0] == "full torch.AdamW at AdamW's best rate, after AdamW's sweep"

@@ -375,8 +375,7 @@ def _walk(config: BenchConfig, runs: _Runs) -> dict[str, dict[str, Any]]:
                 runs.expect(f"full {name} at {twin}'s best rate, after {twin}'s sweep", name, full_steps)
                 continue
             entry["best_lr"], entry["rate_from"] = results[twin]["best_lr"], twin
-            entry["full"] = [r for r in (runs.get("full", name, entry["best_lr"], seed, preset["steps"], adamw)
-                                         for seed in range(preset["seeds"])) if r is not None]
+            _full_runs(runs, config, name, entry, adamw)
             continue
         grid = lr_grid(config.centers.get(name, SPECS[name].center_lr), preset["lr_points"], config.lr_factor)
         entry["sweep"] = [runs.get("sweep", name, lr, 0, preset["sweep_steps"], adamw) for lr in grid]
@@ -416,16 +415,21 @@ def _walk(config: BenchConfig, runs: _Runs) -> dict[str, dict[str, Any]]:
         if name == "AdamW":
             adamw = AdamWSetting(entry["best_lr"], best["adamw"]["weight_decay"] if best else adamw.weight_decay)
             entry["weight_decay"] = adamw.weight_decay
-        full = [runs.get("full", name, entry["best_lr"], seed, preset["steps"], adamw)
-                for seed in range(preset["seeds"])]
-        entry["full"] = [r for r in full if r is not None]
-        if name in config.check_rates:
-            if full[0] is not None:
-                entry["rate_check"] = _check_rate(runs, name, full[0], preset["steps"], config.lr_factor, adamw)
-            else:
-                runs.expect(f"check {name} at the two rates beside {entry['best_lr']:.4g}", name,
-                            2 * preset["steps"])
+        _full_runs(runs, config, name, entry, adamw)
     return results
+
+
+def _full_runs(runs: _Runs, config: BenchConfig, name: str, entry: dict[str, Any], adamw: AdamWSetting) -> None:
+    """``name``'s full runs at ``entry["best_lr"]`` (those that exist go into ``entry["full"]``) and, if it is
+    among ``check_rates``, seed 0's full runs one grid step either side."""
+    preset = config.preset
+    full = [runs.get("full", name, entry["best_lr"], seed, preset["steps"], adamw) for seed in range(preset["seeds"])]
+    entry["full"] = [r for r in full if r is not None]
+    if name in config.check_rates:
+        if full[0] is not None:
+            entry["rate_check"] = _check_rate(runs, name, full[0], preset["steps"], config.lr_factor, adamw)
+        else:
+            runs.expect(f"check {name} at the two rates beside {entry['best_lr']:.4g}", name, 2 * preset["steps"])
 
 
 def _timing_key(run: dict[str, Any]) -> str:
