@@ -157,11 +157,10 @@ def report(path: Path) -> str:
         for arm, lr in sorted({(_arm(r), r["lr"]) for r in mine}):
             cell = [r for r in mine if _arm(r) == arm and r["lr"] == lr]
             std = {r["seed"]: r for r in cell if r["mode"] == "std"}
-            if not std:
-                continue
             baseline = {r["seed"]: r for r in mine if _arm(r) == "baseline" and r["lr"] == lr and r["mode"] == "std"}
-            base_time = statistics.mean(r["optimizer_seconds_per_step"] for r in std.values())
-            base_step = statistics.mean(r["train_seconds_per_step"] for r in std.values())
+            # a rate run for some modes only (to bring a mode's best rate inside its grid) has no std to compare
+            base_time = statistics.mean(r["optimizer_seconds_per_step"] for r in std.values()) if std else None
+            base_step = statistics.mean(r["train_seconds_per_step"] for r in std.values()) if std else None
             for mode in (m for m in MODES if any(r["mode"] == m for r in cell)):
                 rs = [r for r in cell if r["mode"] == mode]
                 losses = [r["final_val_loss"] for r in rs]
@@ -171,11 +170,33 @@ def report(path: Path) -> str:
                 label = "std vs baseline std: " if against is baseline else ""
                 per_step = statistics.mean(r["optimizer_seconds_per_step"] for r in rs)
                 train_step = statistics.mean(r["train_seconds_per_step"] for r in rs)
+                ratio = (lambda value, base: f" ({value / base:.2f}×)" if base else "")
                 lines.append(f"| {name} | {arm} | {lr:g} | {mode} | {statistics.mean(losses):.4f} ± {spread:.4f} | "
-                             f"{len(rs)} | {label}" + ", ".join(f"{d:+.4f}" for d in deltas)
-                             + f" | {per_step * 1e3:.2f} ms ({per_step / base_time:.2f}×)"
-                             f" | {train_step * 1e3:.1f} ms ({train_step / base_step:.2f}×) |")
-    return "\n".join(lines)
+                             f"{len(rs)} | {label}" + (", ".join(f"{d:+.4f}" for d in deltas) or "—")
+                             + f" | {per_step * 1e3:.2f} ms{ratio(per_step, base_time)}"
+                             f" | {train_step * 1e3:.1f} ms{ratio(train_step, base_step)} |")
+    return "\n".join(lines + ["", *best_rates(runs)])
+
+
+def best_rates(runs: list[dict]) -> list[str]:
+    """Per optimizer, arm and mode: the rate with the lowest mean final loss, and whether it is inside the
+    rates that mode ran (an edge best may be beaten beyond the edge)."""
+    lines = []
+    for name in OPTIMIZERS:
+        mine = [r for r in runs if r.get("optimizer", "AdamW") == name]
+        for arm in sorted({_arm(r) for r in mine}):
+            parts = []
+            for mode in (m for m in MODES if any(r["mode"] == m and _arm(r) == arm for r in mine)):
+                by_rate = {lr: [r["final_val_loss"] for r in mine if _arm(r) == arm and r["mode"] == mode
+                                and r["lr"] == lr] for lr in {r["lr"] for r in mine}}
+                by_rate = {lr: losses for lr, losses in by_rate.items() if losses}
+                best = min(by_rate, key=lambda lr: statistics.mean(by_rate[lr]))
+                rates = sorted(by_rate)
+                where = ("one rate" if len(rates) == 1 else "edge" if best in (rates[0], rates[-1]) else "interior")
+                spread = statistics.stdev(by_rate[best]) if len(by_rate[best]) > 1 else 0.0
+                parts.append(f"{mode} {statistics.mean(by_rate[best]):.4f} ± {spread:.4f} at {best:g} ({where})")
+            lines.append(f"Best rate per mode, {name}, {arm}: " + "; ".join(parts) + ".")
+    return lines
 
 
 def plot(path: Path, image: Path) -> None:

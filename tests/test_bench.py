@@ -817,6 +817,23 @@ def test_bias_correction_ablation_separates_the_schedule_from_the_correction(dat
     assert by[("headline", "std")] != by[("baseline", "std")]
 
 
+def test_bias_correction_report_lists_rates_without_std_and_each_modes_best_rate(tmp_path):
+    """A rate run for one mode only (to bring its best inside the grid) is listed with no difference to std,
+    and the summary names each mode's best rate and whether it is inside the rates that mode ran."""
+    study = study_script("bias_correction_study")
+    losses = {("std", 1e-3): 2.5, ("std", 2e-3): 2.3, ("std", 4e-3): 2.4, ("loo", 2e-3): 2.6, ("loo", 4e-3): 2.5,
+              ("loo", 8e-3): 2.45}
+    runs = [{"optimizer": "AdamW", "mode": mode, "seed": seed, "lr": lr, "arm": "baseline",
+             "final_val_loss": loss + 0.01 * seed, "optimizer_seconds_per_step": 0.001,
+             "train_seconds_per_step": 0.1} for (mode, lr), loss in losses.items() for seed in (0, 1)]
+    out = tmp_path / "runs.json"
+    out.write_text(json.dumps(runs))
+    table = study.report(out)
+    assert "| AdamW | baseline | 0.008 | loo | 2.4550 ± 0.0071 | 2 | — | 1.00 ms | 100.0 ms |" in table
+    assert ("Best rate per mode, AdamW, baseline: std 2.3050 ± 0.0071 at 0.002 (interior); "
+            "loo 2.4550 ± 0.0071 at 0.008 (edge).") in table
+
+
 @pytest.mark.parametrize("name, expected", [
     ("SOAP", dict(refresh_method="power_qr", precondition_frequency=10, tf32=False, betas=(0.95, 0.95))),
     ("SOAP-F1-tf32", dict(refresh_method="refine", precondition_frequency=1, tf32=True, weight_decay=0.01)),
