@@ -123,9 +123,7 @@ def refined_inverse_roots(A: Tensor, Q: Tensor, exponent: float, epsilon: float,
     """
     M = A + epsilon * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     Q, taken = refine_eigenbasis(M, Q, iterations)
-    L = (matmul(M, Q) * Q).sum(-2)  # diag(QᵀMQ), one product
-    lam_min = L.min(-1, keepdim=True).values
-    L = torch.where(lam_min < epsilon, L - lam_min + epsilon, L)
+    L = _lifted((matmul(M, Q) * Q).sum(-2), epsilon)  # diag(QᵀMQ), one product
     roots, ok = spectral_function(Q, L.pow(-exponent), finite_bases(Q))
     return roots, Q, ok, taken
 
@@ -157,8 +155,14 @@ def shifted_eigh(A: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
     (the rule of :func:`inverse_roots`): ``(L, Q, ok)``."""
     n = A.shape[-1]
     L, Q, ok = batched_eigh(A + epsilon * torch.eye(n, dtype=A.dtype, device=A.device))
+    return _lifted(L, epsilon), Q, ok
+
+
+def _lifted(L: Tensor, epsilon: float) -> Tensor:
+    """Eigenvalues ``[..., n]`` of ``A + εI`` shifted by ``ε - λ_min`` where rounding left ``λ_min < ε``
+    (Distributed Shampoo's perturbation rule)."""
     lam_min = L.min(-1, keepdim=True).values
-    return torch.where(lam_min < epsilon, L - lam_min + epsilon, L), Q, ok
+    return torch.where(lam_min < epsilon, L - lam_min + epsilon, L)
 
 
 def inverse_root(A: Tensor, exponent: float, epsilon: float) -> Tensor:

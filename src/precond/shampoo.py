@@ -292,7 +292,6 @@ class Shampoo(bc.MicrobatchCorrection, ShampooFamily):
                  rank_rtol: float | None = None,
                  bias_correction: str = "std", cross_fit_fraction: float = 0.5, fold_at_refresh_only: bool = False,
                  distributed: Any = None, strict: bool = False) -> None:
-        check_choice("root_method", root_method, ROOT_METHODS)
         if isinstance(inverse_exponent_override, dict):
             for order, exponent in inverse_exponent_override.items():
                 check_positive(f"inverse_exponent_override[{order}]", exponent)

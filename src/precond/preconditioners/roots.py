@@ -61,11 +61,7 @@ class InverseRoots(KroneckerPreconditioner):
             factors, stored, stats = (bucket.state[f"{name}{i}"] for name in ("factor", "root", "stats"))
             for part, factor in factor_chunks(factors, bucket.shape[i]):
                 factor = factor / per_block(bias2[part], factor)
-                if group["root_method"] == "refine" and bucket.calls != group["start_preconditioning_step"]:
-                    root, good = self._refined_root(bucket.state[f"basis{i}"], stats, factor, exponent, ok, group,
-                                                    part)
-                else:
-                    root, good = self._root(bucket, i, factor, exponent, bias2, ok[part], group, part)
+                root, good = self._root(bucket, i, factor, exponent, bias2, ok[part], group, part)
                 # a failed root keeps the last good one; a packed root keeps its upper triangle
                 commit_(stored[part], root if stored.dim() == root.dim() else pack(root), ok[part] & good)
                 count_refreshes_(stats[part], ok[part], good)
@@ -79,10 +75,8 @@ class InverseRoots(KroneckerPreconditioner):
                                               lambda Q: self.variance(bucket, i, bias2, Q, part))
         if group["pseudo_inverse"]:
             return pseudo_inverse_roots(factor, exponent, group["rank_rtol"])
-        if group["root_method"] == "refine":  # the first refresh: the basis that later ones refine
-            L, Q, good = shifted_eigh(factor, group["epsilon"])
-            commit_(bucket.state[f"basis{i}"][part], Q, ok & good)
-            return spectral_function(Q, L.pow(-exponent), good)
+        if group["root_method"] == "refine":
+            return self._refined_root(bucket, i, factor, exponent, ok, group, part)
         if group["root_method"] == "newton":
             try:
                 return inverse_root_newton(factor, round(1.0 / exponent), group["epsilon"]), torch.ones_like(ok)
@@ -91,13 +85,19 @@ class InverseRoots(KroneckerPreconditioner):
         return inverse_roots(factor, exponent, group["epsilon"])
 
     @staticmethod
-    def _refined_root(basis: Tensor, stats: Tensor, factor: Tensor, exponent: float, ok: Tensor,
-                      group: dict[str, Any], part: slice) -> tuple[Tensor, Tensor]:
-        """``root_method="refine"`` after the first refresh: the stored basis refined one step, kept where
-        the new root is good; the refinement steps counted."""
-        root, Q, good, taken = refined_inverse_roots(factor, basis[part].to(factor.dtype), exponent, group["epsilon"])
-        commit_(basis[part], Q, ok[part] & good)
-        stats[part, QR_ITERATIONS] += taken * ok[part]
+    def _refined_root(bucket: Bucket, i: int, factor: Tensor, exponent: float, ok: Tensor, group: dict[str, Any],
+                      part: slice) -> tuple[Tensor, Tensor]:
+        """``root_method="refine"``: at the first refresh eigh's root and basis, after it the stored basis
+        refined one step (the steps counted); the basis kept where the new root is good."""
+        basis = bucket.state[f"basis{i}"]
+        if bucket.calls == group["start_preconditioning_step"]:
+            L, Q, good = shifted_eigh(factor, group["epsilon"])
+            root, good = spectral_function(Q, L.pow(-exponent), good)
+        else:
+            root, Q, good, taken = refined_inverse_roots(factor, basis[part].to(factor.dtype), exponent,
+                                                         group["epsilon"])
+            bucket.state[f"stats{i}"][part, QR_ITERATIONS] += taken * ok
+        commit_(basis[part], Q, ok & good)
         return root, good
 
     def direction(self, bucket: Bucket, m_hat: Tensor, bias2: Tensor, group: dict[str, Any]) -> Tensor:
