@@ -372,7 +372,7 @@ def _walk(config: BenchConfig, runs: _Runs) -> dict[str, dict[str, Any]]:
             if "best_lr" not in results.get(twin, {}):
                 if progress:
                     progress.skip(full_steps)
-                runs.expect(f"full {name} at {twin}'s best rate, after {twin}'s sweep", name, full_steps)
+                _expect_at_twins_rate(runs, config, name, full_steps)
                 continue
             entry["best_lr"], entry["rate_from"] = results[twin]["best_lr"], twin
             _full_runs(runs, config, name, entry, adamw)
@@ -403,8 +403,7 @@ def _walk(config: BenchConfig, runs: _Runs) -> dict[str, dict[str, Any]]:
             if name == "AdamW":  # nor can the optimizers that use AdamW's tuned setting run
                 for other in order[position + 1:]:
                     if other in config.rate_from:
-                        twin = config.rate_from[other]
-                        runs.expect(f"full {other} at {twin}'s best rate, after {twin}'s sweep", other, full_steps)
+                        _expect_at_twins_rate(runs, config, other, full_steps)
                     else:
                         runs.expect(f"{other}'s sweep ({preset['lr_points']} rate(s)) and full runs, after AdamW's",
                                     other, preset["lr_points"] * preset["sweep_steps"] + full_steps)
@@ -417,6 +416,12 @@ def _walk(config: BenchConfig, runs: _Runs) -> dict[str, dict[str, Any]]:
             entry["weight_decay"] = adamw.weight_decay
         _full_runs(runs, config, name, entry, adamw)
     return results
+
+
+def _expect_at_twins_rate(runs: _Runs, config: BenchConfig, name: str, full_steps: int) -> None:
+    """A plan's entry for a peer whose rate waits for its twin's sweep."""
+    twin = config.rate_from[name]
+    runs.expect(f"full {name} at {twin}'s best rate, after {twin}'s sweep", name, full_steps)
 
 
 def _full_runs(runs: _Runs, config: BenchConfig, name: str, entry: dict[str, Any], adamw: AdamWSetting) -> None:

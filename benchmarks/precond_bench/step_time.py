@@ -63,10 +63,15 @@ def _kronecker_rows(max_dim: int, suffix: str = "", **options: Any) -> dict[str,
         name("SOAP"): lambda ps: precond.SOAP(ps, lr=3e-3, precondition_frequency=FREQUENCY, **options),
         name("EShampoo"): lambda ps: precond.EShampoo(ps, lr=1e-3, precondition_frequency=FREQUENCY,
                                                       max_preconditioner_dim=max_dim, **options),
-        name("Shampoo"): lambda ps: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12,
-                                                    precondition_frequency=FREQUENCY, grafting="adam",
-                                                    max_preconditioner_dim=max_dim, **options),
+        name("Shampoo"): _shampoo(max_dim, **options),
     }
+
+
+def _shampoo(max_dim: int, **options: Any) -> Callable:
+    """Shampoo at Distributed Shampoo's settings (Adam grafting, roots every ``FREQUENCY`` steps), ``options``
+    on top."""
+    return lambda ps: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, precondition_frequency=FREQUENCY,
+                                      grafting="adam", max_preconditioner_dim=max_dim, **options)
 
 
 def _ours(max_dim: int) -> dict[str, Callable]:
@@ -142,10 +147,7 @@ def _refine_rows(max_dim: int) -> dict[str, Callable]:
                                                                  max_preconditioner_dim=max_dim,
                                                                  refresh_method="refine"))
             if frequency == FREQUENCY:  # Shampoo's roots from a refined eigenbasis (eigh at the first refresh)
-                rows[f"precond Shampoo {suffix}"] = (
-                    lambda ps, t=tf32: precond.Shampoo(ps, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12,
-                                                       precondition_frequency=FREQUENCY, grafting="adam", tf32=t,
-                                                       max_preconditioner_dim=max_dim, root_method="refine"))
+                rows[f"precond Shampoo {suffix}"] = _shampoo(max_dim, tf32=tf32, root_method="refine")
     # Every step under Purifying Shampoo's criterion: checked for all factors, refined where it fails
     rows["precond SOAP refine tf32 F=1 tau=0.03"] = lambda ps: precond.SOAP(
         ps, lr=3e-3, precondition_frequency=1, tf32=True, refresh_method="refine", refresh_tolerance=0.03)
