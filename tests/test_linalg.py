@@ -124,7 +124,7 @@ def test_cholesky_qr_equals_householder_qr_up_to_column_signs():
         assert float((Q[b] * signs[b] - H[b]).abs().max()) < 10 * float(kappa[b]) * 2.2e-16
 
 
-def test_power_qr_falls_back_to_householder_where_cholesky_qr_loses_orthogonality():
+def test_power_qr_falls_back_to_householder_where_cholesky_qr_loses_orthogonality(monkeypatch):
     """float32 at condition 1e8 (past 1/u): CholeskyQR is not orthonormal for that matrix, which takes
     Householder QR instead (counted); the well-conditioned one keeps its CholeskyQR."""
     X = power_step_and_random(torch.float32)
@@ -132,9 +132,19 @@ def test_power_qr_falls_back_to_householder_where_cholesky_qr_loses_orthogonalit
     assert ok.tolist() == [False, True]
     eye = torch.eye(24, dtype=torch.float32)
     A = torch.stack([X[0] @ X[0].mT, X[1] @ X[1].mT])  # symmetric, condition 1e16 in float32
+    householder = []  # the stacks Householder QR was given
+    real_qr = linalg._qr
+    monkeypatch.setattr(linalg, "_qr", lambda M: householder.append(tuple(M.shape)) or real_qr(M))
     Q_step, _, fell_back = linalg.power_qr_step(A, eye.expand(2, 24, 24))
     assert fell_back.tolist() == [True, False]
+    assert householder == [(1, 24, 24)]
     assert float(torch.linalg.matrix_norm(Q_step.mT @ Q_step - eye).max()) < 1e-5
+    # the failed matrix alone went through Householder QR; the other kept its CholeskyQR basis, bit for bit
+    AQ = A @ eye  # the power step from the identity, columns sorted by their Rayleigh quotients (A's diagonal)
+    order = torch.argsort(torch.diagonal(A, dim1=-2, dim2=-1), dim=-1, descending=True)
+    sorted_AQ = torch.stack([AQ[b][:, order[b]] for b in range(2)])
+    assert torch.equal(Q_step[0], torch.linalg.qr(sorted_AQ[0])[0])
+    assert torch.equal(Q_step[1], linalg.cholesky_qr(sorted_AQ[1:])[0][0])
 
 
 def rotated(V, angle, seed):

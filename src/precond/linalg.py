@@ -300,7 +300,10 @@ def power_qr_step(A: Tensor, Q: Tensor, sort: bool = True) -> tuple[Tensor, Tens
     Q_new, ok = cholesky_qr(X)
     fell_back = ~ok
     if bool(fell_back.any()):
-        Q_new = torch.where(ok[..., None, None], Q_new, _qr(X)[0])
+        # Householder QR of the failed matrices alone: where a few of a large stack fail (rank-deficient
+        # factors early in training), QR of the whole stack would cost more than the CholeskyQR it replaces
+        failed = fell_back.nonzero(as_tuple=True)
+        Q_new = Q_new.index_put(failed, _qr(X[failed])[0])
     return Q_new, order, fell_back
 
 
