@@ -42,8 +42,33 @@ def test_cpu_transient_peak_counts_what_the_steps_hold_at_once_and_release():
 
 def test_a_compiled_row_shows_what_compiling_made_and_cost():
     row = {"mean_ms": 2.0, "median_ms": 2.0, "max_ms": 3.0, "state_mib": 5.0, "peak_mib": 6.0, "sync_free": True,
-           "warmup_s": 41.2, "graphs": 2, "graph_breaks": 1, "cudagraph_skips": 3}
+           "warmup_s": 41.2, "graphs": 2, "graph_breaks": 1, "cudagraph_skips": 3, "fallbacks": 4}
     results = {"device": "cuda", "torch": "x", "date": "d",
                "sizes": {"tiny": {"matrices": 1, "parameters": 10, "rows": {"precond SOAP compiled": row}}}}
     line = [l for l in step_time.markdown(results).splitlines() if l.startswith("| precond SOAP compiled")][0]
-    assert "2 graphs, 1 breaks, 3 CUDA-graph skips, warm-up 41 s" in line
+    assert "yes; 4 QR fallbacks; 2 graphs, 1 breaks, 3 CUDA-graph skips, warm-up 41 s" in line
+
+
+def test_two_gradient_sets_leave_soaps_tall_factors_rank_deficient_and_eight_do_not(tmp_path):
+    """With the gradients of two steps taken in turn, the ``4w × 4w`` factor of an MLP matrix has rank ``2w``:
+    CholeskyQR fails and each SOAP refresh pays for Householder QR as well, which the row counts. Eight sets
+    give full-rank factors, as fresh gradients do."""
+    counts = {}
+    for sets in (2, 8):
+        out = tmp_path / f"steps-{sets}.json"
+        assert step_time.main(["--sizes", "tiny", "--device", "cpu", "--warmup", "2", "--periods", "2",
+                               "--gradient-sets", str(sets), "--optimizers", "precond SOAP", "torch AdamW fused",
+                               "--out", str(out)]) == 0
+        results = json.loads(out.read_text())
+        assert results["gradient_sets"] == sets
+        rows = results["sizes"]["tiny"]["rows"]
+        assert rows["torch AdamW fused"]["fallbacks"] is None  # a peer keeps no such counters
+        counts[sets] = rows["precond SOAP"]["fallbacks"]
+    assert counts[2] > 0 and counts[8] == 0
+
+
+def test_gradient_sets_must_be_positive(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        step_time.main(["--sizes", "tiny", "--device", "cpu", "--gradient-sets", "0"])
+    assert "--gradient-sets" in capsys.readouterr().err

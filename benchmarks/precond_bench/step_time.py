@@ -4,7 +4,10 @@
 
 For each body (``20M``: 6 layers of width 512; ``85M``: GPT-2 small, 12 × 768; ``350M``: 24 × 1024; ``tiny``
 for CPU checks), the four weight matrices of every layer (attention in/out, MLP up/down, in ``nn.Linear``'s
-``(out, in)`` layout) get random float32 values and, at every step, one of two pre-drawn random gradients.
+``(out, in)`` layout) get random float32 values and, at step ``i``, the pre-drawn random gradients
+``i mod gradient_sets`` (default 8: the factors of a ``4w × w`` matrix then have full rank, as with fresh
+gradients; with two sets its ``4w × 4w`` factor has rank ``2w`` and CholeskyQR falls back to Householder QR at
+every SOAP refresh, which the rows' fallback count shows).
 Each optimizer steps ``warmup`` times (past its first preconditioner refresh), then ``periods`` refresh
 periods are timed step by step with CUDA events (the host clock on a CPU). Reported per optimizer: mean and
 median ms per step (a step that refreshes nothing), the slowest step (a refresh), the ratio of the mean to
@@ -267,10 +270,10 @@ def cpu_transient_peak(opt: Any, params: list[torch.Tensor], run_steps: Callable
 
 
 def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.device, warmup: int,
-                   periods: int, check_syncs: bool) -> dict[str, Any]:
+                   periods: int, check_syncs: bool, gradient_sets: int = 8) -> dict[str, Any]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     params = [torch.nn.Parameter(0.02 * torch.randn(s, generator=gen).to(device)) for s in shapes]
-    grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(2)]
+    grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(gradient_sets)]
     if device.type == "cuda":
         gc.collect()  # an earlier row's optimizer caught in a reference cycle would be freed during this row
         torch.cuda.synchronize()
@@ -283,7 +286,7 @@ def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.
     opt = make(params)
 
     def step(i: int) -> None:
-        for p, g in zip(params, grads[i % 2]):
+        for p, g in zip(params, grads[i % gradient_sets]):
             p.grad = g
         opt.step()
 
@@ -330,6 +333,7 @@ def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.
         "peak_mib": peak / 2**20 if peak is not None else None,
         "sync_free": sync_free,
         "warmup_s": warmup_s,
+        "fallbacks": fallbacks(opt),
     }
     if isinstance(opt.step, CompiledStep):  # what compiling made: graphs, breaks, graphs not captured
         result["graphs"] = counters["stats"]["unique_graphs"] - graphs_before
@@ -341,10 +345,20 @@ def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.
     return result
 
 
+def fallbacks(opt: Any) -> int | None:
+    """How many refreshes of our optimizer's factors took a fallback (CholeskyQR to Householder QR); None for
+    optimizers that keep no such counters (the peers)."""
+    stats = getattr(opt, "preconditioner_stats", None)
+    if stats is None:
+        return None
+    return sum(factor["fallbacks"] for factor in stats()["factors"])
+
+
 def run(sizes: list[str], names: list[str], device: torch.device, warmup: int, periods: int,
-        out: Path | None) -> dict[str, Any]:
+        out: Path | None, gradient_sets: int = 8) -> dict[str, Any]:
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "sizes": {}}
+                               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                               "gradient_sets": gradient_sets, "sizes": {}}
     for size in sizes:
         layers, width = BODIES[size]
         shapes = body_shapes(layers, width)
@@ -354,7 +368,7 @@ def run(sizes: list[str], names: list[str], device: torch.device, warmup: int, p
         for name in names:
             try:
                 rows[name] = time_optimizer(table[name], shapes, device, warmup, periods,
-                                            check_syncs=name.startswith("precond"))
+                                            check_syncs=name.startswith("precond"), gradient_sets=gradient_sets)
             except Exception as err:  # a peer that does not import or run is reported, not fatal
                 rows[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
             print(f"{size} {name}: {rows[name]}", file=sys.stderr, flush=True)
@@ -381,6 +395,8 @@ def markdown(results: dict[str, Any]) -> str:
             ratio = f"{r['mean_ms'] / fused:.2f}" if fused else "—"
             peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "—"
             sync = {None: "—", True: "yes"}.get(r["sync_free"], r["sync_free"])
+            if r.get("fallbacks"):  # refreshes that paid for Householder QR after CholeskyQR
+                sync = f"{sync}; {r['fallbacks']} QR fallbacks"
             if "graphs" in r:  # compiling frees and caches memory of its own: the memory columns would mislead
                 sync = (f"{sync}; {r['graphs']} graphs, {r['graph_breaks']} breaks, "
                         f"{r.get('cudagraph_skips', 0)} CUDA-graph skips, warm-up {r.get('warmup_s', math.nan):.0f} s")
@@ -399,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=FREQUENCY + 2, help="untimed steps (past the first refresh)")
     parser.add_argument("--periods", type=int, default=3, help="timed refresh periods of F steps")
+    parser.add_argument("--gradient-sets", type=int, default=8,
+                        help="pre-drawn gradients, taken in turn (default 8: full-rank factors, as with fresh "
+                             "gradients; the results before 2026-12-07 used 2)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here (updated per row)")
     parser.add_argument("--list", action="store_true", help="list the optimizer names and exit")
     args = parser.parse_args(argv)
@@ -410,7 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in chosen if n not in names]
     if unknown:
         parser.error(f"unknown optimizer(s) {unknown}; --list shows the names")
-    results = run(args.sizes, chosen, torch.device(args.device), args.warmup, args.periods, args.out)
+    if args.gradient_sets < 1:
+        parser.error("--gradient-sets must be at least 1")
+    results = run(args.sizes, chosen, torch.device(args.device), args.warmup, args.periods, args.out,
+                  args.gradient_sets)
     print(markdown(results))
     return 0
 
