@@ -132,6 +132,10 @@ def test_summary_uses_adamw_as_target_and_reports_ratios():
     assert s["SOAP"]["final_val_spread"] == pytest.approx(0.1)
     table = markdown_table(s)
     assert "| SOAP | 0.003 | 1.6000 ± 0.1000 | 10 | 0.50 |" in table
+    assert "| 3 / 0 | " in table and "QR fallbacks" not in table  # runs without the count show none
+    results["SOAP"]["full"][0]["qr_fallbacks"] = 2
+    assert "| 3 / 0 (2 QR fallbacks) | " in markdown_table(summarize(results))
+    del results["SOAP"]["full"][0]["qr_fallbacks"]
     results["torch.Muon"] = results.pop("SOAP")
     assert "| torch.Muon (peer) | 0.003 |" in markdown_table(summarize(results))
     results["SOAP"] = results.pop("torch.Muon")
@@ -932,7 +936,7 @@ def test_an_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit
     assert resumed["wall_seconds"] > resumed["train_seconds"]  # the two calls' set-up and evaluations too
     assert [(s, v) for s, _, v in resumed["curve"]] == [(s, v) for s, _, v in whole["curve"]]
     assert resumed["final_train_loss"] == whole["final_train_loss"] and resumed["steps_done"] == 7
-    assert resumed["refreshes"] == whole["refreshes"]
+    assert resumed["refreshes"] == whole["refreshes"] and resumed["qr_fallbacks"] == whole["qr_fallbacks"]
 
 
 def test_the_benchmark_resumes_checkpointed_runs_to_the_same_results(data_dir, tmp_path):
@@ -1006,3 +1010,17 @@ def test_a_full_runs_loss_spike_is_found_and_reported():
     text = notes(summary)
     assert "- Shampoo: 1.5110 at step 96 → 3.1710 at step 144, back at 1.5110 by step 264." in text
     assert "AdamW:" not in text
+
+
+def test_batch_axis_plot_draws_a_peer_as_a_ring_around_its_twin(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from precond_bench import batch_axis, report
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda plt, fig, path: figures.append(fig) or path)
+    rows = [{"optimizer": name, "bytes_per_step": 1 << 20, "steps_ratio": 0.76, "seconds_ratio": 0.79, "peer": peer}
+            for name, peer in (("SOAP", None), ("pytorch_optimizer.SOAP", "pytorch_optimizer"))]
+    batch_axis.plot_speedups(rows, tmp_path)
+    lines = {line.get_label(): line for line in figures[0].axes[0].get_lines() if not line.get_label().startswith("_")}
+    assert set(lines) == {"SOAP", "pytorch_optimizer.SOAP (peer)"}
+    assert lines["pytorch_optimizer.SOAP (peer)"].get_markerfacecolor() == "none"
+    assert lines["SOAP"].get_markerfacecolor() != "none"

@@ -6,7 +6,8 @@ so the validation set is the same) with ``--tokens-per-step`` set per folder. Re
 ``summary.json`` and ``workload.json``; prints a markdown table (one row per optimizer and batch size:
 final loss, steps and wall-clock to AdamW's final loss as multiples of AdamW's) and plots both speed-ups
 (``1 / ratio``, > 1 is faster than AdamW) against bytes per step, one line per optimizer
-(``speedup_vs_batch.png`` in ``--out``). An optimizer that misses the target at a batch has no point there.
+(``speedup_vs_batch.png`` in ``--out``; another library's implementation as a hollow ring, dashed). An
+optimizer that misses the target at a batch has no point there.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def collect(folders: list[Path]) -> list[dict[str, Any]]:
             rows.append({"folder": str(folder), "bytes_per_step": per_step, "optimizer": name,
                          "best_lr": row["best_lr"], "final": row["final_val_mean"], "seeds": row["seeds"],
                          "target": row["target"], "steps_ratio": row.get("steps_ratio"),
-                         "seconds_ratio": row.get("seconds_ratio"), "optimizer_share": row["optimizer_share"]})
+                         "seconds_ratio": row.get("seconds_ratio"), "optimizer_share": row["optimizer_share"],
+                         "peer": row.get("peer")})
     return sorted(rows, key=lambda r: (r["bytes_per_step"], r["optimizer"]))
 
 
@@ -69,7 +71,13 @@ def plot_speedups(rows: list[dict[str, Any]], out: Path) -> Path | None:
     for ax, key, title in zip(axes, ("steps_ratio", "seconds_ratio"), ("steps", "wall-clock")):
         for name in names:
             points = [(r["bytes_per_step"], 1.0 / r[key]) for r in rows if r["optimizer"] == name and r[key]]
-            if points:
+            if not points:
+                continue
+            if any(r.get("peer") for r in rows if r["optimizer"] == name):
+                # a peer: a larger hollow marker, so that it rings its twin's point where the two agree
+                ax.plot(*zip(*points), marker="o", markersize=11, markerfacecolor="none", linestyle="--",
+                        label=f"{name} (peer)", color=colour[name])
+            else:
                 ax.plot(*zip(*points), marker="o", label=name, color=colour[name])
         ax.axhline(1.0, color="black", linestyle=":")
         ax.set_xscale("log", base=2)

@@ -65,8 +65,14 @@ def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byt
             f"{diverged} | {_fmt(row['steps_to_target'], 'd', 'not reached')} | {_fmt(row['steps_ratio'], '.2f')} "
             f"| {_fmt(row['seconds_to_target'], '.1f', 'not reached')} | {_fmt(row['seconds_ratio'], '.2f')} "
             f"| {row['optimizer_share']:.0%} | {row['state_mb']:.2f} | {_fmt(row['peak_memory_mb'], '.0f')} "
-            f"| {row['refreshes']} / {row['failures']} | {_throughput(row.get('tokens_per_second'))} |")
+            f"| {row['refreshes']} / {row['failures']}{_fallbacks(row)} | {_throughput(row.get('tokens_per_second'))} |")
     return "\n".join(lines)
+
+
+def _fallbacks(row: dict[str, Any]) -> str:
+    """" (N QR fallbacks)" where refreshes fell back from CholeskyQR to Householder QR (runs before the count
+    was kept have none to show)."""
+    return f" ({row['qr_fallbacks']} QR fallbacks)" if row.get("qr_fallbacks") else ""
 
 
 def _rate_check_line(name: str, row: dict[str, Any]) -> str | None:

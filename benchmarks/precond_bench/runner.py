@@ -277,5 +277,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         "refreshes": sum(f["refreshes"] for f in stats["factors"]),
         "skipped_refreshes": sum(f["skipped"] for f in stats["factors"]),
         "failures": sum(f["failures"] for f in stats["factors"]),
+        # refreshes whose CholeskyQR fell back to Householder QR (power-QR: SOAP, KL-SOAP)
+        "qr_fallbacks": sum(f["fallbacks"] for f in stats["factors"]),
         "nonfinite_skips": stats.get("nonfinite_skipped_blocks", 0),
     }
