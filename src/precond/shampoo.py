@@ -157,6 +157,9 @@ class ShampooFamily(BlockEngine):
             direction = graft(direction, diagonal.apply(state.get("diagonal"), m_hat, step))
         return direction
 
+    def _host_work_next(self, bucket: Bucket) -> bool:
+        return self._refreshes(bucket, bucket.calls + 1) and not self.preconditioner.traces_refresh(bucket.group)
+
     @staticmethod
     def _refreshes(bucket: Bucket, t: int) -> bool:
         """Whether step ``t`` (from 1) recomputes the bucket's roots or bases."""

@@ -13,6 +13,7 @@ from .engine import BlockEngine, Bucket
 from .precision import TF32_MODES
 from .preconditioners import EigenbasisAdam
 from .refresh import RULES as REFRESH_RULES
+from .refresh import refresh_due
 from .validation import (STEP_RULES, betas_rule, check_choice, check_in, check_int, check_max_dim, check_positive,
                          flag_rule, pair, preconditioner_dtype_rule)
 
@@ -135,6 +136,14 @@ class SOAP(BlockEngine):
     def _init_block(self, shape, kind, group, dtype, device):
         return self.preconditioner.state(shape, kind, dtype, device, packed=group["packed_factors"],
                                          basis_dtype=group["preconditioner_dtype"])
+
+    def _host_work_next(self, bucket: Bucket) -> bool:
+        calls, group = bucket.calls + 1, bucket.group  # the coming step's count, as _directions will see it
+        if not any(bucket.kind):
+            return False
+        frequency = group["precondition_frequency"]
+        return calls == 1 or (refresh_due(calls - 1, frequency, frequency)  # first bases by eigh; a refresh
+                              and not self.preconditioner.traces_refresh(group))
 
     def _makes_update(self, bucket: Bucket) -> bool:
         return bucket.calls > 1  # the first step only builds the statistics

@@ -270,9 +270,18 @@ class BlockEngine(EngineReports, StateLoading, torch.optim.Optimizer):
         self._note_rates()
         if self._plan_key is None:  # planned before _step: a step compiled from its first call then traces whole
             self._plan()
+        # A step whose refresh reads a flag on the host (eigh's failures, CholeskyQR's fallback) runs eagerly
+        # whole, also when compiled: traced, each such read broke the step at every bucket, the pieces after
+        # the breaks were traced again per bucket and per refresh (on torch 2.13 one of those re-traces failed
+        # inside dynamo), and inductor declined to capture them as CUDA graphs. The other steps trace whole.
+        host_work = any(not b.fused and self._host_work_next(b) for b in self._buckets or ())
         with tf32_matmuls(self._step_tf32 or False):
-            self._step()
+            (self._step_eagerly if host_work else self._step)()
         return loss
+
+    def _host_work_next(self, bucket: Bucket) -> bool:
+        """Whether the coming step reads a flag on the host for ``bucket`` (a refresh); none by default."""
+        return False
 
     def _note_rates(self) -> None:
         """Whether the groups' Python rates move between steps (read on the host, in the eager frame; tensor
@@ -289,6 +298,10 @@ class BlockEngine(EngineReports, StateLoading, torch.optim.Optimizer):
     # refresh schedules read), recompiling at every step until its limit. As the frame's argument, ``self``'s
     # counters turn dynamic after one re-trace, as they do under ``torch.compile(opt.step)``.
     step = torch._dynamo.disable(step, recursive=False)
+
+    @torch.compiler.disable
+    def _step_eagerly(self) -> None:
+        self._step()
 
     @torch.no_grad()
     def _step(self) -> None:

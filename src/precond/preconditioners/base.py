@@ -35,6 +35,11 @@ class KroneckerPreconditioner(ABC):
     # Adam in the identity basis (corrected eigenvalues)
     needs_diagonal_when_unfactored: bool = True
 
+    def traces_refresh(self, group: dict[str, Any]) -> bool:
+        """Whether :meth:`refresh` reads nothing on the host (matmuls only), so that a compiled step may trace
+        it; refreshes by eigh read their failures on the host and run eagerly (see ``BlockEngine.step``)."""
+        return False
+
     def state(self, shape: tuple[int, ...], kind: tuple[bool, ...], group: dict[str, Any], dtype: torch.dtype,
               device: torch.device | str) -> dict[str, Tensor]:
         """Per-block state beyond the factors and their matrices (``kind``: which dims have a factor); none by

@@ -39,6 +39,11 @@ class EigenbasisAdam:
         update_factors_(bucket.state, grads, shampoo_beta, 1.0 - shampoo_beta, ok)
         self.first_bases(bucket, ok, group)
 
+    def traces_refresh(self, group: dict[str, Any]) -> bool:
+        """Whether :meth:`fold`'s refresh reads nothing on the host: the matmul-only ``refine`` (power-QR
+        reads CholeskyQR's failures, eigh and the QR algorithm theirs)."""
+        return group["refresh_method"] == "refine"
+
     @staticmethod
     def first_bases(bucket: Bucket, ok: Tensor, group: dict[str, Any]) -> None:
         """Every factor's first basis, by eigh (descending; ``1e-30·I`` added, as the reference does)."""

@@ -28,6 +28,9 @@ class CorrectedEigenvalues(KroneckerPreconditioner):
               device: torch.device | str) -> dict[str, Tensor]:
         return {"eigenvalues": torch.zeros(shape, dtype=dtype, device=device)}
 
+    def traces_refresh(self, group: dict[str, Any]) -> bool:
+        return group["refresh_method"] == "refine"  # from the identity at the first refresh: no eigh at all
+
     def refresh(self, bucket: Bucket, bias2: Tensor, ok: Tensor, group: dict[str, Any]) -> None:
         def ridge(factor: Tensor, part: slice) -> Tensor:
             eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)

@@ -72,6 +72,9 @@ class KLEigenbasisAdam(EigenbasisAdam):
         if refresh_due(bucket.calls - 1, frequency, frequency):
             self.refresh_in_order(bucket, ok)
 
+    def traces_refresh(self, group: dict[str, Any]) -> bool:
+        return False  # power-QR whatever the group says: CholeskyQR's failures are read on the host
+
     def _scales(self, scale: Tensor, diagonal: Tensor, beta: float) -> Tensor:
         """``s ← (βd + (1-β)·diagonal)^{-1/2}`` with ``d = s^{-2}`` (0 where ``s`` is 0), clamped."""
         eigenvalues = torch.nan_to_num(1.0 / scale.square(), nan=0.0, posinf=0.0, neginf=0.0)
