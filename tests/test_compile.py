@@ -44,15 +44,22 @@ def trajectory(make, init, grads, compile_step, rate=None, made=None, from_first
     return [p.detach() for p in params]
 
 
+def kronecker(frequency: int) -> dict:
+    """The Kronecker-factored optimizers, refreshing every ``frequency`` steps."""
+    return {
+        "SOAP": lambda ps: precond.SOAP(ps, lr=1e-2, precondition_frequency=frequency),
+        "KLSOAP": lambda ps: precond.KLSOAP(ps, lr=1e-2, precondition_frequency=frequency),
+        "Shampoo": lambda ps: precond.Shampoo(ps, lr=1e-2, precondition_frequency=frequency, grafting="adam",
+                                              max_preconditioner_dim=16),
+        "KLShampoo": lambda ps: precond.KLShampoo(ps, lr=1e-2, precondition_frequency=frequency, grafting="adam",
+                                                  max_preconditioner_dim=16),
+        "EShampoo": lambda ps: precond.EShampoo(ps, lr=1e-2, precondition_frequency=frequency),
+    }
+
+
 FACTORIES = {
     "AdamW": lambda ps: precond.AdamW(ps, lr=1e-2, weight_decay=0.1),
-    "SOAP": lambda ps: precond.SOAP(ps, lr=1e-2, precondition_frequency=100),
-    "KLSOAP": lambda ps: precond.KLSOAP(ps, lr=1e-2, precondition_frequency=100),
-    "Shampoo": lambda ps: precond.Shampoo(ps, lr=1e-2, precondition_frequency=100, grafting="adam",
-                                          max_preconditioner_dim=16),
-    "KLShampoo": lambda ps: precond.KLShampoo(ps, lr=1e-2, precondition_frequency=100, grafting="adam",
-                                              max_preconditioner_dim=16),
-    "EShampoo": lambda ps: precond.EShampoo(ps, lr=1e-2, precondition_frequency=100),
+    **kronecker(100),  # no refresh within the tests' steps
     "Sophia": lambda ps: precond.Sophia(ps, lr=1e-2),
     "Muon": lambda ps: precond.Muon(ps, lr=1e-2, ns_dtype="float32"),
     "ASGO": lambda ps: precond.ASGO(ps, lr=1e-2, precondition_frequency=100),
@@ -229,15 +236,7 @@ def test_a_rate_changed_at_every_step_compiles_once(make):
 
 
 # Refreshing every other step: the refreshes that read a flag on the host (eigh's failures, CholeskyQR's fallback)
-REFRESHING = {
-    "SOAP": lambda ps: precond.SOAP(ps, lr=1e-2, precondition_frequency=2),
-    "KLSOAP": lambda ps: precond.KLSOAP(ps, lr=1e-2, precondition_frequency=2),
-    "Shampoo": lambda ps: precond.Shampoo(ps, lr=1e-2, precondition_frequency=2, grafting="adam",
-                                          max_preconditioner_dim=16),
-    "KLShampoo": lambda ps: precond.KLShampoo(ps, lr=1e-2, precondition_frequency=2, grafting="adam",
-                                              max_preconditioner_dim=16),
-    "EShampoo": lambda ps: precond.EShampoo(ps, lr=1e-2, precondition_frequency=2),
-}
+REFRESHING = kronecker(2)
 
 
 @pytest.mark.parametrize("make", list(REFRESHING.values()), ids=list(REFRESHING))
