@@ -163,22 +163,13 @@ def test_a_compiled_function_calling_step_compiles_once(make):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-# ASGO's first step computes its first root (eigh, whose failure check reads the device on the host): dynamo
-# cannot trace that graph break inside the step's loop of buckets, runs the step eagerly and compiles its
-# parts bucket by bucket, where torch 2.13 then fails creating a shape guard (IndexError). After one eager step
-# it compiles (the tests above). Strict, so that a change on either side shows here. Torch 2.11 raises the same
-# IndexError wrapped in dynamo's InternalTorchDynamoError.
-FIRST_CALL_FAILS = {"ASGO"}
-SHAPE_GUARD_ERRORS = (IndexError, torch._dynamo.exc.InternalTorchDynamoError)
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=SHAPE_GUARD_ERRORS, reason="see FIRST_CALL_FAILS"))
-    if n in FIRST_CALL_FAILS else n for n in [*FACTORIES, *SETTINGS]])
+@pytest.mark.parametrize("name", [*FACTORIES, *SETTINGS])
 def test_a_step_compiled_from_its_first_call_equals_eager(name):
     """The plan is built in an eager frame before the step is traced: dynamo refuses to trace
     ``mark_static_address`` (a step compiled from its first call raised there), and a first read of a bucket's
-    cached properties inside the trace sent the whole step back to eager."""
+    cached properties inside the trace sent the whole step back to eager. ASGO's first step computes its first
+    root by eigh, which reads its failures on the host: traced, the step broke inside its loop of buckets and
+    torch 2.13 failed creating a shape guard (IndexError) while compiling the parts; the step now runs eagerly."""
     make = {**FACTORIES, **SETTINGS}[name]
     torch._dynamo.reset()
     init, grads = params_and_grads(4)
@@ -236,7 +227,8 @@ def test_a_rate_changed_at_every_step_compiles_once(make):
 
 
 # Refreshing every other step: the refreshes that read a flag on the host (eigh's failures, CholeskyQR's fallback)
-REFRESHING = kronecker(2)
+REFRESHING = {**kronecker(2),
+              "ASGO": lambda ps: precond.ASGO(ps, lr=1e-2, precondition_frequency=2)}  # roots by eigh
 
 
 @pytest.mark.parametrize("make", list(REFRESHING.values()), ids=list(REFRESHING))

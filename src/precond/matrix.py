@@ -107,6 +107,9 @@ class MatrixOptimizer(BlockEngine):
             return adam_state(shape, dtype, device)
         return self.preconditioner.state(shape, kind, group, dtype, device)
 
+    def _host_work_next(self, bucket: Bucket) -> bool:
+        return bucket.kind != ADAM and self.preconditioner.host_work_next(bucket, bucket.group)
+
     def _directions(self, bucket, grads, ok, group):
         if bucket.kind == ADAM:
             return adam_directions(bucket, grads, ok, group["adamw_betas"], group["adamw_eps"])

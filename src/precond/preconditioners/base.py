@@ -71,6 +71,11 @@ class MatrixPreconditioner(ABC):
     def kind(self, shape: tuple[int, ...], group: dict[str, Any]) -> Hashable:
         return "matrix"
 
+    def host_work_next(self, bucket: Bucket, group: dict[str, Any]) -> bool:
+        """Whether the coming step's :meth:`direction` reads a flag on the host (a root by eigh); such a step
+        runs eagerly, also when compiled (see ``BlockEngine.step``). None by default."""
+        return False
+
     @abstractmethod
     def state(self, shape: tuple[int, ...], kind: Hashable, group: dict[str, Any], dtype: torch.dtype,
               device: torch.device | str) -> dict[str, Tensor]:

@@ -36,6 +36,10 @@ class OneSidedRoot(MatrixPreconditioner):
         state["momentum"] = torch.zeros(shape, dtype=dtype, device=device)
         return state
 
+    def host_work_next(self, bucket: Bucket, group: dict[str, Any]) -> bool:
+        # the coming call counts calls + 1: a root is due at (calls + 1) - 1; eigh reads its failures on the host
+        return group["root_method"] == "eigh" and refresh_due(bucket.calls, group["precondition_frequency"], 0)
+
     def direction(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
         beta1, beta2 = group["betas"]
         left = bucket.kind == "left"
