@@ -129,7 +129,9 @@ class SplitWork(LocalWork):
         sub.state["step"] = bucket.state["step"].index_select(0, bucket.owned)
         ok = ok.index_select(0, bucket.owned)  # the gradients are the owned blocks' already
         direction = engine._bucket_directions(sub, grads, ok)
-        if (direction is None) == makes_update:
+        # branched, not compared: traced, ``makes_update`` is a symbolic bool (``calls > 1``), and dynamo 2.13
+        # fails inside sympy comparing it with a Python bool, where it evaluates it in an ``if`` fine
+        if (direction is None) if makes_update else (direction is not None):
             raise RuntimeError(f"{type(engine).__name__}._makes_update disagrees with _directions")
         return None if direction is None else direction.to(engine._direction_dtype(bucket))
 
