@@ -49,6 +49,7 @@ from .runner import state_bytes
 BODIES = {"tiny": (2, 64), "20M": (6, 512), "85M": (12, 768), "85M-layer": (1, 768), "350M": (24, 1024)}
 PEERS_DIR = Path(__file__).resolve().parents[2] / ".peers"
 FREQUENCY = 10  # refresh period of every preconditioned optimizer (the F=10)
+GRADIENT_SETS = 8  # pre-drawn gradients taken in turn: full-rank factors for every body (see the docstring)
 
 
 def body_shapes(layers: int, width: int) -> list[tuple[int, int]]:
@@ -270,7 +271,7 @@ def cpu_transient_peak(opt: Any, params: list[torch.Tensor], run_steps: Callable
 
 
 def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.device, warmup: int,
-                   periods: int, check_syncs: bool, gradient_sets: int = 8) -> dict[str, Any]:
+                   periods: int, check_syncs: bool, gradient_sets: int = GRADIENT_SETS) -> dict[str, Any]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     params = [torch.nn.Parameter(0.02 * torch.randn(s, generator=gen).to(device)) for s in shapes]
     grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(gradient_sets)]
@@ -355,7 +356,7 @@ def fallbacks(opt: Any) -> int | None:
 
 
 def run(sizes: list[str], names: list[str], device: torch.device, warmup: int, periods: int,
-        out: Path | None, gradient_sets: int = 8) -> dict[str, Any]:
+        out: Path | None, gradient_sets: int = GRADIENT_SETS) -> dict[str, Any]:
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                                "gradient_sets": gradient_sets, "sizes": {}}
@@ -415,9 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=FREQUENCY + 2, help="untimed steps (past the first refresh)")
     parser.add_argument("--periods", type=int, default=3, help="timed refresh periods of F steps")
-    parser.add_argument("--gradient-sets", type=int, default=8,
-                        help="pre-drawn gradients, taken in turn (default 8: full-rank factors, as with fresh "
-                             "gradients; the results before 2026-12-07 used 2)")
+    parser.add_argument("--gradient-sets", type=int, default=GRADIENT_SETS,
+                        help=f"pre-drawn gradients, taken in turn (default {GRADIENT_SETS}: full-rank factors, as "
+                             "with fresh gradients; the results before 2026-12-07 used 2)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here (updated per row)")
     parser.add_argument("--list", action="store_true", help="list the optimizer names and exit")
     args = parser.parse_args(argv)

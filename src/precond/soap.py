@@ -13,7 +13,6 @@ from .engine import BlockEngine, Bucket
 from .precision import TF32_MODES
 from .preconditioners import EigenbasisAdam
 from .refresh import RULES as REFRESH_RULES
-from .refresh import refresh_due
 from .validation import (STEP_RULES, betas_rule, check_choice, check_in, check_int, check_max_dim, check_positive,
                          flag_rule, pair, preconditioner_dtype_rule)
 
@@ -138,12 +137,7 @@ class SOAP(BlockEngine):
                                          basis_dtype=group["preconditioner_dtype"])
 
     def _host_work_next(self, bucket: Bucket) -> bool:
-        calls, group = bucket.calls + 1, bucket.group  # the coming step's count, as _directions will see it
-        if not any(bucket.kind):
-            return False
-        frequency = group["precondition_frequency"]
-        return calls == 1 or (refresh_due(calls - 1, frequency, frequency)  # first bases by eigh; a refresh
-                              and not self.preconditioner.traces_refresh(group))
+        return any(bucket.kind) and self.preconditioner.host_work_next(bucket, bucket.group)
 
     def _makes_update(self, bucket: Bucket) -> bool:
         return bucket.calls > 1  # the first step only builds the statistics

@@ -45,6 +45,19 @@ class EigenbasisAdam:
         return group["refresh_method"] == "refine"
 
     @staticmethod
+    def refreshes_at(calls: int, group: dict[str, Any]) -> bool:
+        """Whether the bucket's step number ``calls`` refreshes the bases: every ``precondition_frequency``
+        updates, counted from the first update (the first step only gathers statistics)."""
+        frequency = group["precondition_frequency"]
+        return refresh_due(calls - 1, frequency, frequency)
+
+    def host_work_next(self, bucket: Bucket, group: dict[str, Any]) -> bool:
+        """Whether the coming step reads a flag on the host: the first (eigh's first bases) or a refresh that
+        is not traced; such a step runs eagerly, also when compiled (see ``BlockEngine.step``)."""
+        calls = bucket.calls + 1  # the coming step's count, as it will see it
+        return calls == 1 or (self.refreshes_at(calls, group) and not self.traces_refresh(group))
+
+    @staticmethod
     def first_bases(bucket: Bucket, ok: Tensor, group: dict[str, Any]) -> None:
         """Every factor's first basis, by eigh (descending; ``1e-30·I`` added, as the reference does)."""
         policy, state = policy_of(group, descending=True), bucket.state
@@ -77,8 +90,7 @@ class EigenbasisAdam:
         """The gradient into the factors, then new bases every ``precondition_frequency`` updates."""
         shampoo_beta = self._shampoo_beta(group)
         update_factors_(bucket.state, grads, shampoo_beta, 1.0 - shampoo_beta, ok)
-        frequency = group["precondition_frequency"]
-        if refresh_due(bucket.calls - 1, frequency, frequency):  # counted from the first update
+        if self.refreshes_at(bucket.calls, group):
             self.refresh(bucket, policy_of(group, descending=True), ok)
 
     @staticmethod

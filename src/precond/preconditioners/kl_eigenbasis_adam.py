@@ -12,7 +12,7 @@ from torch import Tensor
 from ..engine import Bucket, commit_
 from ..kronecker import factor_chunks, factor_matrices, factor_outer, mode_product, update_factors_
 from ..linalg import LinAlgFailure, finite_bases, power_qr_step
-from ..refresh import FALLBACKS, count_refreshes_, refresh_due
+from ..refresh import FALLBACKS, count_refreshes_
 from .eigenbasis_adam import EigenbasisAdam
 
 __all__ = ["KLEigenbasisAdam"]
@@ -68,8 +68,7 @@ class KLEigenbasisAdam(EigenbasisAdam):
         update_factors_(state, grads, beta, 1.0 - beta, ok, outers=outers)
         for i in dims:
             commit_(scales[i], self._scales(scales[i], diagonals[i], beta), ok)
-        frequency = group["precondition_frequency"]
-        if refresh_due(bucket.calls - 1, frequency, frequency):
+        if self.refreshes_at(bucket.calls, group):
             self.refresh_in_order(bucket, ok)
 
     def traces_refresh(self, group: dict[str, Any]) -> bool:

@@ -36,9 +36,14 @@ class OneSidedRoot(MatrixPreconditioner):
         state["momentum"] = torch.zeros(shape, dtype=dtype, device=device)
         return state
 
+    @staticmethod
+    def _root_due(calls: int, group: dict[str, Any]) -> bool:
+        """Whether the bucket's step number ``calls`` computes a root (the first step has one)."""
+        return refresh_due(calls - 1, group["precondition_frequency"], 0)
+
     def host_work_next(self, bucket: Bucket, group: dict[str, Any]) -> bool:
-        # the coming call counts calls + 1: a root is due at (calls + 1) - 1; eigh reads its failures on the host
-        return group["root_method"] == "eigh" and refresh_due(bucket.calls, group["precondition_frequency"], 0)
+        # eigh reads its failures on the host; the coming step counts calls + 1
+        return group["root_method"] == "eigh" and self._root_due(bucket.calls + 1, group)
 
     def direction(self, bucket: Bucket, grads: Tensor, ok: Tensor, group: dict[str, Any]) -> Tensor:
         beta1, beta2 = group["betas"]
@@ -48,7 +53,7 @@ class OneSidedRoot(MatrixPreconditioner):
         outer = grads @ grads.mT if left else grads.mT @ grads
         ema_(V, outer, beta2, 1.0 if beta2 == 1.0 else 1.0 - beta2, ok)  # refused blocks' gradients are zero
         ema_(momentum, grads, beta1, 1.0 - beta1, ok)
-        if refresh_due(bucket.calls - 1, group["precondition_frequency"], 0):  # the first step has a root
+        if self._root_due(bucket.calls, group):
             if group["root_method"] == "eigh":
                 new, good = inverse_roots(V, 0.5, group["epsilon"])
             else:
