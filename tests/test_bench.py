@@ -139,6 +139,10 @@ def test_summary_uses_adamw_as_target_and_reports_ratios():
     results["torch.Muon"] = results.pop("SOAP")
     assert "| torch.Muon (peer) | 0.003 |" in markdown_table(summarize(results))
     results["SOAP"] = results.pop("torch.Muon")
+    # one seed has no spread: the row says "1 seed", not "± 0.0000"
+    second = results["SOAP"]["full"].pop()
+    assert "| SOAP | 0.003 | 1.5000 (1 seed) | 10 |" in markdown_table(summarize(results))
+    results["SOAP"]["full"].append(second)
     # a best rate on the edge of the swept rates is marked
     results["SOAP"]["sweep"] = [{"lr": lr} for lr in (1e-3, 3e-3)]
     results["AdamW"]["sweep"] = [{"lr": lr} for lr in (3e-4, 1e-3, 3e-3)]

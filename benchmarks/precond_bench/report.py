@@ -61,12 +61,17 @@ def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byt
     for name, row in sorted(summary.items(), key=lambda kv: kv[1]["final_val_mean"]):
         diverged = f" ({row['diverged_seeds']} diverged)" if row["diverged_seeds"] else ""
         lines.append(
-            f"| {_label(name, row, reference)} | {_rate(row)} | {row['final_val_mean']:.4f} ± {row['final_val_spread']:.4f}"
-            f"{diverged} | {_fmt(row['steps_to_target'], 'd', 'not reached')} | {_fmt(row['steps_ratio'], '.2f')} "
+            f"| {_label(name, row, reference)} | {_rate(row)} | {_final_loss(row)}{diverged} | {_fmt(row['steps_to_target'], 'd', 'not reached')} | {_fmt(row['steps_ratio'], '.2f')} "
             f"| {_fmt(row['seconds_to_target'], '.1f', 'not reached')} | {_fmt(row['seconds_ratio'], '.2f')} "
             f"| {row['optimizer_share']:.0%} | {row['state_mb']:.2f} | {_fmt(row['peak_memory_mb'], '.0f')} "
             f"| {row['refreshes']} / {row['failures']}{_fallbacks(row)} | {_throughput(row.get('tokens_per_second'))} |")
     return "\n".join(lines)
+
+
+def _final_loss(row: dict[str, Any]) -> str:
+    """The seed mean ± half-range; one seed has no spread to show, so it says so instead of "± 0.0000"."""
+    mean = f"{row['final_val_mean']:.4f}"
+    return f"{mean} (1 seed)" if row.get("seeds") == 1 else f"{mean} ± {row['final_val_spread']:.4f}"
 
 
 def _fallbacks(row: dict[str, Any]) -> str:
