@@ -89,3 +89,33 @@ def test_matmul_add_in_three_passes_adds_every_pass(monkeypatch):
     single = torch.zeros(4, 32, 16)
     precision.matmul_add_(single, a, b, alpha=0.5)
     torch.testing.assert_close(single, 0.5 * (a @ b))
+
+
+def test_matmul_epsilon_follows_the_tf32_mode():
+    """TF32's spacing only for a CUDA float32 product while TF32 is on; the flag is read through either API."""
+    assert not precision._tf32_on()
+    for mode, on in ((True, True), ("3x", False), (False, False)):
+        with precision.tf32_matmuls(mode):
+            assert precision._tf32_on() is on
+            assert precision.matmul_epsilon(torch.ones(2)) == torch.finfo(torch.float32).eps  # CPU: float32
+            assert precision.matmul_epsilon(torch.ones(2, dtype=torch.float64)) == torch.finfo(torch.float64).eps
+    assert not precision._tf32_on()
+
+
+def test_cholesky_qr_under_tf32_judges_orthonormality_at_tf32s_rounding(monkeypatch):
+    """Under TF32 products a CholeskyQR basis is orthonormal to TF32's rounding, not float32's: judged by
+    float32's tolerance every matrix failed (and fell back to Householder QR); judged by TF32's, the
+    well-conditioned one passes and the one past float32's reach (condition 1e8) still fails."""
+    from precond import linalg
+    from test_linalg import power_step_and_random
+
+    X = power_step_and_random(torch.float32)
+    monkeypatch.setattr(linalg, "matmul", tf32_product)
+    assert linalg.cholesky_qr(X)[1].tolist() == [False, False]  # float32's test of a TF32 result
+    monkeypatch.setattr(linalg, "matmul_epsilon", lambda x: 2.0**-10)
+    Q, ok = linalg.cholesky_qr(X)
+    assert ok.tolist() == [False, True]
+    n = X.shape[-1]
+    Qd = Q[1].double()
+    residual = float(torch.linalg.matrix_norm(Qd.T @ Qd - torch.eye(n, dtype=torch.float64)))
+    assert 64 * n**0.5 * torch.finfo(torch.float32).eps < residual < 2 * n**0.5 * 2.0**-10  # TF32's, not float32's

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["TF32_MODES", "tf32_matmuls", "matmul", "matmul_add_", "split_tf32", "three_pass_matmul"]
+__all__ = ["TF32_MODES", "tf32_matmuls", "matmul", "matmul_add_", "matmul_epsilon", "split_tf32", "three_pass_matmul"]
 
 TF32_MODES = (False, True, "3x")
 
@@ -69,6 +69,23 @@ def tf32_matmuls(mode: bool | str) -> Iterator[None]:
     else:
         with _global_tf32(bool(mode)):
             yield
+
+
+def _tf32_on() -> bool:
+    matmul_backend = torch.backends.cuda.matmul
+    if hasattr(matmul_backend, "fp32_precision"):  # torch >= 2.9 (reading allow_tf32 there may raise)
+        precision = matmul_backend.fp32_precision
+        return precision == "tf32" or (precision == "none" and torch.get_float32_matmul_precision() != "highest")
+    return bool(matmul_backend.allow_tf32)
+
+
+def matmul_epsilon(x: Tensor) -> float:
+    """The relative spacing of the numbers a :func:`matmul` of ``x`` multiplies at this point: TF32's ``2⁻¹⁰``
+    for a CUDA float32 ``x`` while TF32 matmuls are on (and not ``"3x"``), else ``x``'s dtype's ``eps``. A
+    check of a product's result (an orthonormality test, say) sizes its tolerance by it."""
+    if x.is_cuda and x.dtype == torch.float32 and not _three_pass and _tf32_on():
+        return 2.0 ** -10
+    return torch.finfo(x.dtype).eps
 
 
 def split_tf32(x: Tensor) -> tuple[Tensor, Tensor]:

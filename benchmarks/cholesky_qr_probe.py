@@ -1,0 +1,80 @@
+"""How often does SOAP's CholeskyQR pass on the factors of a real training run, in float32 and under TF32?
+
+    PYTHONPATH=src:benchmarks python benchmarks/cholesky_qr_probe.py [--steps 41] [--batch-size 8]
+
+Trains the GPU preset's LM (`--preset gpu`: 6 layers of width 512, the Linux corpus; ``PRECOND_DATA`` points at
+its data) on the CPU with SOAP at the reference defaults (refresh every 10 steps), records what each refresh
+gives :func:`precond.linalg.cholesky_qr` (the power step's ``A·Q``, columns sorted), then orthonormalises every
+recorded matrix again three ways: in float32 (what the run did), with TF32 products emulated (inputs cut to
+TF32's 10 mantissa bits) judged by float32's tolerance, and the same judged by TF32's. Prints, per refresh and
+size, how many matrices passed each way (the rest fall back to Householder QR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import precond
+from precond import linalg, precision
+from precond_bench.workloads import PRESETS, make_workload
+
+
+def tf32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A TF32 tensor-core product, emulated: inputs cut to 10 mantissa bits, exact products, float32 result."""
+    return (precision.split_tf32(a)[0].double() @ precision.split_tf32(b)[0].double()).float()
+
+
+def passes(X: torch.Tensor, product, epsilon) -> int:
+    """How many of the stack ``X`` :func:`linalg.cholesky_qr` accepts with ``product`` as its matmul and
+    ``epsilon`` as the products' spacing."""
+    saved = linalg.matmul, linalg.matmul_epsilon
+    linalg.matmul, linalg.matmul_epsilon = product, epsilon
+    try:
+        return int(linalg.cholesky_qr(X)[1].sum())
+    finally:
+        linalg.matmul, linalg.matmul_epsilon = saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=41, help="training steps (refreshes at 10, 20, ...)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows of 256 bytes a step")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    recorded: list[tuple[int, torch.Tensor]] = []
+    orthonormalise = linalg.cholesky_qr
+    step = 0
+    linalg.cholesky_qr = lambda X: recorded.append((step, X.detach().clone())) or orthonormalise(X)
+    workload = make_workload(dict(PRESETS["gpu"], batch_size=args.batch_size),
+                             Path(os.environ.get("PRECOND_DATA", "data")), "cpu")
+    model = workload.model(0)
+    opt = precond.SOAP(model.parameters(), lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10)
+    for step in range(1, args.steps + 1):
+        workload.loss(model, workload.batch(step, 0)).backward()
+        opt.step()
+        opt.zero_grad()
+    linalg.cholesky_qr = orthonormalise
+
+    tally: dict[tuple[int, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    float32 = lambda x: torch.finfo(x.dtype).eps  # noqa: E731
+    for at, X in recorded:
+        row = tally[(at, X.shape[-1])]
+        row[0] += X.shape[0]
+        row[1] += passes(X, lambda a, b: a @ b, float32)
+        row[2] += passes(X, tf32_product, float32)
+        row[3] += passes(X, tf32_product, lambda x: 2.0**-10)
+    print("| step | n | matrices | float32 passes | TF32, float32's test | TF32, TF32's test |")
+    print("|---|---|---|---|---|---|")
+    for (at, n), (count, *passed) in sorted(tally.items()):
+        print(f"| {at} | {n} | {count} | " + " | ".join(str(p) for p in passed) + " |")
+    total = [sum(row[i] for row in tally.values()) for i in range(4)]
+    print(f"| all | | {total[0]} | " + " | ".join(f"{p} ({p / total[0]:.0%})" for p in total[1:]) + " |")
+
+
+if __name__ == "__main__":
+    main()
