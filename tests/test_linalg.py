@@ -391,3 +391,35 @@ def test_float16_iterations_normalise_before_the_cast(function):
         out = function(given, 5, MUON_ABC, 1e-7, torch.float16)
         assert out.dtype == given.dtype and torch.isfinite(out).all()
         assert float(torch.linalg.norm(out.double() - exact) / torch.linalg.norm(exact)) < 0.02
+
+
+def test_power_qr_tries_float64_before_householder_where_float64_keeps_pace(monkeypatch):
+    """A trained factor's power step is often past float32's reach and within float64's: where float64
+    keeps float32's pace (a data-centre GPU; pretended here), such a matrix is orthonormalised by CholeskyQR
+    in float64, not Householder QR, and is float64 Householder QR's basis up to column signs; a matrix with a
+    zero column (a byte never seen: rank-deficient in any precision) still takes Householder QR. Elsewhere
+    (the CPU as it is) both take Householder QR, as before."""
+    g = torch.Generator().manual_seed(3)
+    n = 24
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    A = V @ torch.diag(torch.logspace(-8, 2, n, dtype=torch.float64)) @ V.T  # A·I: condition 8e9, unit columns
+    singular = A.clone()
+    singular[-1], singular[:, -1] = 0.0, 0.0
+    A = torch.stack([A, singular]).float()
+    eye = torch.eye(n).expand(2, n, n)
+    assert linalg.cholesky_qr(A)[1].tolist() == [False, False]  # float32's CholeskyQR fails both
+    householder = []  # the stacks Householder QR was given
+    real_qr = linalg._qr
+    monkeypatch.setattr(linalg, "_qr", lambda M: householder.append(tuple(M.shape)) or real_qr(M))
+    _, _, fell_back = linalg.power_qr_step(A, eye)
+    assert fell_back.tolist() == [True, True] and householder == [(2, n, n)]  # on a CPU, as before
+    householder.clear()
+    monkeypatch.setattr(linalg, "_float64_keeps_pace", lambda X: True)
+    Q, order, fell_back = linalg.power_qr_step(A, eye)
+    assert fell_back.tolist() == [False, True] and householder == [(1, n, n)]
+    assert Q.dtype == torch.float32
+    assert float(torch.linalg.matrix_norm(Q.double().mT @ Q.double() - torch.eye(n, dtype=torch.float64)).max()) < 1e-5
+    X = A[0].double()[:, order[0]]  # the power step from the identity, columns sorted
+    H = torch.linalg.qr(X)[0]
+    signs = torch.sign((Q[0].double() * H).sum(-2, keepdim=True))
+    assert float((Q[0].double() * signs - H).abs().max()) < 1e-6  # float64's basis, rounded to float32

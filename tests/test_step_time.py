@@ -72,3 +72,22 @@ def test_gradient_sets_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         step_time.main(["--sizes", "tiny", "--device", "cpu", "--gradient-sets", "0"])
     assert "--gradient-sets" in capsys.readouterr().err
+
+
+def test_a_decaying_spectrum_defeats_float32_cholesky_qr_and_not_float64(tmp_path, monkeypatch):
+    """Gradients scaled over four decades by rows and columns give factors as ill-conditioned as a trained
+    model's: SOAP's float32 CholeskyQR falls back to Householder QR (as on a CPU), while the float64 retry of a
+    data-centre GPU (pretended here) orthonormalises every one of them."""
+    from precond import linalg
+
+    def fallbacks(name: str) -> int:
+        out = tmp_path / f"{name}.json"
+        assert step_time.main(["--sizes", "tiny", "--device", "cpu", "--warmup", "2", "--periods", "2",
+                               "--spectrum", "decaying", "--optimizers", "precond SOAP", "--out", str(out)]) == 0
+        results = json.loads(out.read_text())
+        assert results["spectrum"] == "decaying"
+        return results["sizes"]["tiny"]["rows"]["precond SOAP"]["fallbacks"]
+
+    assert fallbacks("float32") > 0
+    monkeypatch.setattr(linalg, "_float64_keeps_pace", lambda X: True)
+    assert fallbacks("float64") == 0

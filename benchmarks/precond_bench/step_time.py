@@ -7,7 +7,10 @@ for CPU checks), the four weight matrices of every layer (attention in/out, MLP 
 ``(out, in)`` layout) get random float32 values and, at step ``i``, the pre-drawn random gradients
 ``i mod gradient_sets`` (default 8: the factors of a ``4w × w`` matrix then have full rank, as with fresh
 gradients; with two sets its ``4w × 4w`` factor has rank ``2w`` and CholeskyQR falls back to Householder QR at
-every SOAP refresh, which the rows' fallback count shows).
+every SOAP refresh, which the rows' fallback count shows). Their entries are Gaussian (``--spectrum flat``:
+well-conditioned factors, a refresh at its cheapest), or scaled by rows and columns falling over four decades
+each (``decaying``: factors of condition ~1e8, as a trained model's, whose power step float32's CholeskyQR
+often cannot orthonormalise; ``benchmarks/cholesky_qr_probe.py``).
 Each optimizer steps ``warmup`` times (past its first preconditioner refresh), then ``periods`` refresh
 periods are timed step by step with CUDA events (the host clock on a CPU). Reported per optimizer: mean and
 median ms per step (a step that refreshes nothing), the slowest step (a refresh), the ratio of the mean to
@@ -50,6 +53,16 @@ BODIES = {"tiny": (2, 64), "20M": (6, 512), "85M": (12, 768), "85M-layer": (1, 7
 PEERS_DIR = Path(__file__).resolve().parents[2] / ".peers"
 FREQUENCY = 10  # refresh period of every preconditioned optimizer (the issue's F=10)
 GRADIENT_SETS = 8  # pre-drawn gradients taken in turn: full-rank factors for every body (see the docstring)
+SPECTRA = ("flat", "decaying")
+
+
+def draw_gradient(shape: tuple[int, int], gen: torch.Generator, spectrum: str) -> torch.Tensor:
+    """A random gradient of ``shape``: Gaussian, or (``"decaying"``) with its rows and columns scaled from 1
+    down to 1e-4, so that both Kronecker factors' eigenvalues spread over eight decades."""
+    g = torch.randn(shape, generator=gen)
+    if spectrum == "decaying":
+        g = torch.logspace(0, -4, shape[0])[:, None] * g * torch.logspace(0, -4, shape[1])
+    return g
 
 
 def body_shapes(layers: int, width: int) -> list[tuple[int, int]]:
@@ -271,10 +284,11 @@ def cpu_transient_peak(opt: Any, params: list[torch.Tensor], run_steps: Callable
 
 
 def time_optimizer(make: Callable, shapes: list[tuple[int, int]], device: torch.device, warmup: int,
-                   periods: int, check_syncs: bool, gradient_sets: int = GRADIENT_SETS) -> dict[str, Any]:
+                   periods: int, check_syncs: bool, gradient_sets: int = GRADIENT_SETS,
+                   spectrum: str = "flat") -> dict[str, Any]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     params = [torch.nn.Parameter(0.02 * torch.randn(s, generator=gen).to(device)) for s in shapes]
-    grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(gradient_sets)]
+    grads = [[draw_gradient(s, gen, spectrum).to(device) for s in shapes] for _ in range(gradient_sets)]
     if device.type == "cuda":
         gc.collect()  # an earlier row's optimizer caught in a reference cycle would be freed during this row
         torch.cuda.synchronize()
@@ -356,10 +370,10 @@ def fallbacks(opt: Any) -> int | None:
 
 
 def run(sizes: list[str], names: list[str], device: torch.device, warmup: int, periods: int,
-        out: Path | None, gradient_sets: int = GRADIENT_SETS) -> dict[str, Any]:
+        out: Path | None, gradient_sets: int = GRADIENT_SETS, spectrum: str = "flat") -> dict[str, Any]:
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                               "gradient_sets": gradient_sets, "sizes": {}}
+                               "gradient_sets": gradient_sets, "spectrum": spectrum, "sizes": {}}
     for size in sizes:
         layers, width = BODIES[size]
         shapes = body_shapes(layers, width)
@@ -369,7 +383,8 @@ def run(sizes: list[str], names: list[str], device: torch.device, warmup: int, p
         for name in names:
             try:
                 rows[name] = time_optimizer(table[name], shapes, device, warmup, periods,
-                                            check_syncs=name.startswith("precond"), gradient_sets=gradient_sets)
+                                            check_syncs=name.startswith("precond"), gradient_sets=gradient_sets,
+                                            spectrum=spectrum)
             except Exception as err:  # a peer that does not import or run is reported, not fatal
                 rows[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
             print(f"{size} {name}: {rows[name]}", file=sys.stderr, flush=True)
@@ -419,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient-sets", type=int, default=GRADIENT_SETS,
                         help=f"pre-drawn gradients, taken in turn (default {GRADIENT_SETS}: full-rank factors, as "
                              "with fresh gradients; the results before 2026-12-07 used 2)")
+    parser.add_argument("--spectrum", choices=SPECTRA, default="flat",
+                        help="the gradients' entries: Gaussian (flat) or scaled over four decades by rows and "
+                             "columns (decaying: ill-conditioned factors, as in training)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here (updated per row)")
     parser.add_argument("--list", action="store_true", help="list the optimizer names and exit")
     args = parser.parse_args(argv)
@@ -433,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gradient_sets < 1:
         parser.error("--gradient-sets must be at least 1")
     results = run(args.sizes, chosen, torch.device(args.device), args.warmup, args.periods, args.out,
-                  args.gradient_sets)
+                  args.gradient_sets, args.spectrum)
     print(markdown(results))
     return 0
 
