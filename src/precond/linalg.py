@@ -334,11 +334,10 @@ def _orthonormalise_again(X: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _float64_keeps_pace(X: Tensor) -> bool:
-    """Whether float64 products cost about what float32's do for this float32 stack: on data-centre GPUs,
-    whose float64 tensor cores run at float32's (non-TF32) rate (compute capability 8.0, 9.0, 10.0: A100,
-    H100/H200, B200); not on a CPU (half the rate, and LAPACK's QR is quick there) nor on other GPUs (1/64)."""
-    return (X.is_cuda and X.dtype == torch.float32
-            and torch.cuda.get_device_capability(X.device) in ((8, 0), (9, 0), (10, 0)))
+    """Whether float64 products cost about what float32's do for this float32 stack: on the data-centre GPUs
+    whose float64 tensor cores run at float32's (non-TF32) rate (compute capability 8.0 and 9.0: A100,
+    H100/H200); not on a CPU (half the rate, and LAPACK's QR is quick there) nor on other GPUs (down to 1/64)."""
+    return X.is_cuda and X.dtype == torch.float32 and torch.cuda.get_device_capability(X.device) in ((8, 0), (9, 0))
 
 
 def _spectral_norm_estimate(W: Tensor, iterations: int = 8, normalize_every: int = 1) -> Tensor:
