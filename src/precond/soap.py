@@ -41,7 +41,10 @@ class SOAP(BlockEngine):
             \downarrow \operatorname{diag}(Q_i^\top L_i Q_i),\ V \text{ permuted by } \pi;\ M \text{ re-projected}
 
     ``β_s`` is ``shampoo_beta`` (``-1`` → ``betas[1]``). The refresh every ``F`` steps is the reference's
-    power-QR step by default; ``refresh_method`` (``"power_qr"``, ``"eigh"``, ``"qr"``, or the matmul-only
+    power-QR step by default, its QR by CholeskyQR (matmuls, batched Cholesky): a float32 factor whose
+    CholeskyQR fails (a trained factor's power step is often conditioned past float32's reach) retries in
+    float64 on an A100/H100/H200, then takes Householder QR, counted as ``fallbacks`` in
+    ``preconditioner_stats()``. ``refresh_method`` (``"power_qr"``, ``"eigh"``, ``"qr"``, or the matmul-only
     ``"refine"``), ``refresh_tolerance`` and ``max_qr_iterations`` select another recomputation and the
     adaptive criterion of "Purifying Shampoo" (see :class:`~precond.refresh.EigenbasisRefresh`). On a GPU,
     ``"refine"`` costs a third of power-QR for a refresh of equal quality (``BENCHMARKS.md``); the default

@@ -110,7 +110,8 @@ class EngineReports:
         gradient, or an update that was not finite or passed :data:`UPDATE_BOUND`); each factor record holds
         ``group, param, block, factor, dim`` and the counters ``refreshes`` (recomputed), ``skipped``
         (kept by the adaptive criterion), ``qr_iterations``, ``failures`` (kept the last good result) and
-        ``fallbacks`` (power-QR refreshes whose CholeskyQR2 failed and took Householder QR).
+        ``fallbacks`` (power-QR refreshes whose CholeskyQR failed, in float64 too where that is tried, and
+        took Householder QR).
         Reading them waits for the device.
         """
         factors: list[dict[str, Any]] = []
