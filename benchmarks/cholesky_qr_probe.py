@@ -1,9 +1,9 @@
 """How often does SOAP's CholeskyQR pass on the factors of a real training run, in float32 and under TF32?
 
-    PYTHONPATH=src:benchmarks python benchmarks/cholesky_qr_probe.py [--steps 41] [--batch-size 8]
+    PYTHONPATH=src:benchmarks python benchmarks/cholesky_qr_probe.py [--steps 41] [--batch-size 8] [--preset gpu]
 
-Trains the GPU preset's LM (`--preset gpu`: 6 layers of width 512, the Linux corpus; ``PRECOND_DATA`` points at
-its data) on the CPU with SOAP at the reference defaults (refresh every 10 steps), records what each refresh
+Trains a preset's LM (by default the GPU preset's: 6 layers of width 512, the Linux corpus; ``PRECOND_DATA`` or
+``--data-dir`` points at its data) on the CPU with SOAP at the reference defaults (refresh every 10 steps), records what each refresh
 gives :func:`precond.linalg.cholesky_qr` (the power step's ``A·Q``, columns sorted), then orthonormalises every
 recorded matrix again four ways: in float32 (what the run did on a CPU), in float32 and then float64 for those
 that failed (what a data-centre GPU does), with TF32 products emulated (inputs cut to TF32's 10 mantissa bits)
@@ -41,25 +41,29 @@ def passes(X: torch.Tensor, product, epsilon) -> int:
         linalg.matmul, linalg.matmul_epsilon = saved
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[tuple[int, int], list[int]]:
+    """Prints the table; returns it as ``{(step, n): [matrices, passed each way...]}``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=41, help="training steps (refreshes at 10, 20, ...)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows of 256 bytes a step")
-    args = parser.parse_args()
+    parser.add_argument("--batch-size", type=int, default=8, help="rows a step")
+    parser.add_argument("--preset", default="gpu", choices=sorted(PRESETS), help="whose language model")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("PRECOND_DATA", "data")))
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     recorded: list[tuple[int, torch.Tensor]] = []
     orthonormalise = linalg.cholesky_qr
     step = 0
-    linalg.cholesky_qr = lambda X: recorded.append((step, X.detach().clone())) or orthonormalise(X)
-    workload = make_workload(dict(PRESETS["gpu"], batch_size=args.batch_size),
-                             Path(os.environ.get("PRECOND_DATA", "data")), "cpu")
+    workload = make_workload(dict(PRESETS[args.preset], batch_size=args.batch_size), args.data_dir, "cpu")
     model = workload.model(0)
     opt = precond.SOAP(model.parameters(), lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10)
-    for step in range(1, args.steps + 1):
-        workload.loss(model, workload.batch(step, 0)).backward()
-        opt.step()
-        opt.zero_grad()
-    linalg.cholesky_qr = orthonormalise
+    linalg.cholesky_qr = lambda X: recorded.append((step, X.detach().clone())) or orthonormalise(X)
+    try:
+        for step in range(1, args.steps + 1):
+            workload.loss(model, workload.batch(step, 0)).backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        linalg.cholesky_qr = orthonormalise
 
     tally: dict[tuple[int, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
     float32 = lambda x: torch.finfo(x.dtype).eps  # noqa: E731
@@ -77,6 +81,7 @@ def main() -> None:
         print(f"| {at} | {n} | {count} | " + " | ".join(str(p) for p in passed) + " |")
     total = [sum(row[i] for row in tally.values()) for i in range(5)]
     print(f"| all | | {total[0]} | " + " | ".join(f"{p} ({p / total[0]:.0%})" for p in total[1:]) + " |")
+    return dict(tally)
 
 
 if __name__ == "__main__":

@@ -1028,3 +1028,19 @@ def test_batch_axis_plot_draws_a_peer_as_a_ring_around_its_twin(tmp_path, monkey
     assert set(lines) == {"SOAP", "pytorch_optimizer.SOAP (peer)"}
     assert lines["pytorch_optimizer.SOAP (peer)"].get_markerfacecolor() == "none"
     assert lines["SOAP"].get_markerfacecolor() != "none"
+
+
+def test_cholesky_qr_probe_records_every_refresh_and_counts_each_way(data_dir):
+    """The probe behind BENCHMARKS' CholeskyQR table, on the tiny LM: every power-QR refresh's matrices are
+    recorded (steps 11 and 21 here), and no way of orthonormalising passes more than it was given; float64
+    after float32 passes at least what float32 did."""
+    from precond import linalg
+
+    probe = study_script("cholesky_qr_probe")
+    real = linalg.cholesky_qr
+    tally = probe.main(["--preset", "tiny", "--steps", "21", "--batch-size", "2", "--data-dir", str(data_dir)])
+    assert linalg.cholesky_qr is real  # put back
+    assert {step for step, _ in tally} == {11, 21}
+    for count, in_float32, then_float64, tf32_at_float32, tf32_at_tf32 in tally.values():
+        assert count > 0 and 0 <= in_float32 <= then_float64 <= count
+        assert 0 <= tf32_at_float32 <= count and 0 <= tf32_at_tf32 <= count
