@@ -26,6 +26,7 @@ def test_tiny_cpu_run_reports_every_optimizer(tmp_path, capsys):
         assert row["warmup_s"] > 0 and "cudagraph_skips" not in row  # eager rows compile nothing
     table = capsys.readouterr().out
     assert all(f"| {name} |" in table for name in names)
+    assert "gradients: 8 sets, flat spectrum" in table.splitlines()[0]  # what the timings were drawn from
 
 
 def test_cpu_transient_peak_counts_what_the_steps_hold_at_once_and_release():

@@ -396,7 +396,8 @@ def run(sizes: list[str], names: list[str], device: torch.device, warmup: int, p
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"device: {results['device']}, torch {results['torch']}, {results['date']}"]
+    lines = [f"device: {results['device']}, torch {results['torch']}, {results['date']}; gradients: "
+             f"{results.get('gradient_sets', GRADIENT_SETS)} sets, {results.get('spectrum', 'flat')} spectrum"]
     for size, entry in results["sizes"].items():
         rows = entry["rows"]
         fused = rows.get("torch AdamW fused", {}).get("mean_ms")
