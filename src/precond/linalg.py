@@ -319,8 +319,9 @@ def power_qr_step(A: Tensor, Q: Tensor, sort: bool = True) -> tuple[Tensor, Tens
 def _orthonormalise_again(X: Tensor) -> tuple[Tensor, Tensor]:
     """``(Q, by_householder)`` for matrices whose CholeskyQR failed: CholeskyQR in float64 first where that
     keeps float32's pace (:func:`_float64_keeps_pace`), Householder QR for what is left. A trained factor's
-    ``A·Q`` often sits past float32's reach (condition 1e7–1e10 with unit columns, `cholesky_qr_probe.py`) and
-    within float64's (1e15): there float64 passed 252 of 256 matrices, float32 108."""
+    ``A·Q`` often sits past float32's reach (condition up to 5e9 with unit columns against ~8e6) and within
+    float64's (~4e15): on a 20M LM's factors float64 passed 252 of 256 matrices, float32 108
+    (``benchmarks/cholesky_qr_probe.py``)."""
     by_householder = torch.ones(X.shape[:-2], dtype=torch.bool, device=X.device)
     if not _float64_keeps_pace(X):
         return _qr(X)[0], by_householder
