@@ -2,13 +2,13 @@
 
     PYTHONPATH=src:benchmarks python benchmarks/cholesky_qr_probe.py [--steps 41] [--batch-size 8] [--preset gpu]
 
-Trains a preset's LM (by default the GPU preset's: 6 layers of width 512, the Linux corpus; ``PRECOND_DATA`` or
-``--data-dir`` points at its data) on the CPU with SOAP at the reference defaults (refresh every 10 steps), records what each refresh
-gives :func:`precond.linalg.cholesky_qr` (the power step's ``A·Q``, columns sorted), then orthonormalises every
-recorded matrix again four ways: in float32 (what the run did on a CPU), in float32 and then float64 for those
-that failed (what a data-centre GPU does), with TF32 products emulated (inputs cut to TF32's 10 mantissa bits)
-judged by float32's tolerance, and the same judged by TF32's. Prints, per refresh and size, how many matrices
-passed each way (the rest fall back to Householder QR).
+Trains a preset's LM (by default the GPU preset's: 6 layers of width 512, the Linux corpus; ``PRECOND_DATA``
+or ``--data-dir`` points at its data) on the CPU with SOAP at the reference defaults (refresh every 10 steps),
+records what each refresh gives :func:`precond.linalg.cholesky_qr` (the power step's ``A·Q``, columns
+sorted), then orthonormalises every recorded matrix again four ways: in float32 (what the run did on a CPU),
+in float32 and then float64 for those that failed (what an A100/H100/H200 does), with TF32 products emulated
+(inputs cut to TF32's 10 mantissa bits) judged by float32's tolerance, and the same judged by TF32's. Prints,
+per refresh and size, how many matrices passed each way (the rest fall back to Householder QR).
 """
 
 from __future__ import annotations
