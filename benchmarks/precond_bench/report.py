@@ -61,7 +61,8 @@ def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byt
     for name, row in sorted(summary.items(), key=lambda kv: kv[1]["final_val_mean"]):
         diverged = f" ({row['diverged_seeds']} diverged)" if row["diverged_seeds"] else ""
         lines.append(
-            f"| {_label(name, row, reference)} | {_rate(row)} | {_final_loss(row)}{diverged} | {_fmt(row['steps_to_target'], 'd', 'not reached')} | {_fmt(row['steps_ratio'], '.2f')} "
+            f"| {_label(name, row, reference)} | {_rate(row)} | {_final_loss(row)}{diverged} "
+            f"| {_fmt(row['steps_to_target'], 'd', 'not reached')} | {_fmt(row['steps_ratio'], '.2f')} "
             f"| {_fmt(row['seconds_to_target'], '.1f', 'not reached')} | {_fmt(row['seconds_ratio'], '.2f')} "
             f"| {row['optimizer_share']:.0%} | {row['state_mb']:.2f} | {_fmt(row['peak_memory_mb'], '.0f')} "
             f"| {row['refreshes']} / {row['failures']}{_fallbacks(row)} | {_throughput(row.get('tokens_per_second'))} |")

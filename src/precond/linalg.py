@@ -268,7 +268,8 @@ def cholesky_qr(X: Tensor) -> tuple[Tensor, Tensor]:
     """
     n = X.shape[-1]
     u = torch.finfo(X.dtype).eps
-    tolerance = 64.0 * math.sqrt(n) * u if matmul_epsilon(X) == u else 2.0 * math.sqrt(n) * matmul_epsilon(X)
+    spacing = matmul_epsilon(X)  # u, or TF32's under TF32 matmuls
+    tolerance = math.sqrt(n) * (64.0 * u if spacing == u else 2.0 * spacing)
     eye = torch.eye(n, dtype=X.dtype, device=X.device)
     Q = X / torch.linalg.vector_norm(X, dim=-2, keepdim=True).clamp(min=torch.finfo(X.dtype).tiny)
     ok = torch.ones(X.shape[:-2], dtype=torch.bool, device=X.device)
