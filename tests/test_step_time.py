@@ -27,6 +27,8 @@ def test_tiny_cpu_run_reports_every_optimizer(tmp_path, capsys):
     table = capsys.readouterr().out
     assert all(f"| {name} |" in table for name in names)
     assert "gradients: 8 sets, flat spectrum" in table.splitlines()[0]  # what the timings were drawn from
+    old = {"device": "cuda", "torch": "x", "date": "d", "sizes": {}}  # saved before the gradients were recorded
+    assert step_time.markdown(old) == "device: cuda, torch x, d"
 
 
 def test_cpu_transient_peak_counts_what_the_steps_hold_at_once_and_release():

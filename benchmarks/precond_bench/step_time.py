@@ -396,8 +396,10 @@ def run(sizes: list[str], names: list[str], device: torch.device, warmup: int, p
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"device: {results['device']}, torch {results['torch']}, {results['date']}; gradients: "
-             f"{results.get('gradient_sets', GRADIENT_SETS)} sets, {results.get('spectrum', 'flat')} spectrum"]
+    # results saved before these were recorded (two sets, Gaussian) say nothing rather than today's defaults
+    drawn = (f"; gradients: {results['gradient_sets']} sets, {results.get('spectrum', 'flat')} spectrum"
+             if "gradient_sets" in results else "")
+    lines = [f"device: {results['device']}, torch {results['torch']}, {results['date']}{drawn}"]
     for size, entry in results["sizes"].items():
         rows = entry["rows"]
         fused = rows.get("torch AdamW fused", {}).get("mean_ms")
