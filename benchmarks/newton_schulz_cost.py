@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from precond.linalg import gram_newton_schulz, gram_newton_schulz_flops, newton_schulz, newton_schulz_flops
+from precond.newton_schulz import gram_newton_schulz, gram_newton_schulz_flops, newton_schulz, newton_schulz_flops
 from precond_bench.step_time import body_shapes
 
 ABC = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's coefficients

@@ -273,7 +273,7 @@ def gram_newton_schulz_table() -> None:
     sys.path.insert(0, str(ROOT / ".peers" / "gram-newton-schulz"))
     from gram_newton_schulz import POLAR_EXPRESS_COEFFICIENTS, GramNewtonSchulz
 
-    from precond.linalg import gram_newton_schulz, newton_schulz
+    from precond.newton_schulz import gram_newton_schulz, newton_schulz
     print("| iteration | coefficients | shape | dtype | rel. diff |\n|---|---|---|---|---|")
     for label, coefficients in (("Muon's", [(3.4445, -4.7750, 2.0315)] * 5),
                                 ("Polar Express", [tuple(c) for c in POLAR_EXPRESS_COEFFICIENTS])):

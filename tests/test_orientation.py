@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import precond
-from precond.linalg import newton_schulz, spectral_normalize
+from precond.linalg import spectral_normalize
+from precond.newton_schulz import newton_schulz
 from precond.scaling import scaled_param_groups
 
 transformers = pytest.importorskip("transformers")

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .engine import ADAM, Bucket
-from .linalg import Coefficients, per_step_coefficients
+from .newton_schulz import Coefficients, per_step_coefficients
 from .matrix import MatrixOptimizer, is_matrix
 from .preconditioners import NS_DTYPES, Orthogonalized
 from .preconditioners.orthogonal import NS_ALGORITHMS

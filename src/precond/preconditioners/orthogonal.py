@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..engine import Bucket, per_block
-from ..linalg import gram_newton_schulz, gram_newton_schulz_flops, newton_schulz, newton_schulz_flops
+from ..newton_schulz import gram_newton_schulz, gram_newton_schulz_flops, newton_schulz, newton_schulz_flops
 from .base import MatrixPreconditioner
 
 __all__ = ["NS_DTYPES", "NS_ALGORITHMS", "Orthogonalized", "uses_gram"]
