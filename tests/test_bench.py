@@ -387,9 +387,11 @@ class FakeTraining:
     """Stands in for ``train_run``: loss is a parabola in log(lr) around ``best_lr``; every step costs one
     second of a fake clock that the protocol reads."""
 
-    def __init__(self, monkeypatch, best_lr: float, diverge_above: float = math.inf, best_wd: float = 0.1):
+    def __init__(self, monkeypatch, best_lr: float, diverge_above: float = math.inf, best_wd: float = 0.1,
+                 full_best_lr: float | None = None):
         from precond_bench import protocol
         self.best_lr, self.diverge_above, self.best_wd = best_lr, diverge_above, best_wd
+        self.full_best_lr = full_best_lr or best_lr  # the best rate of runs longer than a sweep (> 3 steps)
         self.clock = 0.0
         self.calls: list[tuple[str, float, int]] = []
         monkeypatch.setattr(protocol, "train_run", self)
@@ -411,7 +413,8 @@ class FakeTraining:
             checkpoint.unlink()
             checkpoint.with_suffix(".json").unlink()
         diverged = lr > self.diverge_above
-        loss = math.inf if diverged else 1.0 + math.log(lr / self.best_lr) ** 2 + 0.01 * seed
+        best_lr = self.full_best_lr if steps > 3 else self.best_lr
+        loss = math.inf if diverged else 1.0 + math.log(lr / best_lr) ** 2 + 0.01 * seed
         if spec.name == "AdamW":
             loss += (adamw.weight_decay - self.best_wd) ** 2
         return {"optimizer": spec.name, "lr": lr, "seed": seed, "steps": steps, "steps_done": steps,
@@ -455,6 +458,40 @@ def test_a_centre_moves_the_grid_so_that_an_interior_best_needs_no_extra_rate(tm
     assert swept == pytest.approx([center / 27, center / 9, center / 3])  # 3 runs where the default grid took 5
     assert result["results"]["AdamW"]["best_lr"] == pytest.approx(center / 9)
     assert len([c for c in fake.calls if c[0] == "AdamW"]) == 3 + 2 + 2  # rates, weight decays, seeds
+
+
+def test_rate_check_walks_on_while_the_lowest_full_run_sits_at_an_edge(tmp_path, monkeypatch):
+    """The sweep picks c, the full runs are best at 9c: the check runs c/3 and 3c, then 9c (3c won at the
+    edge), then 27c (9c won at the edge), and stops with 9c inside; ``edge_points`` caps the walk."""
+    center = SPECS["AdamW"].center_lr
+    FakeTraining(monkeypatch, best_lr=center, full_best_lr=9 * center)
+    result = run_benchmark(fake_config(tmp_path / "walk", ["AdamW"], check_rates=("AdamW",)))
+    check = {float(lr): loss for lr, loss in result["summary"]["AdamW"]["rate_check"].items()}
+    assert sorted(check) == pytest.approx([center / 3, center, 3 * center, 9 * center, 27 * center])
+    assert min(check, key=check.get) == pytest.approx(9 * center)
+    capped = run_benchmark(fake_config(tmp_path / "capped", ["AdamW"], check_rates=("AdamW",), edge_points=1))
+    assert sorted(capped["summary"]["AdamW"]["rate_check"]) == pytest.approx([center / 3, center, 3 * center,
+                                                                              9 * center])
+
+
+def test_rows_are_also_read_against_adamws_better_full_run(tmp_path, monkeypatch):
+    """AdamW's check finds a full run (3c, loss 1.0) below its own (c): every row gets its steps and time to
+    that loss, AdamW's own being its full length and time; the report lists them under the table."""
+    center = SPECS["AdamW"].center_lr
+    FakeTraining(monkeypatch, best_lr=center, full_best_lr=3 * center)
+    config = fake_config(tmp_path, ["AdamW", "torch.AdamW"], check_rates=("AdamW",), rate_from={"torch.AdamW": "AdamW"})
+    summary = run_benchmark(config)["summary"]
+    adamw, peer = summary["AdamW"]["checked_target"], summary["torch.AdamW"]["checked_target"]
+    assert adamw["adamw_lr"] == pytest.approx(3 * center) and adamw["target"] == pytest.approx(1.0)
+    assert (adamw["steps_to_target"], adamw["seconds_to_target"], adamw["steps_ratio"]) == (6, 6.0, 1.0)
+    assert peer["steps_to_target"] is None  # the peer ran at AdamW's sweep rate: above 1.0 at the end
+    text = notes(summary)
+    assert "Against AdamW's best full run" in text and "- torch.AdamW: not reached" in text
+    assert "- AdamW: 6 steps (1.00×), 6.0 s (1.00×)" in text
+
+    FakeTraining(monkeypatch, best_lr=center)  # the sweep's rate is also the full run's best: nothing added
+    plain = run_benchmark(fake_config(tmp_path / "plain", ["AdamW"], check_rates=("AdamW",)))["summary"]
+    assert "checked_target" not in plain["AdamW"] and "Against AdamW's best" not in notes(plain)
 
 
 def test_center_flag_parses_and_names_the_bad_pair():

@@ -93,7 +93,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "--optimizers)")
     p.add_argument("--check-rate", nargs="+", default=(), metavar="OPTIMIZER", choices=list(SPECS),
                    help="also run these optimizers' full budget (seed 0) one grid step either side of the "
-                        "sweep's best rate: is it the full run's best too?")
+                        "sweep's best rate, further while the lowest is at an edge: is it the full run's best too?")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="after this many seconds the run in progress saves a checkpoint and no other starts; "
                         "rerun to go on")

@@ -16,8 +16,9 @@ run with its own schedule.
    runs at the rate its twin's sweep picked (the same update rule: the same best rate, and its sweep's device
    time saved); the report marks that rate as the twin's.
 4. With ``check_rates``, the named optimizers also run the full budget (seed 0) one grid step either side of
-   the winning rate: does the sweep's short run pick the full run's best rate? (``rate_check`` in the
-   summary and a line under the table.)
+   the winning rate, and further, as the sweep grows, while the lowest full run sits at an edge: does the
+   sweep's short run pick the full run's best rate? (``rate_check`` in the summary and a line under the
+   table; where AdamW's check finds a better rate, the report also reads every row against that run's loss.)
 5. Target: AdamW's final validation loss (mean over seeds). Steps- and time-to-target are read off each
    optimizer's seed-averaged validation curve (evaluated every ``eval_every`` steps, ≤ 2% of the run in the
    presets): the first evaluation at or below the target.
@@ -292,13 +293,23 @@ def _next_edge_lr(sweep: list[dict[str, Any]], factor: float) -> float | None:
 
 
 def _check_rate(runs: _Runs, name: str, best: dict[str, Any], steps: int, factor: float,
-                adamw: AdamWSetting) -> dict[float, float | None]:
-    """The final loss of seed 0's full run at the best rate and one grid step either side (``None``: not run
-    yet, or diverged)."""
+                adamw: AdamWSetting, edge_points: int) -> dict[float, float | None]:
+    """The final loss of seed 0's full run at the best rate and one grid step either side, and, while the
+    lowest of them sits at an edge of the rates checked, one more grid step beyond it (``edge_points`` times at
+    most), as the sweep grows (``None``: not run yet, or diverged)."""
     checked = {best["lr"]: best}
     if runs.progress:
         runs.progress.grow(2 * steps)
     for lr in (best["lr"] / factor, best["lr"] * factor):
+        checked[lr] = runs.get("check", name, lr, 0, steps, adamw)
+    for _ in range(edge_points):
+        if None in checked.values():
+            break
+        lr = _next_edge_lr([{**r, "lr": lr} for lr, r in checked.items()], factor)
+        if lr is None:
+            break
+        if runs.progress:
+            runs.progress.grow(steps)
         checked[lr] = runs.get("check", name, lr, 0, steps, adamw)
     return {lr: (None if r is None or r["diverged"] else r["final_val_loss"]) for lr, r in sorted(checked.items())}
 
@@ -432,7 +443,8 @@ def _full_runs(runs: _Runs, config: BenchConfig, name: str, entry: dict[str, Any
     entry["full"] = [r for r in full if r is not None]
     if name in config.check_rates:
         if full[0] is not None:
-            entry["rate_check"] = _check_rate(runs, name, full[0], preset["steps"], config.lr_factor, adamw)
+            entry["rate_check"] = _check_rate(runs, name, full[0], preset["steps"], config.lr_factor, adamw,
+                                              config.edge_points)
         else:
             runs.expect(f"check {name} at the two rates beside {entry['best_lr']:.4g}", name, 2 * preset["steps"])
 
@@ -479,4 +491,27 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for key in ("steps_to_target", "seconds_to_target"):
             ok = reference and row[key] is not None and reference[key]
             row[key.replace("_to_target", "_ratio")] = row[key] / reference[key] if ok else None
+    if reference:
+        _against_checked_rate(out, reference)
     return out
+
+
+def _against_checked_rate(out: dict[str, dict[str, Any]], reference: dict[str, Any]) -> None:
+    """Where AdamW's rate check found a full run lower than the one at its sweep's rate, each row's steps and
+    time to that lower loss (``checked_target``). AdamW reaches it at its last step; its time is its full run's
+    training time, made on the table's device (a step's cost does not depend on the rate), where the check
+    run may have been made on another."""
+    checked = {float(lr): loss for lr, loss in (reference["rate_check"] or {}).items() if loss is not None}
+    lr = min(checked, key=checked.get) if checked else None
+    if lr is None or lr == reference["best_lr"] or not reference["curve"]:
+        return
+    steps, seconds = reference["curve"][-1][0], reference["seconds_total"]
+    for row in out.values():
+        hit = steps_to_target(row["curve"], checked[lr]) if row["curve"] else None
+        row["checked_target"] = {
+            "adamw_lr": lr, "target": checked[lr],
+            "steps_to_target": steps if row is reference else (hit[0] if hit else None),
+            "seconds_to_target": seconds if row is reference else (hit[1] if hit else None)}
+        for key in ("steps", "seconds"):
+            value, whole = row["checked_target"][f"{key}_to_target"], steps if key == "steps" else seconds
+            row["checked_target"][f"{key}_ratio"] = value / whole if value is not None and whole else None

@@ -106,17 +106,39 @@ def _spike_line(name: str, row: dict[str, Any]) -> str | None:
     return f"- {name}: {level:.4f} at step {start} → {high:.4f} at step {peak}, {again}."
 
 
+def _checked_target_line(name: str, row: dict[str, Any]) -> str | None:
+    """A row read against AdamW's best full run where its rate check found one below the table's target
+    (``protocol._against_checked_rate``)."""
+    checked = row.get("checked_target")
+    if not checked:
+        return None
+    if checked["steps_to_target"] is None:
+        return f"- {name}: not reached"
+    return (f"- {name}: {checked['steps_to_target']} steps ({checked['steps_ratio']:.2f}×), "
+            f"{checked['seconds_to_target']:.1f} s ({checked['seconds_ratio']:.2f}×)")
+
+
+def _checked_target_heading(summary: dict[str, dict[str, Any]]) -> str:
+    checked = next(row["checked_target"] for row in summary.values() if row.get("checked_target"))
+    return (f"Against AdamW's best full run (its rate check: lr {checked['adamw_lr']:.3g}, final loss "
+            f"{checked['target']:.4f}), steps and time to that loss; AdamW's time is its full run's at the sweep's "
+            "rate, made on the table's device (a step's cost does not depend on the rate):")
+
+
 def notes(summary: dict[str, dict[str, Any]]) -> str:
-    """What the table cannot say, a paragraph each where it applies: the full-run rate checks and the loss
-    spikes."""
+    """What the table cannot say, a paragraph each where it applies: the full-run rate checks, the rows read
+    against AdamW's better full run, and the loss spikes."""
     from .protocol import SPIKE_RATIO
 
     headings = {
         _rate_check_line: "Full-run rate check (seed 0, the full budget, one grid step either side of the sweep's "
-                          "rate):",
+                          "rate, further while the lowest is at an edge):",
         _spike_line: f"Loss spikes in the full runs (validation loss ≥ {SPIKE_RATIO:g}× its lowest so far; a rate "
                      "the short sweep picked may be too high for the full run: `--check-rate` runs its neighbours):",
     }
+    if any(row.get("checked_target") for row in summary.values()):
+        headings = {**dict(list(headings.items())[:1]), _checked_target_line: _checked_target_heading(summary),
+                    _spike_line: headings[_spike_line]}
     paragraphs = []
     for line, heading in headings.items():
         lines = [text for name, row in summary.items() if (text := line(name, row))]
