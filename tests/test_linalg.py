@@ -147,6 +147,29 @@ def test_power_qr_falls_back_to_householder_where_cholesky_qr_loses_orthogonalit
     assert torch.equal(Q_step[1], linalg.cholesky_qr(sorted_AQ[1:])[0][0])
 
 
+def test_cholesky_qr_drops_a_matrix_whose_second_factorisation_fails(monkeypatch):
+    """The ill-conditioned matrix fails its second (first unshifted) Cholesky factorisation and takes no
+    third pass; the other matrix's ``Q`` is what it gets alone, bit for bit; a stack where every matrix
+    fails stops after two factorisations and hands ``X`` back."""
+    X = power_step_and_random(torch.float32)
+    solves = []  # the stack sizes each pass's triangular solve was given
+    real_solve = torch.linalg.solve_triangular
+    monkeypatch.setattr(torch.linalg, "solve_triangular", lambda L, B, **kw: solves.append(L.shape[0]) or
+                        real_solve(L, B, **kw))
+    Q, ok = linalg.cholesky_qr(X)
+    assert ok.tolist() == [False, True] and solves == [2, 1, 1]
+    assert torch.equal(Q[0], X[0])
+    assert torch.equal(Q[1], linalg.cholesky_qr(X[1:])[0][0])
+    solves.clear()
+    Q, ok = linalg.cholesky_qr(X[:1])
+    assert ok.tolist() == [False] and solves == [1] and torch.equal(Q, X[:1])
+    # a single matrix (no stack) and a stack of stacks keep their shapes
+    for given in (X[1], torch.stack([X, X])):
+        Q, ok = linalg.cholesky_qr(given)
+        assert Q.shape == given.shape and ok.shape == given.shape[:-2]
+    assert linalg.cholesky_qr(torch.stack([X, X]))[1].tolist() == [[False, True], [False, True]]
+
+
 def rotated(V, angle, seed):
     """``V`` turned by a random rotation ``exp(angle · K)`` (``K`` skew, unit spectral norm)."""
     n = V.shape[-1]
