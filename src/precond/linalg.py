@@ -256,8 +256,9 @@ def cholesky_qr(X: Tensor) -> tuple[Tensor, Tensor]:
     depend on the basis' signs. ``ok`` is False where a factorisation failed or the result is not orthonormal
     to ``64·√n·u`` (``X`` of numerical rank below ``n``); the caller falls back to Householder QR there, and
     ``Q`` holds ``X`` itself for those matrices. A matrix whose second factorisation fails does not take the
-    third pass: on the factors of a 20M LM's first two refreshes (128 matrices, 92 failing; a 2-core CPU),
-    ``cholesky_qr`` took 8.6 s instead of 17.4, and with Householder QR for the failed 14.1 s instead of 23.0.
+    third pass: on the factors of a 20M LM's first two refreshes (128 matrices, 92 failing; a 2-core CPU;
+    ``benchmarks/cholesky_qr_probe.py --steps 21``) ``cholesky_qr`` took 8.8 s instead of 16.3, and with
+    Householder QR for the failed 14.1 s instead of 21.6.
     Under TF32 matmuls the Gram matrices carry TF32's rounding, and the test is ``‖QᵀQ - I‖_F ≤ 2·√n·2⁻¹⁰``
     (:func:`~precond.precision.matmul_epsilon`): on a 20M LM's factors, with TF32 emulated on a CPU, a clean
     result measured 0.41·√n·2⁻¹⁰ (inputs rounded to nearest; 0.76 truncated), those that fail float32's test
