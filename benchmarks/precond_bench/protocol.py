@@ -505,13 +505,10 @@ def _against_checked_rate(out: dict[str, dict[str, Any]], reference: dict[str, A
     lr = min(checked, key=checked.get) if checked else None
     if lr is None or lr == reference["best_lr"] or not reference["curve"]:
         return
-    steps, seconds = reference["curve"][-1][0], reference["seconds_total"]
+    adamw = (reference["curve"][-1][0], reference["seconds_total"])  # AdamW's steps and seconds to that loss
     for row in out.values():
-        hit = steps_to_target(row["curve"], checked[lr]) if row["curve"] else None
-        row["checked_target"] = {
-            "adamw_lr": lr, "target": checked[lr],
-            "steps_to_target": steps if row is reference else (hit[0] if hit else None),
-            "seconds_to_target": seconds if row is reference else (hit[1] if hit else None)}
-        for key in ("steps", "seconds"):
-            value, whole = row["checked_target"][f"{key}_to_target"], steps if key == "steps" else seconds
-            row["checked_target"][f"{key}_ratio"] = value / whole if value is not None and whole else None
+        hit = adamw if row is reference else (steps_to_target(row["curve"], checked[lr]) if row["curve"] else None)
+        row["checked_target"] = {"adamw_lr": lr, "target": checked[lr]}
+        for i, key in enumerate(("steps", "seconds")):
+            row["checked_target"][f"{key}_to_target"] = hit[i] if hit else None
+            row["checked_target"][f"{key}_ratio"] = hit[i] / adamw[i] if hit and adamw[i] else None

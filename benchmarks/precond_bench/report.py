@@ -130,15 +130,13 @@ def notes(summary: dict[str, dict[str, Any]]) -> str:
     against AdamW's better full run, and the loss spikes."""
     from .protocol import SPIKE_RATIO
 
-    headings = {
-        _rate_check_line: "Full-run rate check (seed 0, the full budget, one grid step either side of the sweep's "
-                          "rate, further while the lowest is at an edge):",
-        _spike_line: f"Loss spikes in the full runs (validation loss ≥ {SPIKE_RATIO:g}× its lowest so far; a rate "
-                     "the short sweep picked may be too high for the full run: `--check-rate` runs its neighbours):",
-    }
+    headings = {_rate_check_line: "Full-run rate check (seed 0, the full budget, one grid step either side of "
+                                  "the sweep's rate, further while the lowest is at an edge):"}
     if any(row.get("checked_target") for row in summary.values()):
-        headings = {**dict(list(headings.items())[:1]), _checked_target_line: _checked_target_heading(summary),
-                    _spike_line: headings[_spike_line]}
+        headings[_checked_target_line] = _checked_target_heading(summary)
+    headings[_spike_line] = (f"Loss spikes in the full runs (validation loss ≥ {SPIKE_RATIO:g}× its lowest so far; a "
+                             "rate the short sweep picked may be too high for the full run: `--check-rate` runs its "
+                             "neighbours):")
     paragraphs = []
     for line, heading in headings.items():
         lines = [text for name, row in summary.items() if (text := line(name, row))]
