@@ -305,7 +305,7 @@ def _check_rate(runs: _Runs, name: str, best: dict[str, Any], steps: int, factor
     for _ in range(edge_points):
         if None in checked.values():
             break
-        lr = _next_edge_lr([{**r, "lr": lr} for lr, r in checked.items()], factor)
+        lr = _next_edge_lr(list(checked.values()), factor)
         if lr is None:
             break
         if runs.progress:
