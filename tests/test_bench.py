@@ -494,6 +494,64 @@ def test_rows_are_also_read_against_adamws_better_full_run(tmp_path, monkeypatch
     assert "checked_target" not in plain["AdamW"] and "Against AdamW's best" not in notes(plain)
 
 
+def test_adopting_the_checked_rate_moves_every_seed_there(tmp_path, monkeypatch):
+    """The sweep picks c, full runs are best at 3c: with ``adopt_checked`` AdamW's seeds run at 3c, seed 0
+    being its check run (same conditions), the sweep's rate keeps only the seed-0 run the check is centred
+    on, the peer that takes AdamW's rate follows, and the table and notes say so."""
+    from precond_bench.protocol import _run_path
+    c = SPECS["AdamW"].center_lr
+    FakeTraining(monkeypatch, best_lr=c, full_best_lr=3 * c)
+    config = fake_config(tmp_path, ["AdamW", "torch.AdamW"], check_rates=("AdamW",), adopt_checked=True,
+                         rate_from={"torch.AdamW": "AdamW"})
+    result = run_benchmark(config)
+    adamw, peer = result["results"]["AdamW"], result["results"]["torch.AdamW"]
+    assert (adamw["best_lr"], adamw["swept_lr"]) == (pytest.approx(3 * c), pytest.approx(c))
+    assert [(r["lr"], r["seed"]) for r in adamw["full"]] == [(pytest.approx(3 * c), 0), (pytest.approx(3 * c), 1)]
+    root = tmp_path / "cpu-lm"
+    assert not _run_path(root, "full", "AdamW", c, 1).exists()  # the sweep's rate: seed 0 only
+    assert not _run_path(root, "full", "AdamW", 3 * c, 0).exists()  # the check run counts as seed 0
+    assert _run_path(root, "full", "AdamW", 3 * c, 1).exists()
+    assert [r["lr"] for r in peer["full"]] == [pytest.approx(3 * c)] * 2
+    summary = result["summary"]
+    assert summary["AdamW"]["target"] == pytest.approx(1.005)  # the mean of seeds 0 and 1 at 3c
+    assert "checked_target" not in summary["AdamW"]  # the table's target is already the better run's
+    assert any(line.startswith("| AdamW | 0.009 (full-run check; sweep 0.003), wd 0.1 |")
+               for line in markdown_table(summary).splitlines())
+    assert "**0.003 → " in notes(summary) and "its full runs use it (0.009)" in notes(summary)
+
+
+def test_an_adopted_rate_checked_elsewhere_is_trained_again_here(tmp_path, monkeypatch):
+    """A folder checked without adopting, whose check run at the better rate was made on another device:
+    adopting trains seed 0 there again (its wall-clock must be this table's) and seed 1, nothing at the
+    sweep's rate."""
+    from precond_bench.protocol import _run_path
+    c = SPECS["AdamW"].center_lr
+    FakeTraining(monkeypatch, best_lr=c, full_best_lr=3 * c)
+    run_benchmark(fake_config(tmp_path, ["AdamW"], check_rates=("AdamW",)))
+    elsewhere = _run_path(tmp_path / "cpu-lm", "check", "AdamW", 3 * c, 0)
+    run = json.loads(elsewhere.read_text())
+    run["conditions"] = {"device": "another GPU", "torch": "2.11", "threads": 16}
+    elsewhere.write_text(json.dumps(run))
+    fake = FakeTraining(monkeypatch, best_lr=c, full_best_lr=3 * c)
+    result = run_benchmark(fake_config(tmp_path, ["AdamW"], check_rates=("AdamW",), adopt_checked=True))
+    assert fake.calls == [("AdamW", pytest.approx(3 * c), 0), ("AdamW", pytest.approx(3 * c), 1)]
+    assert [r.get("conditions") for r in result["results"]["AdamW"]["full"]] == [None, None]
+
+
+def test_adopting_waits_for_the_check_and_needs_one(tmp_path, monkeypatch, data_dir):
+    """A plan for a folder whose sweep and full runs are made lists the check's runs, then the seeds that
+    wait for its answer; the flag alone is refused."""
+    c = SPECS["AdamW"].center_lr
+    FakeTraining(monkeypatch, best_lr=c)
+    run_benchmark(fake_config(tmp_path, ["AdamW"]))
+    plan = plan_benchmark(fake_config(tmp_path, ["AdamW"], check_rates=("AdamW",), adopt_checked=True))
+    assert [label for label, _ in plan] == [f"check AdamW lr={c / 3:.4g} seed=0", f"check AdamW lr={3 * c:.4g} seed=0",
+                                            "full AdamW at its checked rate, 2 seed(s), after its rate check"]
+    with pytest.raises(SystemExit, match="--adopt-checked-rate adopts what --check-rate finds"):
+        bench_main(["--preset", "tiny", "--optimizers", "AdamW", "--data-dir", str(data_dir), "--runs-dir",
+                    str(tmp_path), "--quiet", "--adopt-checked-rate"])
+
+
 def test_center_flag_parses_and_names_the_bad_pair():
     from precond_bench.__main__ import parse_centers
     assert parse_centers(["SOAP=9e-3", "Muon=0.06"]) == {"SOAP": 0.009, "Muon": 0.06}

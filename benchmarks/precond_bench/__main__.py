@@ -94,6 +94,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--check-rate", nargs="+", default=(), metavar="OPTIMIZER", choices=list(SPECS),
                    help="also run these optimizers' full budget (seed 0) one grid step either side of the "
                         "sweep's best rate, further while the lowest is at an edge: is it the full run's best too?")
+    p.add_argument("--adopt-checked-rate", action="store_true",
+                   help="with --check-rate: an optimizer whose check finds a lower full run makes all its seeds' "
+                        "full runs at that rate (seed 0's check run counts where it was timed under the same "
+                        "conditions as the sweep rate's full run); its peers under --rate-from follow")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="after this many seconds the run in progress saves a checkpoint and no other starts; "
                         "rerun to go on")
@@ -160,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.fit and args.time_limit is None:
         raise SystemExit("--fit plans within --time-limit: give both")
+    if args.adopt_checked_rate and not args.check_rate:
+        raise SystemExit("--adopt-checked-rate adopts what --check-rate finds: give both")
     preset = dict(PRESETS[args.preset])
     for key in ("steps", "sweep_steps", "eval_every", "seeds", "lr_points", "batch_size"):
         if getattr(args, key) is not None:
@@ -189,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     config = BenchConfig(preset=preset, optimizers=list(dict.fromkeys(names)), device=args.device,
                          name=args.name or args.preset, runs_dir=args.runs_dir, data_dir=args.data_dir,
                          edge_points=args.edge_points, time_limit=args.time_limit,
-                         check_rates=tuple(args.check_rate), fit=args.fit, centers=parse_centers(args.center),
+                         check_rates=tuple(args.check_rate), adopt_checked=args.adopt_checked_rate, fit=args.fit,
+                         centers=parse_centers(args.center),
                          rate_from=parse_rate_from(args.rate_from, list(dict.fromkeys(names))))
     if args.plan:
         return print_plan(plan_benchmark(config), Path(args.runs_dir) / config.name, args.time_limit)

@@ -19,6 +19,12 @@ run with its own schedule.
    the winning rate, and further, as the sweep grows, while the lowest full run sits at an edge: does the
    sweep's short run pick the full run's best rate? (``rate_check`` in the summary and a line under the
    table; where AdamW's check finds a better rate, the report also reads every row against that run's loss.)
+   With ``adopt_checked`` as well, an optimizer whose check found a lower full run takes that rate for all
+   its full runs (and the peers that take its rate follow): the sweep's rate keeps only the seed-0 run the
+   check is centred on. Seed 0 at the adopted rate is its check run when that was made under the same
+   timing conditions (device, torch, threads) as the sweep rate's full run, and is trained again otherwise,
+   so that its wall-clock belongs to the table. The tuned AdamW setting that other optimizers' routed
+   parameters use stays the sweep's.
 5. Target: AdamW's final validation loss (mean over seeds). Steps- and time-to-target are read off each
    optimizer's seed-averaged validation curve (evaluated every ``eval_every`` steps, ≤ 2% of the run in the
    presets): the first evaluation at or below the target.
@@ -66,6 +72,7 @@ class BenchConfig:
     time_limit: float | None = None  # seconds: the run in progress then checkpoints, the rest wait
     stop_at: int | None = None  # checkpoint every run at this step, as a time limit would (to test resuming)
     check_rates: tuple[str, ...] = ()  # optimizers whose full run is repeated at the neighbouring rates
+    adopt_checked: bool = False  # a check's better rate becomes the rate of the optimizer's full runs
     fit: bool = False  # with time_limit: start (or resume) only the runs expected to end before it
     centers: dict[str, float] = field(default_factory=dict)  # a grid centre other than the optimizer's default
     rate_from: dict[str, str] = field(default_factory=dict)  # peer -> twin: the peer runs at the twin's best rate
@@ -293,10 +300,10 @@ def _next_edge_lr(sweep: list[dict[str, Any]], factor: float) -> float | None:
 
 
 def _check_rate(runs: _Runs, name: str, best: dict[str, Any], steps: int, factor: float,
-                adamw: AdamWSetting, edge_points: int) -> dict[float, float | None]:
-    """The final loss of seed 0's full run at the best rate and one grid step either side, and, while the
-    lowest of them sits at an edge of the rates checked, one more grid step beyond it (``edge_points`` times at
-    most), as the sweep grows (``None``: not run yet, or diverged)."""
+                adamw: AdamWSetting, edge_points: int) -> dict[float, dict[str, Any] | None]:
+    """Seed 0's full run at the best rate and one grid step either side, and, while the lowest of them sits
+    at an edge of the rates checked, one more grid step beyond it (``edge_points`` times at most), as the
+    sweep grows; by rate, ``None`` where not run yet."""
     checked = {best["lr"]: best}
     if runs.progress:
         runs.progress.grow(2 * steps)
@@ -311,7 +318,12 @@ def _check_rate(runs: _Runs, name: str, best: dict[str, Any], steps: int, factor
         if runs.progress:
             runs.progress.grow(steps)
         checked[lr] = runs.get("check", name, lr, 0, steps, adamw)
-    return {lr: (None if r is None or r["diverged"] else r["final_val_loss"]) for lr, r in sorted(checked.items())}
+    return dict(sorted(checked.items()))
+
+
+def _losses(checked: dict[float, dict[str, Any] | None]) -> dict[float, float | None]:
+    """A rate check's final losses (``None``: not run yet, or diverged)."""
+    return {lr: (None if r is None or r["diverged"] else r["final_val_loss"]) for lr, r in checked.items()}
 
 
 def _sweep_weight_decay(runs: _Runs, entry: dict[str, Any], best: dict[str, Any], steps: int) -> dict | None:
@@ -437,16 +449,45 @@ def _expect_at_twins_rate(runs: _Runs, config: BenchConfig, name: str, full_step
 
 def _full_runs(runs: _Runs, config: BenchConfig, name: str, entry: dict[str, Any], adamw: AdamWSetting) -> None:
     """``name``'s full runs at ``entry["best_lr"]`` (those that exist go into ``entry["full"]``) and, if it is
-    among ``check_rates``, seed 0's full runs one grid step either side."""
-    preset = config.preset
-    full = [runs.get("full", name, entry["best_lr"], seed, preset["steps"], adamw) for seed in range(preset["seeds"])]
-    entry["full"] = [r for r in full if r is not None]
-    if name in config.check_rates:
-        if full[0] is not None:
-            entry["rate_check"] = _check_rate(runs, name, full[0], preset["steps"], config.lr_factor, adamw,
-                                              config.edge_points)
+    among ``check_rates``, seed 0's full runs one grid step either side; with ``adopt_checked``, the seeds
+    after the first wait for the check, whose best rate they take."""
+    preset, steps = config.preset, config.preset["steps"]
+    checking = name in config.check_rates
+    adopting = checking and config.adopt_checked
+    seeds = 1 if adopting else preset["seeds"]
+    full = [runs.get("full", name, entry["best_lr"], seed, steps, adamw) for seed in range(seeds)]
+    if checking:
+        if full[0] is None:
+            runs.expect(f"check {name} at the two rates beside {entry['best_lr']:.4g}", name, 2 * steps)
         else:
-            runs.expect(f"check {name} at the two rates beside {entry['best_lr']:.4g}", name, 2 * preset["steps"])
+            checked = _check_rate(runs, name, full[0], steps, config.lr_factor, adamw, config.edge_points)
+            entry["rate_check"] = _losses(checked)
+            if adopting:
+                full = _at_checked_rate(runs, config, name, entry, adamw, checked)
+    entry["full"] = [r for r in full if r is not None]
+
+
+def _at_checked_rate(runs: _Runs, config: BenchConfig, name: str, entry: dict[str, Any], adamw: AdamWSetting,
+                     checked: dict[float, dict[str, Any] | None]) -> list[dict[str, Any] | None]:
+    """Every seed's full run at the rate whose check run ended lowest (``entry["best_lr"]`` becomes it, and
+    ``entry["swept_lr"]`` keeps the sweep's where they differ); nothing while the check is unfinished."""
+    preset, steps, center = config.preset, config.preset["steps"], checked[entry["best_lr"]]
+    if None in checked.values():
+        if runs.progress:
+            runs.progress.skip((preset["seeds"] - 1) * steps)
+        runs.expect(f"full {name} at its checked rate, {preset['seeds']} seed(s), after its rate check", name,
+                    preset["seeds"] * steps)
+        return [center]
+    finite = {lr: loss for lr, loss in _losses(checked).items() if loss is not None}
+    lr = min(finite, key=finite.get) if finite else entry["best_lr"]
+    if lr == entry["best_lr"]:
+        return [center] + [runs.get("full", name, lr, seed, steps, adamw) for seed in range(1, preset["seeds"])]
+    entry["swept_lr"], entry["best_lr"] = entry["best_lr"], lr
+    first = checked[lr] if _timing_key(checked[lr]) == _timing_key(center) else None
+    if first is None and runs.progress:
+        runs.progress.grow(steps)
+    return [first or runs.get("full", name, lr, 0, steps, adamw)] + [
+        runs.get("full", name, lr, seed, steps, adamw) for seed in range(1, preset["seeds"])]
 
 
 def _timing_key(run: dict[str, Any]) -> str:
@@ -483,7 +524,8 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "curve": curve, "band": seed_band(runs) if runs else [],
             "weight_decay": entry.get("weight_decay"), "peer": SPECS[name].peer if name in SPECS else None,
             "timed_under": sorted({_timing_key(r) for r in entry["full"]}),
-            "rate_check": entry.get("rate_check"), "rate_from": entry.get("rate_from"), "spike": loss_spike(curve),
+            "rate_check": entry.get("rate_check"), "swept_lr": entry.get("swept_lr"),
+            "rate_from": entry.get("rate_from"), "spike": loss_spike(curve),
         }
         if name == "AdamW":
             reference = out[name]

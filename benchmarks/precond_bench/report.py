@@ -19,7 +19,8 @@ UNITS = {"lm": "nats per byte", "digits": "nats per image"}
 
 def _edge_mark(row: dict[str, Any]) -> str:
     rates = row.get("swept_lrs") or []
-    return " †" if len(rates) > 1 and row["best_lr"] in (rates[0], rates[-1]) else ""
+    swept = row.get("swept_lr") or row["best_lr"]  # the sweep's pick, where a full-run check replaced it
+    return " †" if len(rates) > 1 and swept in (rates[0], rates[-1]) else ""
 
 
 def _label(name: str, row: dict[str, Any], reference: list[str] | None = None) -> str:
@@ -41,7 +42,8 @@ def _conditions_note(summary: dict[str, dict[str, Any]]) -> tuple[str, list[str]
 def _rate(row: dict[str, Any]) -> str:
     wd = f", wd {row['weight_decay']:g}" if row.get("weight_decay") is not None else ""
     twin = f" ({row['rate_from']}'s)" if row.get("rate_from") else ""  # taken from its twin's sweep, not swept
-    return f"{_fmt(row['best_lr'], '.3g')}{twin}{wd}{_edge_mark(row)}"
+    checked = f" (full-run check; sweep {row['swept_lr']:.3g})" if row.get("swept_lr") else ""
+    return f"{_fmt(row['best_lr'], '.3g')}{twin}{checked}{wd}{_edge_mark(row)}"
 
 
 def markdown_table(summary: dict[str, dict[str, Any]], unit: str = "nats per byte") -> str:
@@ -87,10 +89,13 @@ def _rate_check_line(name: str, row: dict[str, Any]) -> str | None:
     if not row.get("rate_check"):
         return None
     losses = {float(lr): loss for lr, loss in row["rate_check"].items()}
-    parts = [("**{:.3g} → {}**" if lr == row["best_lr"] else "{:.3g} → {}").format(
+    swept = row.get("swept_lr") or row["best_lr"]
+    parts = [("**{:.3g} → {}**" if lr == swept else "{:.3g} → {}").format(
         lr, "—" if loss is None else f"{loss:.4f}") for lr, loss in sorted(losses.items())]
     if None in losses.values():
         verdict = "not complete"
+    elif row.get("swept_lr"):
+        verdict = f"a neighbouring rate is better for the full run, and its full runs use it ({row['best_lr']:.3g})"
     else:
         verdict = ("the sweep's rate is also the full run's best" if min(losses, key=losses.get) == row["best_lr"]
                    else "a neighbouring rate is better for the full run")
