@@ -9,7 +9,9 @@ sorted), then orthonormalises every recorded matrix again four ways: in float32 
 in float32 and then float64 for those that failed (what an A100/H100/H200 does), with TF32 products emulated
 (inputs cut to TF32's 10 mantissa bits) judged by float32's tolerance, and the same judged by TF32's. Prints,
 per refresh and size, how many matrices passed each way (the rest fall back to Householder QR), and what
-the float32 pass and the fallback cost on this machine.
+the float32 pass and the fallback cost on this machine, every matrix trying CholeskyQR first and under the
+refresh's policy of skipping it for factors that keep failing (:func:`precond.refresh.counted_power_qr_`,
+replayed on the recorded matrices; the run itself tries every matrix, so that every refresh is seen).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 import precond
-from precond import linalg, precision
+from precond import linalg, precision, refresh
 from precond_bench.workloads import PRESETS, make_workload
 
 
@@ -59,13 +61,14 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, int], list[int]]:
     model = workload.model(0)
     opt = precond.SOAP(model.parameters(), lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10)
     linalg.cholesky_qr = lambda X: recorded.append((step, X.detach().clone())) or orthonormalise(X)
+    share, refresh.RETRY_SHARE = refresh.RETRY_SHARE, 0  # every matrix tries CholeskyQR: all are recorded
     try:
         for step in range(1, args.steps + 1):
             workload.loss(model, workload.batch(step, 0)).backward()
             opt.step()
             opt.zero_grad()
     finally:
-        linalg.cholesky_qr = orthonormalise
+        linalg.cholesky_qr, refresh.RETRY_SHARE = orthonormalise, share
 
     tally: dict[tuple[int, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
     float32 = lambda x: torch.finfo(x.dtype).eps  # noqa: E731
@@ -92,7 +95,40 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, int], list[int]]:
     print(f"| all | | {total[0]} | " + " | ".join(f"{p} ({p / total[0]:.0%})" for p in total[1:]) + " |")
     print(f"\nfloat32 CholeskyQR of every recorded stack: {seconds[0]:.2f} s; Householder QR of the "
           f"{total[0] - total[1]} that failed: {seconds[1]:.2f} s ({torch.get_num_threads()} threads)")
+    tried, policy_seconds = replay_policy(recorded)
+    print(f"under the policy of skipping CholeskyQR for factors that keep failing, it was tried on {tried} of "
+          f"{total[0]} matrices: {policy_seconds:.2f} s with the Householder QR of the rest, against "
+          f"{seconds[0] + seconds[1]:.2f} s")
     return dict(tally)
+
+
+def replay_policy(recorded: list[tuple[int, torch.Tensor]]) -> tuple[int, float]:
+    """The recorded refreshes again under :func:`precond.refresh.counted_power_qr_`'s choice (float32, a
+    CPU: the retry is Householder QR): a matrix is the same factor at the same place of every refresh's
+    sequence of stacks, its counters start at the initial eigh's one refresh. Returns (matrices that tried
+    CholeskyQR, seconds)."""
+    by_step: dict[int, list[torch.Tensor]] = defaultdict(list)
+    for at, X in recorded:
+        by_step[at].append(X)
+    failures: dict[int, torch.Tensor] = {}
+    refreshes: dict[int, torch.Tensor] = {}
+    tried_count, seconds = 0, 0.0
+    for at in sorted(by_step):
+        for k, X in enumerate(by_step[at]):
+            F = failures.setdefault(k, torch.zeros(X.shape[0], dtype=torch.int64))
+            R = refreshes.setdefault(k, torch.ones(X.shape[0], dtype=torch.int64))
+            tried = ~(refresh.RETRY_SHARE * F > R)
+            start = time.perf_counter()
+            ok = torch.zeros(X.shape[0], dtype=torch.bool)
+            if bool(tried.any()):
+                ok[tried] = linalg.cholesky_qr(X[tried])[1]
+            if not bool(ok.all()):
+                torch.linalg.qr(X[~ok])
+            seconds += time.perf_counter() - start
+            tried_count += int(tried.sum())
+            F += tried & ~ok
+            R += 1
+    return tried_count, seconds
 
 
 if __name__ == "__main__":

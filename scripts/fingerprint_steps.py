@@ -5,15 +5,19 @@
 
 Each configuration trains the same parameters (1-D to 4-D, one dim longer than the block size) on the same
 seeded gradients, in float32 and float64, through the public class and its ``state_dict``.
+``--counters-width N`` hashes only the first N of each factor's counters (``stats``), to compare across a
+change that adds a counter.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 
 import torch
 
+from precond.engine.saved_state import STATS_KEY
 from precond.registry import OPTIMIZERS
 
 SHAPES = [(7,), (12, 9), (40, 6), (4, 5, 6), (3, 4, 5, 2)]
@@ -43,7 +47,7 @@ SMALL_BLOCKS = {"Shampoo": "max_preconditioner_dim", "EShampoo": "max_preconditi
                 "KLShampoo": "max_preconditioner_dim", "SOAP": "max_precond_dim", "KLSOAP": "max_precond_dim"}
 
 
-def fingerprint(name: str, options: dict, dtype: torch.dtype) -> str:
+def fingerprint(name: str, options: dict, dtype: torch.dtype, counters_width: int | None = None) -> str:
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape, dtype=dtype)) for shape in SHAPES]
     options = dict(options)
@@ -70,17 +74,22 @@ def fingerprint(name: str, options: dict, dtype: torch.dtype) -> str:
             if torch.is_tensor(value):
                 digest.update(f"{key}.{field}".encode())
                 flat = value.detach().contiguous().cpu().reshape(-1)  # bytes of any dtype (numpy has no bfloat16)
+                if counters_width is not None and STATS_KEY.match(field):
+                    flat = flat[:counters_width]
                 digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return digest.hexdigest()[:16]
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counters-width", type=int, default=None, metavar="N")
+    counters_width = parser.parse_args().counters_width
     result = {}
     for name, settings in SETTINGS.items():
         for options in settings:
             for dtype in (torch.float32, torch.float64):
                 key = f"{name} {json.dumps(options, sort_keys=True, default=str)} {dtype}"
-                result[key] = fingerprint(name, options, dtype)
+                result[key] = fingerprint(name, options, dtype, counters_width)
     print(json.dumps(result, indent=1))
 
 

@@ -1129,13 +1129,26 @@ def test_cholesky_qr_probe_records_every_refresh_and_counts_each_way(data_dir):
     """The probe behind BENCHMARKS' CholeskyQR table, on the tiny LM: every power-QR refresh's matrices are
     recorded (steps 11 and 21 here), and no way of orthonormalising passes more than it was given; float64
     after float32 passes at least what float32 did."""
-    from precond import linalg
+    from precond import linalg, refresh
 
     probe = study_script("cholesky_qr_probe")
-    real = linalg.cholesky_qr
+    real, share = linalg.cholesky_qr, refresh.RETRY_SHARE
     tally = probe.main(["--preset", "tiny", "--steps", "21", "--batch-size", "2", "--data-dir", str(data_dir)])
-    assert linalg.cholesky_qr is real  # put back
+    assert linalg.cholesky_qr is real and refresh.RETRY_SHARE == share  # put back (the policy was off while recording)
     assert {step for step, _ in tally} == {11, 21}
     for count, in_float32, then_float64, tf32_at_float32, tf32_at_tf32 in tally.values():
         assert count > 0 and 0 <= in_float32 <= then_float64 <= count
         assert 0 <= tf32_at_float32 <= count and 0 <= tf32_at_tf32 <= count
+
+
+def test_cholesky_qr_probe_replays_the_refresh_policy_factor_by_factor():
+    """The probe's replay of the skipping policy: a factor past float32's CholeskyQR (condition 1e10) tries
+    it at the first of three refreshes only; a well-conditioned one at all three."""
+    probe = study_script("cholesky_qr_probe")
+    g = torch.Generator().manual_seed(1)
+    V = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64, generator=g))[0]
+    hard = V @ torch.diag(torch.logspace(-8, 2, 12, dtype=torch.float64)) @ V.T
+    easy = torch.randn(12, 12, dtype=torch.float64, generator=g) + 12 * torch.eye(12, dtype=torch.float64)
+    stack = torch.stack([hard, easy]).float()
+    tried, seconds = probe.replay_policy([(11, stack), (21, stack), (31, stack)])
+    assert tried == 2 + 1 + 1 and seconds > 0

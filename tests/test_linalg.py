@@ -89,7 +89,7 @@ def test_qr_algorithm_improves_a_warm_start_in_either_order(start_order):
 def test_power_qr_step_is_orthonormal_and_sorted():
     A, _ = spd(7, seed=5)
     Q0 = torch.linalg.qr(torch.randn(7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(6)))[0]
-    Q, order, fell_back = linalg.power_qr_step(A, Q0)
+    Q, order, fell_back, _ = linalg.power_qr_step(A, Q0)
     torch.testing.assert_close(Q.T @ Q, torch.eye(7, dtype=torch.float64), rtol=0, atol=1e-12)
     est = torch.diagonal(Q0.T @ A @ Q0)[order]
     assert torch.all(est[:-1] >= est[1:])
@@ -135,7 +135,7 @@ def test_power_qr_falls_back_to_householder_where_cholesky_qr_loses_orthogonalit
     householder = []  # the stacks Householder QR was given
     real_qr = linalg._qr
     monkeypatch.setattr(linalg, "_qr", lambda M: householder.append(tuple(M.shape)) or real_qr(M))
-    Q_step, _, fell_back = linalg.power_qr_step(A, eye.expand(2, 24, 24))
+    Q_step, _, fell_back, _ = linalg.power_qr_step(A, eye.expand(2, 24, 24))
     assert fell_back.tolist() == [True, False]
     assert householder == [(1, 24, 24)]
     assert float(torch.linalg.matrix_norm(Q_step.mT @ Q_step - eye).max()) < 1e-5
@@ -239,7 +239,7 @@ def test_refine_eigenbasis_tracks_a_drifting_factor_better_than_power_qr(dtype, 
     before = drifted_factor(48, m, 100, seed=0)
     X = torch.linalg.eigh(before)[1]
     A = drifted_factor(48, m, drift, seed=1, A=before)
-    power_qr, _, _ = linalg.power_qr_step(A, X)
+    power_qr, _, _, _ = linalg.power_qr_step(A, X)
     ratios = [float(linalg.off_diagonal_ratio(power_qr.T @ A @ power_qr))]
     for _ in range(4):
         X, _ = linalg.refine_eigenbasis(A.to(dtype), X.to(dtype), iterations=1)
@@ -352,11 +352,11 @@ def test_power_qr_tries_float64_before_householder_where_float64_keeps_pace(monk
     householder = []  # the stacks Householder QR was given
     real_qr = linalg._qr
     monkeypatch.setattr(linalg, "_qr", lambda M: householder.append(tuple(M.shape)) or real_qr(M))
-    _, _, fell_back = linalg.power_qr_step(A, eye)
+    _, _, fell_back, _ = linalg.power_qr_step(A, eye)
     assert fell_back.tolist() == [True, True] and householder == [(2, n, n)]  # on a CPU, as before
     householder.clear()
     monkeypatch.setattr(linalg, "_float64_keeps_pace", lambda X: True)
-    Q, order, fell_back = linalg.power_qr_step(A, eye)
+    Q, order, fell_back, _ = linalg.power_qr_step(A, eye)
     assert fell_back.tolist() == [False, True] and householder == [(1, n, n)]
     assert Q.dtype == torch.float32
     assert float(torch.linalg.matrix_norm(Q.double().mT @ Q.double() - torch.eye(n, dtype=torch.float64)).max()) < 1e-5
@@ -364,3 +364,31 @@ def test_power_qr_tries_float64_before_householder_where_float64_keeps_pace(monk
     H = torch.linalg.qr(X)[0]
     signs = torch.sign((Q[0].double() * H).sum(-2, keepdim=True))
     assert float((Q[0].double() * signs - H).abs().max()) < 1e-6  # float64's basis, rounded to float32
+
+
+def test_power_qr_sends_the_flagged_matrices_straight_to_the_retry(monkeypatch):
+    """``retry_first``: a flagged matrix takes no CholeskyQR in its own precision (it goes where a failure
+    would have sent it: Householder QR on a CPU) and is not counted as a CholeskyQR failure; the others are
+    as without the flag, bit for bit, and their failures are counted."""
+    g = torch.Generator().manual_seed(5)
+    n = 16
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    hard = (V @ torch.diag(torch.logspace(-8, 2, n, dtype=torch.float64)) @ V.T).float()  # fails in float32
+    easy = spd(n, 6)[0].float()
+    A = torch.stack([hard, easy, hard, easy])
+    eye = torch.eye(n).expand(4, n, n)
+    plain_Q, plain_order, plain_fell, plain_failed = linalg.power_qr_step(A, eye)
+    assert plain_failed.tolist() == [True, False, True, False] and plain_fell.tolist() == [True, False, True, False]
+    shapes = []  # the stacks CholeskyQR was given
+    real = linalg.cholesky_qr
+    monkeypatch.setattr(linalg, "cholesky_qr", lambda X: shapes.append(X.shape[0]) or real(X))
+    flagged = torch.tensor([True, True, False, False])
+    Q, order, fell_back, failed = linalg.power_qr_step(A, eye, retry_first=flagged)
+    assert shapes == [2]  # matrices 2 and 3 only
+    assert failed.tolist() == [False, False, True, False]  # a flagged matrix was not tried, so did not fail
+    assert fell_back.tolist() == [True, True, True, False]  # both flagged ones took Householder QR (CPU)
+    assert torch.equal(order, plain_order)
+    assert torch.equal(Q[0], plain_Q[0]) and torch.equal(Q[2], plain_Q[2])  # Householder QR's either way
+    assert torch.equal(Q[1], torch.linalg.qr(A[1] @ eye[1][:, order[1]])[0])  # the easy one, by Householder
+    assert torch.equal(Q[3], linalg.cholesky_qr(A[3:4] @ eye[3][:, order[3]])[0][0])  # unflagged: as before
+    assert torch.equal(linalg.power_qr_step(A, eye, retry_first=torch.zeros(4, dtype=torch.bool))[0], plain_Q)

@@ -59,6 +59,27 @@ def test_power_qr_refresh_returns_the_order_it_sorted_by():
     torch.testing.assert_close(Q.T @ Q, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
+def test_a_factor_whose_cholesky_qr_keeps_failing_tries_it_at_every_fourth_refresh(monkeypatch):
+    """Power-QR's counters choose: a factor past float32's CholeskyQR (condition 1e10) fails at its first
+    refresh, then skips it while its failures exceed a quarter of its refreshes, trying again at refreshes 5
+    and 9; a well-conditioned factor beside it tries (and passes) every time. Every refresh still counts."""
+    from precond import linalg
+    from precond.refresh import CHOLESKY_FAILURES, FALLBACKS
+    V = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))[0]
+    hard = V @ torch.diag(torch.logspace(-8, 2, 12, dtype=torch.float64)) @ V.T
+    A = torch.stack([hard, spd(12, 3)]).float()
+    c = torch.zeros(2, STATS_WIDTH, dtype=torch.int64)
+    tried = []  # per refresh, how many matrices CholeskyQR was given
+    real = linalg.cholesky_qr
+    monkeypatch.setattr(linalg, "cholesky_qr", lambda X: tried.append(X.shape[0]) or real(X))
+    policy, Q = EigenbasisRefresh("power_qr", descending=True), torch.eye(12).expand(2, 12, 12)
+    for _ in range(10):
+        policy.refresh(A, Q, c, torch.ones(2, dtype=torch.bool))
+    assert tried == [2, 1, 1, 1, 2, 1, 1, 1, 2, 1]
+    assert c[:, REFRESHES].tolist() == [10, 10] and c[:, FAILURES].tolist() == [0, 0]
+    assert c[:, CHOLESKY_FAILURES].tolist() == [3, 0] and c[:, FALLBACKS].tolist() == [10, 0]
+
+
 def test_refine_refresh_counts_iterations_keeps_the_column_order_and_meets_the_tolerance():
     A = spd(6, 3)
     _, V = torch.linalg.eigh(A)

@@ -299,16 +299,21 @@ def cholesky_qr(X: Tensor) -> tuple[Tensor, Tensor]:
     return Q.reshape(X.shape), ok.reshape(X.shape[:-2])
 
 
-def power_qr_step(A: Tensor, Q: Tensor, sort: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def power_qr_step(A: Tensor, Q: Tensor, sort: bool = True,
+                  retry_first: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""SOAP's refresh: one power-iteration step followed by a QR orthonormalisation (``[..., n, n]``).
 
     The columns of ``Q`` are first sorted by their Rayleigh quotients ``diag(QᵀAQ)``, descending (unless
     ``sort=False``: KL-SOAP keeps the order, and ``order`` is then the identity); then ``Q ← qr(A Q)``, by
     :func:`cholesky_qr`, with Householder QR (LAPACK) for the matrices where that fails (on a data-centre GPU
-    a float32 stack first tries CholeskyQR again in float64: :func:`_orthonormalise_again`).
-    Returns ``(new Q, order, fell_back)`` (``fell_back``: took Householder QR) so that the caller can permute
-    per-column statistics (SOAP's second moment) the same way and count the fallbacks; raises
-    :class:`LinAlgFailure` if the Householder QR raises. Deciding on a fallback reads a flag on the host.
+    a float32 stack first tries CholeskyQR again in float64: :func:`_orthonormalise_again`). The matrices
+    flagged in ``retry_first`` (a bool per matrix) skip the first CholeskyQR and go straight to that retry:
+    the caller's guess, from their history, that it would fail again.
+    Returns ``(new Q, order, fell_back, cholesky_failed)`` (``fell_back``: took Householder QR;
+    ``cholesky_failed``: CholeskyQR in the input's precision was tried and failed) so that the caller can
+    permute per-column statistics (SOAP's second moment) the same way and count both; raises
+    :class:`LinAlgFailure` if the Householder QR raises. Deciding on a fallback reads a flag on the host, as
+    does a ``retry_first`` given.
     """
     AQ = matmul(A, Q)
     if sort:
@@ -317,7 +322,15 @@ def power_qr_step(A: Tensor, Q: Tensor, sort: bool = True) -> tuple[Tensor, Tens
         X = permute_columns(AQ, order)  # A·(Q's columns in order) = (AQ)'s columns in order
     else:
         order, X = torch.arange(A.shape[-1], device=A.device).expand(A.shape[:-1]), AQ
-    Q_new, ok = cholesky_qr(X)
+    skipped = torch.zeros(X.shape[:-2], dtype=torch.bool, device=X.device) if retry_first is None else retry_first
+    if retry_first is not None and bool(retry_first.any()):
+        Q_new, ok = X, torch.zeros_like(skipped)
+        tried = (~skipped).nonzero(as_tuple=True)
+        if tried[0].numel():
+            Q_tried, ok_tried = cholesky_qr(X[tried])
+            Q_new, ok = Q_new.index_put(tried, Q_tried), ok.index_put(tried, ok_tried)
+    else:
+        Q_new, ok = cholesky_qr(X)
     fell_back = ~ok
     if bool(fell_back.any()):
         # the failed matrices alone: where a few of a large stack fail (rank-deficient factors early in
@@ -326,7 +339,7 @@ def power_qr_step(A: Tensor, Q: Tensor, sort: bool = True) -> tuple[Tensor, Tens
         retried, by_householder = _orthonormalise_again(X[failed])
         fell_back[failed] = by_householder
         Q_new = Q_new.index_put(failed, retried)
-    return Q_new, order, fell_back
+    return Q_new, order, fell_back, ~ok & ~skipped
 
 
 def _orthonormalise_again(X: Tensor) -> tuple[Tensor, Tensor]:

@@ -42,13 +42,18 @@ from .linalg import (LinAlgFailure, batched_eigh, finite_bases, off_diagonal_rat
 from .precision import matmul
 from .validation import Rule, check_choice, check_in, check_int
 
-__all__ = ["EigenbasisRefresh", "REFRESH_METHODS", "RULES", "count_refreshes_", "policy_of", "refresh_due"]
+__all__ = ["EigenbasisRefresh", "REFRESH_METHODS", "RULES", "count_refreshes_", "counted_power_qr_", "policy_of",
+           "refresh_due"]
 
 REFRESH_METHODS = ("eigh", "qr", "power_qr", "refine")
 
 # Columns of a factor's ``stats`` counters (their layout: precond.engine.STATS_FIELDS).
-REFRESHES, SKIPPED, QR_ITERATIONS, FAILURES, FALLBACKS = (
-    STATS_FIELDS.index(name) for name in ("refreshes", "skipped", "qr_iterations", "failures", "fallbacks"))
+REFRESHES, SKIPPED, QR_ITERATIONS, FAILURES, FALLBACKS, CHOLESKY_FAILURES = (
+    STATS_FIELDS.index(name) for name in ("refreshes", "skipped", "qr_iterations", "failures", "fallbacks",
+                                          "cholesky_failures"))
+
+# A factor whose first CholeskyQR failed in more than 1/RETRY_SHARE of its refreshes skips it (power-QR).
+RETRY_SHARE = 4
 
 GATHERED = ("eigh", "qr")  # under the criterion, computed for the failing factors only (see above)
 
@@ -75,6 +80,26 @@ def refresh_due(t: int, frequency: int, start: int) -> bool:
     only gathers statistics) with ``start = frequency``; ASGO from ``calls - 1`` with ``start = 0`` (its first
     step has a root); Sophia's curvature from the first step with ``start = update_period``."""
     return t == start or (t > start and t % frequency == 0)
+
+
+def counted_power_qr_(A: Tensor, Q: Tensor, stats: Tensor, sort: bool = True) -> tuple[Tensor, Tensor]:
+    """:func:`~precond.linalg.power_qr_step` for a stack of factors with their counters ``stats``
+    (``[B, STATS_WIDTH]``, updated in place: fallbacks and CholeskyQR failures). Returns ``(Q, order)``.
+
+    A factor whose CholeskyQR (in its own precision) failed in more than a quarter of its refreshes
+    (``RETRY_SHARE · cholesky_failures > refreshes``) skips it and goes straight to the retry (float64
+    CholeskyQR on an A100/H100/H200, Householder QR elsewhere), which is what a failure would have led to
+    after paying for two of CholeskyQR3's three passes. A trained factor that fails once tends to fail again
+    (on a 20M LM's factors float32's CholeskyQR failed for every 1408- and 1536-wide factor at every
+    refresh: ``benchmarks/cholesky_qr_probe.py``); since a skipped refresh adds to ``refreshes`` and not to
+    the failures, such a factor still tries float32 at every fourth refresh, and one whose conditioning
+    improves is back on float32 within a few. The counters live in the optimizer's state, so the choice
+    resumes with it."""
+    retry_first = RETRY_SHARE * stats[:, CHOLESKY_FAILURES] > stats[:, REFRESHES]
+    Q_new, order, fell_back, failed = power_qr_step(A, Q, sort, retry_first)
+    stats[:, FALLBACKS] += fell_back
+    stats[:, CHOLESKY_FAILURES] += failed
+    return Q_new, order
 
 
 def count_refreshes_(stats: Tensor, ok: Tensor, good: Tensor) -> None:
@@ -180,9 +205,8 @@ class EigenbasisRefresh:
         try:
             if self.method == "eigh":
                 _, Q_new, good = batched_eigh(A)
-            elif self.method == "power_qr":
-                Q_new, order, fell_back = power_qr_step(A, Q)
-                stats[slice(None) if index is None else index, FALLBACKS] += fell_back
+            elif self.method == "power_qr":  # never gathered (GATHERED): ``stats`` is the whole stack's
+                Q_new, order = counted_power_qr_(A, Q, stats)
             elif self.method == "qr":
                 _, Q_new, iterations, order = qr_algorithm(A, Q, self.max_iterations, self.tolerance, B)
             else:

@@ -25,7 +25,7 @@ logger = logging.getLogger("precond")
 # The one layout of a factor's counters (``stats{i}``, int64): its dim, then how often its root or basis was
 # recomputed, kept by the adaptive criterion, QR-iterated, failed (kept the last good one), and fell back from
 # CholeskyQR to Householder QR. precond.kronecker allocates them, precond.refresh counts, this module reports.
-STATS_FIELDS = ("dim", "refreshes", "skipped", "qr_iterations", "failures", "fallbacks")
+STATS_FIELDS = ("dim", "refreshes", "skipped", "qr_iterations", "failures", "fallbacks", "cholesky_failures")
 
 
 class EngineReports:
@@ -111,7 +111,9 @@ class EngineReports:
         ``group, param, block, factor, dim`` and the counters ``refreshes`` (recomputed), ``skipped``
         (kept by the adaptive criterion), ``qr_iterations``, ``failures`` (kept the last good result) and
         ``fallbacks`` (power-QR refreshes whose CholeskyQR failed, in float64 too where that is tried, and
-        took Householder QR).
+        took Householder QR) and ``cholesky_failures`` (power-QR refreshes whose first CholeskyQR, in the
+        factor's precision, failed: a factor with many goes straight to the retry, see
+        :func:`~precond.refresh.counted_power_qr_`).
         Reading them waits for the device.
         """
         factors: list[dict[str, Any]] = []

@@ -11,8 +11,8 @@ from torch import Tensor
 
 from ..engine import Bucket, commit_
 from ..kronecker import factor_chunks, factor_matrices, factor_outer, mode_product, update_factors_
-from ..linalg import LinAlgFailure, finite_bases, power_qr_step
-from ..refresh import FALLBACKS, count_refreshes_
+from ..linalg import LinAlgFailure, finite_bases
+from ..refresh import count_refreshes_, counted_power_qr_
 from .eigenbasis_adam import EigenbasisAdam
 
 __all__ = ["KLEigenbasisAdam"]
@@ -96,9 +96,8 @@ class KLEigenbasisAdam(EigenbasisAdam):
             factors, stats = state[f"factor{i}"], state[f"stats{i}"]
             for part, factor in factor_chunks(factors, basis.shape[-1]):
                 try:
-                    new, _, fell_back = power_qr_step(factor, basis[part], sort=False)
+                    new, _ = counted_power_qr_(factor, basis[part], stats[part], sort=False)
                     good = finite_bases(new)
-                    stats[part, FALLBACKS] += fell_back
                 except LinAlgFailure:
                     new, good = basis[part], torch.zeros_like(ok[part])
                 commit_(state[f"basis{i}"][part], new, ok[part] & good)
