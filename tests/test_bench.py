@@ -1036,6 +1036,7 @@ def test_an_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit
     assert [(s, v) for s, _, v in resumed["curve"]] == [(s, v) for s, _, v in whole["curve"]]
     assert resumed["final_train_loss"] == whole["final_train_loss"] and resumed["steps_done"] == 7
     assert resumed["refreshes"] == whole["refreshes"] and resumed["qr_fallbacks"] == whole["qr_fallbacks"]
+    assert resumed["cholesky_failures"] == whole["cholesky_failures"]
 
 
 def test_the_benchmark_resumes_checkpointed_runs_to_the_same_results(data_dir, tmp_path):

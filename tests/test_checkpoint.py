@@ -6,6 +6,7 @@ checkpoint must then follow the same trajectory bit for bit.
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -149,3 +150,35 @@ def test_shampoo_with_refined_roots_resumes_its_bases_bit_identically(how, tmp_p
         lambda params: FACTORIES["Shampoo"](params, root_method="refine", precondition_frequency=2), save, load)
     for a, b in zip(ours, resumed):
         assert torch.equal(a, b)
+
+
+def test_power_qr_skipping_resumes_with_the_counters_that_choose_it():
+    """SOAP refreshing every step on gradients whose rows and columns span four decades (factors past
+    float32's CholeskyQR): each factor fails at its first power-QR refresh, takes the retry without trying
+    on the next two, then passes again; saved after 4 steps (mid-way) and resumed, the next 5 steps equal
+    the uninterrupted run's bit for bit, counters included."""
+    g = torch.Generator().manual_seed(0)
+    rows, cols = torch.logspace(0, -4, 12), torch.logspace(0, -4, 10)
+    grads = [rows[:, None] * torch.randn(12, 10, generator=g) * cols for _ in range(9)]
+
+    def run(opt, weight, steps):
+        for G in steps:
+            weight.grad = G.clone()
+            opt.step()
+
+    whole_w = torch.nn.Parameter(torch.zeros(12, 10))
+    whole = precond.SOAP([whole_w], lr=0.01, precondition_frequency=1)
+    run(whole, whole_w, grads)
+    counts = whole.preconditioner_stats()["factors"]
+    assert [(f["refreshes"], f["cholesky_failures"], f["fallbacks"]) for f in counts] == [(9, 1, 3)] * 2
+
+    first_w = torch.nn.Parameter(torch.zeros(12, 10))
+    first = precond.SOAP([first_w], lr=0.01, precondition_frequency=1)
+    run(first, first_w, grads[:4])
+    saved = copy.deepcopy(first.state_dict())
+    resumed_w = torch.nn.Parameter(first_w.detach().clone())
+    resumed = precond.SOAP([resumed_w], lr=0.01, precondition_frequency=1)
+    resumed.load_state_dict(saved)
+    run(resumed, resumed_w, grads[4:])
+    assert torch.equal(resumed_w, whole_w)
+    assert resumed.preconditioner_stats()["factors"] == counts

@@ -279,5 +279,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, lr: float, seed: int, ste
         "failures": sum(f["failures"] for f in stats["factors"]),
         # refreshes whose CholeskyQR fell back to Householder QR (power-QR: SOAP, KL-SOAP)
         "qr_fallbacks": sum(f["fallbacks"] for f in stats["factors"]),
+        # refreshes whose first CholeskyQR (the factor's precision) failed, before any retry
+        "cholesky_failures": sum(f["cholesky_failures"] for f in stats["factors"]),
         "nonfinite_skips": stats.get("nonfinite_skipped_blocks", 0),
     }
