@@ -9,7 +9,7 @@ from precond.refresh import EigenbasisRefresh, refresh_due
 
 
 def counters():
-    """A bucket of one block's counters: (dim, refreshes, skipped, qr_iterations, failures)."""
+    """A bucket of one block's counters (precond.engine.STATS_FIELDS)."""
     return torch.zeros(1, STATS_WIDTH, dtype=torch.int64)
 
 

@@ -114,7 +114,7 @@ class EigenbasisRefresh:
     """Refresh policy. ``descending`` orders the basis by decreasing eigenvalue (SOAP's convention).
 
     Works on a bucket: ``A`` and ``Q`` are stacks ``[B, n, n]``, ``stats`` the per-block counters
-    ``[B, 5]`` (updated in place), ``ok`` the blocks that take part this step.
+    ``[B, STATS_WIDTH]`` (updated in place), ``ok`` the blocks that take part this step.
     """
 
     method: str = "eigh"
