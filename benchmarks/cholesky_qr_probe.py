@@ -117,7 +117,7 @@ def replay_policy(recorded: list[tuple[int, torch.Tensor]]) -> tuple[int, float]
         for k, X in enumerate(by_step[at]):
             F = failures.setdefault(k, torch.zeros(X.shape[0], dtype=torch.int64))
             R = refreshes.setdefault(k, torch.ones(X.shape[0], dtype=torch.int64))
-            tried = ~(refresh.RETRY_SHARE * F > R)
+            tried = ~refresh.skips_cholesky_qr(F, R)
             start = time.perf_counter()
             ok = torch.zeros(X.shape[0], dtype=torch.bool)
             if bool(tried.any()):

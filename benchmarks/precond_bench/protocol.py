@@ -326,6 +326,12 @@ def _losses(checked: dict[float, dict[str, Any] | None]) -> dict[float, float | 
     return {lr: (None if r is None or r["diverged"] else r["final_val_loss"]) for lr, r in checked.items()}
 
 
+def lowest_rate(losses: dict[float, float | None]) -> float | None:
+    """The rate of a rate check's lowest final loss (``None`` losses left out; ``None`` if none is left)."""
+    finite = {float(lr): loss for lr, loss in losses.items() if loss is not None}
+    return min(finite, key=finite.get) if finite else None
+
+
 def _sweep_weight_decay(runs: _Runs, entry: dict[str, Any], best: dict[str, Any], steps: int) -> dict | None:
     """AdamW at its best rate with each other weight decay of the documented grid; the best run of all (its
     ``adamw`` entry holds the weight decay), or ``None`` while a run is missing."""
@@ -478,8 +484,7 @@ def _at_checked_rate(runs: _Runs, config: BenchConfig, name: str, entry: dict[st
         runs.expect(f"full {name} at its checked rate, {preset['seeds']} seed(s), after its rate check", name,
                     preset["seeds"] * steps)
         return [center]
-    finite = {lr: loss for lr, loss in _losses(checked).items() if loss is not None}
-    lr = min(finite, key=finite.get) if finite else entry["best_lr"]
+    lr = lowest_rate(_losses(checked)) or entry["best_lr"]
     if lr == entry["best_lr"]:
         return [center] + [runs.get("full", name, lr, seed, steps, adamw) for seed in range(1, preset["seeds"])]
     entry["swept_lr"], entry["best_lr"] = entry["best_lr"], lr
@@ -543,8 +548,8 @@ def _against_checked_rate(out: dict[str, dict[str, Any]], reference: dict[str, A
     time to that lower loss (``checked_target``). AdamW reaches it at its last step; its time is its full run's
     training time, made on the table's device (a step's cost does not depend on the rate), where the check
     run may have been made on another."""
-    checked = {float(lr): loss for lr, loss in (reference["rate_check"] or {}).items() if loss is not None}
-    lr = min(checked, key=checked.get) if checked else None
+    checked = {float(lr): loss for lr, loss in (reference["rate_check"] or {}).items()}
+    lr = lowest_rate(checked)
     if lr is None or lr == reference["best_lr"] or not reference["curve"]:
         return
     adamw = (reference["curve"][-1][0], reference["seconds_total"])  # AdamW's steps and seconds to that loss

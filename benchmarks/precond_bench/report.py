@@ -86,6 +86,8 @@ def _fallbacks(row: dict[str, Any]) -> str:
 def _rate_check_line(name: str, row: dict[str, Any]) -> str | None:
     """An optimizer whose full run was repeated at the neighbouring rates (``--check-rate``): the losses and
     whether the sweep's rate won."""
+    from .protocol import lowest_rate
+
     if not row.get("rate_check"):
         return None
     losses = {float(lr): loss for lr, loss in row["rate_check"].items()}
@@ -97,7 +99,7 @@ def _rate_check_line(name: str, row: dict[str, Any]) -> str | None:
     elif row.get("swept_lr"):
         verdict = f"a neighbouring rate is better for the full run, and its full runs use it ({row['best_lr']:.3g})"
     else:
-        verdict = ("the sweep's rate is also the full run's best" if min(losses, key=losses.get) == row["best_lr"]
+        verdict = ("the sweep's rate is also the full run's best" if lowest_rate(losses) == row["best_lr"]
                    else "a neighbouring rate is better for the full run")
     return f"- {name}: {', '.join(parts)}: {verdict}."
 

@@ -43,7 +43,7 @@ from .precision import matmul
 from .validation import Rule, check_choice, check_in, check_int
 
 __all__ = ["EigenbasisRefresh", "REFRESH_METHODS", "RULES", "count_refreshes_", "counted_power_qr_", "policy_of",
-           "refresh_due"]
+           "refresh_due", "skips_cholesky_qr"]
 
 REFRESH_METHODS = ("eigh", "qr", "power_qr", "refine")
 
@@ -82,6 +82,12 @@ def refresh_due(t: int, frequency: int, start: int) -> bool:
     return t == start or (t > start and t % frequency == 0)
 
 
+def skips_cholesky_qr(failures: Tensor, refreshes: Tensor) -> Tensor:
+    """Which factors go straight to power-QR's retry: CholeskyQR failed in more than ``1/RETRY_SHARE`` of
+    their refreshes (:func:`counted_power_qr_`)."""
+    return RETRY_SHARE * failures > refreshes
+
+
 def counted_power_qr_(A: Tensor, Q: Tensor, stats: Tensor, sort: bool = True) -> tuple[Tensor, Tensor]:
     """:func:`~precond.linalg.power_qr_step` for a stack of factors with their counters ``stats``
     (``[B, STATS_WIDTH]``, updated in place: fallbacks and CholeskyQR failures). Returns ``(Q, order)``.
@@ -95,7 +101,7 @@ def counted_power_qr_(A: Tensor, Q: Tensor, stats: Tensor, sort: bool = True) ->
     the failures, such a factor still tries float32 at every fourth refresh, and one whose conditioning
     improves is back on float32 within a few. The counters live in the optimizer's state, so the choice
     resumes with it."""
-    retry_first = RETRY_SHARE * stats[:, CHOLESKY_FAILURES] > stats[:, REFRESHES]
+    retry_first = skips_cholesky_qr(stats[:, CHOLESKY_FAILURES], stats[:, REFRESHES])
     Q_new, order, fell_back, failed = power_qr_step(A, Q, sort, retry_first)
     stats[:, FALLBACKS] += fell_back
     stats[:, CHOLESKY_FAILURES] += failed
