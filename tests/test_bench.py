@@ -20,7 +20,7 @@ from precond_bench.model import GPT, GPTConfig
 from precond_bench.optimizers import ADAMW_WEIGHT_DECAYS, SPECS, AdamWSetting, OptimizerSpec
 from precond_bench.protocol import (BenchConfig, loss_spike, lr_grid, mean_curve, plan_benchmark, run_benchmark,
                                    steps_to_target, summarize)
-from precond_bench.report import curve_colours, markdown_table, notes
+from precond_bench.report import _rate_check_line, curve_colours, markdown_table, notes
 from precond_bench.runner import lr_factor, state_bytes, train_run
 from precond_bench.workloads import PRESETS, Digits, LanguageModel, make_workload, with_batch_axis
 
@@ -1153,3 +1153,13 @@ def test_cholesky_qr_probe_replays_the_refresh_policy_factor_by_factor():
     stack = torch.stack([hard, easy]).float()
     tried, seconds = probe.replay_policy([(11, stack), (21, stack), (31, stack)])
     assert tried == 2 + 1 + 1 and seconds > 0
+
+
+def test_a_rate_check_with_a_diverged_neighbour_is_complete_and_says_so():
+    row = {"best_lr": 1e-3, "swept_lr": None, "rate_check": {"0.000333": 1.2, "0.001": 1.0, "0.003": None},
+           "rate_check_diverged": [0.003]}
+    line = _rate_check_line("AdamW", row)
+    assert "0.003 → diverged" in line and "the sweep's rate is also the full run's best" in line
+    unfinished = dict(row, rate_check_diverged=[])  # the same None, now a run not made yet
+    assert "0.003 → —" in _rate_check_line("AdamW", unfinished)
+    assert _rate_check_line("AdamW", unfinished).endswith("not complete.")

@@ -468,6 +468,7 @@ def _full_runs(runs: _Runs, config: BenchConfig, name: str, entry: dict[str, Any
         else:
             checked = _check_rate(runs, name, full[0], steps, config.lr_factor, adamw, config.edge_points)
             entry["rate_check"] = _losses(checked)
+            entry["rate_check_diverged"] = sorted(lr for lr, r in checked.items() if r is not None and r["diverged"])
             if adopting:
                 full = _at_checked_rate(runs, config, name, entry, adamw, checked)
     entry["full"] = [r for r in full if r is not None]
@@ -529,7 +530,8 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "curve": curve, "band": seed_band(runs) if runs else [],
             "weight_decay": entry.get("weight_decay"), "peer": SPECS[name].peer if name in SPECS else None,
             "timed_under": sorted({_timing_key(r) for r in entry["full"]}),
-            "rate_check": entry.get("rate_check"), "swept_lr": entry.get("swept_lr"),
+            "rate_check": entry.get("rate_check"), "rate_check_diverged": entry.get("rate_check_diverged", []),
+            "swept_lr": entry.get("swept_lr"),
             "rate_from": entry.get("rate_from"), "spike": loss_spike(curve),
         }
         if name == "AdamW":

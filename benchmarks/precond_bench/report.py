@@ -91,10 +91,11 @@ def _rate_check_line(name: str, row: dict[str, Any]) -> str | None:
     if not row.get("rate_check"):
         return None
     losses = {float(lr): loss for lr, loss in row["rate_check"].items()}
+    diverged = {float(lr) for lr in row.get("rate_check_diverged") or ()}
     swept = row.get("swept_lr") or row["best_lr"]
-    parts = [("**{:.3g} → {}**" if lr == swept else "{:.3g} → {}").format(
-        lr, "—" if loss is None else f"{loss:.4f}") for lr, loss in sorted(losses.items())]
-    if None in losses.values():
+    shown = {lr: "diverged" if lr in diverged else "—" if loss is None else f"{loss:.4f}" for lr, loss in losses.items()}
+    parts = [("**{:.3g} → {}**" if lr == swept else "{:.3g} → {}").format(lr, shown[lr]) for lr in sorted(losses)]
+    if any(loss is None and lr not in diverged for lr, loss in losses.items()):
         verdict = "not complete"
     elif row.get("swept_lr"):
         verdict = f"a neighbouring rate is better for the full run, and its full runs use it ({row['best_lr']:.3g})"
