@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import precond
 from precond_bench.model import GPTConfig
-from precond_bench.runner import lr_factor
+from precond_bench.runner import lr_factor, timing_conditions
 from precond_bench.study import run_or_report, study_parser
 from precond_bench.workloads import COSINE, LanguageModel
 
@@ -134,7 +134,8 @@ def run(workload: LanguageModel, name: str, mode: str, seed: int, args: argparse
             "curve": curve, "optimizer_seconds_per_step": optimizer_seconds / args.steps,
             "train_seconds_per_step": train_seconds / args.steps, "wall_seconds": wall_seconds, "steps": args.steps,
             "microbatches": n, "batch_size": args.batch_size, "device": args.device,
-            "model": {"width": args.width, "depth": args.depth, "context": args.context}}
+            "model": {"width": args.width, "depth": args.depth, "context": args.context},
+            "conditions": timing_conditions(args.device)}
 
 
 MODES = ("std", "cross_fit", "variance_corrected", "full", "loo", "loo_jensen")  # the last two: AdamW's

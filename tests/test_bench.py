@@ -872,6 +872,7 @@ def test_bias_correction_study_script_runs_every_mode_on_equal_tokens(data_dir, 
     runs = json.loads(out.read_text())
     assert {(r["mode"], r["seed"]) for r in runs} == {(m, s) for m in ("std", "full") for s in (0, 1)}
     assert all(math.isfinite(r["final_val_loss"]) for r in runs)
+    assert all(r["conditions"]["torch"] == torch.__version__ for r in runs)  # which machine made each run
     table = study.report(out)
     assert "| std |" in table and "| full |" in table
 
