@@ -862,6 +862,15 @@ def test_transfer_study_interpolates_the_optimum_between_grid_points():
     assert study.interpolated_best(points[:3]) == 0.004  # best at the grid's end: the end
 
 
+def test_study_scripts_read_their_data_where_the_benchmark_does(monkeypatch, tmp_path):
+    from precond_bench.study import study_parser
+    monkeypatch.setenv("PRECOND_DATA", str(tmp_path))
+    assert study_parser("doc", "out.json").parse_args([]).data_dir == str(tmp_path)
+    assert study_parser("doc", "out.json").parse_args(["--data-dir", "x"]).data_dir == "x"
+    monkeypatch.delenv("PRECOND_DATA")
+    assert study_parser("doc", "out.json").parse_args([]).data_dir == "data"
+
+
 def test_bias_correction_study_script_runs_every_mode_on_equal_tokens(data_dir, tmp_path):
     study = study_script("bias_correction_study")
     out = tmp_path / "bc.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,13 +13,13 @@ __all__ = ["study_parser", "run_or_report"]
 
 
 def study_parser(doc: str, out: str, device: str | None = None) -> argparse.ArgumentParser:
-    """A parser with ``--device`` (default: CUDA when present), ``--out``, ``--report`` and ``--data-dir``;
-    the description is the first paragraph of ``doc``."""
+    """A parser with ``--device`` (default: CUDA when present), ``--out``, ``--report`` and ``--data-dir``
+    (default: ``$PRECOND_DATA``, else ``data``); the description is the first paragraph of ``doc``."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--device", default=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     p.add_argument("--out", type=Path, default=Path(out))
     p.add_argument("--report", type=Path, default=None, help="print the tables of a finished study and plot it")
-    p.add_argument("--data-dir", default="data")
+    p.add_argument("--data-dir", default=os.environ.get("PRECOND_DATA", "data"))  # as ``precond_bench`` reads it
     return p
 
 
