@@ -17,7 +17,6 @@ replayed on the recorded matrices; the run itself tries every matrix, so that ev
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 import precond
 from precond import linalg, precision, refresh
+from precond_bench.data import default_data_dir
 from precond_bench.workloads import PRESETS, make_workload
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, int], list[int]]:
     parser.add_argument("--steps", type=int, default=41, help="training steps (refreshes at 10, 20, ...)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows a step")
     parser.add_argument("--preset", default="gpu", choices=sorted(PRESETS), help="whose language model")
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("PRECOND_DATA", "data")))
+    parser.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     recorded: list[tuple[int, torch.Tensor]] = []

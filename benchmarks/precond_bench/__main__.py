@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .data import default_data_dir
 from .optimizers import DEFAULT_OPTIMIZERS, SPECS, available_optimizers
 from .protocol import BenchConfig, plan_benchmark, run_benchmark
 from .report import notes, write_report
@@ -67,7 +67,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--name", default=None, help="folder under --runs-dir (default: the preset's name)")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--data-dir", default=os.environ.get("PRECOND_DATA", "data"))
+    p.add_argument("--data-dir", default=default_data_dir())
     for key in ("steps", "sweep_steps", "eval_every", "seeds", "lr_points"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the preset's {key}")
     for key in ("width", "depth", "heads", "context"):

@@ -27,6 +27,7 @@ import hashlib
 import io
 import logging
 import lzma
+import os
 import shutil
 import subprocess
 import sys
@@ -39,12 +40,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["prepare_corpus", "split_documents", "load_corpus", "prepare_digits", "load_digits", "CORPORA",
+__all__ = ["default_data_dir", "prepare_corpus", "split_documents", "load_corpus", "prepare_digits", "load_digits", "CORPORA",
            "SKLEARN_VERSION"]
 
 logger = logging.getLogger(__name__)
 
 SKLEARN_VERSION = "1.9.1"
+
+
+def default_data_dir() -> str:
+    """Where the benchmark and its studies look for prepared data unless told: ``$PRECOND_DATA``, else ``data``."""
+    return os.environ.get("PRECOND_DATA", "data")
 
 
 def _path_hash(name: str) -> float:

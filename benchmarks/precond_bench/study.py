@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from precond_bench.data import default_data_dir
 
 __all__ = ["study_parser", "run_or_report"]
 
@@ -19,7 +20,7 @@ def study_parser(doc: str, out: str, device: str | None = None) -> argparse.Argu
     p.add_argument("--device", default=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     p.add_argument("--out", type=Path, default=Path(out))
     p.add_argument("--report", type=Path, default=None, help="print the tables of a finished study and plot it")
-    p.add_argument("--data-dir", default=os.environ.get("PRECOND_DATA", "data"))  # as ``precond_bench`` reads it
+    p.add_argument("--data-dir", default=default_data_dir())
     return p
 
 
