@@ -88,7 +88,6 @@ def loo_reference(jensen, w, steps):
     w, m, v = w.clone(), torch.zeros_like(w), torch.zeros_like(w)
     beta1, beta2 = BETAS
     for t, grads in enumerate(steps, start=1):
-        n = len(grads)
         mean = torch.stack(grads).mean(0)
         steps_r, cubes_r, denominators = [], [], []
         for r, g_r in enumerate(grads):
