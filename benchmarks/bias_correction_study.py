@@ -6,6 +6,8 @@
     python benchmarks/bias_correction_study.py --report benchmarks/results/bias_correction/runs.json
     # the ablation of the paper's headline: the schedule apart from the correction
     python benchmarks/bias_correction_study.py --device cuda --modes std loo_jensen full --arm baseline headline
+    # each mode's rate grown on seed 0 until its best is interior, then seeds 1 and 2 there
+    python benchmarks/bias_correction_study.py --modes std loo_jensen --lr 0.001 0.002 0.004 --tune
 
 ``--arm baseline`` decays every rate to 0 (the authors' baseline); ``--arm headline`` is their headline run's
 schedule: the dense (non-embedding) rate ×1.5 and a cosine floor of 0.2. In every arm the embedding and the
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -238,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--context", type=int, default=64)
+    p.add_argument("--tune", action="store_true",
+                   help="grow each mode's rates on the first seed until its best is interior, then run the other "
+                        "seeds at that best (see tune())")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no run that would end past this many seconds (paced by the saved runs); rerun to go on")
     return run_or_report(p.parse_args(argv), run_study, report, plot)
@@ -258,6 +264,34 @@ def expected_seconds(done: list[dict], name: str) -> float | None:
     return max(mine or [wall(r) for r in done], default=None)
 
 
+MAX_TUNE_STEPS = 6  # further rates --tune tries past the grid before giving up on an edge
+
+
+def tune(name: str, mode: str, arm: str, rates: list[float], seeds: list[int], done: list[dict], make) -> None:
+    """``--tune``: the rates on the first seed; while the best of every rate saved for this mode on that seed
+    is the lowest or the highest, one grid step past it (the ratio of ``rates``' first two, else 2); then the
+    other seeds at the best. ``make(name, mode, seed, arm, lr)`` runs one configuration, False past the time
+    limit (the rest is left to a rerun, which reads the saved runs and goes on)."""
+    ratio = sorted(rates)[1] / sorted(rates)[0] if len(set(rates)) > 1 else 2.0
+    first = seeds[0]
+    if not all([make(name, mode, first, arm, lr) for lr in rates]):
+        return
+    for _ in range(MAX_TUNE_STEPS + 1):
+        loss = {r["lr"]: r["final_val_loss"] if math.isfinite(r["final_val_loss"]) else math.inf for r in done
+                if (r.get("optimizer", "AdamW"), r["mode"], r["seed"], _arm(r)) == (name, mode, first, arm)}
+        best = min(loss, key=loss.get)
+        if min(loss) < best < max(loss):
+            break
+        if _ == MAX_TUNE_STEPS:
+            print(f"{name} {arm} {mode}: the best rate, {best:g}, is still at an edge after {MAX_TUNE_STEPS} "
+                  "further rates; its other seeds are not run", file=sys.stderr)
+            return
+        if not make(name, mode, first, arm, best / ratio if best == min(loss) else best * ratio):
+            return
+    for seed in seeds[1:]:
+        make(name, mode, seed, arm, best)
+
+
 def run_study(args: argparse.Namespace) -> None:
     config = GPTConfig(width=args.width, depth=args.depth, heads=max(1, args.width // 32), context=args.context)
     workload = LanguageModel(Path(args.data_dir), config, batch_size=args.batch_size, device=args.device)
@@ -269,26 +303,37 @@ def run_study(args: argparse.Namespace) -> None:
     if other is not None:
         raise SystemExit(f"{args.out} holds runs of another configuration ({other}, not {wanted}); "
                          "choose another --out")
-    seen = {(r.get("optimizer", "AdamW"), r["mode"], r["seed"], _arm(r), r["lr"]) for r in done}
     started, waiting = time.perf_counter(), []
+
+    def make(name: str, mode: str, seed: int, arm: str, lr: float) -> bool:
+        """Run one configuration unless saved; False when the time limit leaves it for a rerun."""
+        if any((r.get("optimizer", "AdamW"), r["mode"], r["seed"], _arm(r), r["lr"]) == (name, mode, seed, arm, lr)
+               for r in done):
+            return True
+        need = expected_seconds(done, name) or 0.0
+        if args.time_limit is not None and time.perf_counter() - started + need > args.time_limit:
+            waiting.append(f"{name} {arm} lr={lr:g} {mode} seed={seed}")
+            return False
+        r = run(workload, name, mode, seed, args, arm, lr)
+        done.append(r)
+        print(f"{name} {arm} lr={lr:g} {mode} seed={seed}: {r['final_val_loss']:.4f}", file=sys.stderr, flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(done, indent=1))
+        return True
+
     for name in args.optimizer:
         modes = [m for m in args.modes if name == "AdamW" or m not in ("loo", "loo_jensen")]
-        for lr in (rate or OPTIMIZERS[name][0] for rate in args.lr):
+        rates = [rate or OPTIMIZERS[name][0] for rate in args.lr]
+        if args.tune:
+            for arm in args.arm:
+                for mode in modes:
+                    tune(name, mode, arm, rates, args.seeds, done, make)
+            continue
+        for lr in rates:
             for arm in args.arm:
                 for seed in args.seeds:
                     for mode in modes:
-                        if (name, mode, seed, arm, lr) in seen:
-                            continue
-                        need = expected_seconds(done, name) or 0.0
-                        if args.time_limit is not None and time.perf_counter() - started + need > args.time_limit:
-                            waiting.append(f"{name} {arm} lr={lr:g} {mode} seed={seed}")
-                            continue
-                        r = run(workload, name, mode, seed, args, arm, lr)
-                        done.append(r)
-                        print(f"{name} {arm} lr={lr:g} {mode} seed={seed}: {r['final_val_loss']:.4f}",
-                              file=sys.stderr, flush=True)
-                        args.out.parent.mkdir(parents=True, exist_ok=True)
-                        args.out.write_text(json.dumps(done, indent=1))
+                        make(name, mode, seed, arm, lr)
     if waiting:
         print(f"{len(waiting)} runs not made (--time-limit; rerun to go on): " + "; ".join(waiting), file=sys.stderr)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -167,3 +168,38 @@ def test_cholesky_qr_probe_replays_the_refresh_policy_factor_by_factor():
     stack = torch.stack([hard, easy]).float()
     tried, seconds = probe.replay_policy([(11, stack), (21, stack), (31, stack)])
     assert tried == 2 + 1 + 1 and seconds > 0
+
+
+def test_bias_correction_study_tunes_each_modes_rate_until_interior_then_runs_the_other_seeds(data_dir, tmp_path,
+                                                                                              monkeypatch):
+    """With losses a parabola in log(rate) around a best of 0.016 (std) and 0.0005 (loo), --tune grows the
+    1e-3/2e-3/4e-3 grid on seed 0 by its ratio past each edge until the best is interior, then runs seeds 1
+    and 2 at that best only; a rerun makes nothing new, and a time limit leaves the rest to a rerun."""
+    study = study_script("bias_correction_study")
+    centre = {"std": 0.016, "loo": 0.0005}
+    clock = [0.0]  # a run takes one second of it
+
+    def fake_run(workload, name, mode, seed, args, arm, lr):
+        clock[0] += 1.0
+        return {"optimizer": name, "mode": mode, "seed": seed, "arm": arm, "lr": lr, "steps": args.steps,
+                "final_val_loss": 1.0 + math.log(lr / centre[mode]) ** 2 + 0.01 * seed, "wall_seconds": 1.0,
+                "microbatches": args.microbatches, "batch_size": args.batch_size, "device": args.device,
+                "model": {"width": args.width, "depth": args.depth, "context": args.context}}
+
+    monkeypatch.setattr(study, "run", fake_run)
+    monkeypatch.setattr(study, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    out = tmp_path / "tune.json"
+    argv = ["--out", str(out), "--data-dir", str(data_dir), "--width", "16", "--depth", "1", "--context", "8",
+            "--modes", "std", "loo", "--lr", "0.001", "0.002", "0.004", "--tune"]
+    assert study.main(argv) == 0
+    runs = json.loads(out.read_text())
+    seed0 = {m: sorted(r["lr"] for r in runs if r["mode"] == m and r["seed"] == 0) for m in centre}
+    assert seed0 == {"std": [0.001, 0.002, 0.004, 0.008, 0.016, 0.032],
+                     "loo": [0.00025, 0.0005, 0.001, 0.002, 0.004]}
+    assert {(r["mode"], r["lr"]) for r in runs if r["seed"] > 0} == {("std", 0.016), ("loo", 0.0005)}
+    assert sorted(r["seed"] for r in runs if r["seed"] > 0) == [1, 1, 2, 2]
+    assert study.main(argv) == 0 and len(json.loads(out.read_text())) == len(runs)  # all saved: nothing new
+    out.unlink()
+    assert study.main([*argv, "--time-limit", "2.5"]) == 0  # 1 s a run: the std grid's first two only
+    assert len(json.loads(out.read_text())) == 2
+    assert study.main(argv) == 0 and len(json.loads(out.read_text())) == len(runs)  # a rerun goes on
