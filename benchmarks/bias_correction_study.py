@@ -149,6 +149,11 @@ def _arm(run: dict) -> str:
     return run.get("arm", "all parameters, floor 0.1")
 
 
+def _key(run: dict) -> tuple:
+    """What names a saved run: optimizer, mode, seed, arm and rate."""
+    return run.get("optimizer", "AdamW"), run["mode"], run["seed"], _arm(run), run["lr"]
+
+
 def report(path: Path) -> str:
     """Per optimizer, arm and rate: each mode's final loss and its difference to ``std`` of the same arm and
     rate, seed by seed (the correction's share); ``std`` rows of the headline arm also give their difference to
@@ -276,13 +281,13 @@ def tune(name: str, mode: str, arm: str, rates: list[float], seeds: list[int], d
     first = seeds[0]
     if not all([make(name, mode, first, arm, lr) for lr in rates]):
         return
-    for _ in range(MAX_TUNE_STEPS + 1):
+    for grown in range(MAX_TUNE_STEPS + 1):
         loss = {r["lr"]: r["final_val_loss"] if math.isfinite(r["final_val_loss"]) else math.inf for r in done
-                if (r.get("optimizer", "AdamW"), r["mode"], r["seed"], _arm(r)) == (name, mode, first, arm)}
+                if _key(r)[:4] == (name, mode, first, arm)}
         best = min(loss, key=loss.get)
         if min(loss) < best < max(loss):
             break
-        if _ == MAX_TUNE_STEPS:
+        if grown == MAX_TUNE_STEPS:
             print(f"{name} {arm} {mode}: the best rate, {best:g}, is still at an edge after {MAX_TUNE_STEPS} "
                   "further rates; its other seeds are not run", file=sys.stderr)
             return
@@ -307,8 +312,7 @@ def run_study(args: argparse.Namespace) -> None:
 
     def make(name: str, mode: str, seed: int, arm: str, lr: float) -> bool:
         """Run one configuration unless saved; False when the time limit leaves it for a rerun."""
-        if any((r.get("optimizer", "AdamW"), r["mode"], r["seed"], _arm(r), r["lr"]) == (name, mode, seed, arm, lr)
-               for r in done):
+        if any(_key(r) == (name, mode, seed, arm, lr) for r in done):
             return True
         need = expected_seconds(done, name) or 0.0
         if args.time_limit is not None and time.perf_counter() - started + need > args.time_limit:

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["default_data_dir", "prepare_corpus", "split_documents", "load_corpus", "prepare_digits", "load_digits", "CORPORA",
-           "SKLEARN_VERSION"]
+__all__ = ["default_data_dir", "prepare_corpus", "split_documents", "load_corpus", "prepare_digits", "load_digits",
+           "CORPORA", "SKLEARN_VERSION"]
 
 logger = logging.getLogger(__name__)
 
